@@ -1,0 +1,2359 @@
+"""nodechat: an embeddable chat backend in one module.
+
+An LLM agent with tools, memory and saved conversations behind the protocols chat
+front ends already speak:
+
+* ``POST /v1/chat/completions`` and ``GET /v1/models`` -- OpenAI-compatible, streaming or not;
+* ``POST /api/chat`` -- Server-Sent Events for AI SDK front ends (``useChat``), with
+  conversations, auto titles, memory and a 20-step tool limit;
+* ``/chat`` -- NodeTool's WebSocket (MessagePack or JSON), with workflows and job updates.
+
+Run it::
+
+    python nodechat.py                      # offline "echo" model, no key needed
+    OPENAI_API_KEY=sk-... python nodechat.py --model gpt-4o-mini
+    uvicorn nodechat:create_app --factory --workers 4
+
+Mount it in a Starlette or FastAPI app (every route answers under the prefix)::
+
+    chat = NodeChat(model="gpt-4o-mini", tokens={"s3cret": "alice"})
+    app = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
+
+Settings come from keyword arguments, else a TOML file (``--config`` or ``NODECHAT_CONFIG``),
+else the environment (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``NODECHAT_MODEL``,
+``NODECHAT_TOKENS``, ``NODECHAT_DATA_DIR``); see :class:`Settings` and the README.
+
+Sections, in the order data flows: Settings, Errors, Events, Store, Tools, Providers, Agent,
+Workflows, Encoders, ASGI, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import sys
+import time
+import tomllib
+import types
+import typing
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+from urllib.parse import parse_qsl, unquote
+
+import httpx
+import msgpack
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadRequest",
+    "Failed",
+    "Finished",
+    "JSONFileStore",
+    "KeepAlive",
+    "MethodNotAllowed",
+    "NodeChat",
+    "NodeChatError",
+    "NotFound",
+    "OfflineProvider",
+    "OpenAIProvider",
+    "PayloadTooLarge",
+    "ReasoningDelta",
+    "Saved",
+    "Settings",
+    "StepFinished",
+    "Store",
+    "TextDelta",
+    "Tool",
+    "ToolCall",
+    "ToolContext",
+    "ToolRegistry",
+    "ToolResult",
+    "Unauthorized",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "create_app",
+    "main",
+    "tool",
+]
+
+log = logging.getLogger("nodechat")
+
+OFFLINE_MODEL = "echo"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Use the tools you are given when they help."
+
+
+###############################################################################
+# Settings: keyword arguments, then a TOML file, then the environment
+###############################################################################
+
+ENV_KEYS = {
+    "OPENAI_BASE_URL": "base_url",
+    "OPENAI_API_KEY": "api_key",
+    "NODECHAT_MODEL": "model",
+    "NODECHAT_TOKENS": "tokens",
+    "NODECHAT_INTERNAL_TOKENS": "internal_tokens",
+    "NODECHAT_DATA_DIR": "data_dir",
+    "NODECHAT_CORS_ORIGINS": "cors_origins",
+}
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One OpenAI-compatible upstream: a name, where it is, its key and (optionally) its models."""
+
+    name: str
+    base_url: str
+    api_key: str = ""
+    models: tuple[str, ...] = ()
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """Every knob of a NodeChat instance, in one place.
+
+    Build it with :meth:`from_sources`; each limit is per instance, never global.
+    """
+
+    #: Default model, bare (``gpt-4o-mini``) or ``provider/model``; empty: the provider's first.
+    model: str = ""
+    #: The default provider's base URL and key (``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``).
+    base_url: str = ""
+    api_key: str = ""
+    #: Named providers; the first is the default.  Filled from ``[[providers]]`` in TOML.
+    providers: tuple[ProviderConfig, ...] = ()
+    #: Bearer token -> user id.  Empty: the server is open (and binds to loopback only).
+    tokens: dict[str, str] = field(default_factory=dict)
+    #: Tokens whose callers may act for another user by sending ``userId`` in the body.
+    internal_tokens: frozenset[str] = frozenset()
+    #: Where conversations and memories are kept as JSON files.
+    data_dir: str = "./nodechat-data"
+    #: The system prompt of the agent endpoints (/api/chat, /chat).
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    #: Largest request body accepted, in bytes (413 above).
+    max_body_bytes: int = 4 * 1024 * 1024
+    #: Model calls per agent turn before it stops with ``finish`` reason ``max_steps``.
+    max_steps: int = 20
+    #: Seconds to connect to a provider, and between two bytes of its answer.
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    #: Upstream connection pool size; it must fit the number of concurrent streams.
+    max_upstream_connections: int = 2048
+    #: Seconds of silence before an SSE comment keeps the connection alive.
+    keepalive_seconds: float = 15.0
+    #: Cookie that carries a session token for /api/chat (mapped through ``tokens``).
+    cookie_name: str = "nodechat_session"
+    #: Origins allowed by CORS: exact origins, ``null``, ``file://`` or ``http://localhost:*``.
+    cors_origins: tuple[str, ...] = ()
+    #: Let the model call registered tools on /v1/chat/completions too (off: pure pass-through).
+    openai_server_tools: bool = False
+    #: Names of the tools offered by default; None offers every registered tool.
+    tools: tuple[str, ...] | None = None
+    #: How many of the user's memories go into the system context of each conversation.
+    memory_context_limit: int = 5
+    #: WebSocket: server ping interval, wait for a client-side tool, queued turns, frame size.
+    ws_heartbeat_seconds: float = 25.0
+    client_tool_timeout: float = 60.0
+    ws_queue_size: int = 8
+    max_ws_frame_bytes: int = 4 * 1024 * 1024
+
+    @classmethod
+    def from_sources(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        config_path: str | os.PathLike | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Merge keyword arguments over a TOML file over the environment."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for env_key, name in ENV_KEYS.items():
+            if environ.get(env_key):
+                values[name] = _from_env(env_key, environ[env_key])
+        config_path = config_path or environ.get("NODECHAT_CONFIG")
+        if config_path:
+            values.update(_read_toml(Path(config_path)))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        values["providers"] = _providers(values, environ)
+        values["tokens"] = _tokens(values.get("tokens", {}), "tokens")
+        for name in ("internal_tokens",):
+            values[name] = frozenset(_split(values.get(name, ())))
+        values["cors_origins"] = tuple(_split(values.get("cors_origins", ())))
+        if values.get("tools") is not None:
+            values["tools"] = tuple(_split(values["tools"]))
+        return cls(**values)
+
+    @property
+    def offline(self) -> bool:
+        """True when no provider is configured and the built-in echo model serves."""
+        return not self.providers
+
+
+def _split(value: str | Iterable[str]) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value)
+
+
+def _from_env(key: str, raw: str) -> Any:
+    if key == "NODECHAT_TOKENS":
+        return {**_tokens(raw, key)}
+    return raw
+
+
+def _tokens(value: str | Mapping[str, str], source: str) -> dict[str, str]:
+    """``"tok"`` or ``"tok:user"`` entries (comma-separated), or a mapping, to token -> user."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    table = {}
+    for entry in _split(value):
+        token, sep, user = entry.partition(":")
+        if sep and not user:
+            raise ValueError(f"{source}: entry {token[:4]!r}... has no user id after ':'")
+        table[token] = user or "user-" + hashlib.sha256(token.encode()).hexdigest()[:8]
+    return table
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"config {path}: {exc}") from exc
+    return data
+
+
+def _providers(values: dict[str, Any], environ: Mapping[str, str]) -> tuple[ProviderConfig, ...]:
+    providers = []
+    for entry in values.pop("providers", None) or ():
+        if isinstance(entry, ProviderConfig):
+            providers.append(entry)
+            continue
+        name, base_url = entry.get("name"), entry.get("base_url")
+        if not name or not base_url:
+            raise ValueError("providers: every entry needs a name and a base_url")
+        api_key = entry.get("api_key") or environ.get(entry.get("api_key_env", ""), "")
+        providers.append(ProviderConfig(name, base_url, api_key, tuple(entry.get("models", ()))))
+    base_url, api_key = values.get("base_url", ""), values.get("api_key", "")
+    if not providers and (base_url or api_key):
+        providers.append(ProviderConfig("openai", base_url or DEFAULT_OPENAI_BASE_URL, api_key))
+    return tuple(providers)
+
+
+###############################################################################
+# Errors: each knows its HTTP status and OpenAI error type
+###############################################################################
+
+
+class NodeChatError(Exception):
+    """Base of every error nodechat reports to a client.
+
+    NodeChatError
+     +-- BadRequest (400)          +-- NotFound (404)        +-- PayloadTooLarge (413)
+     +-- Unauthorized (401)        +-- MethodNotAllowed (405) +-- TooManyRequests (429)
+     +-- UpstreamError (502)       +-- UpstreamTimeout (504)
+
+    The status travels with the error; each protocol's encoder renders it.
+    """
+
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(NodeChatError):
+    status, kind = 400, "invalid_request_error"
+
+
+class Unauthorized(NodeChatError):
+    status, kind = 401, "authentication_error"
+
+
+class Forbidden(NodeChatError):
+    status, kind = 403, "permission_error"
+
+
+class NotFound(NodeChatError):
+    status, kind = 404, "not_found_error"
+
+
+class MethodNotAllowed(NodeChatError):
+    status, kind = 405, "invalid_request_error"
+
+
+class PayloadTooLarge(NodeChatError):
+    status, kind = 413, "invalid_request_error"
+
+
+class TooManyRequests(NodeChatError):
+    status, kind = 429, "rate_limit_error"
+
+
+class UpstreamError(NodeChatError):
+    status, kind = 502, "upstream_error"
+
+
+class UpstreamTimeout(NodeChatError):
+    status, kind = 504, "timeout_error"
+
+
+###############################################################################
+# Events: what the agent yields and every encoder understands
+###############################################################################
+# Don't subclass these: encoders match on the exact classes.
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the assistant's answer."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (``reasoning_content`` / ``reasoning`` upstream)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A whole tool call, assembled from the provider's deltas.
+
+    ``client_side`` calls are for the caller to run (OpenAI pass-through); the agent runs the rest.
+    """
+
+    id: str
+    name: str
+    arguments: str
+    client_side: bool = False
+
+    @property
+    def args(self) -> Any:
+        return parse_arguments(self.arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What a tool returned (or the error it raised, with ``is_error``)."""
+
+    id: str
+    name: str
+    result: Any
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StepFinished:
+    """One model call is over: why it stopped and what it used."""
+
+    reason: str
+    usage: dict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The turn is over: ``stop``, ``length``, ``tool_calls``, ``content_filter``,
+    ``max_steps`` or ``cancelled``; usage summed over its steps."""
+
+    reason: str
+    usage: dict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The turn failed; encoders render the error in their protocol's shape."""
+
+    error: NodeChatError
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """Nothing to say yet (a tool is still running); SSE sends a comment line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A message was stored in the conversation (with its real id and time)."""
+
+    message: dict
+
+
+@dataclass(frozen=True, slots=True)
+class JobUpdate:
+    """A workflow job changed state: running, progress, completed, failed or cancelled."""
+
+    job_id: str
+    workflow_id: str
+    status: str
+    result: Any = None
+    error: str | None = None
+    message: str | None = None
+    progress: float | None = None
+
+
+Event = Union[
+    TextDelta, ReasoningDelta, ToolCall, ToolResult, StepFinished, Finished, Failed, KeepAlive,
+    Saved, JobUpdate,
+]
+
+
+def parse_arguments(arguments: str) -> Any:
+    """Tool-call arguments as JSON; malformed arguments become ``{}``-less raw text."""
+    if not arguments:
+        return {}
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return {"_raw": arguments}
+
+
+###############################################################################
+# Store: conversations and memories as JSON files
+###############################################################################
+
+try:  # POSIX file locks serialise writers across worker processes
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: in-process safety only
+    fcntl = None
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}")
+WORD_PATTERN = re.compile(r"\w+")
+
+
+def validate_id(value: Any, what: str = "id") -> str:
+    """An id that becomes a file name: 1-128 of ``[A-Za-z0-9_.@:-]``, no ``..``, else 400."""
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
+        raise BadRequest(f"invalid {what}: use 1-128 letters, digits, '_', '-', '.', '@' or ':'",
+                         code=f"invalid_{what.replace(' ', '_')}")
+    return value
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class Store(typing.Protocol):
+    """Where conversations and memories live.  Every method is async; ids are validated.
+
+    Plug another backend by passing ``NodeChat(store=...)`` an object with these methods.
+    """
+
+    async def get_conversation(self, conversation_id: str) -> dict | None: ...
+    async def create_conversation(self, conversation_id: str, user_id: str, title: str = "") -> dict: ...
+    async def update_conversation(self, conversation_id: str, **fields: Any) -> None: ...
+    async def list_conversations(self, user_id: str) -> list[dict]: ...
+    async def delete_conversation(self, conversation_id: str) -> None: ...
+    async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]: ...
+    async def load_messages(self, conversation_id: str) -> list[dict]: ...
+    async def add_memory(self, user_id: str, content: str) -> dict: ...
+    async def list_memories(self, user_id: str) -> list[dict]: ...
+    async def delete_memory(self, user_id: str, memory_id: str) -> bool: ...
+    async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]: ...
+
+
+class JSONFileStore:
+    """The default store: plain JSON files under one directory.
+
+    ``conversations/<id>.json`` holds a conversation's owner and title (rewritten atomically),
+    ``conversations/<id>.jsonl`` its messages (appended, one per line), and
+    ``memories/<user>.json`` a user's memories.  Writers take a file lock, so several worker
+    processes can share one directory; file work runs in a thread, off the event loop.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # -- conversations -----------------------------------------------------------------------
+
+    async def get_conversation(self, conversation_id: str) -> dict | None:
+        return await asyncio.to_thread(_read_json, self._conversation(conversation_id, ".json"))
+
+    async def create_conversation(self, conversation_id: str, user_id: str, title: str = "") -> dict:
+        path = self._conversation(conversation_id, ".json")
+        stamp = now_iso()
+        meta = {"id": conversation_id, "user_id": user_id, "title": title,
+                "created_at": stamp, "updated_at": stamp}
+
+        def create() -> dict:
+            with _locked(path):
+                existing = _read_json(path)
+                if existing is not None:
+                    return existing
+                _write_json(path, meta)
+                return meta
+
+        return await asyncio.to_thread(create)
+
+    async def update_conversation(self, conversation_id: str, **fields: Any) -> None:
+        path = self._conversation(conversation_id, ".json")
+
+        def update() -> None:
+            with _locked(path):
+                meta = _read_json(path)
+                if meta is not None:
+                    _write_json(path, {**meta, **fields, "updated_at": now_iso()})
+
+        await asyncio.to_thread(update)
+
+    async def list_conversations(self, user_id: str) -> list[dict]:
+        def scan() -> list[dict]:
+            folder = self.root / "conversations"
+            metas = [_read_json(p) for p in folder.glob("*.json")] if folder.is_dir() else []
+            mine = [m for m in metas if m and m.get("user_id") == user_id]
+            return sorted(mine, key=lambda m: m.get("updated_at", ""), reverse=True)
+
+        return await asyncio.to_thread(scan)
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        def delete() -> None:
+            for suffix in (".jsonl", ".json"):
+                path = self._conversation(conversation_id, suffix)
+                with _locked(path):
+                    path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(delete)
+
+    async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]:
+        stamped = [{"id": new_id("msg"), "created_at": now_iso(), **m} for m in messages]
+        path = self._conversation(conversation_id, ".jsonl")
+        await asyncio.to_thread(_append_lines, path, stamped)
+        await self.update_conversation(conversation_id)
+        return stamped
+
+    async def load_messages(self, conversation_id: str) -> list[dict]:
+        return await asyncio.to_thread(_read_lines, self._conversation(conversation_id, ".jsonl"))
+
+    # -- memories ------------------------------------------------------------------------------
+
+    async def add_memory(self, user_id: str, content: str) -> dict:
+        memory = {"id": new_id("mem"), "content": content, "created_at": now_iso()}
+        await asyncio.to_thread(self._update_memories, user_id, lambda ms: ms + [memory])
+        return memory
+
+    async def list_memories(self, user_id: str) -> list[dict]:
+        return await asyncio.to_thread(lambda: _read_json(self._memories(user_id)) or [])
+
+    async def delete_memory(self, user_id: str, memory_id: str) -> bool:
+        removed = []
+
+        def without(memories: list[dict]) -> list[dict]:
+            kept = [m for m in memories if m["id"] != memory_id]
+            removed.append(len(kept) != len(memories))
+            return kept
+
+        await asyncio.to_thread(self._update_memories, user_id, without)
+        return removed[0]
+
+    async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]:
+        return rank_memories(await self.list_memories(user_id), query, limit)
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def _conversation(self, conversation_id: str, suffix: str) -> Path:
+        return self.root / "conversations" / (validate_id(conversation_id, "conversation id") + suffix)
+
+    def _memories(self, user_id: str) -> Path:
+        return self.root / "memories" / (validate_id(user_id, "user id") + ".json")
+
+    def _update_memories(self, user_id: str, change: Callable[[list[dict]], list[dict]]) -> None:
+        path = self._memories(user_id)
+        with _locked(path):
+            _write_json(path, change(_read_json(path) or []))
+
+
+def rank_memories(memories: list[dict], query: str, limit: int) -> list[dict]:
+    """Rank memories by keyword relevance (tf-idf over words, prefixes count), best first.
+
+    A word matches another when equal or when one is a prefix of the other and at least
+    four letters long, so "coffee" finds "coffees" and "running" finds "run"-less text not.
+    """
+    terms = set(WORD_PATTERN.findall(query.lower()))
+    if not terms:
+        return []
+    docs = [set(WORD_PATTERN.findall(m.get("content", "").lower())) for m in memories]
+
+    def matches(term: str, words: set[str]) -> bool:
+        if term in words:
+            return True
+        return len(term) >= 4 and any(
+            len(w) >= 4 and (w.startswith(term) or term.startswith(w)) for w in words)
+
+    idf = {t: math.log(1 + len(docs) / (1 + sum(matches(t, d) for d in docs))) for t in terms}
+    scored = []
+    for index, (memory, words) in enumerate(zip(memories, docs)):
+        score = sum(idf[t] * (1.0 if t in words else 0.6) for t in terms if matches(t, words))
+        if score > 0:
+            scored.append((score, index, memory))
+    scored.sort(key=lambda item: (-item[0], -item[1]))
+    return [{**memory, "score": round(score, 3)} for score, _, memory in scored[:limit]]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``path`` (through ``path.lock``) across threads and processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with path.open("rb") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.warning("%s is not valid JSON; moved aside to %s", path, aside.name)
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write atomically: a temporary file in the same directory, fsync, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(json.dumps(value, ensure_ascii=False).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _append_lines(path: Path, records: list[dict]) -> None:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    with _locked(path), path.open("ab+") as fh:
+        if fh.tell() > 0:  # a torn last line (crash mid-write) must not swallow the next record
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                data = b"\n" + data
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_lines(path: Path) -> list[dict]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            log.warning("%s: line %d is torn or invalid; ignored", path, number)
+    return records
+
+
+###############################################################################
+# Tools: a dict-based registry, schemas from type hints, built-in memory tools
+###############################################################################
+
+TOOL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what OpenAI-style APIs accept
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean",
+              list: "array", tuple: "array", dict: "object", type(None): "null"}
+
+
+@dataclass
+class ToolContext:
+    """Handed to a tool that declares a parameter of this type: who is asking, and where."""
+
+    user_id: str
+    conversation_id: str | None
+    store: Store
+    http: Callable[[], httpx.AsyncClient]
+
+
+@dataclass
+class Tool:
+    """A function the model may call: its name, description, JSON-schema parameters and code.
+
+    ``fn`` may be sync (run in a thread) or async.  ``needs_approval`` tools are never offered
+    unless their name is listed explicitly; ``dynamic`` marks tools loaded at run time (MCP).
+    """
+
+    name: str
+    description: str
+    parameters: dict
+    fn: Callable[..., Any]
+    needs_approval: bool = False
+    dynamic: bool = False
+    context_param: str | None = None
+
+    def schema(self) -> dict:
+        """The OpenAI ``tools`` entry for this tool."""
+        return {"type": "function", "function": {
+            "name": self.name, "description": self.description, "parameters": self.parameters}}
+
+    async def __call__(self, args: dict, context: ToolContext | None = None) -> Any:
+        kwargs = dict(args)
+        if self.context_param:
+            kwargs[self.context_param] = context
+        if inspect.iscoroutinefunction(self.fn):
+            return await self.fn(**kwargs)
+        result = await asyncio.to_thread(self.fn, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+
+def tool(fn: Callable | None = None, *, name: str | None = None, description: str | None = None,
+         needs_approval: bool = False) -> Any:
+    """Make a :class:`Tool` from a function, its type hints and its docstring.
+
+    Example::
+
+        @tool
+        def get_weather(city: str, unit: Literal["C", "F"] = "C") -> str:
+            \"\"\"Current weather for a city.\"\"\"
+    """
+    def make(fn: Callable) -> Tool:
+        parameters, context_param = schema_from_function(fn)
+        doc = inspect.getdoc(fn) or ""
+        summary = doc.split("\n\n")[0].replace("\n", " ").strip()
+        tool_name = name or fn.__name__
+        if not TOOL_NAME_PATTERN.fullmatch(tool_name):
+            raise ValueError(f"tool name {tool_name!r}: use 1-64 of [A-Za-z0-9_-]")
+        return Tool(tool_name, description or summary or tool_name, parameters, fn,
+                    needs_approval=needs_approval, context_param=context_param)
+
+    return make(fn) if fn is not None else make
+
+
+def schema_from_function(fn: Callable) -> tuple[dict, str | None]:
+    """A JSON schema for ``fn``'s parameters, and the name of its ToolContext parameter if any."""
+    hints = typing.get_type_hints(fn)
+    docs = _param_docs(inspect.getdoc(fn) or "")
+    properties, required, context_param = {}, [], None
+    for param in inspect.signature(fn).parameters.values():
+        hint = hints.get(param.name, Any)
+        if hint is ToolContext:
+            context_param = param.name
+            continue
+        prop = _json_schema(hint)
+        if param.name in docs:
+            prop["description"] = docs[param.name]
+        if param.default is inspect.Parameter.empty:
+            required.append(param.name)
+        elif isinstance(param.default, (str, int, float, bool, type(None), list, dict)):
+            prop["default"] = param.default
+        properties[param.name] = prop
+    schema = {"type": "object", "properties": properties, "required": required}
+    return schema, context_param
+
+
+def _json_schema(hint: Any) -> dict:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        kinds = {JSON_TYPES.get(type(a), "string") for a in args}
+        return {"type": kinds.pop(), "enum": list(args)} if len(kinds) == 1 else {"enum": list(args)}
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _json_schema(options[0])
+        return {"anyOf": [_json_schema(a) for a in options]}
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple):
+        return {"type": "array", "items": _json_schema(args[0])} if args else {"type": "array"}
+    if origin is dict or hint is dict:
+        return {"type": "object"}
+    if hint in JSON_TYPES:
+        return {"type": JSON_TYPES[hint]}
+    return {}
+
+
+def _param_docs(doc: str) -> dict[str, str]:
+    """Parameter descriptions from a Google-style ``Args:`` section."""
+    found = {}
+    section = re.search(r"^(?:Args|Arguments|Parameters):\s*\n((?:[ \t]+.+\n?)+)", doc, re.M)
+    for line in (section.group(1).splitlines() if section else ()):
+        match = re.match(r"\s+(\w+)(?:\s*\(.*?\))?:\s*(.+)", line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+class ToolRegistry:
+    """Tools by name: ``add``, ``remove``, ``[name]``, ``in``, iteration and ``schemas()``."""
+
+    def __init__(self, tools: Iterable[Tool] = ()):
+        self._tools: dict[str, Tool] = {}
+        for item in tools:
+            self.add(item)
+
+    def add(self, fn: Callable | Tool, *, name: str | None = None, description: str | None = None,
+            needs_approval: bool = False) -> Tool:
+        """Register a function (or a ready Tool) and return the Tool; the same name replaces."""
+        item = fn if isinstance(fn, Tool) else tool(
+            fn, name=name, description=description, needs_approval=needs_approval)
+        self._tools[item.name] = item
+        return item
+
+    def remove(self, name: str) -> None:
+        self._tools.pop(name, None)
+
+    def __getitem__(self, name: str) -> Tool:
+        return self._tools[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __iter__(self):
+        return iter(list(self._tools.values()))
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+    def select(self, names: Iterable[str] | None = None) -> list[Tool]:
+        """The tools offered for ``names`` (None: all that need no approval)."""
+        if names is None:
+            return [t for t in self._tools.values() if not t.needs_approval]
+        return [self._tools[n] for n in names if n in self._tools]
+
+    def schemas(self, names: Iterable[str] | None = None) -> list[dict]:
+        return [t.schema() for t in self.select(names)]
+
+
+def memory_tools() -> list[Tool]:
+    """The built-in memory tools, named as the seed's application names them."""
+
+    async def addMemory(content: str, context: ToolContext) -> dict:
+        """Save a fact about the user to remember in later conversations.
+
+        Args:
+            content: The fact, as one short sentence.
+        """
+        return {"success": True, "memory": await context.store.add_memory(context.user_id, content)}
+
+    async def searchMemory(query: str, context: ToolContext, limit: int = 10) -> dict:
+        """Search what you remember about the user, best matches first.
+
+        Args:
+            query: Keywords to look for.
+            limit: Most results to return.
+        """
+        found = await context.store.search_memories(context.user_id, query, max(1, min(limit, 50)))
+        return {"success": True, "results": found}
+
+    async def getAllMemories(context: ToolContext) -> dict:
+        """List everything you remember about the user."""
+        return {"success": True, "memories": await context.store.list_memories(context.user_id)}
+
+    async def deleteMemory(id: str, context: ToolContext) -> dict:
+        """Forget one memory by its id.
+
+        Args:
+            id: The memory's id, as listed by getAllMemories or searchMemory.
+        """
+        return {"success": await context.store.delete_memory(context.user_id, id)}
+
+    return [tool(fn) for fn in (addMemory, searchMemory, getAllMemories, deleteMemory)]
+
+
+###############################################################################
+# Providers: OpenAI-compatible servers over httpx, and the offline echo model
+###############################################################################
+
+PASSTHROUGH_STATUSES = frozenset({400, 404, 409, 413, 422, 429})  # the caller's fault: keep them
+
+
+class Provider(typing.Protocol):
+    """A model source.  ``stream`` yields TextDelta, ReasoningDelta, ToolCall, then StepFinished."""
+
+    name: str
+    models: tuple[str, ...]
+
+    def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]: ...
+    async def list_models(self, http: httpx.AsyncClient) -> list[str]: ...
+
+
+class OpenAIProvider:
+    """Any server that speaks OpenAI's ``/chat/completions`` (OpenAI, Ollama, vLLM, llama.cpp...).
+
+    Streams always, so one code path serves streaming and non-streaming callers; parses SSE by
+    hand, assembles ``tool_calls`` deltas into whole calls, and keeps reasoning deltas apart.
+    """
+
+    def __init__(self, name: str, base_url: str, api_key: str = "", models: Iterable[str] = ()):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.models = tuple(models)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]:
+        body = {**body, "stream": True,
+                "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        with self._errors():
+            request = http.build_request("POST", self.base_url + "/chat/completions",
+                                         json=body, headers=self.headers)
+            response = await http.send(request, stream=True)
+            try:
+                if response.status_code >= 400:
+                    raise await self._status_error(response)
+                async for event in self._events(response):
+                    yield event
+            finally:
+                await response.aclose()
+
+    async def list_models(self, http: httpx.AsyncClient) -> list[str]:
+        if self.models:
+            return list(self.models)
+        with self._errors():
+            response = await http.get(self.base_url + "/models", headers=self.headers, timeout=5.0)
+            if response.status_code >= 400:
+                raise await self._status_error(response)
+            return [m["id"] for m in response.json().get("data", []) if isinstance(m, dict)]
+
+    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+        reason, usage, done = None, None, False
+        async for data in sse_data(response.aiter_bytes()):
+            if data == b"[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise UpstreamError(f"provider {self.name!r} sent a malformed event: {data[:200]!r}")
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                raise UpstreamError(f"provider {self.name!r}: {_error_text(chunk)}")
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or ():
+                if choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                if content := delta.get("content"):
+                    yield TextDelta(content)
+                if thought := delta.get("reasoning_content") or delta.get("reasoning"):
+                    yield ReasoningDelta(thought)
+                for part in delta.get("tool_calls") or ():
+                    _assemble(calls, part)
+                reason = choice.get("finish_reason") or reason
+        if not done and reason is None:
+            raise UpstreamError(f"provider {self.name!r} ended the stream before the answer was complete")
+        for _, (call_id, name, arguments) in sorted(calls.items()):
+            yield ToolCall(call_id or new_id("call"), name, arguments)
+        yield StepFinished(reason or "stop", usage)
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """Wrap httpx's errors once, where they arrive, naming this provider."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"provider {self.name!r} timed out ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"provider {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _status_error(self, response: httpx.Response) -> NodeChatError:
+        raw = b""
+        async for piece in response.aiter_bytes():
+            raw += piece
+            if len(raw) > 4096:
+                break
+        try:
+            detail = _error_text(json.loads(raw))
+        except ValueError:
+            detail = raw.decode(errors="replace")[:500].strip() or response.reason_phrase
+        status = response.status_code
+        error = UpstreamError(f"provider {self.name!r} returned HTTP {status}: {detail}",
+                              code=f"upstream_{status}")
+        if status in PASSTHROUGH_STATUSES:
+            error.status = status
+        return error
+
+
+def _assemble(calls: dict[int, list[str]], part: dict) -> None:
+    """Merge one ``delta.tool_calls`` entry into the call at its index."""
+    index = part.get("index", len(calls))
+    entry = calls.setdefault(index, ["", "", ""])
+    function = part.get("function") or {}
+    entry[0] = part.get("id") or entry[0]
+    if function.get("name") and not entry[1]:  # some servers repeat the name in every delta
+        entry[1] = function["name"]
+    entry[2] += function.get("arguments") or ""
+
+
+def _error_text(payload: Any) -> str:
+    if isinstance(payload, dict):
+        error = payload.get("error", payload.get("detail", payload))
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:1000]
+        return str(error)[:1000]
+    return str(payload)[:1000]
+
+
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The ``data`` of each server-sent event, as bytes.
+
+    Lines end at CR, LF or CRLF only (WHATWG "parsing an event stream"), never at U+2028 as
+    ``str.splitlines()`` / httpx ``aiter_lines()`` would (httpx-sse#34).
+    """
+    buffer, data = b"", []
+    async for chunk in chunks:
+        buffer += chunk
+        if b"\r" in buffer:
+            held = buffer.endswith(b"\r")  # a CRLF may straddle two reads
+            buffer = buffer[:-1] if held else buffer
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
+        lines = buffer.split(b"\n")
+        buffer = lines.pop()
+        for line in lines:
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+    if buffer.startswith(b"data:"):
+        data.append(buffer[6:] if buffer.startswith(b"data: ") else buffer[5:])
+    if data:
+        yield b"\n".join(data)
+
+
+class OfflineProvider:
+    """The built-in ``echo`` model: replies with the last user message, word by word.
+
+    It lets ``python nodechat.py`` serve with no key, and tests run with no upstream.
+    """
+
+    name = "offline"
+    models = (OFFLINE_MODEL,)
+
+    async def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]:
+        text = message_text(next((m for m in reversed(body.get("messages", []))
+                                  if m.get("role") == "user"), {}))
+        pieces = re.findall(r"\s*\S+", text) or ["(empty message)"]
+        for piece in pieces:
+            yield TextDelta(piece)
+        prompt = sum(len(message_text(m).split()) for m in body.get("messages", []))
+        yield StepFinished("stop", {"prompt_tokens": prompt, "completion_tokens": len(pieces),
+                                    "total_tokens": prompt + len(pieces)})
+
+    async def list_models(self, http: httpx.AsyncClient) -> list[str]:
+        return [OFFLINE_MODEL]
+
+
+class Providers:
+    """Routes a model name to its provider: ``provider/model``, or a bare name to the default."""
+
+    def __init__(self, settings: Settings, providers: Iterable[Provider] = ()):
+        self._by_name: dict[str, Provider] = {p.name: p for p in providers}
+        for config in settings.providers:
+            self._by_name.setdefault(config.name, OpenAIProvider(
+                config.name, config.base_url, config.api_key, config.models))
+        if not self._by_name:
+            self._by_name["offline"] = OfflineProvider()
+        self.default = next(iter(self._by_name.values()))
+        self.default_model = settings.model or next(iter(self.default.models), "")
+        if not self.default_model and getattr(self.default, "base_url", "") == DEFAULT_OPENAI_BASE_URL:
+            self.default_model = "gpt-4o-mini"
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def __getitem__(self, name: str) -> Provider:
+        return self._by_name[name]
+
+    def resolve(self, model: str | None) -> tuple[Provider, str]:
+        """The provider and its own name for ``model``; NotFound when no provider serves it."""
+        model = model or self.default_model
+        if not model:
+            raise BadRequest("no model given and no default model configured (NODECHAT_MODEL)",
+                             code="model_required")
+        prefix, slash, rest = model.partition("/")
+        provider, name = (self._by_name[prefix], rest) if slash and prefix in self._by_name \
+            else (self.default, model)
+        if provider.models and name not in provider.models:
+            raise NotFound(f"The model '{model}' does not exist", code="model_not_found")
+        return provider, name
+
+    async def list_models(self, http: httpx.AsyncClient) -> list[dict]:
+        """Every provider's models in OpenAI's shape; a provider that is down is skipped."""
+        async def one(provider: Provider) -> list[dict]:
+            try:
+                names = await provider.list_models(http)
+            except NodeChatError as exc:
+                log.warning("listing models: %s", exc.message)
+                return []
+            prefix = "" if provider is self.default else provider.name + "/"
+            return [{"id": prefix + n, "object": "model", "created": 0, "owned_by": provider.name}
+                    for n in names]
+
+        lists = await asyncio.gather(*(one(p) for p in self._by_name.values()))
+        return [model for models in lists for model in models]
+
+
+def message_text(message: dict) -> str:
+    """The text of an OpenAI-style message whose content is a string or a list of parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+###############################################################################
+# Agent: the one loop behind every endpoint
+###############################################################################
+
+TITLE_PROMPT = ("Generate a very short title (max 5 words) for this chat based on the user's "
+                "first message. Return ONLY the title, no quotes or punctuation.")
+MODEL_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+@dataclass
+class Turn:
+    """One request to the agent, already decoded from its protocol.
+
+    ``messages`` is the history in OpenAI's shape, the new message(s) last.  With a
+    ``conversation_id`` the agent continues the stored conversation and stores the turn.
+    """
+
+    messages: list[dict]
+    user_id: str
+    model: str | None = None
+    tools: list[Tool] = field(default_factory=list)
+    client_tools: list[dict] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    conversation_id: str | None = None
+    remember: bool = False
+    system: str | None = None
+    max_steps: int = 20
+
+
+class Agent:
+    """Provider stream -> text and reasoning -> tool calls -> results -> next step.
+
+    ``run`` is an async generator of events and the only code that calls providers and tools;
+    each endpoint encodes its events.  Closing the generator closes the upstream request and
+    cancels running tools.
+    """
+
+    def __init__(self, providers: Providers, store: Store, http: Callable[[], httpx.AsyncClient],
+                 settings: Settings):
+        self.providers = providers
+        self.store = store
+        self.http = http
+        self.settings = settings
+
+    async def run(self, turn: Turn) -> AsyncIterator[Event]:
+        provider, model = self.providers.resolve(turn.model)
+        history, title_task = turn.messages, None
+        if turn.conversation_id:
+            history, created = await self.open_conversation(turn)
+            if created:
+                title_task = asyncio.create_task(self.title(_first_user_text(history), turn.model))
+        system = await self._system_prompt(turn, history)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [model_message(m) for m in history]
+        try:
+            async for event in self._steps(turn, provider, model, messages):
+                yield event
+        finally:
+            if title_task is not None:
+                await self._save_title(turn.conversation_id, title_task)
+
+    async def open_conversation(self, turn: Turn) -> tuple[list[dict], bool]:
+        """Load (or create) the conversation and store the turn's new messages.
+
+        The client may send only its new message or the whole history: what is already
+        stored (everything up to the last assistant message, or a known message id) is
+        not stored twice.  Another user's conversation is refused, never adopted.
+        """
+        cid = turn.conversation_id
+        meta = await self.store.get_conversation(cid)
+        created = meta is None
+        if created:
+            meta = await self.store.create_conversation(
+                cid, turn.user_id, fallback_title(_first_user_text(turn.messages)))
+        if meta.get("user_id") != turn.user_id:
+            raise NotFound("conversation not found", code="conversation_not_found")
+        stored = [] if created else await self.store.load_messages(cid)
+        saved = await self.store.append_messages(cid, new_messages(stored, turn.messages))
+        return stored + saved, created
+
+    async def complete(self, messages: list[dict], model: str | None = None) -> str:
+        """One model call without tools, its text only (used for titles)."""
+        provider, name = self.providers.resolve(model)
+        parts = []
+        async for event in provider.stream({"model": name, "messages": messages}, self.http()):
+            if type(event) is TextDelta:
+                parts.append(event.text)
+        return "".join(parts)
+
+    async def title(self, text: str, model: str | None = None) -> str:
+        """A title of at most five words for a chat that starts with ``text``."""
+        try:
+            answer = await asyncio.wait_for(self.complete(
+                [{"role": "system", "content": TITLE_PROMPT},
+                 {"role": "user", "content": text[:500]}], model), timeout=30)
+        except (NodeChatError, asyncio.TimeoutError) as exc:
+            log.info("title generation failed, using the message itself: %s", exc)
+            answer = ""
+        return fallback_title(answer) if answer.strip() else fallback_title(text)
+
+    async def _steps(self, turn: Turn, provider: Provider, model: str,
+                     messages: list[dict]) -> AsyncIterator[Event]:
+        by_name = {t.name: t for t in turn.tools}
+        client_names = {spec.get("function", {}).get("name") for spec in turn.client_tools}
+        schemas = [t.schema() for t in turn.tools] + list(turn.client_tools)
+        context = ToolContext(turn.user_id, turn.conversation_id, self.store, self.http)
+        usage, text = None, []
+        try:
+            for _ in range(turn.max_steps):
+                body = {**turn.params, "model": model, "messages": messages}
+                if schemas:
+                    body["tools"] = schemas
+                calls, finish = [], StepFinished("stop")
+                async for event in provider.stream(body, self.http()):
+                    kind = type(event)
+                    if kind is ToolCall:
+                        calls.append(event)
+                        continue
+                    if kind is StepFinished:
+                        finish = event
+                        continue
+                    if kind is TextDelta:
+                        text.append(event.text)
+                    yield event
+                usage = add_usage(usage, finish.usage)
+                if any(c.name in client_names for c in calls):
+                    for call in calls:
+                        if call.name in client_names:
+                            yield dataclasses.replace(call, client_side=True)
+                    yield StepFinished("tool_calls", finish.usage)
+                    yield Finished("tool_calls", usage)
+                    return
+                step = [assistant_message("".join(text), calls)]
+                text = []
+                for call in calls:
+                    yield call
+                async for event in self._run_tools(calls, by_name, context):
+                    if type(event) is ToolResult:
+                        step.append(tool_message(event))
+                    yield event
+                messages.extend(step)
+                for saved in await self._save(turn, step):
+                    yield Saved(saved)
+                yield StepFinished(finish.reason, finish.usage)
+                if not calls:
+                    yield Finished(finish.reason, usage)
+                    return
+            yield Finished("max_steps", usage)
+        finally:
+            if text:  # stopped or failed mid-answer: keep what was said
+                await asyncio.shield(self._save(turn, [assistant_message("".join(text), [])]))
+
+    async def _run_tools(self, calls: list[ToolCall], by_name: dict[str, Tool],
+                         context: ToolContext) -> AsyncIterator[Event]:
+        """Run one step's calls concurrently; results as they finish, keep-alives meanwhile."""
+        pending = {asyncio.create_task(self._call(call, by_name.get(call.name), context))
+                   for call in calls}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=self.settings.keepalive_seconds,
+                    return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    yield KeepAlive()
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _call(self, call: ToolCall, item: Tool | None, context: ToolContext) -> ToolResult:
+        if item is None:
+            return ToolResult(call.id, call.name, f"unknown tool {call.name!r}", is_error=True)
+        args = call.args
+        if not isinstance(args, dict) or "_raw" in args:
+            return ToolResult(call.id, call.name, "arguments are not a JSON object", is_error=True)
+        try:
+            return ToolResult(call.id, call.name, jsonable(await item(args, context)))
+        except Exception as exc:  # a tool's failure goes back to the model, never kills the turn
+            log.info("tool %s raised %s: %s", call.name, type(exc).__name__, exc)
+            return ToolResult(call.id, call.name, f"{type(exc).__name__}: {exc}", is_error=True)
+
+    async def _save(self, turn: Turn, messages: list[dict]) -> list[dict]:
+        if not turn.conversation_id:
+            return []
+        return await self.store.append_messages(turn.conversation_id, messages)
+
+    async def _save_title(self, conversation_id: str, task: asyncio.Task) -> None:
+        try:
+            title = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        await self.store.update_conversation(conversation_id, title=title)
+
+    async def _system_prompt(self, turn: Turn, history: list[dict]) -> str | None:
+        system = turn.system
+        if turn.remember:
+            query = _last_user_text(history)
+            limit = self.settings.memory_context_limit
+            found = await self.store.search_memories(turn.user_id, query, limit)
+            if len(found) < limit:  # top up with the newest memories
+                known = {m["id"] for m in found}
+                newest = [m for m in reversed(await self.store.list_memories(turn.user_id))
+                          if m["id"] not in known]
+                found += newest[:limit - len(found)]
+            if found:
+                lines = "\n".join(f"- {m['content']} (memory id {m['id']})" for m in found)
+                system = f"{system or ''}\n\nWhat you remember about this user:\n{lines}".strip()
+        return system
+
+
+def new_messages(stored: list[dict], incoming: list[dict]) -> list[dict]:
+    """The messages of ``incoming`` that ``stored`` does not hold yet."""
+    if not stored:
+        return list(incoming)
+    last_assistant = max((i for i, m in enumerate(incoming) if m.get("role") == "assistant"),
+                         default=-1)
+    known_ids = {m.get("ui_id") for m in stored if m.get("ui_id")}
+    return [m for m in incoming[last_assistant + 1:] if not m.get("ui_id") or m["ui_id"] not in known_ids]
+
+
+def model_message(message: dict) -> dict:
+    return {k: message[k] for k in MODEL_MESSAGE_KEYS if k in message}
+
+
+def assistant_message(text: str, calls: list[ToolCall]) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in calls]
+    return message
+
+
+def tool_message(result: ToolResult) -> dict:
+    content = result.result if isinstance(result.result, str) else compact_json(result.result)
+    return {"role": "tool", "tool_call_id": result.id, "name": result.name,
+            "content": f"Error: {content}" if result.is_error else content}
+
+
+def add_usage(total: dict | None, usage: dict | None) -> dict | None:
+    if not usage:
+        return total
+    total = dict(total or {})
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if isinstance(usage.get(key), int):
+            total[key] = total.get(key, 0) + usage[key]
+    return total
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` if JSON can carry it, else its ``str()``."""
+    try:
+        compact_json(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def fallback_title(text: str) -> str:
+    words = re.sub(r"[\"'`*#_.!?:;,]+", " ", text).split()
+    return " ".join(words[:5])[:80] or "New Chat"
+
+
+def _first_user_text(messages: list[dict]) -> str:
+    return next((message_text(m) for m in messages if m.get("role") == "user"), "")
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    return next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+###############################################################################
+# Encoders: one small class per protocol over the one event stream
+###############################################################################
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def compact_json(value: Any) -> str:
+    """JSON without spaces, with U+2028/2029 escaped (JavaScript line terminators)."""
+    return _encode_json(value).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def sse(data: str, event: str | None = None) -> bytes:
+    """One server-sent event; multi-line data becomes several ``data:`` lines."""
+    head = f"event: {event}\n" if event else ""
+    lines = "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", data))
+    return (head + lines + "\n").encode()
+
+
+def sse_json(value: Any) -> bytes:
+    return b"data: " + compact_json(value).encode() + b"\n\n"
+
+
+OPENAI_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
+                  "content_filter": "content_filter", "max_steps": "length"}
+
+
+class OpenAIEncoder:
+    """``chat.completion.chunk`` SSE frames, and the ``chat.completion`` body when not streaming.
+
+    One ``id`` and ``created`` per response; each chunk is a fixed head and tail around the
+    only part that changes, the delta.
+    """
+
+    def __init__(self, model: str, include_usage: bool = False):
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        self._calls = 0
+        self._head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
+                      '"choices":[{"index":0,"delta":' % (
+                          compact_json(self.id), self.created, compact_json(model))).encode()
+
+    def start(self) -> list[bytes]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):
+                return [self._chunk({"content": text})]
+            case ReasoningDelta(text=text):
+                return [self._chunk({"reasoning_content": text})]
+            case ToolCall(client_side=True):
+                self._calls += 1
+                return [self._chunk({"tool_calls": [self._tool_call(event, self._calls - 1)]})]
+            case Finished(reason=reason, usage=usage):
+                frames = [self._chunk({}, OPENAI_REASONS.get(reason, "stop"))]
+                if self.include_usage:
+                    frames.append(sse_json({**self._base("chat.completion.chunk"), "choices": [],
+                                            "usage": _usage(usage)}))
+                return frames
+        return []
+
+    def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        return [sse_json(openai_error_body(err)), SSE_DONE]
+
+    async def completion(self, events: AsyncIterator[Event]) -> dict:
+        """Collect a whole turn into one ``chat.completion``."""
+        text, reasoning, calls, reason, usage = [], [], [], "stop", None
+        async for event in events:
+            match event:
+                case TextDelta(text=piece):
+                    text.append(piece)
+                case ReasoningDelta(text=piece):
+                    reasoning.append(piece)
+                case ToolCall(client_side=True):
+                    calls.append(self._tool_call(event, len(calls)))
+                case Finished(reason=reason_, usage=usage):
+                    reason = OPENAI_REASONS.get(reason_, "stop")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+        return {**self._base("chat.completion"), "choices": [choice], "usage": _usage(usage)}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
+        tail = ',"logprobs":null,"finish_reason":%s}]}\n\n' % (
+            '"%s"' % finish_reason if finish_reason else "null")
+        return self._head + compact_json(delta).encode() + tail.encode()
+
+    def _base(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def _tool_call(call: ToolCall, index: int) -> dict:
+        return {"index": index, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _usage(usage: dict | None) -> dict:
+    usage = usage or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": usage.get("total_tokens", prompt + completion)}
+
+
+def openai_error_body(err: NodeChatError) -> dict:
+    return {"error": {"message": err.message, "type": err.kind, "param": None, "code": err.code}}
+
+
+class ChatSSEEncoder:
+    """``/api/chat`` events in the seed's shape: text, reasoning, tool-call, tool-result, finish.
+
+    Readers split the body on newlines and ``JSON.parse`` each ``data:`` line (seed 003), so
+    every frame is one line of JSON and there is no ``[DONE]`` marker.
+    """
+
+    def __init__(self, conversation_id: str | None = None):
+        self.message_id = new_id("msg")
+        self.conversation_id = conversation_id
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):
+                return [sse_json({"type": "text", "content": text, "id": self.message_id})]
+            case ReasoningDelta(text=text):
+                return [sse_json({"type": "reasoning", "content": text, "id": self.message_id})]
+            case ToolCall(id=call_id, name=name):
+                return [sse_json({"type": "tool-call", "toolCallId": call_id, "toolName": name,
+                                  "args": event.args})]
+            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
+                frame = {"type": "tool-result", "toolCallId": call_id, "toolName": name,
+                         "result": result}
+                return [sse_json({**frame, "isError": True} if is_error else frame)]
+            case Finished(reason=reason, usage=usage):
+                frame = {"type": "finish", "id": self.message_id, "reason": reason,
+                         "usage": _usage(usage)}
+                if self.conversation_id:
+                    frame["conversationId"] = self.conversation_id
+                return [sse_json(frame)]
+            case KeepAlive():
+                return [SSE_KEEPALIVE]
+        return []
+
+    def end(self) -> list[bytes]:
+        return []
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        return [sse_json({"type": "error", "error": err.message, "id": self.message_id})]
+
+
+UI_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool-calls",
+              "content_filter": "content-filter", "max_steps": "tool-calls", "error": "error"}
+
+
+class UIStreamEncoder:
+    """The AI SDK v5 UI message stream that a stock ``useChat`` reads with no adapter.
+
+    The client validates each chunk strictly: only the protocol's keys, no nulls, and a
+    delta only after its ``*-start``; so text and reasoning parts are opened and closed here.
+    """
+
+    headers = (("x-vercel-ai-ui-message-stream", "v1"),)
+
+    def __init__(self, dynamic_tools: Iterable[str] = ()):
+        self.message_id = str(uuid.uuid4())
+        self.dynamic = frozenset(dynamic_tools)
+        self._step = False
+        self._part: tuple[str, str] | None = None  # ("text" | "reasoning", id) while open
+
+    def start(self) -> list[bytes]:
+        return [sse_json({"type": "start", "messageId": self.message_id})]
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):
+                return self._delta("text", text)
+            case ReasoningDelta(text=text):
+                return self._delta("reasoning", text)
+            case ToolCall(id=call_id, name=name):
+                extra = {"dynamic": True} if name in self.dynamic else {}
+                return self._open_step() + self._close_part() + [
+                    sse_json({"type": "tool-input-start", "toolCallId": call_id, "toolName": name, **extra}),
+                    sse_json({"type": "tool-input-available", "toolCallId": call_id,
+                              "toolName": name, "input": event.args, **extra})]
+            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
+                extra = {"dynamic": True} if name in self.dynamic else {}
+                if is_error:
+                    return [sse_json({"type": "tool-output-error", "toolCallId": call_id,
+                                      "errorText": str(result), **extra})]
+                return [sse_json({"type": "tool-output-available", "toolCallId": call_id,
+                                  "output": result, **extra})]
+            case StepFinished():
+                return self._close_step()
+            case Finished(reason=reason):
+                return self._close_step() + [
+                    sse_json({"type": "finish", "finishReason": UI_REASONS.get(reason, "other")})]
+            case KeepAlive():
+                return [SSE_KEEPALIVE]
+        return []
+
+    def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        return [sse_json({"type": "error", "errorText": err.message}), *self._close_step(),
+                sse_json({"type": "finish", "finishReason": "error"}), SSE_DONE]
+
+    def _delta(self, kind: str, text: str) -> list[bytes]:
+        frames = self._open_step()
+        if self._part is None or self._part[0] != kind:
+            frames += self._close_part()
+            self._part = (kind, new_id(kind[:4]))
+            frames.append(sse_json({"type": f"{kind}-start", "id": self._part[1]}))
+        frames.append(sse_json({"type": f"{kind}-delta", "id": self._part[1], "delta": text}))
+        return frames
+
+    def _open_step(self) -> list[bytes]:
+        if self._step:
+            return []
+        self._step = True
+        return [sse_json({"type": "start-step"})]
+
+    def _close_part(self) -> list[bytes]:
+        if self._part is None:
+            return []
+        kind, part_id = self._part
+        self._part = None
+        return [sse_json({"type": f"{kind}-end", "id": part_id})]
+
+    def _close_step(self) -> list[bytes]:
+        if not self._step:
+            return []
+        frames = self._close_part()
+        self._step = False
+        return frames + [sse_json({"type": "finish-step"})]
+
+
+###############################################################################
+# ASGI: requests, responses, streaming, routing
+###############################################################################
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache"), (b"connection", b"keep-alive"),
+               (b"x-accel-buffering", b"no"))
+
+
+@dataclass(frozen=True)
+class Request:
+    """An HTTP request read whole (within the size limit), with its path inside the app."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    query: dict[str, str]
+    body: bytes
+    scope: Scope
+    params: dict[str, str] = field(default_factory=dict)
+    user_id: str | None = None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        pairs = (part.strip().partition("=") for part in self.headers.get("cookie", "").split(";"))
+        return {name: unquote(value) for name, _, value in pairs if name}
+
+
+def route_path(scope: Scope) -> str:
+    """The path inside this app: a mount's (or ``--root-path``) prefix removed."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
+
+
+def scope_headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+
+
+async def read_request(scope: Scope, receive: Receive, limit: int) -> Request:
+    """The only body reader: raises PayloadTooLarge past ``limit`` bytes."""
+    headers = scope_headers(scope)
+    if int(headers.get("content-length") or 0) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    return Request(scope.get("method", "GET"), route_path(scope), headers, query,
+                   b"".join(chunks), scope)
+
+
+@dataclass
+class JSONResponse:
+    """A whole JSON body with a status."""
+
+    body: Any
+    status: int = 200
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        payload = compact_json(self.body).encode()
+        await send({"type": "http.response.start", "status": self.status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+            *self.headers]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+@dataclass
+class SSEResponse:
+    """An event stream: ``events`` from the agent, framed by ``encoder``."""
+
+    events: AsyncIterator[Event]
+    encoder: Any
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        await stream_sse(send, receive, self.events, self.encoder, self.headers)
+
+
+async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event], encoder: Any,
+                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """The only code that starts an event stream.
+
+    The first event is awaited before the response starts, so a failure before anything
+    streamed (bad model, upstream down) is a proper HTTP error.  Later failures become the
+    encoder's in-stream error frames.  Cancellation flow::
+
+        client disconnects -> watch_disconnect() cancels this task
+          -> CancelledError inside events (the agent) -> upstream response closed,
+             running tools cancelled -> events.aclose() here, nothing left running
+    """
+    task = asyncio.current_task()
+    watcher = asyncio.create_task(watch_disconnect(receive, task))
+    try:
+        first = await anext(events, None)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*SSE_HEADERS, *headers]})
+        frames = encoder.start() + (encoder.encode(first) if first is not None else [])
+        try:
+            if first is not None:
+                async for event in events:
+                    if frames:
+                        await send({"type": "http.response.body", "body": b"".join(frames),
+                                    "more_body": True})
+                    frames = encoder.encode(event)
+            frames += encoder.end()
+        except NodeChatError as err:
+            frames += encoder.error(err)
+        except Exception as exc:
+            log.exception("stream failed")
+            frames += encoder.error(NodeChatError(f"internal error: {type(exc).__name__}"))
+        await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled() and watcher.result():
+            task.uncancel()  # the client left: a normal end, not an error
+            return
+        raise
+    finally:
+        watcher.cancel()
+        await events.aclose()
+
+
+async def watch_disconnect(receive: Receive, task: asyncio.Task) -> bool:
+    """Wait for ``http.disconnect`` and cancel ``task`` (the streaming one) when it comes."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
+    return True
+
+
+ROUTES = (
+    # method, path, handler, error style ("openai" bodies or {"error": text}), needs auth
+    ("GET", "/healthz", "healthz", "api", False),
+    ("GET", "/v1/models", "list_models", "openai", True),
+    ("POST", "/v1/chat/completions", "chat_completions", "openai", True),
+    ("POST", "/api/chat", "api_chat", "api", True),
+    ("POST", "/api/generate-title", "generate_title", "api", True),
+    ("GET", "/api/conversations", "list_conversations", "api", True),
+    ("GET", "/api/conversations/{id}", "get_conversation", "api", True),
+    ("DELETE", "/api/conversations/{id}", "delete_conversation", "api", True),
+    ("GET", "/api/memories", "list_memories", "api", True),
+    ("DELETE", "/api/memories/{id}", "delete_memory", "api", True),
+)
+WS_ROUTES = ("/chat", "/ws/chat")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern
+    handler: str
+    style: str
+    auth: bool
+
+
+def compile_routes(table: Iterable[tuple]) -> tuple[Route, ...]:
+    """``{name}`` path parameters become named regex groups."""
+    return tuple(Route(method, re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"),
+                       handler, style, auth) for method, path, handler, style, auth in table)
+
+
+def match_route(routes: tuple[Route, ...], method: str, path: str) -> tuple[Route | None, dict, list[str]]:
+    """The route and its params; or None with the methods the path allows (404 vs 405)."""
+    allowed = []
+    for route in routes:
+        found = route.pattern.match(path)
+        if found:
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
+                return route, found.groupdict(), []
+            allowed.append(route.method)
+    return None, {}, allowed
+
+
+def error_response(err: NodeChatError, style: str) -> JSONResponse:
+    """The protocol's error body: OpenAI's envelope for /v1, ``{"error": text}`` elsewhere."""
+    body = openai_error_body(err) if style == "openai" else {"error": err.message}
+    headers = ((b"www-authenticate", b"Bearer"),) if err.status == 401 else ()
+    return JSONResponse(body, err.status, headers)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def lookup_token(tokens: Mapping[str, str], token: str | None) -> str | None:
+    """The user of ``token``, comparing against every known token in constant time."""
+    if not token:
+        return None
+    user = None
+    candidate = token.encode()
+    for known, owner in tokens.items():
+        if hmac.compare_digest(known.encode(), candidate):
+            user = owner
+    return user
+
+
+def cors_allows(origin: str, allowed: Iterable[str]) -> bool:
+    for rule in allowed:
+        if rule == "*" or rule == origin:
+            return True
+        if rule.endswith(":*") and re.fullmatch(re.escape(rule[:-2]) + r"(:\d+)?", origin):
+            return True
+        if rule == "file://" and origin.startswith("file://"):
+            return True
+    return False
+
+
+###############################################################################
+# AI SDK messages: UIMessages (v4 ``content``, v5 ``parts``) to model messages
+###############################################################################
+
+UI_ROLES = frozenset({"user", "assistant", "system"})
+
+
+def decode_ui_messages(messages: list) -> list[dict]:
+    """OpenAI-shaped messages from AI SDK UIMessages; BadRequest("Invalid messages") otherwise.
+
+    v5 messages carry only ``parts``; v4 ones a ``content`` string (and maybe
+    ``toolInvocations``).  Each message's ``id`` is kept as ``ui_id`` so a resent history is
+    not stored twice.
+    """
+    decoded = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in UI_ROLES:
+            raise BadRequest("Invalid messages", code="invalid_messages")
+        role, content, parts = message["role"], message.get("content"), message.get("parts")
+        if isinstance(content, str) and not (isinstance(parts, list) and parts and role == "assistant"):
+            out = [{"role": role, "content": content}]
+            if role == "assistant" and isinstance(message.get("toolInvocations"), list):
+                out = _assistant_steps([[{"type": "tool-invocation", "toolInvocation": t}
+                                         for t in message["toolInvocations"]]], content)
+        elif isinstance(parts, list):
+            out = _from_parts(role, parts)
+        else:
+            raise BadRequest("Invalid messages", code="invalid_messages")
+        if isinstance(message.get("id"), str) and out:
+            out[0]["ui_id"] = message["id"]
+        decoded += out
+    return decoded
+
+
+def _from_parts(role: str, parts: list) -> list[dict]:
+    if not all(isinstance(p, dict) for p in parts):
+        raise BadRequest("Invalid messages", code="invalid_messages")
+    if role != "assistant":
+        content: list[dict] = []
+        for part in parts:
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif part.get("type") == "file" and str(part.get("mediaType", "")).startswith("image/"):
+                content.append({"type": "image_url", "image_url": {"url": part.get("url", "")}})
+        if all(p["type"] == "text" for p in content):
+            return [{"role": role, "content": "".join(p["text"] for p in content)}]
+        return [{"role": role, "content": content}]
+    steps: list[list[dict]] = [[]]
+    for part in parts:
+        if part.get("type") == "step-start" and steps[-1]:
+            steps.append([])
+        else:
+            steps[-1].append(part)
+    return _assistant_steps(steps)
+
+
+def _assistant_steps(steps: list[list[dict]], text: str = "") -> list[dict]:
+    """One assistant message per step, each followed by its tool results."""
+    out = []
+    for step in steps:
+        texts = [p["text"] for p in step if p.get("type") == "text" and isinstance(p.get("text"), str)]
+        calls, results = [], []
+        for part in step:
+            call = _ui_tool_part(part)
+            if call is None:
+                continue
+            call_id, name, args, output, error = call
+            calls.append(ToolCall(call_id, name, compact_json(args)))
+            if output is not None or error is not None:
+                results.append(ToolResult(call_id, name, error if error is not None else output,
+                                          is_error=error is not None))
+        if texts or calls or text:
+            out.append(assistant_message("".join(texts) or text, calls))
+            out += [tool_message(r) for r in results]
+            text = ""
+    return out
+
+
+def _ui_tool_part(part: dict) -> tuple | None:
+    """(id, name, input, output, error) of a v5 ``tool-*``/``dynamic-tool`` or v4 invocation part."""
+    kind = str(part.get("type", ""))
+    if kind == "tool-invocation" and isinstance(part.get("toolInvocation"), dict):
+        inv = part["toolInvocation"]
+        return (str(inv.get("toolCallId", "")), str(inv.get("toolName", "")), inv.get("args") or {},
+                inv.get("result") if inv.get("state") == "result" else None, None)
+    if kind == "dynamic-tool" or kind.startswith("tool-"):
+        name = part.get("toolName") if kind == "dynamic-tool" else kind[5:]
+        state = part.get("state")
+        return (str(part.get("toolCallId", "")), str(name), part.get("input") or {},
+                part.get("output") if state == "output-available" else None,
+                part.get("errorText") if state == "output-error" else None)
+    return None
+
+
+###############################################################################
+# App: the NodeChat object is the ASGI application
+###############################################################################
+
+
+class NodeChat:
+    """An embeddable chat backend; the instance is an ASGI app.
+
+    Keyword arguments are :class:`Settings` fields; the rest are extension points:
+    ``store`` (a :class:`Store`), ``providers`` (extra :class:`Provider` objects, the first
+    wins as default), ``http_client`` (an ``httpx.AsyncClient`` to share), and ``authenticate``
+    (``scope -> user_id | None``, sync or async) to replace the token table.
+
+    Example::
+
+        chat = NodeChat(model="gpt-4o-mini", tokens={"s3cret": "alice"})
+
+        @chat.tool
+        def get_weather(city: str) -> str:
+            \"\"\"Current weather for a city.\"\"\"
+            return "sunny"
+    """
+
+    def __init__(self, *, config: str | os.PathLike | None = None,
+                 environ: Mapping[str, str] | None = None, store: Store | None = None,
+                 providers: Iterable[Provider] = (), http_client: httpx.AsyncClient | None = None,
+                 authenticate: Callable[[Scope], Any] | None = None, **settings: Any):
+        self.settings = Settings.from_sources(settings, config, environ)
+        self.store = store if store is not None else JSONFileStore(self.settings.data_dir)
+        self.providers = Providers(self.settings, providers)
+        self.tools = ToolRegistry(memory_tools())
+        self.agent = Agent(self.providers, self.store, self.http, self.settings)
+        self._http_client = http_client
+        self._owns_http = http_client is None
+        self._authenticate = authenticate
+        self._routes = compile_routes(ROUTES)
+
+    # -- public helpers ------------------------------------------------------------------------
+
+    def tool(self, fn: Callable | None = None, **options: Any) -> Any:
+        """Register a function as a tool; works with or without arguments.
+
+        Example::
+
+            @chat.tool(name="weather", description="Current weather")
+            async def get_weather(city: str, unit: Literal["C", "F"] = "C") -> dict: ...
+        """
+        def register(fn: Callable) -> Callable:
+            self.tools.add(fn, **options)
+            return fn
+
+        return register(fn) if fn is not None else register
+
+    def http(self) -> httpx.AsyncClient:
+        """The instance's pooled upstream client, opened on first use (mounts run no lifespan)."""
+        if self._http_client is None:
+            s = self.settings
+            self._http_client = httpx.AsyncClient(
+                timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout),
+                limits=httpx.Limits(max_connections=s.max_upstream_connections,
+                                    max_keepalive_connections=s.max_upstream_connections,
+                                    keepalive_expiry=30.0))
+        return self._http_client
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None):
+        """For a host's lifespan: ``Starlette(..., lifespan=chat.lifespan)``."""
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def startup(self) -> None:
+        if self.settings.offline:
+            log.info("serving the built-in offline model %r (it echoes your message); point at a "
+                     "real provider with OPENAI_API_KEY / OPENAI_BASE_URL or --config", OFFLINE_MODEL)
+        if not self.settings.tokens and self._authenticate is None:
+            log.warning("no tokens configured (NODECHAT_TOKENS): the API is open to anyone who "
+                        "can reach it")
+
+    async def aclose(self) -> None:
+        """Close what this instance opened (its upstream connection pool)."""
+        if self._http_client is not None and self._owns_http:
+            await self._http_client.aclose()
+            self._http_client = None
+
+    # -- ASGI ----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._handle_http(scope, receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+        elif kind == "lifespan":
+            await self._handle_lifespan(receive, send)
+
+    async def _handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = route_path(scope), scope["method"]
+        route, params, allowed = match_route(self._routes, method, path)
+        style = route.style if route else ("openai" if path.startswith("/v1/") else "api")
+        send = self._with_cors(scope, send)
+        if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:
+            await JSONResponse(None, 204)(send, receive)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            if route is None:
+                raise MethodNotAllowed("Method Not Allowed") if allowed else NotFound("Not Found")
+            request = await read_request(scope, receive, self.settings.max_body_bytes)
+            request = dataclasses.replace(request, params=params)
+            if route.auth:
+                request = dataclasses.replace(request, user_id=await self._user(request))
+            response = await getattr(self, route.handler)(request)
+            await response(tracking_send, receive)
+        except NodeChatError as err:
+            if started:
+                raise
+            response = error_response(err, style)
+            if isinstance(err, MethodNotAllowed):
+                response.headers += ((b"allow", ", ".join(sorted(set(allowed))).encode()),)
+            await response(send, receive)
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            if not started:
+                await error_response(NodeChatError("internal server error"), style)(send, receive)
+
+    async def _handle_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _with_cors(self, scope: Scope, send: Send) -> Send:
+        origin = scope_headers(scope).get("origin")
+        if not origin or not cors_allows(origin, self.settings.cors_origins):
+            return send
+        extra = [(b"access-control-allow-origin", origin.encode("latin-1")),
+                 (b"access-control-allow-credentials", b"true"), (b"vary", b"Origin")]
+        if scope.get("method") == "OPTIONS":
+            extra += [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                      (b"access-control-allow-headers", b"Authorization, Content-Type, Accept, "
+                       b"User-Agent, X-Requested-With, X-Nodechat-Stream"),
+                      (b"access-control-max-age", b"86400")]
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        return send_with_cors
+
+    async def _user(self, request: Request) -> str:
+        """The caller's user id, or Unauthorized."""
+        if self._authenticate is not None:
+            user = self._authenticate(request.scope)
+            user = await user if inspect.isawaitable(user) else user
+        elif not self.settings.tokens:
+            user = "local"
+        else:
+            token = bearer_token(request.headers)
+            if token is None and request.path.startswith("/api/"):
+                token = request.cookies.get(self.settings.cookie_name)
+            user = lookup_token(self.settings.tokens, token)
+        if not user:
+            raise Unauthorized("Unauthorized", code="invalid_api_key")
+        return str(user)
+
+    def _acting_user(self, request: Request, body: dict) -> str:
+        """``userId`` in the body counts only for internal tokens (or an open server)."""
+        claimed = body.get("userId")
+        if not isinstance(claimed, str) or not claimed or claimed == request.user_id:
+            return request.user_id
+        token = bearer_token(request.headers) or request.cookies.get(self.settings.cookie_name)
+        internal = lookup_token({t: t for t in self.settings.internal_tokens}, token)
+        if internal or (not self.settings.tokens and self._authenticate is None):
+            return validate_id(claimed, "user id")
+        log.info("ignoring userId in the body of a caller that is not internal")
+        return request.user_id
+
+    # -- handlers: Request in, response object out --------------------------------------------
+
+    async def healthz(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    async def list_models(self, request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": await self.providers.list_models(self.http())})
+
+    async def chat_completions(self, request: Request) -> JSONResponse | SSEResponse:
+        body = _openai_body(request.json())
+        model = body.get("model") or self.providers.default_model
+        self.providers.resolve(model)  # an unknown model is a 404 before anything streams
+        server_tools = self._offered(None) if self.settings.openai_server_tools else []
+        passthrough = {k: v for k, v in body.items()
+                       if k not in ("model", "messages", "stream", "stream_options", "tools")}
+        if body.get("stream_options") is not None:
+            passthrough["stream_options"] = body["stream_options"]
+        turn = Turn(messages=body["messages"], user_id=request.user_id, model=model,
+                    tools=server_tools, client_tools=body.get("tools") or [], params=passthrough,
+                    max_steps=self.settings.max_steps if server_tools else 1)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        encoder = OpenAIEncoder(model, include_usage)
+        if body.get("stream", False):
+            return SSEResponse(self.agent.run(turn), encoder)
+        return JSONResponse(await encoder.completion(self.agent.run(turn)))
+
+    async def api_chat(self, request: Request) -> SSEResponse:
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) \
+                or not body["messages"]:
+            raise BadRequest("Missing messages", code="missing_messages")
+        ui_stream = _wants_ui_stream(request, body)
+        conversation_id = body.get("conversationId") or (body.get("id") if ui_stream else None)
+        if conversation_id is not None:
+            validate_id(conversation_id, "conversation id")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BadRequest("model must be a string", code="invalid_model")
+        self.providers.resolve(model)
+        turn = Turn(messages=decode_ui_messages(body["messages"]),
+                    user_id=self._acting_user(request, body), model=model,
+                    tools=self._offered(body.get("tools")), conversation_id=conversation_id,
+                    remember=True, system=self.settings.system_prompt,
+                    max_steps=self.settings.max_steps)
+        headers = ((b"x-conversation-id", conversation_id.encode()),) if conversation_id else ()
+        if ui_stream:
+            encoder = UIStreamEncoder(t.name for t in self.tools if t.dynamic)
+            headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
+        else:
+            encoder = ChatSSEEncoder(conversation_id)
+        return SSEResponse(self.agent.run(turn), encoder, headers)
+
+    async def generate_title(self, request: Request) -> JSONResponse:
+        body = request.json()
+        message = body.get("message") if isinstance(body, dict) else None
+        if isinstance(message, dict):
+            decoded = decode_ui_messages([{**message, "role": message.get("role", "user")}])
+            text = message_text(decoded[0]) if decoded else ""
+        else:
+            text = message if isinstance(message, str) else ""
+        if not text.strip():
+            return JSONResponse({"data": "New Chat"})
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        return JSONResponse({"data": await self.agent.title(text, model)})
+
+    async def list_conversations(self, request: Request) -> JSONResponse:
+        return JSONResponse({"conversations": await self.store.list_conversations(request.user_id)})
+
+    async def get_conversation(self, request: Request) -> JSONResponse:
+        meta = await self._own_conversation(request)
+        messages = await self.store.load_messages(meta["id"])
+        return JSONResponse({**meta, "messages": messages})
+
+    async def delete_conversation(self, request: Request) -> JSONResponse:
+        meta = await self._own_conversation(request)
+        await self.store.delete_conversation(meta["id"])
+        return JSONResponse({"deleted": True, "id": meta["id"]})
+
+    async def list_memories(self, request: Request) -> JSONResponse:
+        return JSONResponse({"memories": await self.store.list_memories(request.user_id)})
+
+    async def delete_memory(self, request: Request) -> JSONResponse:
+        memory_id = validate_id(request.params["id"], "memory id")
+        if not await self.store.delete_memory(request.user_id, memory_id):
+            raise NotFound("memory not found", code="memory_not_found")
+        return JSONResponse({"deleted": True, "id": memory_id})
+
+    async def _own_conversation(self, request: Request) -> dict:
+        conversation_id = validate_id(request.params["id"], "conversation id")
+        meta = await self.store.get_conversation(conversation_id)
+        if meta is None or meta.get("user_id") != request.user_id:
+            raise NotFound("conversation not found", code="conversation_not_found")
+        return meta
+
+    def _offered(self, names: Any) -> list[Tool]:
+        """The tools a request may use: its own list of names, else the setting, else all."""
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise BadRequest("tools must be a list of tool names", code="invalid_tools")
+        return self.tools.select(names if names is not None else self.settings.tools)
+
+
+def _openai_body(body: Any) -> dict:
+    """Check the parts of a chat.completions request that nodechat itself relies on."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_body")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{index}] must be an object with a 'role'",
+                             code="invalid_messages")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise BadRequest("'model' must be a string", code="invalid_model")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("'stream' must be a boolean", code="invalid_stream")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise BadRequest("'tools' must be an array", code="invalid_tools")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
+    return body
+
+
+def _wants_ui_stream(request: Request, body: dict) -> bool:
+    """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else ``trigger``."""
+    explicit = request.query.get("protocol") or request.headers.get("x-nodechat-stream")
+    if explicit in ("ui", "seed"):
+        return explicit == "ui"
+    return "trigger" in body
+
+
+def create_app(**settings: Any) -> NodeChat:
+    """Build an app from keyword settings (and TOML and environment): ``uvicorn --factory``."""
+    return NodeChat(**settings)
+
+
+###############################################################################
+# CLI: python nodechat.py
+###############################################################################
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve nodechat with uvicorn: ``python nodechat.py --port 8000``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="nodechat", description="An embeddable chat backend: OpenAI-compatible API, "
+        "/api/chat SSE and the /chat WebSocket over one agent.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--config", help="TOML settings file (also NODECHAT_CONFIG)")
+    parser.add_argument("--data-dir", help="where conversations and memories are kept")
+    parser.add_argument("--model", help="default model, e.g. gpt-4o-mini or ollama/llama3.2")
+    parser.add_argument("--allow-open", action="store_true",
+                        help="serve without tokens on a non-loopback address (not recommended)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:  %(name)s: %(message)s")
+    try:
+        app = NodeChat(config=args.config, data_dir=args.data_dir, model=args.model)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not app.settings.tokens and args.host not in LOOPBACK_HOSTS and not args.allow_open:
+        parser.error(f"refusing to serve on {args.host} with no tokens: set NODECHAT_TOKENS, "
+                     "bind to 127.0.0.1, or pass --allow-open")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()
