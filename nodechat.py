@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import hmac
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -151,8 +152,9 @@ class Settings:
     #: Seconds to connect to a provider, and between two bytes of its answer.
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
-    #: Upstream connection pool size; it must fit the number of concurrent streams.
-    max_upstream_connections: int = 2048
+    #: Upstream connections in all, and how many pools share them (see ``NodeChat.http``).
+    max_upstream_connections: int = 4096
+    upstream_pools: int = 32
     #: Seconds of silence before an SSE comment keeps the connection alive.
     keepalive_seconds: float = 15.0
     #: Cookie that carries a session token for /api/chat (mapped through ``tokens``).
@@ -949,37 +951,55 @@ class OpenAIProvider:
             return [m["id"] for m in response.json().get("data", []) if isinstance(m, dict)]
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+        """Events from the upstream's SSE.
+
+        Deltas that arrive in one network read are merged into one event: a burst of fifty
+        chunks costs one encode and one send downstream instead of fifty.
+        """
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
         reason, usage, done = None, None, False
-        async for data in sse_data(response.aiter_bytes()):
-            if data == b"[DONE]":
-                done = True
-                break
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise UpstreamError(f"provider {self.name!r} sent a malformed event: {data[:200]!r}")
-            if not isinstance(chunk, dict):
-                continue
-            if "error" in chunk:
-                raise UpstreamError(f"provider {self.name!r}: {_error_text(chunk)}")
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or ():
-                if choice.get("index", 0) != 0:
+        async for batch in sse_batches(response.aiter_bytes()):
+            pending: list[str] = []
+            pending_kind: type = TextDelta
+            for data in batch:
+                if done or data == b"[DONE]":
+                    done = True  # read on to the end: a drained response goes back to the pool
                     continue
-                delta = choice.get("delta") or {}
-                if content := delta.get("content"):
-                    yield TextDelta(content)
-                if thought := delta.get("reasoning_content") or delta.get("reasoning"):
-                    yield ReasoningDelta(thought)
-                for part in delta.get("tool_calls") or ():
-                    _assemble(calls, part)
-                reason = choice.get("finish_reason") or reason
+                chunk = self._parse(data)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    if choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    for kind, piece in ((ReasoningDelta, delta.get("reasoning_content") or delta.get("reasoning")),
+                                        (TextDelta, delta.get("content"))):
+                        if piece:
+                            if pending and kind is not pending_kind:
+                                yield pending_kind("".join(pending))
+                                pending = []
+                            pending_kind = kind
+                            pending.append(piece)
+                    for part in delta.get("tool_calls") or ():
+                        _assemble(calls, part)
+                    reason = choice.get("finish_reason") or reason
+            if pending:
+                yield pending_kind("".join(pending))
         if not done and reason is None:
             raise UpstreamError(f"provider {self.name!r} ended the stream before the answer was complete")
         for _, (call_id, name, arguments) in sorted(calls.items()):
             yield ToolCall(call_id or new_id("call"), name, arguments)
         yield StepFinished(reason or "stop", usage)
+
+    def _parse(self, data: bytes) -> dict:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise UpstreamError(f"provider {self.name!r} sent a malformed event: {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamError(f"provider {self.name!r} sent a non-object event: {data[:200]!r}")
+        if "error" in chunk:
+            raise UpstreamError(f"provider {self.name!r}: {_error_text(chunk)}")
+        return chunk
 
     @contextlib.contextmanager
     def _errors(self):
@@ -1029,8 +1049,8 @@ def _error_text(payload: Any) -> str:
     return str(payload)[:1000]
 
 
-async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The ``data`` of each server-sent event, as bytes.
+async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The ``data`` of the server-sent events completed by each read, as lists of bytes.
 
     Lines end at CR, LF or CRLF only (WHATWG "parsing an event stream"), never at U+2028 as
     ``str.splitlines()`` / httpx ``aiter_lines()`` would (httpx-sse#34).
@@ -1044,17 +1064,20 @@ async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
         lines = buffer.split(b"\n")
         buffer = lines.pop()
+        batch = []
         for line in lines:
             if not line:
                 if data:
-                    yield b"\n".join(data)
+                    batch.append(b"\n".join(data))
                     data = []
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        if batch:
+            yield batch
     if buffer.startswith(b"data:"):
         data.append(buffer[6:] if buffer.startswith(b"data: ") else buffer[5:])
     if data:
-        yield b"\n".join(data)
+        yield [b"\n".join(data)]
 
 
 class OfflineProvider:
@@ -2018,8 +2041,10 @@ class NodeChat:
         self.providers = Providers(self.settings, providers)
         self.tools = ToolRegistry(memory_tools())
         self.agent = Agent(self.providers, self.store, self.http, self.settings)
-        self._http_client = http_client
-        self._owns_http = http_client is None
+        self._http_client = http_client  # a host's own client replaces the pools
+        self._pools: list[httpx.AsyncClient] = []
+        self._pool_turn = itertools.count()
+        self._ssl = None
         self._authenticate = authenticate
         self._routes = compile_routes(ROUTES)
 
@@ -2040,15 +2065,26 @@ class NodeChat:
         return register(fn) if fn is not None else register
 
     def http(self) -> httpx.AsyncClient:
-        """The instance's pooled upstream client, opened on first use (mounts run no lifespan)."""
-        if self._http_client is None:
+        """An upstream client from the instance's pools, opened on first use (mounts run no lifespan).
+
+        httpcore scans every connection of a pool on each request and each response close,
+        so one pool holding hundreds of streams spends milliseconds per request on
+        bookkeeping (``_assign_requests_to_connections``).  Streams are therefore spread
+        round-robin over ``upstream_pools`` small pools, which share one SSL context.
+        """
+        if self._http_client is not None:
+            return self._http_client
+        index = next(self._pool_turn) % self.settings.upstream_pools
+        while len(self._pools) <= index:
             s = self.settings
-            self._http_client = httpx.AsyncClient(
+            self._ssl = self._ssl or httpx.create_ssl_context()
+            size = max(1, s.max_upstream_connections // s.upstream_pools)
+            self._pools.append(httpx.AsyncClient(
+                verify=self._ssl,
                 timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout),
-                limits=httpx.Limits(max_connections=s.max_upstream_connections,
-                                    max_keepalive_connections=s.max_upstream_connections,
-                                    keepalive_expiry=30.0))
-        return self._http_client
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size,
+                                    keepalive_expiry=30.0)))
+        return self._pools[index]
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None):
@@ -2068,10 +2104,10 @@ class NodeChat:
                         "can reach it")
 
     async def aclose(self) -> None:
-        """Close what this instance opened (its upstream connection pool)."""
-        if self._http_client is not None and self._owns_http:
-            await self._http_client.aclose()
-            self._http_client = None
+        """Close what this instance opened (its upstream connection pools)."""
+        pools, self._pools = self._pools, []
+        for pool in pools:
+            await pool.aclose()
 
     # -- ASGI ----------------------------------------------------------------------------------
 
