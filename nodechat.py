@@ -766,7 +766,7 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
 
 def schema_from_function(fn: Callable) -> tuple[dict, str | None]:
     """A JSON schema for ``fn``'s parameters, and the name of its ToolContext parameter if any."""
-    hints = typing.get_type_hints(fn)
+    hints = _type_hints(fn)
     docs = _param_docs(inspect.getdoc(fn) or "")
     properties, required, context_param = {}, [], None
     for param in inspect.signature(fn).parameters.values():
@@ -784,6 +784,22 @@ def schema_from_function(fn: Callable) -> tuple[dict, str | None]:
         properties[param.name] = prop
     schema = {"type": "object", "properties": properties, "required": required}
     return schema, context_param
+
+
+def _type_hints(fn: Callable) -> dict[str, Any]:
+    """Resolved hints; names the module cannot see (a local ``Literal`` import under
+    ``from __future__ import annotations``) are tried against ``typing``, else left untyped."""
+    try:
+        return typing.get_type_hints(fn)
+    except NameError:
+        namespace = {**vars(typing), **getattr(fn, "__globals__", {}), "ToolContext": ToolContext}
+        hints = {}
+        for name, hint in inspect.get_annotations(fn).items():
+            try:
+                hints[name] = eval(hint, namespace) if isinstance(hint, str) else hint
+            except Exception:
+                hints[name] = Any
+        return hints
 
 
 def _json_schema(hint: Any) -> dict:
@@ -1299,10 +1315,12 @@ class Agent:
                 text = []
                 for call in calls:
                     yield call
+                results = {}
                 async for event in self._run_tools(calls, by_name, context):
                     if type(event) is ToolResult:
-                        step.append(tool_message(event))
+                        results[event.id] = event
                     yield event
+                step += [tool_message(results[c.id]) for c in calls if c.id in results]  # call order
                 messages.extend(step)
                 for saved in await self._save(turn, step):
                     yield Saved(saved)
@@ -1652,8 +1670,9 @@ class UIStreamEncoder:
         return [SSE_DONE]
 
     def error(self, err: NodeChatError) -> list[bytes]:
-        return [sse_json({"type": "error", "errorText": err.message}), *self._close_step(),
-                sse_json({"type": "finish", "finishReason": "error"}), SSE_DONE]
+        frames = self._close_part() + [sse_json({"type": "error", "errorText": err.message})]
+        return frames + self._close_step() + [sse_json({"type": "finish", "finishReason": "error"}),
+                                              SSE_DONE]
 
     def _delta(self, kind: str, text: str) -> list[bytes]:
         frames = self._open_step()
@@ -1807,11 +1826,12 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
         frames = encoder.start() + (encoder.encode(first) if first is not None else [])
         try:
             if first is not None:
+                await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+                frames = []
                 async for event in events:
-                    if frames:
-                        await send({"type": "http.response.body", "body": b"".join(frames),
+                    if event_frames := encoder.encode(event):
+                        await send({"type": "http.response.body", "body": b"".join(event_frames),
                                     "more_body": True})
-                    frames = encoder.encode(event)
             frames += encoder.end()
         except NodeChatError as err:
             frames += encoder.error(err)
@@ -2272,13 +2292,16 @@ class NodeChat:
 
     async def generate_title(self, request: Request) -> JSONResponse:
         body = request.json()
-        message = body.get("message") if isinstance(body, dict) else None
-        if isinstance(message, dict):
-            decoded = decode_ui_messages([{**message, "role": message.get("role", "user")}])
-            text = message_text(decoded[0]) if decoded else ""
+        body = body if isinstance(body, dict) else {}
+        message = body.get("message")
+        if isinstance(message, dict):  # a UIMessage: v5 parts or v4 content
+            parts = message.get("parts") if isinstance(message.get("parts"), list) else []
+            text = "".join(p.get("text", "") for p in parts if isinstance(p, dict)
+                           and p.get("type") == "text" and isinstance(p.get("text"), str))
+            text = text or (message["content"] if isinstance(message.get("content"), str) else "")
         else:
             text = message if isinstance(message, str) else ""
-        if not text.strip():
+        if not text.strip():  # as the AI SDK apps do: no text, no model call
             return JSONResponse({"data": "New Chat"})
         model = body.get("model") if isinstance(body.get("model"), str) else None
         return JSONResponse({"data": await self.agent.title(text, model)})

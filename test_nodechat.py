@@ -73,13 +73,17 @@ def tool_calls(*calls: tuple[str, dict], say: str = ""):
 class FakeUpstream:
     """A raw-ASGI OpenAI-compatible server that plays scripted turns and records requests.
 
-    A turn is a list of SSE frames, or ``("error", status, body)``, ``("hang",)`` or
-    ``("drop", frames)`` (frames, then the connection is cut).  With no turn left it says "ok".
+    A turn is a list of SSE frames, or ``("error", status, body)``, ``("hang",)``,
+    ``("stall", frames)`` (frames, then nothing until the client leaves) or ``("drop", frames)``
+    (frames, then the connection is cut).  With no turn left it says "ok".  Title requests
+    get ``title_turn`` and are recorded apart, since they run beside the turn.
     """
 
     def __init__(self, models=("fake-1", "fake-2")):
         self.turns: list = []
         self.requests: list[dict] = []
+        self.title_requests: list[dict] = []
+        self.title_turn = text("Chat About Tea")
         self.headers: list[dict] = []
         self.models = models
         self.disconnects = 0
@@ -103,21 +107,28 @@ class FakeUpstream:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        self.requests.append(json.loads(body))
-        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
-        turn = self.turns.pop(0) if self.turns else text("ok")
+        request = json.loads(body)
+        if request["messages"][0].get("content") == nodechat.TITLE_PROMPT:
+            self.title_requests.append(request)  # titles run beside the turn: keep them apart
+            turn = self.title_turn
+        else:
+            self.requests.append(request)
+            self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+            turn = self.turns.pop(0) if self.turns else text("ok")
         if isinstance(turn, tuple) and turn[0] == "error":
             return await self._send(send, turn[1], turn[2])
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         self.open_streams += 1
         try:
-            if isinstance(turn, tuple) and turn[0] == "hang":
+            frames = turn[1] if isinstance(turn, tuple) and len(turn) > 1 else turn
+            if isinstance(turn, tuple) and turn[0] in ("hang", "stall"):
+                for frame in turn[1] if turn[0] == "stall" else ():
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
                 while (await receive())["type"] != "http.disconnect":
                     pass
                 self.disconnects += 1
                 return
-            frames = turn[1] if isinstance(turn, tuple) else turn
             for frame in frames:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
             if isinstance(turn, tuple) and turn[0] == "drop":
@@ -243,6 +254,73 @@ def test_openai_env_makes_the_default_provider():
     assert settings.providers[0].base_url == "https://api.openai.com/v1"
     assert not settings.offline
     assert Settings.from_sources(environ={}).offline
+
+
+###############################################################################
+# Store and tools: pure pieces
+###############################################################################
+
+
+def test_memories_rank_by_keywords_not_substrings():
+    memories = [{"id": f"m{i}", "content": c} for i, c in enumerate([
+        "Lives in Oslo and likes skiing", "Favourite drink is green tea",
+        "Drinks coffee every morning", "Has a cat called Tea Leaf", "Works as a teacher"])]
+    found = nodechat.rank_memories(memories, "what tea does the user drink?", 5)
+    assert [m["id"] for m in found][:2] == ["m1", "m3"] or [m["id"] for m in found][:1] == ["m1"]
+    assert "m4" not in [m["id"] for m in found]  # "teacher" does not contain the word "tea"
+    assert "m0" not in [m["id"] for m in found]
+    assert nodechat.rank_memories(memories, "ski", 5) == []  # too short for a prefix match
+    assert [m["id"] for m in nodechat.rank_memories(memories, "skiing Oslo", 5)] == ["m0"]
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "/abs", "a\\b", "x\x00y", "", ".hidden", "a" * 200, 7])
+def test_ids_that_become_file_names_are_refused(bad):
+    with pytest.raises(nodechat.BadRequest):
+        nodechat.validate_id(bad)
+
+
+def test_tool_schema_from_type_hints_and_docstring():
+    from typing import Literal, Optional
+
+    def search(query: str, limit: int = 5, exact: bool = False, score: float | None = None,
+               sort: Literal["new", "top"] = "top", tags: list[str] = None, extra: Optional[dict] = None,
+               context: nodechat.ToolContext = None) -> list:
+        """Search the notes.
+
+        Args:
+            query: Words to look for.
+            limit: Most results.
+        """
+
+    made = nodechat.tool(search)
+    assert made.name == "search" and made.description == "Search the notes."
+    assert made.context_param == "context"
+    props = made.parameters["properties"]
+    assert made.parameters["required"] == ["query"]
+    assert props["query"] == {"type": "string", "description": "Words to look for."}
+    assert props["limit"] == {"type": "integer", "description": "Most results.", "default": 5}
+    assert props["exact"]["type"] == "boolean" and props["score"]["type"] == "number"
+    assert props["sort"] == {"type": "string", "enum": ["new", "top"], "default": "top"}
+    assert props["tags"]["items"] == {"type": "string"} and props["extra"]["type"] == "object"
+    assert "context" not in props
+
+
+def test_tool_registry_adds_removes_and_narrows():
+    registry = nodechat.ToolRegistry()
+    registry.add(lambda x: x, name="echo_tool", description="Echo.")
+
+    @nodechat.tool(needs_approval=True)
+    def shell(command: str) -> str:
+        """Run a command."""
+
+    registry.add(shell)
+    assert [t.name for t in registry.select()] == ["echo_tool"]  # approval tools only by name
+    assert [t.name for t in registry.select(["shell"])] == ["shell"]
+    assert registry.schemas(["echo_tool"])[0]["function"]["name"] == "echo_tool"
+    registry.remove("echo_tool")
+    assert "echo_tool" not in registry and len(registry) == 1
+    with pytest.raises(ValueError):
+        nodechat.tool(lambda: None, name="bad name!")
 
 
 ###############################################################################
@@ -480,6 +558,444 @@ def test_upstream_dropping_mid_stream_sends_error_then_done(live, upstream):
     with pytest.raises(openai.APIError, match="openai"):
         list(client(url).chat.completions.create(model="fake-1", stream=True,
                                                  messages=[{"role": "user", "content": "x"}]))
+
+
+###############################################################################
+# /api/chat: the agent over SSE
+###############################################################################
+
+
+def api_chat(url: str, body: dict, token: str | None = "tok-alice", query: str = "",
+             **headers) -> tuple[httpx.Response, list]:
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    with httpx.stream("POST", url + "/api/chat" + query, json=body, headers=headers,
+                      timeout=30) as response:
+        response.read()
+    events = read_sse(response) if response.status_code == 200 else response.json()
+    return response, events
+
+
+def user(content: str, **extra) -> dict:
+    return {"role": "user", "content": content, **extra}
+
+
+def test_api_chat_streams_the_seeds_events(live, upstream):
+    _, url = live()
+    upstream.script(text("I'll", " help", reasoning="hmm"))
+    response, events = api_chat(url, {"messages": [user("Open VS Code", id="1")], "model": "fake-1"})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "reasoning" and set(kinds[1:-1]) == {"text"} and kinds[-1] == "finish"
+    assert "".join(e["content"] for e in events if e["type"] == "text") == "I'll help"
+    assert len({e["id"] for e in events}) == 1
+    assert events[-1]["reason"] == "stop" and events[-1]["usage"]["total_tokens"] == 10
+
+
+def test_api_chat_runs_tools_over_several_steps(live, upstream):
+    chat, url = live()
+    seen = []
+
+    @chat.tool
+    def get_weather(city: str) -> dict:
+        """Current weather for a city."""
+        seen.append(city)
+        return {"city": city, "sky": "clear"}
+
+    upstream.script(tool_calls(("get_weather", {"city": "Paris"}), say="Checking."),
+                    tool_calls(("get_weather", {"city": "Rome"})), text("Both clear."))
+    _, events = api_chat(url, {"messages": [user("weather in Paris and Rome?")]})
+    kinds = [e["type"] for e in events]
+    assert kinds == ["text", "tool-call", "tool-result", "tool-call", "tool-result", "text", "finish"]
+    assert events[1] == {"type": "tool-call", "toolCallId": "call_0_get_weather",
+                         "toolName": "get_weather", "args": {"city": "Paris"}}
+    assert events[2] == {"type": "tool-result", "toolCallId": "call_0_get_weather",
+                         "toolName": "get_weather", "result": {"city": "Paris", "sky": "clear"}}
+    assert seen == ["Paris", "Rome"]
+    second = upstream.requests[1]["messages"]
+    assert second[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert second[-1] == {"role": "tool", "tool_call_id": "call_0_get_weather", "name": "get_weather",
+                          "content": '{"city":"Paris","sky":"clear"}'}
+    offered = [t["function"]["name"] for t in upstream.requests[0]["tools"]]
+    assert {"get_weather", "addMemory", "searchMemory", "getAllMemories", "deleteMemory"} <= set(offered)
+
+
+def test_tool_calls_of_one_step_run_concurrently(live, upstream):
+    chat, url = live()
+    started, both = [], asyncio.Event()
+
+    @chat.tool
+    async def slow(name: str) -> str:
+        """Waits until its sibling call has started too."""
+        started.append(name)
+        if len(started) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 5)  # deadlocks unless both calls run at once
+        return name
+
+    upstream.script(tool_calls(("slow", {"name": "a"}), ("slow", {"name": "b"})), text("done"))
+    _, events = api_chat(url, {"messages": [user("go")], "tools": ["slow"]})
+    results = [e for e in events if e["type"] == "tool-result"]
+    assert sorted(r["result"] for r in results) == ["a", "b"]
+    assert [t["function"]["name"] for t in upstream.requests[0]["tools"]] == ["slow"]
+
+
+def test_twenty_step_limit_ends_the_turn_cleanly(live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda: "again", name="loop", description="Loops.")
+    upstream.script(*[tool_calls(("loop", {})) for _ in range(25)])
+    _, events = api_chat(url, {"messages": [user("loop forever")]})
+    assert len(upstream.requests) == 20
+    assert events[-1]["type"] == "finish" and events[-1]["reason"] == "max_steps"
+    assert sum(e["type"] == "tool-result" for e in events) == 20
+
+
+def test_a_tool_that_raises_gives_the_model_an_error_result(live, upstream):
+    chat, url = live()
+
+    @chat.tool
+    def broken(x: int) -> int:
+        """Always fails."""
+        raise RuntimeError("disk on fire")
+
+    upstream.script(tool_calls(("broken", {"x": 1}), ("missing_tool", {})), text("Sorry."))
+    _, events = api_chat(url, {"messages": [user("try")]})
+    results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
+    assert results["broken"]["isError"] is True and "disk on fire" in results["broken"]["result"]
+    assert results["missing_tool"]["isError"] is True
+    assert events[-1]["type"] == "finish" and events[-2]["content"] == "Sorry."
+    tool_msgs = [m for m in upstream.requests[1]["messages"] if m["role"] == "tool"]
+    assert tool_msgs[0]["content"].startswith("Error: RuntimeError: disk on fire")
+
+
+def test_memory_saved_in_one_conversation_is_known_in_the_next(live, upstream):
+    _, url = live()
+    upstream.script(tool_calls(("addMemory", {"content": "Favourite drink is green tea"})), text("Noted."))
+    _, events = api_chat(url, {"messages": [user("I love green tea")], "conversationId": "conv-1"})
+    saved = next(e for e in events if e["type"] == "tool-result")["result"]
+    assert saved["success"] and saved["memory"]["content"] == "Favourite drink is green tea"
+    upstream.script(text("Green tea!"))
+    api_chat(url, {"messages": [user("What drink do I like?")], "conversationId": "conv-2"})
+    system = upstream.requests[-1]["messages"][0]
+    assert system["role"] == "system" and "green tea" in system["content"]
+    memories = httpx.get(url + "/api/memories", headers={"Authorization": "Bearer tok-alice"}).json()
+    assert [m["content"] for m in memories["memories"]] == ["Favourite drink is green tea"]
+    memory_id = memories["memories"][0]["id"]
+    other = httpx.delete(url + f"/api/memories/{memory_id}", headers={"Authorization": "Bearer tok-bob"})
+    assert other.status_code == 404
+    assert httpx.get(url + "/api/memories", headers={"Authorization": "Bearer tok-bob"}).json() == {"memories": []}
+    gone = httpx.delete(url + f"/api/memories/{memory_id}", headers={"Authorization": "Bearer tok-alice"})
+    assert gone.json() == {"deleted": True, "id": memory_id}
+    upstream.script(text("?"))
+    api_chat(url, {"messages": [user("What drink do I like?")]})
+    assert "green tea" not in json.dumps(upstream.requests[-1]["messages"])
+
+
+def test_search_memory_tool_ranks_the_users_memories(live, upstream):
+    chat, url = live()
+    for fact in ("Lives in Oslo", "Allergic to peanuts", "Owns a red bicycle"):
+        asyncio.run(chat.store.add_memory("alice", fact))
+    upstream.script(tool_calls(("searchMemory", {"query": "bicycle colour"})), text("Red."))
+    _, events = api_chat(url, {"messages": [user("what colour is my bike?")]})
+    found = next(e for e in events if e["type"] == "tool-result")["result"]["results"]
+    assert [m["content"] for m in found] == ["Owns a red bicycle"]
+
+
+def test_history_continues_by_id_without_duplicates(live, upstream):
+    _, url = live()
+    upstream.script(text("Hi Ann."), text("You are Ann."), text("Still Ann."))
+    first = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "I am Ann"}]}
+    api_chat(url, {"messages": [first], "conversationId": "c-42"})
+    second = {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "Who am I?"}]}
+    api_chat(url, {"messages": [second], "conversationId": "c-42"})  # only the new message
+    sent = [(m["role"], m["content"]) for m in upstream.requests[1]["messages"][1:]]
+    assert sent == [("user", "I am Ann"), ("assistant", "Hi Ann."), ("user", "Who am I?")]
+    reply = {"id": "a2", "role": "assistant", "parts": [{"type": "step-start"},
+                                                        {"type": "text", "text": "You are Ann."}]}
+    third = {"id": "u3", "role": "user", "parts": [{"type": "text", "text": "Sure?"}]}
+    assistant1 = {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "Hi Ann."}]}
+    api_chat(url, {"messages": [first, assistant1, second, reply, third], "conversationId": "c-42"})
+    stored = httpx.get(url + "/api/conversations/c-42", headers={"Authorization": "Bearer tok-alice"}).json()
+    assert [(m["role"], m["content"]) for m in stored["messages"]] == [
+        ("user", "I am Ann"), ("assistant", "Hi Ann."), ("user", "Who am I?"),
+        ("assistant", "You are Ann."), ("user", "Sure?"), ("assistant", "Still Ann.")]
+    assert all(m["id"].startswith("msg_") and m["created_at"] for m in stored["messages"])
+
+
+def test_tool_calls_and_results_are_stored_with_the_conversation(live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda city: f"sunny in {city}", name="weather", description="Weather.")
+    upstream.script(tool_calls(("weather", {"city": "Nice"})), text("Sunny."))
+    api_chat(url, {"messages": [user("weather?")], "conversationId": "c-tools"})
+    stored = httpx.get(url + "/api/conversations/c-tools", headers={"Authorization": "Bearer tok-alice"}).json()
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert stored["messages"][1]["tool_calls"][0]["function"]["name"] == "weather"
+    assert stored["messages"][2]["content"] == "sunny in Nice"
+
+
+def test_new_conversation_gets_a_title_from_the_model_or_the_message(live, upstream):
+    _, url = live()
+    auth = {"Authorization": "Bearer tok-alice"}
+    api_chat(url, {"messages": [user("Tell me all about oolong tea please")], "conversationId": "t-1"})
+    assert httpx.get(url + "/api/conversations/t-1", headers=auth).json()["title"] == "Chat About Tea"
+    assert upstream.title_requests[0]["messages"][1]["content"] == "Tell me all about oolong tea please"
+    upstream.title_turn = ("error", 500, {"error": {"message": "down"}})
+    api_chat(url, {"messages": [user("Plan a trip to Kyoto in spring, please!")], "conversationId": "t-2"})
+    assert httpx.get(url + "/api/conversations/t-2", headers=auth).json()["title"] == "Plan a trip to Kyoto"
+    listed = httpx.get(url + "/api/conversations", headers=auth).json()["conversations"]
+    assert {c["id"] for c in listed} == {"t-1", "t-2"}
+    title = httpx.post(url + "/api/generate-title", headers=auth,
+                       json={"message": {"role": "user", "parts": [{"type": "text", "text": "hi"}]}})
+    assert title.json() == {"data": "hi"}  # the model is down: the message itself
+    upstream.title_turn = text("A Friendly Greeting Here Today Indeed")
+    title = httpx.post(url + "/api/generate-title", headers=auth, json={"message": "hello", "model": "fake-2"})
+    assert title.json() == {"data": "A Friendly Greeting Here Today"}  # at most five words
+    assert upstream.title_requests[-1]["model"] == "fake-2"
+    assert httpx.post(url + "/api/generate-title", headers=auth, json={"message": {}}).json() == {"data": "New Chat"}
+
+
+def test_api_chat_auth_by_bearer_or_cookie_and_seed_errors(live, upstream):
+    _, url = live()
+    body = {"messages": [user("hi")]}
+    response, error = api_chat(url, body, token=None)
+    assert response.status_code == 401 and error == {"error": "Unauthorized"}
+    response, error = api_chat(url, body, token="nope")
+    assert response.status_code == 401
+    response, events = api_chat(url, body, token=None, Cookie="theme=dark; nodechat_session=tok-bob")
+    assert response.status_code == 200 and events[-1]["type"] == "finish"
+    for bad, message in (({}, "Missing messages"), ({"messages": []}, "Missing messages"),
+                         ({"messages": "hi"}, "Missing messages"),
+                         ({"messages": [{"role": "robot", "content": "x"}]}, "Invalid messages"),
+                         ({"messages": [{"role": "user"}]}, "Invalid messages")):
+        response, error = api_chat(url, bad)
+        assert response.status_code == 400 and error == {"error": message}
+    response, error = api_chat(url, {**body, "conversationId": "../../etc/passwd"})
+    assert response.status_code == 400 and "conversation id" in error["error"]
+
+
+def test_one_user_cannot_read_delete_or_continue_anothers_conversation(live, upstream):
+    _, url = live()
+    api_chat(url, {"messages": [user("secret plans")], "conversationId": "alice-conv"})
+    bob = {"Authorization": "Bearer tok-bob"}
+    assert httpx.get(url + "/api/conversations/alice-conv", headers=bob).status_code == 404
+    assert httpx.delete(url + "/api/conversations/alice-conv", headers=bob).status_code == 404
+    assert httpx.get(url + "/api/conversations", headers=bob).json() == {"conversations": []}
+    response, error = api_chat(url, {"messages": [user("mine now")], "conversationId": "alice-conv"},
+                               token="tok-bob")
+    assert response.status_code == 404
+    alice = {"Authorization": "Bearer tok-alice"}
+    stored = httpx.get(url + "/api/conversations/alice-conv", headers=alice).json()
+    assert "mine now" not in json.dumps(stored)
+    assert httpx.delete(url + "/api/conversations/alice-conv", headers=alice).json()["deleted"] is True
+    assert httpx.get(url + "/api/conversations/alice-conv", headers=alice).status_code == 404
+
+
+def test_user_id_in_the_body_counts_only_for_internal_tokens(live, upstream):
+    chat, url = live(internal_tokens=["tok-internal"])
+    api_chat(url, {"messages": [user("x")], "conversationId": "c-a", "userId": "bob"})
+    api_chat(url, {"messages": [user("x")], "conversationId": "c-i", "userId": "carol"},
+             token="tok-internal")
+    owners = {cid: asyncio.run(chat.store.get_conversation(cid))["user_id"] for cid in ("c-a", "c-i")}
+    assert owners == {"c-a": "alice", "c-i": "carol"}
+    response, _ = api_chat(url, {"messages": [user("x")], "userId": "carol"}, token=None)
+    assert response.status_code == 401  # userId is never a way around auth
+
+
+def test_keepalive_comments_during_a_long_tool_call(live, upstream):
+    chat, url = live(keepalive_seconds=0.05)
+
+    @chat.tool
+    async def slow() -> str:
+        """Takes a while."""
+        await asyncio.sleep(0.4)
+        return "done"
+
+    upstream.script(tool_calls(("slow", {})), text("ok"))
+    with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok-alice"},
+                      json={"messages": [user("x")]}) as response:
+        lines = list(response.iter_lines())
+    assert ": keep-alive" in lines
+    assert all(line.startswith(("data: {", ": keep-alive")) for line in lines if line)
+
+
+def test_client_disconnect_closes_the_upstream_request(live, upstream):
+    _, url = live()
+    upstream.script(("stall", text("first")[:2]))
+    with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok-alice"},
+                      json={"messages": [user("x")]}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break
+    deadline = time.monotonic() + 5
+    while upstream.disconnects < 1:
+        assert time.monotonic() < deadline, "the upstream request was left open"
+        time.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_http_disconnect_message_stops_the_stream(make_chat, upstream):
+    """A hand-written receive(): TestClient sends no http.disconnect when a stream is left."""
+    chat = make_chat()
+    upstream.script(("stall", text("first")[:2]))
+    body = json.dumps({"messages": [user("x")]}).encode()
+    first_chunk, leave = asyncio.Event(), asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_chunk.set()
+
+    scope = {"type": "http", "method": "POST", "path": "/api/chat", "root_path": "", "query_string": b"",
+             "headers": [(b"authorization", b"Bearer tok-alice")]}
+    task = asyncio.create_task(chat(scope, receive, send))
+    await asyncio.wait_for(first_chunk.wait(), 5)
+    leave.set()
+    await asyncio.wait_for(task, 5)
+    for _ in range(250):
+        if upstream.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.disconnects == 1
+    await chat.aclose()
+
+
+def test_v4_messages_with_content_and_tool_invocations_are_accepted(live, upstream):
+    _, url = live()
+    history = [user("weather?"),
+               {"role": "assistant", "content": "Checking.", "toolInvocations": [
+                   {"state": "result", "toolCallId": "t1", "toolName": "weather",
+                    "args": {"city": "Oslo"}, "result": "rain"}]},
+               user("and now?")]
+    api_chat(url, {"messages": history})
+    sent = upstream.requests[0]["messages"][1:]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "user"]
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"city":"Oslo"}'}
+    assert sent[2] == {"role": "tool", "tool_call_id": "t1", "name": "weather", "content": "rain"}
+
+
+###############################################################################
+# /api/chat as the AI SDK UI message stream (useChat with no adapter)
+###############################################################################
+
+UI_KEYS = {  # every key a strict v5/v6 client accepts, per chunk type
+    "start": {"type", "messageId", "messageMetadata"}, "start-step": {"type"},
+    "finish-step": {"type"}, "finish": {"type", "finishReason", "messageMetadata"},
+    "text-start": {"type", "id"}, "text-delta": {"type", "id", "delta"}, "text-end": {"type", "id"},
+    "reasoning-start": {"type", "id"}, "reasoning-delta": {"type", "id", "delta"},
+    "reasoning-end": {"type", "id"}, "error": {"type", "errorText"},
+    "tool-input-start": {"type", "toolCallId", "toolName", "dynamic", "title", "providerExecuted"},
+    "tool-input-available": {"type", "toolCallId", "toolName", "input", "dynamic", "title",
+                             "providerExecuted", "providerMetadata"},
+    "tool-output-available": {"type", "toolCallId", "output", "dynamic", "providerExecuted", "preliminary"},
+    "tool-output-error": {"type", "toolCallId", "errorText", "dynamic", "providerExecuted"},
+}
+
+
+def check_ui_stream(events: list) -> None:
+    """What useChat's strict schema and state machine insist on."""
+    assert events[-1] == "[DONE]"
+    open_parts, tool_calls = set(), set()
+    for chunk in events[:-1]:
+        assert set(chunk) <= UI_KEYS[chunk["type"]], chunk
+        assert None not in chunk.values(), chunk
+        kind = chunk["type"]
+        if kind.endswith("-start") and "id" in chunk:
+            open_parts.add(chunk["id"])
+        if kind.endswith(("-delta", "-end")) and "id" in chunk:
+            assert chunk["id"] in open_parts, f"{kind} before its start"
+        if kind == "tool-input-available":
+            tool_calls.add(chunk["toolCallId"])
+        if kind.startswith("tool-output"):
+            assert chunk["toolCallId"] in tool_calls
+        if kind == "finish":
+            assert chunk["finishReason"] in ("stop", "length", "content-filter", "tool-calls", "error", "other")
+
+
+def ui_request(text_: str, chat_id: str = "chat1", **extra) -> dict:
+    return {"id": chat_id, "trigger": "submit-message", **extra,
+            "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": text_}]}]}
+
+
+def test_ui_message_stream_for_a_stock_use_chat_request(live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda city: {"sky": "clear"}, name="weather", description="Weather.")
+    upstream.script(tool_calls(("weather", {"city": "Oslo"}), say="Let me check."),
+                    text("Clear skies.", reasoning="easy"))
+    response, events = api_chat(url, ui_request("weather in Oslo?"))
+    assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    check_ui_stream(events)
+    kinds = [e["type"] for e in events[:-1]]
+    assert kinds == ["start", "start-step", "text-start", "text-delta", "text-end",
+                     "tool-input-start", "tool-input-available", "tool-output-available", "finish-step",
+                     "start-step", "reasoning-start", "reasoning-delta", "reasoning-end",
+                     "text-start", "text-delta", "text-end", "finish-step", "finish"]
+    assert events[6]["input"] == {"city": "Oslo"} and events[7]["output"] == {"sky": "clear"}
+    assert events[-2]["finishReason"] == "stop"
+    stored = httpx.get(url + "/api/conversations/chat1", headers={"Authorization": "Bearer tok-alice"})
+    assert stored.status_code == 200 and stored.json()["messages"][0]["content"] == "weather in Oslo?"
+
+
+def test_ui_stream_chosen_explicitly_and_failures_end_with_error_finish(live, upstream):
+    _, url = live()
+    upstream.script(("drop", text("partial")[:2]))
+    response, events = api_chat(url, {"messages": [user("x")]}, query="?protocol=ui")
+    check_ui_stream(events)
+    assert [e["type"] for e in events[-4:-1]] == ["error", "finish-step", "finish"]
+    assert events[-2]["finishReason"] == "error" and "openai" in events[-4]["errorText"]
+    _, seed = api_chat(url, ui_request("x"), **{"X-Nodechat-Stream": "seed"})
+    assert seed[-1]["type"] == "finish"  # explicit wins over trigger
+    upstream.script(*[tool_calls(("nothing", {})) for _ in range(3)])
+    _, limited = api_chat(url, ui_request("x", chat_id="c9"), query="?protocol=ui")
+    check_ui_stream(limited)
+
+
+def test_ui_stream_tool_errors_are_tool_output_error(live, upstream):
+    chat, url = live()
+
+    def fails() -> str:
+        raise ValueError("no")
+
+    chat.tools.add(fails, name="fails", description="Fails.")
+    upstream.script(tool_calls(("fails", {})), text("ok"))
+    _, events = api_chat(url, ui_request("x", chat_id="c-err"))
+    check_ui_stream(events)
+    error = next(e for e in events[:-1] if e["type"] == "tool-output-error")
+    assert error["errorText"] == "ValueError: no"
+
+
+def test_cors_is_off_by_default_and_configurable(live, make_chat):
+    _, closed = live()
+    preflight = {"Origin": "null", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(closed + "/api/chat", headers=preflight).headers
+    chat = make_chat(cors_origins="null,file://,http://localhost:*")
+    with serve(chat) as url:
+        answer = httpx.options(url + "/api/chat", headers=preflight)
+        assert answer.status_code == 204
+        assert answer.headers["access-control-allow-origin"] == "null"
+        assert "Authorization" in answer.headers["access-control-allow-headers"]
+        ok = httpx.get(url + "/api/memories", headers={"Origin": "http://localhost:5173",
+                                                       "Authorization": "Bearer tok-alice"})
+        assert ok.headers["access-control-allow-origin"] == "http://localhost:5173"
+        other = httpx.get(url + "/api/memories", headers={"Origin": "https://evil.example",
+                                                          "Authorization": "Bearer tok-alice"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_openai_endpoint_runs_server_tools_only_when_enabled(live, upstream):
+    chat, url = live(openai_server_tools=True)
+    chat.tools.add(lambda: "42", name="answer", description="The answer.")
+    upstream.script(tool_calls(("answer", {})), text("It is 42."))
+    reply = client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "?"}])
+    assert reply.choices[0].message.content == "It is 42."
+    assert upstream.requests[1]["messages"][-1]["content"] == "42"
 
 
 ###############################################################################
