@@ -30,6 +30,7 @@ Workflows, Encoders, ASGI, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints th
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -64,6 +65,8 @@ __all__ = [
     "Failed",
     "Finished",
     "JSONFileStore",
+    "Job",
+    "JobUpdate",
     "KeepAlive",
     "MethodNotAllowed",
     "NodeChat",
@@ -84,6 +87,8 @@ __all__ = [
     "ToolRegistry",
     "ToolResult",
     "Unauthorized",
+    "Workflow",
+    "WorkflowError",
     "UpstreamError",
     "UpstreamTimeout",
     "create_app",
@@ -708,6 +713,7 @@ class ToolContext:
     conversation_id: str | None
     store: Store
     http: Callable[[], httpx.AsyncClient]
+    call_id: str | None = None
 
 
 @dataclass
@@ -1358,7 +1364,8 @@ class Agent:
         if not isinstance(args, dict) or "_raw" in args:
             return ToolResult(call.id, call.name, "arguments are not a JSON object", is_error=True)
         try:
-            return ToolResult(call.id, call.name, jsonable(await item(args, context)))
+            result = await item(args, dataclasses.replace(context, call_id=call.id))
+            return ToolResult(call.id, call.name, jsonable(result))
         except Exception as exc:  # a tool's failure goes back to the model, never kills the turn
             log.info("tool %s raised %s: %s", call.name, type(exc).__name__, exc)
             return ToolResult(call.id, call.name, f"{type(exc).__name__}: {exc}", is_error=True)
@@ -1452,6 +1459,142 @@ def _first_user_text(messages: list[dict]) -> str:
 
 def _last_user_text(messages: list[dict]) -> str:
     return next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+###############################################################################
+# Workflows: named jobs started by a message's workflow_id
+###############################################################################
+
+
+class WorkflowError(Exception):
+    """Raise from a workflow to fail its job with this message."""
+
+
+@dataclass
+class Job:
+    """What a running workflow gets: who and where, and ways to report, stream and ask.
+
+    ``progress()`` and ``text()`` reach the client as ``job_update`` and ``chunk`` messages;
+    ``complete()`` calls the model; ``tool()`` runs a registered tool.
+    """
+
+    job_id: str
+    workflow_id: str
+    user_id: str
+    thread_id: str | None
+    agent: Agent
+    tools: ToolRegistry
+    _events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+
+    def progress(self, progress: float, message: str | None = None) -> None:
+        self._events.put_nowait(JobUpdate(self.job_id, self.workflow_id, "running",
+                                          progress=progress, message=message))
+
+    def text(self, text: str) -> None:
+        self._events.put_nowait(TextDelta(text))
+
+    async def complete(self, messages: list[dict] | str, model: str | None = None) -> str:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return await self.agent.complete(messages, model)
+
+    async def tool(self, name: str, args: dict | None = None) -> Any:
+        context = ToolContext(self.user_id, self.thread_id, self.agent.store, self.agent.http)
+        return await self.tools[name](args or {}, context)
+
+
+@dataclass
+class Workflow:
+    """A named async function (returns the result) or async generator (yields text or
+    progress dicts; the text is the result), called as ``fn(message, history, job)``."""
+
+    name: str
+    fn: Callable[..., Any]
+    description: str = ""
+
+
+class WorkflowRegistry:
+    """Workflows by name; ``run()`` turns one into a job's events."""
+
+    def __init__(self):
+        self._workflows: dict[str, Workflow] = {}
+
+    def add(self, name: str, fn: Callable, description: str = "") -> Workflow:
+        workflow = Workflow(name, fn, description or (inspect.getdoc(fn) or "").split("\n")[0])
+        self._workflows[name] = workflow
+        return workflow
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._workflows
+
+    def __getitem__(self, name: str) -> Workflow:
+        return self._workflows[name]
+
+    def __iter__(self):
+        return iter(list(self._workflows.values()))
+
+    async def run(self, name: str, message: dict, history: list[dict], job: Job) -> AsyncIterator[Event]:
+        """``running``, progress and text, then exactly one ``completed``, ``failed`` or
+        ``cancelled`` update; a failure is never reported as success."""
+        if name not in self._workflows:
+            raise NotFound(f"workflow {name!r} not found", code="workflow_not_found")
+        started = time.monotonic()
+        yield JobUpdate(job.job_id, name, "running")
+        task = asyncio.create_task(self._call(self._workflows[name], message, history, job))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(job._events.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not job._events.empty():
+                yield job._events.get_nowait()
+            result = task.result()
+        except asyncio.CancelledError:
+            task.cancel()
+            yield JobUpdate(job.job_id, name, "cancelled")
+            raise
+        except Exception as exc:
+            log.info("workflow %s failed: %s: %s", name, type(exc).__name__, exc)
+            yield JobUpdate(job.job_id, name, "failed", error=f"{type(exc).__name__}: {exc}"[:1000])
+            return
+        seconds = time.monotonic() - started
+        yield JobUpdate(job.job_id, name, "completed", result=jsonable(result),
+                        message=f"Workflow {name} completed in {seconds:.2f} seconds")
+
+    @staticmethod
+    async def _call(workflow: Workflow, message: dict, history: list[dict], job: Job) -> Any:
+        outcome = workflow.fn(message, history, job)
+        if inspect.isasyncgen(outcome):
+            parts = []
+            async for item in outcome:
+                if isinstance(item, str):
+                    parts.append(item)
+                    job.text(item)
+                elif isinstance(item, dict):
+                    job.progress(item.get("progress", 0), item.get("message"))
+            return "".join(parts)
+        return await outcome if inspect.isawaitable(outcome) else outcome
+
+
+def workflow_tool(workflow: Workflow, registry: WorkflowRegistry, agent: Agent,
+                  tools: ToolRegistry) -> Tool:
+    """Offer a workflow to the model as a tool taking one ``input`` string."""
+    async def run(input: str, context: ToolContext) -> Any:
+        job = Job(new_id("job"), workflow.name, context.user_id, context.conversation_id, agent, tools)
+        result = None
+        async for event in registry.run(workflow.name, {"role": "user", "content": input}, [], job):
+            if type(event) is JobUpdate and event.status == "completed":
+                result = event.result
+            elif type(event) is JobUpdate and event.status == "failed":
+                raise WorkflowError(event.error)
+        return result
+
+    return Tool(workflow.name, workflow.description or f"Run the {workflow.name} workflow",
+                {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]},
+                run, context_param="context")
 
 
 ###############################################################################
@@ -1704,6 +1847,79 @@ class UIStreamEncoder:
         return frames + [sse_json({"type": "finish-step"})]
 
 
+TERMINAL_JOB_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class WSEncoder:
+    """NodeTool ``/chat`` messages: chunk, tool_call, tool_result, message, job_update, error.
+
+    Every message carries the turn's ``thread_id``.  A turn ends with exactly one
+    ``{"type": "chunk", "content": "", "done": true}``; a workflow's comes right after its
+    terminal ``job_update``, before the final message.
+    """
+
+    def __init__(self, thread_id: str | None, client_tools: Iterable[str] = ()):
+        self.thread_id = thread_id
+        self.client_tools = frozenset(client_tools)
+        self.done_sent = False
+
+    def encode(self, event: Event) -> list[dict]:
+        match event:
+            case TextDelta(text=text):
+                return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
+                                           "done": False})]
+            case ReasoningDelta(text=text):
+                return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
+                                           "done": False, "thinking": True})]
+            case ToolCall(id=call_id, name=name):
+                return [self._with_thread({"type": "tool_call", "tool_call_id": call_id, "name": name,
+                                           "args": event.args, "client_tool": name in self.client_tools})]
+            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
+                message = {"type": "tool_result", "tool_call_id": call_id, "name": name, "result": result}
+                return [self._with_thread({**message, "error": str(result)} if is_error else message)]
+            case Saved(message=message):
+                return [self._with_thread({**message, "type": "message"})]
+            case JobUpdate():
+                update = {"type": "job_update", "job_id": event.job_id, "workflow_id": event.workflow_id,
+                          "status": event.status}
+                for key in ("result", "error", "message", "progress"):
+                    if getattr(event, key) is not None:
+                        update[key] = getattr(event, key)
+                frames = [self._with_thread(update)]
+                return frames + [self.done()] if event.status in TERMINAL_JOB_STATUSES else frames
+        return []
+
+    def done(self) -> dict:
+        self.done_sent = True
+        return self._with_thread({"type": "chunk", "content": "", "done": True})
+
+    def error(self, err: NodeChatError) -> dict:
+        """NodeTool clients read either ``message`` or ``error``: both carry the text."""
+        return self._with_thread({"type": "error", "message": err.message, "error": err.message,
+                                  "code": err.code})
+
+    def _with_thread(self, message: dict) -> dict:
+        message["thread_id"] = self.thread_id
+        return message
+
+
+def ws_message(value: dict, binary: bool) -> Message:
+    """The ASGI send message: MessagePack bytes or JSON text, matching how the client spoke.
+
+    JSON cannot carry bytes, so they go as base64 text rather than being dropped.
+    """
+    if binary:
+        return {"type": "websocket.send", "bytes": msgpack.packb(value, use_bin_type=True, default=str)}
+    return {"type": "websocket.send", "text": json.dumps(value, ensure_ascii=False,
+                                                         separators=(",", ":"), default=_json_default)}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
+
+
 ###############################################################################
 # ASGI: requests, responses, streaming, routing
 ###############################################################################
@@ -1935,6 +2151,245 @@ def cors_allows(origin: str, allowed: Iterable[str]) -> bool:
     return False
 
 
+class ChatSession:
+    """One ``/chat`` WebSocket connection.
+
+    A receive loop decodes each frame on its own (binary: MessagePack, text: JSON) and answers
+    control frames at once; chat messages queue (bounded) for one worker, so one turn runs at
+    a time and a new message never cancels the running one.  Each turn is its own task, so
+    ``stop`` can cancel it while the connection stays open.  Closing, from either side,
+    cancels everything the session started.
+    """
+
+    def __init__(self, app: NodeChat, user_id: str, send: Send):
+        self.app = app
+        self.user_id = user_id
+        self.settings = app.settings
+        self._send = send
+        self._send_lock = asyncio.Lock()
+        self.queue: asyncio.Queue = asyncio.Queue(self.settings.ws_queue_size)
+        self.client_tools: dict[str, dict] = {}
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.turn: asyncio.Task | None = None
+        self.turn_thread: str | None = None
+        self.binary = True  # the encoding of the latest frame, for heartbeats
+        self.closed = False
+
+    async def run(self, receive: Receive) -> None:
+        worker = asyncio.create_task(self._work(), name="nodechat-ws-worker")
+        heartbeat = None
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message["type"] != "websocket.receive":
+                    continue
+                frame, binary = await self._decode(message)
+                if heartbeat is None:  # nothing is sent before the client's first frame
+                    heartbeat = asyncio.create_task(self._heartbeat(), name="nodechat-ws-heartbeat")
+                if frame is not None:
+                    await self._dispatch(frame, binary)
+        finally:
+            self.closed = True
+            tasks = [t for t in (worker, heartbeat, self.turn) if t is not None]
+            for task in tasks:
+                task.cancel()
+            for future in self.waiting.values():
+                future.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def send(self, value: dict, binary: bool) -> None:
+        if self.closed:
+            return
+        try:
+            async with self._send_lock:
+                await self._send(ws_message(value, binary))
+        except OSError:  # the client is gone; the receive loop will see the disconnect
+            self.closed = True
+
+    async def _decode(self, message: Message) -> tuple[dict | None, bool]:
+        raw = message.get("bytes")
+        binary = raw is not None
+        raw = raw if binary else message.get("text") or ""
+        self.binary = binary
+        if len(raw) > self.settings.max_ws_frame_bytes:
+            await self._error(f"frame larger than {self.settings.max_ws_frame_bytes} bytes", binary,
+                              "frame_too_large")
+            return None, binary
+        try:
+            frame = (msgpack.unpackb(raw, raw=False, strict_map_key=False, ext_hook=_unknown_ext)
+                     if binary else json.loads(raw))
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            kind = "MessagePack" if binary else "JSON"
+            await self._error(f"could not decode the {kind} frame: {exc}", binary, "invalid_frame")
+            return None, binary
+        if not isinstance(frame, dict):
+            await self._error("a frame must be an object (a map)", binary, "invalid_frame")
+            return None, binary
+        return frame, binary
+
+    async def _dispatch(self, frame: dict, binary: bool) -> None:
+        kind = frame.get("type")
+        if kind == "ping":
+            await self.send({"type": "pong", "ts": time.time()}, binary)
+        elif kind == "stop":
+            await self._stop(binary)
+        elif kind == "client_tools_manifest":
+            await self._manifest(frame, binary)
+        elif kind == "tool_result":
+            future = self.waiting.get(str(frame.get("tool_call_id")))
+            if future is None or future.done():
+                await self._error("no client tool call is waiting for that tool_call_id", binary,
+                                  "unknown_tool_call")
+            else:
+                future.set_result(frame)
+        elif kind in (None, "message"):
+            if frame.get("role", "user") != "user" or "content" not in frame:
+                await self._error("a chat message needs role 'user' and content", binary, "invalid_message")
+                return
+            try:
+                self.queue.put_nowait((frame, binary))
+            except asyncio.QueueFull:
+                await self._error(f"{self.queue.maxsize} messages are already waiting; try later",
+                                  binary, "busy", frame.get("thread_id"))
+        else:
+            await self._error(f"unknown message type {kind!r}", binary, "unknown_type")
+
+    async def _stop(self, binary: bool) -> None:
+        for future in self.waiting.values():
+            future.cancel()
+        if self.turn is not None and not self.turn.done():
+            self.turn.cancel()
+        await self.send({"type": "generation_stopped", "message": "Generation stopped by user",
+                         "thread_id": self.turn_thread}, binary)
+
+    async def _manifest(self, frame: dict, binary: bool) -> None:
+        tools = frame.get("tools")
+        if not isinstance(tools, list) or not all(
+                isinstance(t, dict) and TOOL_NAME_PATTERN.fullmatch(str(t.get("name", ""))) for t in tools):
+            await self._error("tools must be a list of {name, description, parameters}", binary,
+                              "invalid_manifest")
+            return
+        self.client_tools = {t["name"]: t for t in tools}
+
+    async def _work(self) -> None:
+        while True:
+            frame, binary = await self.queue.get()
+            self.turn_thread = frame.get("thread_id") or new_id("thread")
+            self.turn = asyncio.create_task(self._turn(frame, binary, self.turn_thread),
+                                            name="nodechat-ws-turn")
+            await asyncio.wait({self.turn})
+
+    async def _turn(self, frame: dict, binary: bool, thread_id: str) -> None:
+        encoder = WSEncoder(thread_id, self.client_tools)
+        try:
+            validate_id(thread_id, "thread id")
+            async for event in self._events(frame, thread_id):
+                for message in encoder.encode(event):
+                    await self.send(message, binary)
+        except NodeChatError as err:
+            await self.send(encoder.error(err), binary)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("websocket turn failed")
+            await self.send(encoder.error(NodeChatError(f"internal error: {type(exc).__name__}")), binary)
+        finally:
+            if not encoder.done_sent:
+                await self.send(encoder.done(), binary)
+
+    def _events(self, frame: dict, thread_id: str) -> AsyncIterator[Event]:
+        model = frame.get("model") if isinstance(frame.get("model"), str) else None
+        turn = Turn(messages=[nodetool_message(frame)], user_id=self.user_id, model=model,
+                    tools=self.app._offered(frame.get("tools")) + self._client_tools(),
+                    conversation_id=thread_id, remember=True, system=self.settings.system_prompt,
+                    max_steps=self.settings.max_steps)
+        if frame.get("workflow_id") is not None:
+            return self._job(turn, str(frame["workflow_id"]))
+        return self.app.agent.run(turn)
+
+    async def _job(self, turn: Turn, workflow_id: str) -> AsyncIterator[Event]:
+        """A workflow as a job: its updates, then the stored final message (success only)."""
+        if workflow_id not in self.app.workflows:
+            raise NotFound(f"workflow {workflow_id!r} not found", code="workflow_not_found")
+        agent = self.app.agent
+        history, _ = await agent.open_conversation(turn)
+        job = Job(new_id("job"), workflow_id, self.user_id, turn.conversation_id, agent, self.app.tools)
+        outcome = None
+        async for event in self.app.workflows.run(workflow_id, history[-1], history, job):
+            if type(event) is JobUpdate and event.status in TERMINAL_JOB_STATUSES:
+                outcome = event
+            yield event
+        if outcome is not None and outcome.status == "completed":
+            result = outcome.result
+            content = result if isinstance(result, str) else compact_json(result)
+            final = {"role": "assistant", "content": content, "workflow_id": workflow_id, "job_id": job.job_id}
+            for saved in await agent.store.append_messages(turn.conversation_id, [final]):
+                yield Saved(saved)
+
+    def _client_tools(self) -> list[Tool]:
+        return [self._client_tool(spec) for spec in self.client_tools.values()]
+
+    def _client_tool(self, spec: dict) -> Tool:
+        """A tool the client runs: send ``tool_call``, wait for its ``tool_result``."""
+        name, timeout = spec["name"], self.settings.client_tool_timeout
+
+        async def ask_client(context: ToolContext, **args: Any) -> Any:
+            future = asyncio.get_running_loop().create_future()
+            self.waiting[context.call_id] = future
+            try:
+                reply = await asyncio.wait_for(future, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"client tool {name!r} timed out after {timeout:g} seconds") from None
+            finally:
+                self.waiting.pop(context.call_id, None)
+            if reply.get("ok") is not True:
+                raise RuntimeError(f"client tool {name!r} failed: {reply.get('error') or 'ok was not true'}")
+            return reply.get("result")
+
+        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        return Tool(name, str(spec.get("description", "")), parameters, ask_client, context_param="context")
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ws_heartbeat_seconds)
+            await self.send({"type": "ping", "ts": time.time()}, self.binary)
+
+    async def _error(self, text: str, binary: bool, code: str, thread_id: str | None = None) -> None:
+        await self.send(WSEncoder(thread_id).error(BadRequest(text, code=code)), binary)
+
+
+def _unknown_ext(code: int, data: bytes) -> None:
+    """MessagePack ext types we do not know (JS ``undefined`` from msgpackr) decode to None."""
+    return None
+
+
+def nodetool_message(frame: dict) -> dict:
+    """A NodeTool chat message (content: a string or parts) as an OpenAI user message."""
+    content = frame.get("content")
+    if isinstance(content, str):
+        return {"role": "user", "content": content}
+    if isinstance(content, dict):
+        content = [content]
+    if not isinstance(content, list):
+        raise BadRequest("content must be a string or a list of parts", code="invalid_message")
+    parts = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif part.get("type") == "image_url":
+            image = part.get("image") or part.get("image_url") or {}
+            url = image.get("uri") or image.get("url") if isinstance(image, dict) else image
+            if url:
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+    if all(p["type"] == "text" for p in parts):
+        return {"role": "user", "content": "".join(p["text"] for p in parts)}
+    return {"role": "user", "content": parts}
+
+
 ###############################################################################
 # AI SDK messages: UIMessages (v4 ``content``, v5 ``parts``) to model messages
 ###############################################################################
@@ -2060,7 +2515,9 @@ class NodeChat:
         self.store = store if store is not None else JSONFileStore(self.settings.data_dir)
         self.providers = Providers(self.settings, providers)
         self.tools = ToolRegistry(memory_tools())
+        self.workflows = WorkflowRegistry()
         self.agent = Agent(self.providers, self.store, self.http, self.settings)
+        self.sessions: set[ChatSession] = set()  # open /chat WebSockets
         self._http_client = http_client  # a host's own client replaces the pools
         self._pools: list[httpx.AsyncClient] = []
         self._pool_turn = itertools.count()
@@ -2083,6 +2540,27 @@ class NodeChat:
             return fn
 
         return register(fn) if fn is not None else register
+
+    def workflow(self, name: str | Callable | None = None, *, description: str = "",
+                 tool: bool = False) -> Any:
+        """Register a workflow, started by a ``/chat`` message with its ``workflow_id``.
+
+        ``tool=True`` also offers it to the model as a tool taking one ``input`` string.
+
+        Example::
+
+            @chat.workflow("summarize")
+            async def summarize(message: dict, history: list[dict], job: Job) -> str:
+                job.progress(0.5, "reading")
+                return await job.complete("Summarize: " + message["content"])
+        """
+        def register(fn: Callable) -> Callable:
+            workflow = self.workflows.add(name if isinstance(name, str) else fn.__name__, fn, description)
+            if tool:
+                self.tools.add(workflow_tool(workflow, self.workflows, self.agent, self.tools))
+            return fn
+
+        return register(name) if callable(name) else register
 
     def http(self) -> httpx.AsyncClient:
         """An upstream client from the instance's pools, opened on first use (mounts run no lifespan).
@@ -2116,6 +2594,7 @@ class NodeChat:
             await self.aclose()
 
     async def startup(self) -> None:
+        scrub_server_logs()
         if self.settings.offline:
             log.info("serving the built-in offline model %r (it echoes your message); point at a "
                      "real provider with OPENAI_API_KEY / OPENAI_BASE_URL or --config", OFFLINE_MODEL)
@@ -2136,7 +2615,7 @@ class NodeChat:
         if kind == "http":
             await self._handle_http(scope, receive, send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1000})
+            await self._handle_websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._handle_lifespan(receive, send)
 
@@ -2176,6 +2655,30 @@ class NodeChat:
             if not started:
                 await error_response(NodeChatError("internal server error"), style)(send, receive)
 
+    async def _handle_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/chat``: a bad or missing token is accepted, then closed with 1008 and a reason,
+        so clients see why (a close before accept is only an HTTP 403)."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if route_path(scope) not in WS_ROUTES:
+            await send({"type": "websocket.close", "code": 1000})
+            return
+        headers = scope_headers(scope)
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        token = bearer_token(headers) or query.get("api_key") or query.get("token")
+        user = await self._identify(scope, token)
+        await send({"type": "websocket.accept"})
+        if user is None:
+            reason = "Missing authentication" if token is None else "Invalid authentication"
+            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+            return
+        session = ChatSession(self, user, send)
+        self.sessions.add(session)
+        try:
+            await session.run(receive)
+        finally:
+            self.sessions.discard(session)
+
     async def _handle_lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -2212,19 +2715,23 @@ class NodeChat:
 
     async def _user(self, request: Request) -> str:
         """The caller's user id, or Unauthorized."""
-        if self._authenticate is not None:
-            user = self._authenticate(request.scope)
-            user = await user if inspect.isawaitable(user) else user
-        elif not self.settings.tokens:
-            user = "local"
-        else:
-            token = bearer_token(request.headers)
-            if token is None and request.path.startswith("/api/"):
-                token = request.cookies.get(self.settings.cookie_name)
-            user = lookup_token(self.settings.tokens, token)
+        token = bearer_token(request.headers)
+        if token is None and request.path.startswith("/api/"):
+            token = request.cookies.get(self.settings.cookie_name)
+        user = await self._identify(request.scope, token)
         if not user:
             raise Unauthorized("Unauthorized", code="invalid_api_key")
-        return str(user)
+        return user
+
+    async def _identify(self, scope: Scope, token: str | None) -> str | None:
+        """The host's ``authenticate(scope)``, else the token table (open when it is empty)."""
+        if self._authenticate is not None:
+            user = self._authenticate(scope)
+            user = await user if inspect.isawaitable(user) else user
+            return str(user) if user else None
+        if not self.settings.tokens:
+            return "local"
+        return lookup_token(self.settings.tokens, token)
 
     def _acting_user(self, request: Request, body: dict) -> str:
         """``userId`` in the body counts only for internal tokens (or an open server)."""
@@ -2372,6 +2879,28 @@ def _wants_ui_stream(request: Request, body: dict) -> bool:
     return "trigger" in body
 
 
+class ScrubSecrets(logging.Filter):
+    """Blank ``api_key``/``token`` query values in log lines (uvicorn logs WebSocket paths)."""
+
+    pattern = re.compile(r"((?:api_key|token)=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(self.pattern.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self.pattern.sub(r"\1***", record.msg)
+        return True
+
+
+def scrub_server_logs() -> None:
+    """Put :class:`ScrubSecrets` on uvicorn's loggers (once)."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ScrubSecrets) for f in logger.filters):
+            logger.addFilter(ScrubSecrets())
+
+
 def create_app(**settings: Any) -> NodeChat:
     """Build an app from keyword settings (and TOML and environment): ``uvicorn --factory``."""
     return NodeChat(**settings)
@@ -2411,6 +2940,7 @@ def main(argv: list[str] | None = None) -> None:
     if not app.settings.tokens and args.host not in LOOPBACK_HOSTS and not args.allow_open:
         parser.error(f"refusing to serve on {args.host} with no tokens: set NODECHAT_TOKENS, "
                      "bind to 127.0.0.1, or pass --allow-open")
+    scrub_server_logs()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
