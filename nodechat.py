@@ -1440,7 +1440,7 @@ def add_usage(total: dict | None, usage: dict | None) -> dict | None:
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` if JSON can carry it, else its ``str()``."""
+    """``value`` if JSON can carry it (bytes go as base64), else its ``str()``."""
     try:
         compact_json(value)
         return value
@@ -1603,7 +1603,16 @@ def workflow_tool(workflow: Workflow, registry: WorkflowRegistry, agent: Agent,
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
 SSE_DONE = b"data: [DONE]\n\n"
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _json_default(value: Any) -> Any:
+    """JSON cannot carry bytes: they go as base64 text rather than being dropped."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default).encode
 
 
 def compact_json(value: Any) -> str:
@@ -1904,20 +1913,10 @@ class WSEncoder:
 
 
 def ws_message(value: dict, binary: bool) -> Message:
-    """The ASGI send message: MessagePack bytes or JSON text, matching how the client spoke.
-
-    JSON cannot carry bytes, so they go as base64 text rather than being dropped.
-    """
+    """The ASGI send message: MessagePack bytes or JSON text, matching how the client spoke."""
     if binary:
         return {"type": "websocket.send", "bytes": msgpack.packb(value, use_bin_type=True, default=str)}
-    return {"type": "websocket.send", "text": json.dumps(value, ensure_ascii=False,
-                                                         separators=(",", ":"), default=_json_default)}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    return str(value)
+    return {"type": "websocket.send", "text": _encode_json(value)}
 
 
 ###############################################################################

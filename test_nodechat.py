@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import socket
 import threading
@@ -18,9 +19,11 @@ import time
 from pathlib import Path
 
 import httpx
+import msgpack
 import openai
 import pytest
 import uvicorn
+import websockets
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
@@ -74,8 +77,9 @@ class FakeUpstream:
     """A raw-ASGI OpenAI-compatible server that plays scripted turns and records requests.
 
     A turn is a list of SSE frames, or ``("error", status, body)``, ``("hang",)``,
-    ``("stall", frames)`` (frames, then nothing until the client leaves) or ``("drop", frames)``
-    (frames, then the connection is cut).  With no turn left it says "ok".  Title requests
+    ``("stall", frames)`` (frames, then nothing until the client leaves), ``("slow", frames,
+    seconds)`` (a pause after each frame) or ``("drop", frames)`` (frames, then the connection
+    is cut).  With no turn left it says "ok".  Title requests
     get ``title_turn`` and are recorded apart, since they run beside the turn.
     """
 
@@ -131,6 +135,8 @@ class FakeUpstream:
                 return
             for frame in frames:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
+                if isinstance(turn, tuple) and turn[0] == "slow":
+                    await asyncio.sleep(turn[2])
             if isinstance(turn, tuple) and turn[0] == "drop":
                 raise ConnectionAbortedError("upstream cut the stream")
             await send({"type": "http.response.body", "body": b""})
@@ -996,6 +1002,389 @@ def test_openai_endpoint_runs_server_tools_only_when_enabled(live, upstream):
     reply = client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "?"}])
     assert reply.choices[0].message.content == "It is 42."
     assert upstream.requests[1]["messages"][-1]["content"] == "42"
+
+
+###############################################################################
+# /chat WebSocket: MessagePack and JSON, through the websockets client
+###############################################################################
+
+
+class WS:
+    """A websockets connection speaking MessagePack (binary) or JSON (text) frames."""
+
+    def __init__(self, conn, binary: bool):
+        self.conn, self.binary = conn, binary
+
+    async def send(self, value: dict) -> None:
+        await self.conn.send(msgpack.packb(value, use_bin_type=True) if self.binary else json.dumps(value))
+
+    async def recv(self, timeout: float = 10) -> dict:
+        raw = await asyncio.wait_for(self.conn.recv(), timeout)
+        assert isinstance(raw, bytes) == self.binary, "reply not in the encoding of the request"
+        return msgpack.unpackb(raw, raw=False) if self.binary else json.loads(raw)
+
+    async def until(self, done) -> list[dict]:
+        got = []
+        while not got or not done(got[-1]):
+            got.append(await self.recv())
+        return got
+
+    async def turn(self) -> list[dict]:
+        """Messages up to the turn's done chunk (and, for a workflow, the final message)."""
+        return await self.until(lambda m: m["type"] == "chunk" and m.get("done"))
+
+
+@contextlib.asynccontextmanager
+async def ws_connect(url: str, token: str | None = "tok-alice", binary: bool = True, via: str = "header",
+                     path: str = "/chat"):
+    target = url.replace("http://", "ws://") + path
+    headers = {}
+    if token and via == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    elif token:
+        target += f"?api_key={token}"
+    async with websockets.connect(target, additional_headers=headers, open_timeout=10) as conn:
+        yield WS(conn, binary)
+
+
+ENCODINGS = pytest.mark.parametrize("binary", [True, False], ids=["msgpack", "json"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("via,path", [("header", "/chat"), ("query", "/chat"), ("query", "/ws/chat")])
+async def test_ws_auth_by_header_or_api_key_query(live, upstream, via, path):
+    _, url = live()
+    async with ws_connect(url, via=via, path=path) as ws:
+        await ws.send({"type": "ping"})
+        assert (await ws.recv())["type"] == "pong"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("token,reason", [("wrong", "Invalid authentication"), (None, "Missing authentication")])
+async def test_ws_refused_key_is_closed_with_1008(live, upstream, token, reason):
+    _, url = live()
+    async with ws_connect(url, token=token, via="query") as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd.code == 1008 and closed.value.rcvd.reason == reason
+
+
+@pytest.mark.anyio
+@ENCODINGS
+async def test_ws_streams_an_answer_ending_in_one_done_chunk(live, upstream, binary):
+    _, url = live()
+    upstream.script(text("Hel", "lo", reasoning="hm"))
+    async with ws_connect(url, binary=binary) as ws:
+        await ws.send({"type": "message", "role": "user", "content": "hi", "model": "fake-1"})
+        got = await ws.turn()
+        await ws.send({"type": "ping"})  # nothing more of that turn: the next reply is the pong
+        assert (await ws.recv())["type"] == "pong"
+    chunks = [m for m in got if m["type"] == "chunk"]
+    assert "".join(m["content"] for m in chunks if not m.get("thinking") and not m["done"]) == "Hello"
+    assert [m["content"] for m in chunks if m.get("thinking")] == ["hm"]
+    assert sum(m["done"] for m in chunks) == 1 and got[-1] == {
+        "type": "chunk", "content": "", "done": True, "thread_id": got[0]["thread_id"]}
+    assert len({m["thread_id"] for m in got}) == 1 and got[0]["thread_id"].startswith("thread_")
+    final = [m for m in got if m["type"] == "message"]
+    assert final[-1]["role"] == "assistant" and final[-1]["content"] == "Hello"
+    assert final[-1]["id"].startswith("msg_") and final[-1]["created_at"]
+
+
+@pytest.mark.anyio
+@ENCODINGS
+async def test_ws_server_side_tool_sends_tool_call_then_tool_result(live, upstream, binary):
+    chat, url = live()
+    chat.tools.add(lambda city: {"sky": "grey"}, name="weather", description="Weather.")
+    upstream.script(tool_calls(("weather", {"city": "Oslo"})), text("Grey."))
+    async with ws_connect(url, binary=binary) as ws:
+        await ws.send({"role": "user", "content": "weather?", "tools": ["weather"]})
+        got = await ws.turn()
+    kinds = [m["type"] for m in got]
+    assert kinds.index("tool_call") < kinds.index("tool_result")
+    call = got[kinds.index("tool_call")]
+    assert (call["tool_call_id"], call["name"], call["args"], call["client_tool"]) == (
+        "call_0_weather", "weather", {"city": "Oslo"}, False)
+    assert got[kinds.index("tool_result")]["result"] == {"sky": "grey"}
+    stored = [(m["role"], bool(m.get("tool_calls"))) for m in got if m["type"] == "message"]
+    assert stored == [("assistant", True), ("tool", False), ("assistant", False)]
+    assert [t["function"]["name"] for t in upstream.requests[0]["tools"]] == ["weather"]
+
+
+@pytest.mark.anyio
+@ENCODINGS
+async def test_ws_client_side_tool_round_trip(live, upstream, binary):
+    _, url = live()
+    upstream.script(tool_calls(("select_file", {"accept": "image/*"})), text("Got it."))
+    async with ws_connect(url, binary=binary) as ws:
+        await ws.send({"type": "client_tools_manifest", "tools": [{
+            "name": "select_file", "description": "Ask the user for a file.",
+            "parameters": {"type": "object", "properties": {"accept": {"type": "string"}}}}]})
+        await ws.send({"role": "user", "content": "pick a picture"})
+        call = (await ws.until(lambda m: m["type"] == "tool_call"))[-1]
+        assert call["client_tool"] is True and call["args"] == {"accept": "image/*"}
+        await ws.send({"type": "tool_result", "tool_call_id": call["tool_call_id"], "ok": True,
+                       "result": {"file_path": "/x.png"}})
+        got = await ws.turn()
+    assert next(m for m in got if m["type"] == "tool_result")["result"] == {"file_path": "/x.png"}
+    assert upstream.requests[1]["messages"][-1]["content"] == '{"file_path":"/x.png"}'
+    assert "select_file" in [t["function"]["name"] for t in upstream.requests[0]["tools"]]
+
+
+@pytest.mark.anyio
+async def test_ws_client_tool_timeout_and_failure_go_back_as_errors(live, upstream):
+    _, url = live(client_tool_timeout=0.3)
+    manifest = {"type": "client_tools_manifest", "tools": [{"name": "ask", "description": "Ask."}]}
+    upstream.script(tool_calls(("ask", {})), text("ok"), tool_calls(("ask", {})), text("ok"))
+    async with ws_connect(url) as ws:
+        await ws.send(manifest)
+        await ws.send({"role": "user", "content": "one"})
+        got = await ws.turn()  # nobody answers
+        result = next(m for m in got if m["type"] == "tool_result")
+        assert "timed out after 0.3 seconds" in result["error"]
+        await ws.send({"role": "user", "content": "two"})
+        call = (await ws.until(lambda m: m["type"] == "tool_call"))[-1]
+        await ws.send({"type": "tool_result", "tool_call_id": call["tool_call_id"], "ok": False,
+                       "error": "user said no"})
+        got = await ws.turn()
+    assert "user said no" in next(m for m in got if m["type"] == "tool_result")["error"]
+    assert "timed out" in upstream.requests[1]["messages"][-1]["content"]
+
+
+@pytest.mark.anyio
+@ENCODINGS
+async def test_ws_workflow_job_updates_in_order(live, upstream, binary):
+    chat, url = live()
+
+    @chat.workflow("count")
+    async def count(message, history, job):
+        for step in (1, 2):
+            yield {"progress": step / 2, "message": f"step {step}"}
+            yield f"{step} "
+        job.progress(1.0)
+
+    async with ws_connect(url, binary=binary) as ws:
+        await ws.send({"role": "user", "content": "go", "workflow_id": "count", "thread_id": "wf-1"})
+        got = await ws.until(lambda m: m["type"] == "message")
+        await ws.send({"type": "ping"})
+        assert (await ws.recv())["type"] == "pong"  # exactly one done chunk: nothing else followed
+    updates = [(m["status"], m.get("progress")) for m in got if m["type"] == "job_update"]
+    assert updates == [("running", None), ("running", 0.5), ("running", 1.0), ("running", 1.0),
+                       ("completed", None)]
+    completed = next(m for m in got if m.get("status") == "completed")
+    assert completed["result"] == "1 2 " and "completed in" in completed["message"]
+    assert [m["type"] for m in got[-3:]] == ["job_update", "chunk", "message"]
+    assert got[-2]["done"] is True and got[-1]["content"] == "1 2 " and got[-1]["job_id"] == completed["job_id"]
+    assert "".join(m["content"] for m in got if m["type"] == "chunk") == "1 2 "
+    assert all(m["thread_id"] == "wf-1" for m in got)
+
+
+@pytest.mark.anyio
+async def test_ws_failing_and_unknown_workflows_are_never_success(live, upstream):
+    chat, url = live()
+
+    @chat.workflow("explode")
+    async def explode(message, history, job):
+        job.progress(0.1)
+        raise nodechat.WorkflowError("node 3 failed")
+
+    async with ws_connect(url, binary=False) as ws:
+        await ws.send({"role": "user", "content": "go", "workflow_id": "explode"})
+        got = await ws.turn()
+        await ws.send({"role": "user", "content": "go", "workflow_id": "nope"})
+        unknown = await ws.turn()
+        await ws.send({"type": "ping"})
+        assert (await ws.recv())["type"] == "pong"  # no success message came after the failure
+    statuses = [m["status"] for m in got if m["type"] == "job_update"]
+    assert statuses == ["running", "running", "failed"]
+    assert "node 3 failed" in got[-2]["error"] and got[-1]["done"] is True
+    assert not any(m["type"] == "message" for m in got)
+    assert [m["type"] for m in unknown] == ["error", "chunk"]
+    assert unknown[0]["message"] == unknown[0]["error"] == "workflow 'nope' not found"
+
+
+@pytest.mark.anyio
+async def test_workflow_offered_to_the_model_as_a_tool(live, upstream):
+    chat, url = live()
+
+    @chat.workflow("shout", tool=True, description="Shout the input.")
+    async def shout(message, history, job):
+        return message["content"].upper()
+
+    upstream.script(tool_calls(("shout", {"input": "hey"})), text("done"))
+    _, events = api_chat(url, {"messages": [user("shout hey")], "tools": ["shout"]})
+    assert next(e for e in events if e["type"] == "tool-result")["result"] == "HEY"
+
+
+@pytest.mark.anyio
+async def test_ws_stop_mid_stream_then_a_second_message(live, upstream):
+    _, url = live()
+    upstream.script(("stall", text("partial answer")[:2]), text("second"))
+    async with ws_connect(url) as ws:
+        await ws.send({"role": "user", "content": "one", "thread_id": "t-stop"})
+        await ws.until(lambda m: m["type"] == "chunk" and m["content"])
+        await ws.send({"type": "stop"})
+        got = await ws.turn()
+        assert [m["type"] for m in got] == ["generation_stopped", "chunk"]
+        assert got[0]["thread_id"] == "t-stop" and got[1]["done"] is True
+        await ws.send({"role": "user", "content": "two", "thread_id": "t-stop"})
+        second = await ws.turn()
+    assert "".join(m.get("content", "") for m in second if m["type"] == "chunk") == "second"
+    assert upstream.disconnects == 1  # the stopped request was closed upstream
+    assert [(m["role"], m["content"]) for m in upstream.requests[1]["messages"][1:]] == [
+        ("user", "one"), ("assistant", "partial answer"), ("user", "two")]  # the partial was kept
+
+
+@pytest.mark.anyio
+async def test_ws_message_during_a_turn_waits_its_turn(live, upstream):
+    _, url = live()
+    upstream.script(("slow", text("first", " answer"), 0.05), text("second"))
+    async with ws_connect(url) as ws:
+        await ws.send({"role": "user", "content": "one", "thread_id": "q1"})
+        await ws.send({"role": "user", "content": "two", "thread_id": "q2"})
+        first, second = await ws.turn(), await ws.turn()
+    assert "".join(m["content"] for m in first if m["type"] == "chunk") == "first answer"
+    assert {m["thread_id"] for m in first} == {"q1"} and {m["thread_id"] for m in second} == {"q2"}
+    assert "".join(m["content"] for m in second if m["type"] == "chunk") == "second"
+    assert not any(m["type"] == "generation_stopped" for m in first + second)
+
+
+@pytest.mark.anyio
+async def test_ws_bad_frames_get_errors_and_the_connection_keeps_serving(live, upstream):
+    _, url = live()
+    async with ws_connect(url) as ws:
+        await ws.conn.send(b"\xc1\x00")  # 0xc1 is never valid MessagePack
+        assert (await ws.recv())["type"] == "error"
+        await ws.conn.send("{not json")
+        reply = json.loads(await asyncio.wait_for(ws.conn.recv(), 10))  # answered in JSON
+        assert reply["type"] == "error" and "JSON" in reply["message"] == reply["error"]
+        await ws.send([1, 2])
+        assert "object" in (await ws.recv())["message"]
+        await ws.send({"type": "pong"})
+        assert (await ws.recv())["message"] == "unknown message type 'pong'"
+        await ws.send({"type": "message", "role": "assistant", "content": "x"})
+        assert (await ws.recv())["type"] == "error"
+        await ws.conn.send(msgpack.packb({"role": "user", "content": "hi",
+                                          "extra": msgpack.ExtType(42, b"\x00")}))
+        got = await ws.turn()  # an unknown ext type (JS undefined) decodes to None
+        assert any(m["type"] == "chunk" and m["content"] == "ok" for m in got)
+
+
+@pytest.mark.anyio
+async def test_ws_another_users_thread_is_refused(live, upstream):
+    chat, url = live()
+    async with ws_connect(url, token="tok-alice") as ws:
+        await ws.send({"role": "user", "content": "alice's secret", "thread_id": "t-a"})
+        await ws.turn()
+    async with ws_connect(url, token="tok-bob") as ws:
+        await ws.send({"role": "user", "content": "bob was here", "thread_id": "t-a"})
+        got = await ws.turn()
+    assert [m["type"] for m in got] == ["error", "chunk"] and "not found" in got[0]["message"]
+    stored = await chat.store.load_messages("t-a")
+    assert "bob was here" not in json.dumps(stored)
+    assert (await chat.store.get_conversation("t-a"))["user_id"] == "alice"
+
+
+@pytest.mark.anyio
+async def test_ws_two_connections_at_once_no_crosstalk(tmp_path):
+    chat = NodeChat(environ={}, data_dir=str(tmp_path), tokens=TOKENS)
+    with serve(chat) as url:
+        async def talk(token: str, words: str, binary: bool) -> list[dict]:
+            async with ws_connect(url, token=token, binary=binary) as ws:
+                replies = []
+                for n in range(3):
+                    await ws.send({"role": "user", "content": f"{words} {n}"})
+                    replies.append(await ws.turn())
+                return replies
+
+        alice, bob = await asyncio.gather(talk("tok-alice", "apples and pears", True),
+                                          talk("tok-bob", "bikes on trains", False))
+    for replies, words in ((alice, "apples and pears"), (bob, "bikes on trains")):
+        for n, got in enumerate(replies):
+            assert "".join(m["content"] for m in got if m["type"] == "chunk") == f"{words} {n}"
+    assert {m["thread_id"] for got in alice for m in got}.isdisjoint(
+        {m["thread_id"] for got in bob for m in got})
+
+
+@pytest.mark.anyio
+@ENCODINGS
+async def test_ws_bytes_are_base64_in_json_and_binary_in_msgpack(live, upstream, binary):
+    chat, url = live()
+
+    @chat.workflow("image")
+    async def image(message, history, job):
+        return {"png": b"\x89PNG"}
+
+    async with ws_connect(url, binary=binary) as ws:
+        await ws.send({"role": "user", "content": "draw", "workflow_id": "image"})
+        got = await ws.until(lambda m: m["type"] == "message")
+    result = next(m for m in got if m.get("status") == "completed")["result"]
+    assert result == {"png": b"\x89PNG" if binary else "iVBORw=="}
+
+
+@pytest.mark.anyio
+async def test_ws_heartbeat_only_after_the_first_frame(live, upstream):
+    _, url = live(ws_heartbeat_seconds=0.1)
+    async with ws_connect(url, binary=False) as ws:
+        with pytest.raises(asyncio.TimeoutError):
+            await ws.recv(timeout=0.35)  # nothing before the client's first frame
+        await ws.send({"type": "ping"})
+        assert (await ws.recv())["type"] == "pong"
+        beat = await ws.recv(timeout=2)
+    assert beat["type"] == "ping" and isinstance(beat["ts"], float)
+
+
+def test_query_tokens_are_scrubbed_from_server_logs():
+    record = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, '%s - "WebSocket %s" [accepted]',
+                               ("127.0.0.1:5", "/chat?api_key=tok-alice&x=1"), None)
+    nodechat.ScrubSecrets().filter(record)
+    assert "tok-alice" not in record.getMessage() and "api_key=***&x=1" in record.getMessage()
+
+
+@pytest.mark.anyio
+async def test_ws_client_leaving_mid_turn_leaves_nothing_running(live, upstream):
+    chat, url = live()
+    upstream.script(("stall", text("partial")[:2]))
+    async with ws_connect(url) as ws:
+        await ws.send({"role": "user", "content": "x"})
+        await ws.until(lambda m: m["type"] == "chunk")
+    for _ in range(250):
+        if upstream.disconnects and not chat.sessions:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.disconnects == 1 and not chat.sessions
+
+
+@pytest.mark.anyio
+async def test_ws_disconnect_cancels_every_task_it_started(make_chat, upstream):
+    """In-process: after websocket.disconnect, no task of the session is left in the loop."""
+    chat = make_chat()
+    upstream.script(("stall", text("partial")[:2]))
+    inbox: asyncio.Queue = asyncio.Queue()
+    sent: list[dict] = []
+    first_chunk = asyncio.Event()
+    await inbox.put({"type": "websocket.connect"})
+    await inbox.put({"type": "websocket.receive", "text": json.dumps({"role": "user", "content": "x"})})
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "websocket.send" and '"chunk"' in message.get("text", ""):
+            first_chunk.set()
+
+    scope = {"type": "websocket", "path": "/chat", "root_path": "", "query_string": b"",
+             "headers": [(b"authorization", b"Bearer tok-alice")]}
+    before = asyncio.all_tasks()
+    app_task = asyncio.create_task(chat(scope, inbox.get, send))
+    await asyncio.wait_for(first_chunk.wait(), 5)
+    await inbox.put({"type": "websocket.disconnect", "code": 1001})
+    await asyncio.wait_for(app_task, 5)
+    assert asyncio.all_tasks() - before - {app_task} == set()
+    assert sent[0] == {"type": "websocket.accept"}
+    for _ in range(250):
+        if upstream.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.disconnects == 1
+    await chat.aclose()
 
 
 ###############################################################################
