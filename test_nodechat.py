@@ -1203,6 +1203,37 @@ async def test_ws_failing_and_unknown_workflows_are_never_success(live, upstream
 
 
 @pytest.mark.anyio
+async def test_ws_workflow_calls_the_model_and_tools_and_stops_on_request(live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda word: word[::-1], name="reverse", description="Reverse a word.")
+    gate = asyncio.Event()
+
+    @chat.workflow("think")
+    async def think(message, history, job):
+        answer = await job.complete("say something")
+        return {"model": answer, "tool": await job.tool("reverse", {"word": "abc"}),
+                "history": [m["content"] for m in history]}
+
+    @chat.workflow("forever")
+    async def forever(message, history, job):
+        job.progress(0.0, "waiting")
+        await gate.wait()
+
+    upstream.script(text("model says hi"))
+    async with ws_connect(url) as ws:
+        await ws.send({"role": "user", "content": "go", "workflow_id": "think", "thread_id": "w1"})
+        got = await ws.until(lambda m: m["type"] == "message")
+        result = next(m for m in got if m.get("status") == "completed")["result"]
+        assert result == {"model": "model says hi", "tool": "cba", "history": ["go"]}
+        await ws.send({"role": "user", "content": "wait", "workflow_id": "forever"})
+        await ws.until(lambda m: m.get("progress") == 0.0)
+        await ws.send({"type": "stop"})
+        stopped = await ws.turn()
+    assert [m.get("status", m["type"]) for m in stopped] == ["generation_stopped", "cancelled", "chunk"]
+    assert stopped[-1]["done"] is True
+
+
+@pytest.mark.anyio
 async def test_workflow_offered_to_the_model_as_a_tool(live, upstream):
     chat, url = live()
 
