@@ -114,7 +114,11 @@ ENV_KEYS = {
     "NODECHAT_INTERNAL_TOKENS": "internal_tokens",
     "NODECHAT_DATA_DIR": "data_dir",
     "NODECHAT_CORS_ORIGINS": "cors_origins",
+    "NODECHAT_MCP_CONFIG": "mcp_config",
+    "NODECHAT_SEARCH": "search_provider",
+    "SEARXNG_URL": "search_url",
 }
+SEARCH_KEY_ENV = {"brave": "BRAVE_API_KEY", "tavily": "TAVILY_API_KEY"}
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
@@ -177,6 +181,18 @@ class Settings:
     client_tool_timeout: float = 60.0
     ws_queue_size: int = 8
     max_ws_frame_bytes: int = 4 * 1024 * 1024
+    #: MCP servers as other clients write them (``command``/``args``/``env``/``cwd`` or
+    #: ``url``/``headers``), inline (TOML ``[mcpServers.name]``) and/or from a JSON file.
+    mcp_servers: dict[str, dict] = field(default_factory=dict)
+    mcp_config: str = ""
+    #: Web search backend: ``searxng`` (at ``search_url``), ``brave`` or ``tavily``; empty: no tool.
+    search_provider: str = ""
+    search_url: str = ""
+    search_api_key: str = ""
+    #: The fetch tool: on by default; private, loopback and link-local addresses refused.
+    fetch_tool: bool = True
+    allow_private_fetch: bool = False
+    fetch_max_chars: int = 20_000
 
     @classmethod
     def from_sources(
@@ -194,6 +210,8 @@ class Settings:
         config_path = config_path or environ.get("NODECHAT_CONFIG")
         if config_path:
             values.update(_read_toml(Path(config_path)))
+        if "mcpServers" in values:  # the spelling other MCP clients use
+            values["mcp_servers"] = values.pop("mcpServers")
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -206,6 +224,12 @@ class Settings:
         values["cors_origins"] = tuple(_split(values.get("cors_origins", ())))
         if values.get("tools") is not None:
             values["tools"] = tuple(_split(values["tools"]))
+        if values.get("mcp_config"):
+            values["mcp_servers"] = {**read_mcp_config(values["mcp_config"]),
+                                     **values.get("mcp_servers", {})}
+        provider = values.get("search_provider", "")
+        if provider and not values.get("search_api_key") and provider in SEARCH_KEY_ENV:
+            values["search_api_key"] = environ.get(SEARCH_KEY_ENV[provider], "")
         return cls(**values)
 
     @property
@@ -731,6 +755,7 @@ class Tool:
     needs_approval: bool = False
     dynamic: bool = False
     context_param: str | None = None
+    render: Callable[[Any], str] | None = None  # what the model reads of a result, if not JSON
 
     def schema(self) -> dict:
         """The OpenAI ``tools`` entry for this tool."""
@@ -916,6 +941,525 @@ def memory_tools() -> list[Tool]:
         return {"success": await context.store.delete_memory(context.user_id, id)}
 
     return [tool(fn) for fn in (addMemory, searchMemory, getAllMemories, deleteMemory)]
+
+
+SEARCH_BACKENDS = {"searxng": "", "brave": "https://api.search.brave.com/res/v1/web/search",
+                   "tavily": "https://api.tavily.com/search"}
+FETCH_MAX_BYTES = 2 * 1024 * 1024
+FETCH_REDIRECTS = 5
+
+
+def web_search_tool(settings: Settings) -> Tool | None:
+    """``webSearch`` over the configured backend; None (no tool) when none is configured."""
+    backend = settings.search_provider.lower()
+    if not backend:
+        return None
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"search_provider: {backend!r} is not one of {', '.join(SEARCH_BACKENDS)}")
+    url = settings.search_url or SEARCH_BACKENDS[backend]
+    if not url:
+        raise ValueError("search_provider 'searxng' needs search_url (SEARXNG_URL)")
+
+    async def webSearch(query: str, context: ToolContext, limit: int = 5) -> dict:
+        """Search the web; returns titles, URLs and snippets.
+
+        Args:
+            query: What to search for.
+            limit: Most results to return.
+        """
+        limit = max(1, min(limit, 20))
+        http = context.http()
+        if backend == "searxng":
+            response = await http.get(url.rstrip("/") + "/search", params={"q": query, "format": "json"})
+            items = [(r.get("title"), r.get("url"), r.get("content")) for r in _search_json(response).get("results", [])]
+        elif backend == "brave":
+            response = await http.get(url, params={"q": query, "count": limit},
+                                      headers={"X-Subscription-Token": settings.search_api_key})
+            items = [(r.get("title"), r.get("url"), r.get("description"))
+                     for r in _search_json(response).get("web", {}).get("results", [])]
+        else:
+            response = await http.post(url, json={"query": query, "max_results": limit},
+                                       headers={"Authorization": f"Bearer {settings.search_api_key}"})
+            items = [(r.get("title"), r.get("url"), r.get("content")) for r in _search_json(response).get("results", [])]
+        return {"results": [{"title": t or "", "url": u or "", "snippet": s or ""} for t, u, s in items[:limit]]}
+
+    return tool(webSearch)
+
+
+def _search_json(response: httpx.Response) -> dict:
+    if response.status_code >= 400:
+        raise UpstreamError(f"search backend returned HTTP {response.status_code}")
+    return response.json()
+
+
+def fetch_url_tool(settings: Settings) -> Tool:
+    """``fetchUrl``: a page as readable text (the seed's Scrape-Tool role), kept off private networks."""
+
+    async def fetchUrl(url: str, context: ToolContext) -> dict:
+        """Fetch a web page (http or https) and return its readable text.
+
+        Args:
+            url: The address of the page.
+        """
+        http = context.http()
+        for _ in range(FETCH_REDIRECTS + 1):
+            await check_public_url(url, settings.allow_private_fetch)
+            async with http.stream("GET", url, follow_redirects=False, timeout=20.0,
+                                   headers={"User-Agent": f"nodechat/{__version__}"}) as response:
+                if response.is_redirect and "location" in response.headers:
+                    url = str(response.url.join(response.headers["location"]))
+                    continue  # each target is checked again before it is fetched
+                body = b""
+                async for piece in response.aiter_bytes():
+                    body += piece
+                    if len(body) >= FETCH_MAX_BYTES:
+                        break
+                kind = response.headers.get("content-type", "")
+                text = body.decode(response.encoding or "utf-8", errors="replace")
+                title, text = html_to_text(text) if "html" in kind or text.lstrip()[:1] == "<" else ("", text)
+                return {"url": url, "status": response.status_code, "title": title,
+                        "text": text[:settings.fetch_max_chars],
+                        "truncated": len(text) > settings.fetch_max_chars}
+        raise ValueError(f"more than {FETCH_REDIRECTS} redirects")
+
+    return tool(fetchUrl)
+
+
+async def check_public_url(url: str, allow_private: bool = False) -> None:
+    """Refuse non-http(s) URLs, and (unless allowed) hosts that resolve to a non-public address."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"only http and https URLs can be fetched, not {url[:100]!r}")
+    if allow_private:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port)
+    except OSError as exc:
+        raise ValueError(f"cannot resolve {parts.hostname}: {exc}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if getattr(address, "ipv4_mapped", None):
+            address = address.ipv4_mapped
+        if not address.is_global or address.is_multicast:
+            raise ValueError(f"refusing to fetch {parts.hostname}: {address} is not a public address")
+
+
+def html_to_text(html: str) -> tuple[str, str]:
+    """The title and readable text of a page: scripts, styles and markup dropped."""
+    from html.parser import HTMLParser
+
+    class Reader(HTMLParser):
+        skip_tags = {"script", "style", "noscript", "template", "svg", "head"}
+        block_tags = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section",
+                      "article", "header", "footer", "pre", "blockquote", "table", "ul", "ol"}
+
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts, self.title, self.skipping, self.in_title = [], [], 0, False
+
+        def handle_starttag(self, tag, attrs):
+            self.skipping += tag in self.skip_tags
+            self.in_title = self.in_title or tag == "title"
+            if tag in self.block_tags:
+                self.parts.append("\n")
+
+        def handle_endtag(self, tag):
+            self.skipping -= tag in self.skip_tags and self.skipping > 0
+            self.in_title = self.in_title and tag != "title"
+            if tag in self.block_tags:
+                self.parts.append("\n")
+
+        def handle_data(self, data):
+            if self.in_title:
+                self.title.append(data)
+            elif not self.skipping:
+                self.parts.append(data)
+
+    reader = Reader()
+    reader.feed(html)
+    lines = (re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in "".join(reader.parts).split("\n"))
+    return "".join(reader.title).strip(), "\n".join(line for line in lines if line)
+
+
+###############################################################################
+# MCP: tools from Model Context Protocol servers (stdio and Streamable HTTP)
+###############################################################################
+
+MCP_PROTOCOL_VERSION = "2025-11-25"
+MCP_ACCEPTED_VERSIONS = frozenset({"2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"})
+MCP_LINE_LIMIT_BYTES = 64 * 1024 * 1024  # screenshots arrive as base64 far over asyncio's 64 KiB
+MCP_START_SECONDS = 60.0   # first runs of uvx/npx servers download packages
+MCP_CALL_SECONDS = 120.0
+STDIO_ENV_KEYS = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "TMPDIR",
+                  "APPDATA", "LOCALAPPDATA", "PATHEXT", "SYSTEMROOT", "TEMP", "USERPROFILE")
+
+
+class MCPError(UpstreamError):
+    """An MCP server failed: it did not start, answered with a JSON-RPC error, or timed out."""
+
+
+class MCPToolError(Exception):
+    """An MCP tool ran and reported ``isError``: its text goes back to the model."""
+
+
+class MCPSession:
+    """JSON-RPC 2.0 with one MCP server over a transport (stdio or Streamable HTTP).
+
+    Handles the ``initialize`` handshake, ``tools/list`` pages, ``tools/call``, a server's
+    ``ping`` (answered) and other requests (-32601), ``notifications/tools/list_changed``, and
+    timeouts (``notifications/cancelled``).  A stdio server that dies is started again on the
+    next call.
+    """
+
+    def __init__(self, name: str, config: Mapping[str, Any], http: Callable[[], httpx.AsyncClient],
+                 on_tools_changed: Callable[[MCPSession], Awaitable[None]] | None = None):
+        self.name = name
+        self.config = dict(config)
+        self.http = http
+        self.on_tools_changed = on_tools_changed
+        self.protocol_version = MCP_PROTOCOL_VERSION
+        self.transport: StdioTransport | HTTPTransport | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self, timeout: float = MCP_START_SECONDS) -> None:
+        """Open the transport and shake hands; raises MCPError (the transport is closed then)."""
+        self.transport = (HTTPTransport(self) if "url" in self.config else StdioTransport(self))
+        try:
+            await self.transport.open()
+            result = await self.request("initialize", {
+                "protocolVersion": MCP_PROTOCOL_VERSION, "capabilities": {},
+                "clientInfo": {"name": "nodechat", "version": __version__}}, timeout)
+            version = result.get("protocolVersion")
+            if version not in MCP_ACCEPTED_VERSIONS:
+                raise MCPError(f"MCP server {self.name!r} speaks protocol {version!r}")
+            self.protocol_version = version
+            await self.notify("notifications/initialized")
+        except BaseException:
+            await self.close()
+            raise
+
+    async def ensure_started(self) -> None:
+        async with self._lock:
+            if self.transport is None or not self.transport.alive:
+                if self.transport is not None:
+                    log.warning("MCP server %r is gone; starting it again", self.name)
+                    await self.close()
+                await self.start()
+
+    async def list_tools(self) -> list[dict]:
+        tools, cursor = [], None
+        while True:
+            page = await self.request("tools/list", {"cursor": cursor} if cursor else {})
+            tools += [t for t in page.get("tools", []) if isinstance(t, dict) and t.get("name")]
+            cursor = page.get("nextCursor")
+            if not cursor:
+                return tools
+
+    async def call_tool(self, name: str, arguments: dict) -> dict:
+        await self.ensure_started()
+        return await self.request("tools/call", {"name": name, "arguments": arguments},
+                                  float(self.config.get("timeout", MCP_CALL_SECONDS)))
+
+    async def request(self, method: str, params: dict | None = None,
+                      timeout: float = MCP_CALL_SECONDS) -> dict:
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        try:
+            await asyncio.wait_for(self._exchange(message, future), timeout)
+        except asyncio.TimeoutError:
+            if method != "initialize":  # initialize must not be cancelled (spec)
+                with contextlib.suppress(Exception):
+                    await self.notify("notifications/cancelled",
+                                      {"requestId": request_id, "reason": "timed out"})
+            raise MCPError(f"MCP server {self.name!r}: {method} timed out after {timeout:g} s") from None
+        finally:
+            self._pending.pop(request_id, None)
+        reply = future.result()
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {"message": reply["error"]}
+            raise MCPError(f"MCP server {self.name!r}: {error.get('message')} (code {error.get('code')})")
+        return reply.get("result") or {}
+
+    async def _exchange(self, message: dict, future: asyncio.Future) -> None:
+        await self.transport.send(message)
+        await future
+
+    async def notify(self, method: str, params: dict | None = None) -> None:
+        message = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        await self.transport.send(message)
+
+    def receive(self, message: Any) -> None:
+        """Called by the transport for every message from the server."""
+        if not isinstance(message, dict):
+            return
+        if "method" not in message:
+            future = self._pending.get(message.get("id"))
+            if future is not None and not future.done():
+                future.set_result(message)
+            return
+        if "id" in message:  # a request from the server: answer it
+            reply = {"jsonrpc": "2.0", "id": message["id"]}
+            if message["method"] == "ping":
+                reply["result"] = {}
+            else:
+                reply["error"] = {"code": -32601, "message": "Method not found"}
+            self._spawn(self.transport.send(reply))
+        elif message["method"] == "notifications/tools/list_changed" and self.on_tools_changed:
+            self._spawn(self.on_tools_changed(self))
+
+    def fail_pending(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(MCPError(f"MCP server {self.name!r} {reason}"))
+
+    def _spawn(self, work: Awaitable) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self.transport is not None:
+            transport, self.transport = self.transport, None
+            await transport.close()
+        self.fail_pending("was closed")
+
+
+class StdioTransport:
+    """A server process speaking newline-delimited JSON on stdin/stdout; stderr goes to our log."""
+
+    def __init__(self, session: MCPSession):
+        self.session = session
+        self.process: asyncio.subprocess.Process | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def open(self) -> None:
+        config = self.session.config
+        env = {k: os.environ[k] for k in STDIO_ENV_KEYS if k in os.environ}
+        env.update({str(k): str(v) for k, v in (config.get("env") or {}).items()})
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                config["command"], *[str(a) for a in config.get("args", [])], env=env,
+                cwd=config.get("cwd"), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, limit=MCP_LINE_LIMIT_BYTES,
+                start_new_session=os.name == "posix")
+        except (OSError, KeyError) as exc:
+            raise MCPError(f"MCP server {self.session.name!r} could not start: {exc}") from exc
+        self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._stderr())]
+
+    async def send(self, message: dict) -> None:
+        if not self.alive:
+            raise MCPError(f"MCP server {self.session.name!r} is not running")
+        self.process.stdin.write(compact_json(message).encode() + b"\n")
+        try:
+            await self.process.stdin.drain()
+        except (ConnectionError, BrokenPipeError) as exc:
+            raise MCPError(f"MCP server {self.session.name!r} closed its input") from exc
+
+    async def _read(self) -> None:
+        try:
+            while line := await self.process.stdout.readline():
+                try:
+                    message = json.loads(line)
+                except ValueError:  # servers print banners on stdout: skip, keep going
+                    log.info("MCP %s stdout: %s", self.session.name, line[:200].decode(errors="replace").rstrip())
+                    continue
+                self.session.receive(message)
+        finally:
+            code = await self.process.wait()
+            log.warning("MCP server %r exited with code %s", self.session.name, code)
+            self.session.fail_pending(f"exited with code {code}")
+
+    async def _stderr(self) -> None:
+        while line := await self.process.stderr.readline():
+            log.info("MCP %s: %s", self.session.name, line.decode(errors="replace").rstrip())
+
+    async def close(self) -> None:
+        """Close stdin, then SIGTERM, then SIGKILL the whole process group."""
+        process = self.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(Exception):
+                process.stdin.close()
+            for signal_number in (None, 15, 9):
+                if signal_number is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        if os.name == "posix":
+                            os.killpg(process.pid, signal_number)
+                        else:  # pragma: no cover
+                            process.kill()
+                try:
+                    await asyncio.wait_for(process.wait(), 2.0)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class HTTPTransport:
+    """Streamable HTTP: each message is a POST; the answer is JSON or an SSE stream."""
+
+    def __init__(self, session: MCPSession):
+        self.session = session
+        self.url = session.config["url"]
+        self.session_id: str | None = None
+        self.alive = True
+
+    async def open(self) -> None:
+        pass
+
+    async def send(self, message: dict) -> None:
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                   **{str(k): str(v) for k, v in (self.session.config.get("headers") or {}).items()}}
+        if self.session_id:
+            headers["Mcp-Session-Id"] = self.session_id
+        if message.get("method") != "initialize":
+            headers["MCP-Protocol-Version"] = self.session.protocol_version
+        http = self.session.http()
+        try:
+            async with http.stream("POST", self.url, content=compact_json(message).encode(),
+                                   headers=headers, follow_redirects=True) as response:
+                if message.get("method") == "initialize":
+                    self.session_id = response.headers.get("mcp-session-id")
+                if response.status_code >= 400:
+                    if response.status_code == 404 and self.session_id:
+                        self.alive = False  # the session expired: start again next time
+                    body = (await response.aread())[:300].decode(errors="replace")
+                    raise MCPError(f"MCP server {self.session.name!r} returned HTTP "
+                                   f"{response.status_code}: {body}")
+                if response.headers.get("content-type", "").startswith("text/event-stream"):
+                    async for batch in sse_batches(response.aiter_bytes()):
+                        for data in batch:
+                            if data.strip():  # 2025-11-25 servers prime with an empty event
+                                self.session.receive(json.loads(data))
+                elif response.status_code != 202:
+                    body = await response.aread()
+                    if body.strip():
+                        self.session.receive(json.loads(body))
+        except httpx.HTTPError as exc:
+            raise MCPError(f"MCP server {self.session.name!r}: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self.session_id:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.session.http().delete(self.url, headers={"Mcp-Session-Id": self.session_id},
+                                                 timeout=5.0)
+        self.alive = False
+
+
+class MCPTools:
+    """Every configured MCP server, its tools kept registered in a ToolRegistry.
+
+    Tool names come from each server's ``tools/list`` (never a fixed list), made safe for
+    OpenAI-style APIs; a name two servers share is registered as ``server_name``.
+    """
+
+    def __init__(self, servers: Mapping[str, Mapping], registry: ToolRegistry,
+                 http: Callable[[], httpx.AsyncClient]):
+        self.registry = registry
+        self.sessions = {name: MCPSession(name, config, http, self.refresh)
+                         for name, config in servers.items() if not config.get("disabled")}
+        self.registered: dict[str, list[str]] = {}
+
+    async def start(self) -> None:
+        """Start every server at once; one that fails is logged and skipped."""
+        async def start_one(session: MCPSession) -> None:
+            try:
+                await session.start(float(session.config.get("startTimeout", MCP_START_SECONDS)))
+                await self.refresh(session)
+            except (NodeChatError, OSError, ValueError) as exc:
+                log.error("MCP server %r skipped: %s", session.name, getattr(exc, "message", exc))
+                await session.close()
+
+        await asyncio.gather(*(start_one(s) for s in self.sessions.values()))
+
+    async def refresh(self, session: MCPSession) -> None:
+        """(Re)register a server's tools, as on ``notifications/tools/list_changed``."""
+        for name in self.registered.pop(session.name, []):
+            self.registry.remove(name)
+        exclude = set(session.config.get("exclude", ()))
+        approval = set(session.config.get("needsApproval", ()))
+        names = []
+        for spec in await session.list_tools():
+            if spec["name"] in exclude:
+                continue
+            name = re.sub(r"[^A-Za-z0-9_-]", "_", spec["name"])[:64]
+            if name in self.registry:
+                name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{session.name}_{spec['name']}")[:64]
+            self.registry.add(mcp_tool(session, spec, name, spec["name"] in approval))
+            names.append(name)
+        self.registered[session.name] = names
+        log.info("MCP server %r: %d tools (%s)", session.name, len(names), ", ".join(names))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.sessions.values()))
+
+
+def mcp_tool(session: MCPSession, spec: dict, name: str, needs_approval: bool) -> Tool:
+    """A registry entry calling ``spec["name"]`` on ``session``; an ``isError`` result raises."""
+    remote_name = spec["name"]
+
+    async def call(**arguments: Any) -> dict:
+        result = await session.call_tool(remote_name, arguments)
+        if result.get("isError"):
+            raise MCPToolError(mcp_text(result))
+        return result
+
+    schema = {k: v for k, v in (spec.get("inputSchema") or {}).items() if k != "$schema"}
+    schema.setdefault("type", "object")
+    schema.setdefault("properties", {})
+    return Tool(name, spec.get("description") or spec.get("title") or remote_name, schema, call,
+                needs_approval=needs_approval, dynamic=True, render=mcp_text)
+
+
+def mcp_text(result: dict) -> str:
+    """What the model reads of a CallToolResult: the text, with media and links named."""
+    parts = []
+    for block in result.get("content") or ():
+        kind = block.get("type")
+        if kind == "text":
+            parts.append(block.get("text", ""))
+        elif kind in ("image", "audio"):
+            parts.append(f"[{kind} {block.get('mimeType', '')}, {len(block.get('data', '')) * 3 // 4} bytes]")
+        elif kind == "resource":
+            resource = block.get("resource") or {}
+            parts.append(resource.get("text") or f"[resource {resource.get('uri', '')}]")
+        elif kind == "resource_link":
+            parts.append(f"[{block.get('name', 'link')}: {block.get('uri', '')}]")
+    if not parts and "structuredContent" in result:
+        parts.append(compact_json(result["structuredContent"]))
+    return "\n".join(parts)
+
+
+def read_mcp_config(path: str | os.PathLike) -> dict[str, dict]:
+    """The ``mcpServers`` object of a JSON file in the format other MCP clients use."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"MCP config {path}: {exc}") from exc
+    servers = data.get("mcpServers", data) if isinstance(data, dict) else None
+    if not isinstance(servers, dict):
+        raise ValueError(f"MCP config {path}: expected an object with 'mcpServers'")
+    return servers
 
 
 ###############################################################################
@@ -1326,7 +1870,8 @@ class Agent:
                     if type(event) is ToolResult:
                         results[event.id] = event
                     yield event
-                step += [tool_message(results[c.id]) for c in calls if c.id in results]  # call order
+                step += [tool_message(results[c.id], by_name.get(c.name))  # in call order
+                         for c in calls if c.id in results]
                 messages.extend(step)
                 for saved in await self._save(turn, step):
                     yield Saved(saved)
@@ -1423,8 +1968,11 @@ def assistant_message(text: str, calls: list[ToolCall]) -> dict:
     return message
 
 
-def tool_message(result: ToolResult) -> dict:
-    content = result.result if isinstance(result.result, str) else compact_json(result.result)
+def tool_message(result: ToolResult, item: Tool | None = None) -> dict:
+    if item is not None and item.render is not None and not result.is_error:
+        content = item.render(result.result)
+    else:
+        content = result.result if isinstance(result.result, str) else compact_json(result.result)
     return {"role": "tool", "tool_call_id": result.id, "name": result.name,
             "content": f"Error: {content}" if result.is_error else content}
 
@@ -2514,6 +3062,12 @@ class NodeChat:
         self.store = store if store is not None else JSONFileStore(self.settings.data_dir)
         self.providers = Providers(self.settings, providers)
         self.tools = ToolRegistry(memory_tools())
+        for extra in (web_search_tool(self.settings),
+                      fetch_url_tool(self.settings) if self.settings.fetch_tool else None):
+            if extra is not None:
+                self.tools.add(extra)
+        self.mcp = MCPTools(self.settings.mcp_servers, self.tools, self.http)
+        self._started: asyncio.Task | None = None
         self.workflows = WorkflowRegistry()
         self.agent = Agent(self.providers, self.store, self.http, self.settings)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
@@ -2593,7 +3147,16 @@ class NodeChat:
             await self.aclose()
 
     async def startup(self) -> None:
+        """Start the MCP servers (concurrently) and say how the server is set up.
+
+        A host that runs no lifespan gets the same on its first request."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
         scrub_server_logs()
+        await self.mcp.start()
         if self.settings.offline:
             log.info("serving the built-in offline model %r (it echoes your message); point at a "
                      "real provider with OPENAI_API_KEY / OPENAI_BASE_URL or --config", OFFLINE_MODEL)
@@ -2603,6 +3166,8 @@ class NodeChat:
 
     async def aclose(self) -> None:
         """Close what this instance opened (its upstream connection pools)."""
+        await self.mcp.aclose()
+        self._started = None
         pools, self._pools = self._pools, []
         for pool in pools:
             await pool.aclose()
@@ -2638,6 +3203,8 @@ class NodeChat:
                 raise MethodNotAllowed("Method Not Allowed") if allowed else NotFound("Not Found")
             request = await read_request(scope, receive, self.settings.max_body_bytes)
             request = dataclasses.replace(request, params=params)
+            if self._started is None or not self._started.done():
+                await self.startup()
             if route.auth:
                 request = dataclasses.replace(request, user_id=await self._user(request))
             response = await getattr(self, route.handler)(request)
@@ -2671,6 +3238,8 @@ class NodeChat:
             reason = "Missing authentication" if token is None else "Invalid authentication"
             await send({"type": "websocket.close", "code": 1008, "reason": reason})
             return
+        if self._started is None or not self._started.done():
+            await self.startup()
         session = ChatSession(self, user, send)
         self.sessions.add(session)
         try:
@@ -2842,10 +3411,12 @@ class NodeChat:
         return meta
 
     def _offered(self, names: Any) -> list[Tool]:
-        """The tools a request may use: its own list of names, else the setting, else all."""
+        """The tools a request may use: the operator's (``tools`` setting, else every tool
+        that needs no approval), narrowed by the request's own list of names."""
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise BadRequest("tools must be a list of tool names", code="invalid_tools")
-        return self.tools.select(names if names is not None else self.settings.tools)
+        allowed = self.tools.select(self.settings.tools)
+        return allowed if names is None else [t for t in allowed if t.name in names]
 
 
 def _openai_body(body: Any) -> dict:

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import pytest
 import uvicorn
 import websockets
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Mount, Route
 
 import nodechat
@@ -1416,6 +1418,238 @@ async def test_ws_disconnect_cancels_every_task_it_started(make_chat, upstream):
         await asyncio.sleep(0.02)
     assert upstream.disconnects == 1
     await chat.aclose()
+
+
+###############################################################################
+# MCP: real servers (mcp-server-time over stdio, an `mcp` package server over HTTP)
+###############################################################################
+
+MCP_HTTP_SERVER = '''
+import sys
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("demo")
+
+@server.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+@server.tool()
+def fail() -> str:
+    """Always fails."""
+    raise ValueError("this tool always fails")
+
+server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[1]))
+'''
+
+
+def time_server(**extra) -> dict:
+    command = Path(sys.executable).with_name("mcp-server-time")
+    return {"command": str(command), "args": ["--local-timezone", "UTC"], **extra}
+
+
+@pytest.fixture(scope="module")
+def mcp_http(tmp_path_factory):
+    """An MCP server built with the ``mcp`` package, on loopback, over Streamable HTTP."""
+    script = tmp_path_factory.mktemp("mcp") / "server.py"
+    script.write_text(MCP_HTTP_SERVER)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(script), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, "MCP HTTP server did not start"
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}/mcp"
+    process.terminate()
+    process.wait(10)
+
+
+def test_mcp_stdio_tools_work_through_api_chat(live, upstream):
+    chat, url = live(mcp_servers={"time": time_server()})
+    assert chat.tools["get_current_time"].dynamic and "convert_time" in chat.tools
+    upstream.script(tool_calls(("get_current_time", {"timezone": "Europe/Warsaw"})), text("Done."))
+    _, events = api_chat(url, {"messages": [user("time in Warsaw?")]})
+    result = next(e for e in events if e["type"] == "tool-result")
+    assert result["result"]["structuredContent"]["timezone"] == "Europe/Warsaw"
+    assert "isError" not in result
+    model_sees = upstream.requests[1]["messages"][-1]["content"]
+    assert '"timezone": "Europe/Warsaw"' in model_sees and "structuredContent" not in model_sees
+    upstream.script(tool_calls(("get_current_time", {"timezone": "UTC"})), text("Done."))
+    _, ui = api_chat(url, ui_request("time?", chat_id="mcp-ui"))
+    check_ui_stream(ui)
+    assert next(e for e in ui if e != "[DONE]" and e["type"] == "tool-input-available")["dynamic"] is True
+
+
+@pytest.mark.anyio
+async def test_mcp_tools_work_over_the_websocket(live, upstream):
+    _, url = live(mcp_servers={"time": time_server()})
+    upstream.script(tool_calls(("get_current_time", {"timezone": "Asia/Tokyo"})), text("Done."))
+    async with ws_connect(url) as ws:
+        await ws.send({"role": "user", "content": "time in Tokyo?"})
+        got = await ws.turn()
+    result = next(m for m in got if m["type"] == "tool_result")
+    assert result["result"]["structuredContent"]["timezone"] == "Asia/Tokyo" and "error" not in result
+
+
+def test_mcp_is_error_and_unknown_tools_become_error_results(live, upstream, mcp_http):
+    chat, url = live(mcp_servers={"time": time_server(), "demo": {"url": mcp_http}})
+    upstream.script(tool_calls(("get_current_time", {"timezone": "Mars/Olympus"}), ("fail", {})),
+                    text("Sorry."))
+    _, events = api_chat(url, {"messages": [user("x")]})
+    results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
+    assert results["get_current_time"]["isError"] and "Mars/Olympus" in results["get_current_time"]["result"]
+    assert results["fail"]["isError"] and "Error executing tool fail" in results["fail"]["result"]
+    # An unknown tool: the Python SDK's low-level server answers with a JSON-RPC error, the
+    # MCPServer one with an isError result; both reach the model as an error result.
+    for server in ("time", "demo"):
+        chat.tools.add(nodechat.mcp_tool(chat.mcp.sessions[server], {"name": "nope"}, f"nope_{server}", False))
+    upstream.script(tool_calls(("nope_time", {}), ("nope_demo", {})), text("Sorry."))
+    _, events = api_chat(url, {"messages": [user("x")]})
+    results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
+    assert results["nope_time"]["isError"] and "MCPError" in results["nope_time"]["result"]
+    assert results["nope_demo"]["isError"] and "MCPToolError" in results["nope_demo"]["result"]
+    assert all("nope" in r["result"] for r in results.values())
+
+
+def test_mcp_streamable_http_server_with_custom_headers(live, upstream, mcp_http):
+    chat, url = live(mcp_servers={"demo": {"url": mcp_http, "headers": {"Authorization": "Bearer t"}}})
+    session = chat.mcp.sessions["demo"]
+    assert session.transport.session_id and session.protocol_version in nodechat.MCP_ACCEPTED_VERSIONS
+    upstream.script(tool_calls(("add", {"a": 40, "b": 2})), text("42"))
+    _, events = api_chat(url, {"messages": [user("40+2?")]})
+    result = next(e for e in events if e["type"] == "tool-result")["result"]
+    assert result["structuredContent"] == {"result": 42}
+    assert upstream.requests[1]["messages"][-1]["content"] == "42"
+
+
+def test_mcp_server_that_dies_is_restarted_on_next_use(live, upstream):
+    chat, url = live(mcp_servers={"time": time_server()})
+    first = chat.mcp.sessions["time"].transport.process
+    first.kill()
+    deadline = time.monotonic() + 10
+    while chat.mcp.sessions["time"].transport.alive:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    upstream.script(tool_calls(("get_current_time", {"timezone": "UTC"})), text("ok"))
+    _, events = api_chat(url, {"messages": [user("time?")]})
+    assert "isError" not in next(e for e in events if e["type"] == "tool-result")
+    assert first.returncode is not None  # reaped, not a zombie
+    assert chat.mcp.sessions["time"].transport.process.pid != first.pid
+
+
+def test_mcp_servers_that_fail_to_start_are_skipped(live, upstream, tmp_path):
+    silent = {"command": sys.executable, "args": ["-c", "import time; time.sleep(60)"], "startTimeout": 1}
+    chat, url = live(mcp_servers={"silent": silent, "missing": {"command": str(tmp_path / "no-such")},
+                                  "time": time_server()})
+    assert "get_current_time" in chat.tools  # the good server still came up
+    assert chat.mcp.sessions["silent"].transport is None
+    response, events = api_chat(url, {"messages": [user("hi")]})
+    assert response.status_code == 200 and events[-1]["type"] == "finish"
+
+
+def test_mcp_name_clashes_are_prefixed_and_shutdown_stops_servers(make_chat, upstream):
+    chat = make_chat(mcp_servers={"time": time_server(), "clock": time_server()})
+    with serve(chat) as url:
+        names = set(chat.tools.names())
+        processes = [s.transport.process for s in chat.mcp.sessions.values()]
+        assert {"get_current_time", "clock_get_current_time"} <= names or \
+            {"get_current_time", "time_get_current_time"} <= names
+        httpx.get(url + "/healthz")
+    assert all(p.returncode is not None for p in processes)
+
+
+def test_mcp_config_file_and_approval_keep_dangerous_tools_off(make_chat, upstream, tmp_path):
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"time": time_server(
+        needsApproval=["convert_time"], exclude=[])}}))
+    chat = make_chat(mcp_config=str(config))
+    with serve(chat) as url:
+        api_chat(url, {"messages": [user("x")], "tools": ["convert_time", "get_current_time"]})
+    assert [t["function"]["name"] for t in upstream.requests[0]["tools"]] == ["get_current_time"]
+    operator = make_chat(mcp_config=str(config), tools="convert_time")
+    with serve(operator) as url:
+        api_chat(url, {"messages": [user("x")]})
+    assert [t["function"]["name"] for t in upstream.requests[1]["tools"]] == ["convert_time"]
+
+
+###############################################################################
+# Web search and fetch tools
+###############################################################################
+
+
+def test_web_search_is_offered_only_when_configured(make_chat, upstream):
+    seen = []
+
+    async def searxng(request):
+        seen.append(dict(request.query_params))
+        return JSONResponse({"results": [{"title": "Tea", "url": "https://tea.example", "content": "All about tea"},
+                                         {"title": "Cha", "url": "https://cha.example", "content": "More"}]})
+
+    async def brave(request):
+        seen.append(request.headers["x-subscription-token"])
+        return JSONResponse({"web": {"results": [{"title": "B", "url": "https://b.example", "description": "b"}]}})
+
+    search = Starlette(routes=[Route("/search", searxng), Route("/brave", brave)])
+    assert "webSearch" not in make_chat().tools
+    with serve(search) as search_url:
+        chat = make_chat(search_provider="searxng", search_url=search_url)
+        upstream.script(tool_calls(("webSearch", {"query": "green tea", "limit": 1})), text("ok"))
+        with serve(chat) as url:
+            _, events = api_chat(url, {"messages": [user("search")]})
+        assert next(e for e in events if e["type"] == "tool-result")["result"] == {
+            "results": [{"title": "Tea", "url": "https://tea.example", "snippet": "All about tea"}]}
+        assert seen[0] == {"q": "green tea", "format": "json"}
+        chat = make_chat(environ={"NODECHAT_SEARCH": "brave", "BRAVE_API_KEY": "bk"},
+                         search_url=search_url + "/brave")
+        upstream.script(tool_calls(("webSearch", {"query": "x"})), text("ok"))
+        with serve(chat) as url:
+            _, events = api_chat(url, {"messages": [user("search")]})
+        assert next(e for e in events if e["type"] == "tool-result")["result"]["results"][0]["title"] == "B"
+        assert seen[-1] == "bk"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x", "http://127.0.0.1:8000/",
+                                 "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data",
+                                 "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://localhost/",
+                                 "http://0.0.0.0/"])
+async def test_fetch_refuses_other_schemes_and_private_addresses(url):
+    with pytest.raises(ValueError):
+        await nodechat.check_public_url(url)
+
+
+@pytest.mark.anyio
+async def test_fetch_allows_a_public_address_literal():
+    await nodechat.check_public_url("https://93.184.216.34/page")  # checked only, not fetched
+
+
+def test_fetch_tool_reads_pages_and_refuses_the_servers_own_network(make_chat, upstream):
+    async def page(request):
+        return HTMLResponse("<html><head><title>Tea</title><style>p{}</style></head><body>"
+                            "<script>alert(1)</script><h1>Green tea</h1><p>Brew at 80&deg;C.</p></body></html>")
+
+    site = Starlette(routes=[Route("/tea", page), Route("/go", lambda r: RedirectResponse("/tea"))])
+    with serve(site) as site_url:
+        chat = make_chat()
+        upstream.script(tool_calls(("fetchUrl", {"url": site_url + "/tea"})), text("ok"))
+        with serve(chat) as url:
+            _, events = api_chat(url, {"messages": [user("read it")]})
+        refused = next(e for e in events if e["type"] == "tool-result")
+        assert refused["isError"] and "not a public address" in refused["result"]
+        chat = make_chat(allow_private_fetch=True)
+        upstream.script(tool_calls(("fetchUrl", {"url": site_url + "/go"})), text("ok"))
+        with serve(chat) as url:
+            _, events = api_chat(url, {"messages": [user("read it")]})
+        page_text = next(e for e in events if e["type"] == "tool-result")["result"]
+        assert page_text["title"] == "Tea" and page_text["url"] == site_url + "/tea"
+        assert page_text["text"] == "Green tea\nBrew at 80°C."
+    assert "fetchUrl" not in make_chat(fetch_tool=False).tools
 
 
 ###############################################################################
