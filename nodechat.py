@@ -1323,17 +1323,26 @@ class HTTPTransport:
         self.url = session.config["url"]
         self.session_id: str | None = None
         self.alive = True
+        self.listener: asyncio.Task | None = None
 
     async def open(self) -> None:
         pass
 
-    async def send(self, message: dict) -> None:
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+    def _headers(self, accept: str, initializing: bool = False) -> dict[str, str]:
+        headers = {"Accept": accept,
                    **{str(k): str(v) for k, v in (self.session.config.get("headers") or {}).items()}}
         if self.session_id:
             headers["Mcp-Session-Id"] = self.session_id
-        if message.get("method") != "initialize":
+        if not initializing:
             headers["MCP-Protocol-Version"] = self.session.protocol_version
+        return headers
+
+    async def send(self, message: dict) -> None:
+        initializing = message.get("method") == "initialize"
+        headers = {**self._headers("application/json, text/event-stream", initializing),
+                   "Content-Type": "application/json"}
+        if message.get("method") == "notifications/initialized" and self.listener is None:
+            self.listener = asyncio.create_task(self._listen())
         http = self.session.http()
         try:
             async with http.stream("POST", self.url, content=compact_json(message).encode(),
@@ -1358,7 +1367,26 @@ class HTTPTransport:
         except httpx.HTTPError as exc:
             raise MCPError(f"MCP server {self.session.name!r}: {type(exc).__name__}: {exc}") from exc
 
+    async def _listen(self) -> None:
+        """The optional GET stream on which a server sends what no POST asked for
+        (``tools/list_changed``, pings); a 405 means the server has none."""
+        try:
+            async with self.session.http().stream(
+                    "GET", self.url, headers=self._headers("text/event-stream"),
+                    timeout=httpx.Timeout(10.0, read=None)) as response:
+                if response.status_code != 200:
+                    return
+                async for batch in sse_batches(response.aiter_bytes()):
+                    for data in batch:
+                        if data.strip():
+                            self.session.receive(json.loads(data))
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("MCP %s: the server's event stream ended: %s", self.session.name, exc)
+
     async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.cancel()
+            await asyncio.gather(self.listener, return_exceptions=True)
         if self.session_id:
             with contextlib.suppress(httpx.HTTPError):
                 await self.session.http().delete(self.url, headers={"Mcp-Session-Id": self.session_id},
