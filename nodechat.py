@@ -72,6 +72,7 @@ __all__ = [
     "NodeChat",
     "NodeChatError",
     "NotFound",
+    "TooManyRequests",
     "OfflineProvider",
     "OpenAIProvider",
     "PayloadTooLarge",
@@ -158,9 +159,18 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     #: Model calls per agent turn before it stops with ``finish`` reason ``max_steps``.
     max_steps: int = 20
-    #: Seconds to connect to a provider, and between two bytes of its answer.
+    #: Seconds to connect to a provider, between two bytes of its answer, and for a whole call.
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
+    stream_timeout: float = 600.0
+    #: Messages per request, characters per message, characters of a tool result the model reads.
+    max_messages: int = 1000
+    max_message_chars: int = 1_000_000
+    max_tool_result_chars: int = 100_000
+    #: Agent turns one user may run at once, over every endpoint (429 above).
+    max_turns_per_user: int = 8
+    #: On SIGTERM, seconds in-flight turns get to finish (``python nodechat.py``).
+    shutdown_grace_seconds: float = 30.0
     #: Upstream connections in all, and how many pools share them (see ``NodeChat.http``).
     max_upstream_connections: int = 4096
     upstream_pools: int = 32
@@ -219,6 +229,9 @@ class Settings:
             raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
         values["providers"] = _providers(values, environ)
         values["tokens"] = _tokens(values.get("tokens", {}), "tokens")
+        for user in values["tokens"].values():  # user ids become file names
+            if not ID_PATTERN.fullmatch(user) or ".." in user:
+                raise ValueError(f"tokens: user id {user[:40]!r} must be 1-128 of [A-Za-z0-9_.@:-]")
         for name in ("internal_tokens",):
             values[name] = frozenset(_split(values.get(name, ())))
         values["cors_origins"] = tuple(_split(values.get("cors_origins", ())))
@@ -307,6 +320,7 @@ class NodeChatError(Exception):
 
     status = 500
     kind = "server_error"
+    retry_after: str | None = None  # an upstream's Retry-After, passed on
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
         super().__init__(message)
@@ -607,6 +621,15 @@ class JSONFileStore:
 
     async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]:
         return rank_memories(await self.list_memories(user_id), query, limit)
+
+    async def check(self) -> None:
+        """At start-up: move aside (with a warning) any JSON file that is torn or invalid."""
+        def scan() -> None:
+            for folder in ("conversations", "memories"):
+                for path in (self.root / folder).glob("*.json"):
+                    _read_json(path)
+
+        await asyncio.to_thread(scan)
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -1514,11 +1537,13 @@ class OpenAIProvider:
     hand, assembles ``tool_calls`` deltas into whole calls, and keeps reasoning deltas apart.
     """
 
-    def __init__(self, name: str, base_url: str, api_key: str = "", models: Iterable[str] = ()):
+    def __init__(self, name: str, base_url: str, api_key: str = "", models: Iterable[str] = (),
+                 stream_timeout: float = 600.0):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.models = tuple(models)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.stream_timeout = stream_timeout
 
     async def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]:
         body = {**body, "stream": True,
@@ -1552,7 +1577,10 @@ class OpenAIProvider:
         """
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
         reason, usage, done = None, None, False
+        deadline = time.monotonic() + self.stream_timeout  # a slow drip resets no clock here
         async for batch in sse_batches(response.aiter_bytes()):
+            if time.monotonic() > deadline:
+                raise UpstreamTimeout(f"provider {self.name!r} took longer than {self.stream_timeout:g} s")
             pending: list[str] = []
             pending_kind: type = TextDelta
             for data in batch:
@@ -1616,8 +1644,11 @@ class OpenAIProvider:
         except ValueError:
             detail = raw.decode(errors="replace")[:500].strip() or response.reason_phrase
         status = response.status_code
-        error = UpstreamError(f"provider {self.name!r} returned HTTP {status}: {detail}",
+        retry_after = response.headers.get("retry-after")
+        wait = f" (retry after {retry_after} s)" if retry_after else ""
+        error = UpstreamError(f"provider {self.name!r} returned HTTP {status}: {detail}{wait}",
                               code=f"upstream_{status}")
+        error.retry_after = retry_after
         if status in PASSTHROUGH_STATUSES:
             error.status = status
         return error
@@ -1704,7 +1735,7 @@ class Providers:
         self._by_name: dict[str, Provider] = {p.name: p for p in providers}
         for config in settings.providers:
             self._by_name.setdefault(config.name, OpenAIProvider(
-                config.name, config.base_url, config.api_key, config.models))
+                config.name, config.base_url, config.api_key, config.models, settings.stream_timeout))
         if not self._by_name:
             self._by_name["offline"] = OfflineProvider()
         self.default = next(iter(self._by_name.values()))
@@ -1898,7 +1929,8 @@ class Agent:
                     if type(event) is ToolResult:
                         results[event.id] = event
                     yield event
-                step += [tool_message(results[c.id], by_name.get(c.name))  # in call order
+                step += [tool_message(results[c.id], by_name.get(c.name),  # in call order
+                                      self.settings.max_tool_result_chars)
                          for c in calls if c.id in results]
                 messages.extend(step)
                 for saved in await self._save(turn, step):
@@ -1996,11 +2028,14 @@ def assistant_message(text: str, calls: list[ToolCall]) -> dict:
     return message
 
 
-def tool_message(result: ToolResult, item: Tool | None = None) -> dict:
+def tool_message(result: ToolResult, item: Tool | None = None, limit: int | None = None) -> dict:
+    """The ``tool`` message the model reads; past ``limit`` characters it is cut, saying so."""
     if item is not None and item.render is not None and not result.is_error:
         content = item.render(result.result)
     else:
         content = result.result if isinstance(result.result, str) else compact_json(result.result)
+    if limit is not None and len(content) > limit:
+        content = content[:limit] + f"\n[truncated: {len(content) - limit} more characters]"
     return {"role": "tool", "tool_call_id": result.id, "name": result.name,
             "content": f"Error: {content}" if result.is_error else content}
 
@@ -2577,6 +2612,10 @@ class JSONResponse:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
     async def __call__(self, send: Send, receive: Receive) -> None:
+        if self.status == 204:  # No Content: no body, no content type
+            await send({"type": "http.response.start", "status": 204, "headers": list(self.headers)})
+            await send({"type": "http.response.body", "body": b""})
+            return
         payload = compact_json(self.body).encode()
         await send({"type": "http.response.start", "status": self.status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
@@ -2674,8 +2713,9 @@ class Route:
 
 
 def compile_routes(table: Iterable[tuple]) -> tuple[Route, ...]:
-    """``{name}`` path parameters become named regex groups."""
-    return tuple(Route(method, re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"),
+    """``{name}`` path parameters become named regex groups.  A parameter takes the rest of
+    the path, slashes included, so an id like ``../x`` reaches validation (400), not a 404."""
+    return tuple(Route(method, re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>.+)", path) + "$"),
                        handler, style, auth) for method, path, handler, style, auth in table)
 
 
@@ -2695,6 +2735,8 @@ def error_response(err: NodeChatError, style: str) -> JSONResponse:
     """The protocol's error body: OpenAI's envelope for /v1, ``{"error": text}`` elsewhere."""
     body = openai_error_body(err) if style == "openai" else {"error": err.message}
     headers = ((b"www-authenticate", b"Bearer"),) if err.status == 401 else ()
+    if err.retry_after:
+        headers += ((b"retry-after", err.retry_after.encode("latin-1")),)
     return JSONResponse(body, err.status, headers)
 
 
@@ -2875,6 +2917,7 @@ class ChatSession:
                 await self.send(encoder.done(), binary)
 
     def _events(self, frame: dict, thread_id: str) -> AsyncIterator[Event]:
+        check_messages([frame], self.settings)
         model = frame.get("model") if isinstance(frame.get("model"), str) else None
         turn = Turn(messages=[nodetool_message(frame)], user_id=self.user_id, model=model,
                     tools=self.app._offered(frame.get("tools")) + self._client_tools(),
@@ -2882,7 +2925,7 @@ class ChatSession:
                     max_steps=self.settings.max_steps)
         if frame.get("workflow_id") is not None:
             return self._job(turn, str(frame["workflow_id"]))
-        return self.app.agent.run(turn)
+        return self.app.run_turn(turn)
 
     async def _job(self, turn: Turn, workflow_id: str) -> AsyncIterator[Event]:
         """A workflow as a job: its updates, then the stored final message (success only)."""
@@ -3099,6 +3142,7 @@ class NodeChat:
         self.workflows = WorkflowRegistry()
         self.agent = Agent(self.providers, self.store, self.http, self.settings)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
+        self._turns: dict[str, int] = {}  # user -> agent turns running now
         self._http_client = http_client  # a host's own client replaces the pools
         self._pools: list[httpx.AsyncClient] = []
         self._pool_turn = itertools.count()
@@ -3184,6 +3228,9 @@ class NodeChat:
 
     async def _start(self) -> None:
         scrub_server_logs()
+        check = getattr(self.store, "check", None)
+        if check is not None:
+            await check()
         await self.mcp.start()
         if self.settings.offline:
             log.info("serving the built-in offline model %r (it echoes your message); point at a "
@@ -3351,6 +3398,7 @@ class NodeChat:
 
     async def chat_completions(self, request: Request) -> JSONResponse | SSEResponse:
         body = _openai_body(request.json())
+        check_messages(body["messages"], self.settings)
         model = body.get("model") or self.providers.default_model
         self.providers.resolve(model)  # an unknown model is a 404 before anything streams
         server_tools = self._offered(None) if self.settings.openai_server_tools else []
@@ -3364,14 +3412,15 @@ class NodeChat:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         encoder = OpenAIEncoder(model, include_usage)
         if body.get("stream", False):
-            return SSEResponse(self.agent.run(turn), encoder)
-        return JSONResponse(await encoder.completion(self.agent.run(turn)))
+            return SSEResponse(self.run_turn(turn), encoder)
+        return JSONResponse(await encoder.completion(self.run_turn(turn)))
 
     async def api_chat(self, request: Request) -> SSEResponse:
         body = request.json()
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) \
                 or not body["messages"]:
             raise BadRequest("Missing messages", code="missing_messages")
+        check_messages(body["messages"], self.settings)
         ui_stream = _wants_ui_stream(request, body)
         conversation_id = body.get("conversationId") or (body.get("id") if ui_stream else None)
         if conversation_id is not None:
@@ -3391,7 +3440,7 @@ class NodeChat:
             headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
         else:
             encoder = ChatSSEEncoder(conversation_id)
-        return SSEResponse(self.agent.run(turn), encoder, headers)
+        return SSEResponse(self.run_turn(turn), encoder, headers)
 
     async def generate_title(self, request: Request) -> JSONResponse:
         body = request.json()
@@ -3438,6 +3487,25 @@ class NodeChat:
             raise NotFound("conversation not found", code="conversation_not_found")
         return meta
 
+    async def run_turn(self, turn: Turn) -> AsyncIterator[Event]:
+        """``agent.run(turn)``, at most ``max_turns_per_user`` at once per user (429 beyond).
+
+        The check runs on the first event, so an SSE response still gets a proper 429."""
+        user = turn.user_id
+        if self._turns.get(user, 0) >= self.settings.max_turns_per_user:
+            raise TooManyRequests(f"{self.settings.max_turns_per_user} turns are already running for "
+                                  "this user; try again when one ends", code="too_many_turns")
+        self._turns[user] = self._turns.get(user, 0) + 1
+        events = self.agent.run(turn)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self._turns[user] -= 1
+            if not self._turns[user]:
+                del self._turns[user]
+            await events.aclose()
+
     def _offered(self, names: Any) -> list[Tool]:
         """The tools a request may use: the operator's (``tools`` setting, else every tool
         that needs no approval), narrowed by the request's own list of names."""
@@ -3445,6 +3513,19 @@ class NodeChat:
             raise BadRequest("tools must be a list of tool names", code="invalid_tools")
         allowed = self.tools.select(self.settings.tools)
         return allowed if names is None else [t for t in allowed if t.name in names]
+
+
+def check_messages(messages: list, settings: Settings) -> None:
+    """PayloadTooLarge past the message count or a message's size."""
+    if len(messages) > settings.max_messages:
+        raise PayloadTooLarge(f"{len(messages)} messages; at most {settings.max_messages} are accepted",
+                              code="too_many_messages")
+    for index, message in enumerate(messages):
+        content = message.get("content") or message.get("parts") if isinstance(message, dict) else message
+        size = len(content) if isinstance(content, str) else len(compact_json(content))
+        if size > settings.max_message_chars:
+            raise PayloadTooLarge(f"message {index} has {size} characters; at most "
+                                  f"{settings.max_message_chars} are accepted", code="message_too_large")
 
 
 def _openai_body(body: Any) -> dict:
@@ -3539,7 +3620,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"refusing to serve on {args.host} with no tokens: set NODECHAT_TOKENS, "
                      "bind to 127.0.0.1, or pass --allow-open")
     scrub_server_logs()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=max(1, int(app.settings.shutdown_grace_seconds)))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ class FakeUpstream:
             self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
             turn = self.turns.pop(0) if self.turns else text("ok")
         if isinstance(turn, tuple) and turn[0] == "error":
-            return await self._send(send, turn[1], turn[2])
+            return await self._send(send, turn[1], turn[2], *turn[3:])
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         self.open_streams += 1
@@ -146,10 +146,10 @@ class FakeUpstream:
             self.open_streams -= 1
 
     @staticmethod
-    async def _send(send, status, body):
+    async def _send(send, status, body, headers=()):
         payload = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
+                    "headers": [(b"content-type", b"application/json"), *headers]})
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -1650,6 +1650,233 @@ def test_fetch_tool_reads_pages_and_refuses_the_servers_own_network(make_chat, u
         assert page_text["title"] == "Tea" and page_text["url"] == site_url + "/tea"
         assert page_text["text"] == "Green tea\nBrew at 80°C."
     assert "fetchUrl" not in make_chat(fetch_tool=False).tools
+
+
+###############################################################################
+# Reliability and security: storage, limits, faults, aborts, shutdown
+###############################################################################
+
+STORE_WRITER = """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+import nodechat
+
+async def main(worker, count):
+    store = nodechat.JSONFileStore({data!r})
+    await store.create_conversation("shared", "u")
+    for n in range(count):
+        await store.append_messages("shared", [{{"role": "user", "content": f"{{worker}}-{{n}}"}}])
+        await store.add_memory("u", f"fact {{worker}}-{{n}}")
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def writer_script(tmp_path: Path) -> Path:
+    script = tmp_path / "writer.py"
+    script.write_text(STORE_WRITER.format(root=str(Path(nodechat.__file__).parent), data=str(tmp_path / "data")))
+    return script
+
+
+def test_two_processes_writing_one_user_lose_nothing(tmp_path):
+    script = writer_script(tmp_path)
+    workers = [subprocess.Popen([sys.executable, str(script), name, "60"]) for name in ("a", "b")]
+    assert [w.wait(60) for w in workers] == [0, 0]
+    store = nodechat.JSONFileStore(tmp_path / "data")
+    messages = asyncio.run(store.load_messages("shared"))
+    memories = asyncio.run(store.list_memories("u"))
+    assert sorted(m["content"] for m in messages) == sorted(f"{w}-{n}" for w in "ab" for n in range(60))
+    assert len({m["id"] for m in memories}) == 120
+
+
+def test_kill_9_during_writes_leaves_every_file_whole(tmp_path):
+    script = writer_script(tmp_path)
+    worker = subprocess.Popen([sys.executable, str(script), "k", "100000"])
+    data = tmp_path / "data"
+    deadline = time.monotonic() + 20
+    while not (data / "memories" / "u.json").exists() or (data / "memories" / "u.json").stat().st_size < 2000:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.kill()
+    worker.wait(10)
+    for path in data.rglob("*.json"):
+        json.loads(path.read_text())  # old or new, never torn
+    lines = (data / "conversations" / "shared.jsonl").read_bytes().splitlines()
+    assert all(json.loads(line) for line in lines[:-1])
+    store = nodechat.JSONFileStore(data)
+    assert len(asyncio.run(store.load_messages("shared"))) >= len(lines) - 1
+    assert not list(data.rglob("*.corrupt-*"))
+
+
+def test_a_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog):
+    store = nodechat.JSONFileStore(tmp_path)
+    asyncio.run(store.append_messages("c1", [{"role": "user", "content": "whole"}]))
+    path = tmp_path / "conversations" / "c1.jsonl"
+    with path.open("ab") as fh:
+        fh.write(b'{"role": "assistant", "cont')  # a crash mid-write
+    with caplog.at_level(logging.WARNING, logger="nodechat"):
+        assert [m["content"] for m in asyncio.run(store.load_messages("c1"))] == ["whole"]
+    assert "torn" in caplog.text
+    asyncio.run(store.append_messages("c1", [{"role": "user", "content": "after"}]))
+    assert [m["content"] for m in asyncio.run(store.load_messages("c1"))] == ["whole", "after"]
+
+
+def test_invalid_json_found_at_start_up_is_moved_aside(make_chat, tmp_path, caplog):
+    chat = make_chat()
+    memories = Path(chat.settings.data_dir) / "memories"
+    memories.mkdir(parents=True)
+    (memories / "alice.json").write_text('[{"id": "m1", "content": "half')
+    with caplog.at_level(logging.WARNING, logger="nodechat"), serve(chat) as url:
+        listed = httpx.get(url + "/api/memories", headers={"Authorization": "Bearer tok-alice"}).json()
+    assert listed == {"memories": []}
+    aside = list(memories.glob("alice.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text().startswith('[{"id": "m1"')
+    assert "moved aside" in caplog.text
+
+
+@pytest.mark.parametrize("bad", ["%2e%2e", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "a%5Cb", "x%00y",
+                                 ".hidden", "a" * 129, "con%20v"])
+def test_path_traversal_ids_are_refused_with_400(live, bad):
+    _, url = live()
+    auth = {"Authorization": "Bearer tok-alice"}
+    assert httpx.get(url + f"/api/conversations/{bad}", headers=auth).status_code == 400
+    assert httpx.delete(url + f"/api/memories/{bad}", headers=auth).status_code == 400
+
+
+def test_user_ids_from_tokens_must_be_safe_file_names():
+    with pytest.raises(ValueError, match="user id"):
+        Settings.from_sources({"tokens": {"t": "../../root"}}, environ={})
+
+
+def test_limits_on_messages_and_tool_results(live, upstream):
+    chat, url = live(max_messages=3, max_message_chars=100, max_tool_result_chars=50)
+    with pytest.raises(openai.APIStatusError) as err:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}] * 4)
+    assert err.value.status_code == 413 and err.value.body["code"] == "too_many_messages"
+    response, error = api_chat(url, {"messages": [user("y" * 101)]})
+    assert response.status_code == 413 and "at most 100" in error["error"]
+    chat.tools.add(lambda: "z" * 500, name="big", description="Big.")
+    upstream.script(tool_calls(("big", {})), text("ok"))
+    _, events = api_chat(url, {"messages": [user("big")]})
+    assert next(e for e in events if e["type"] == "tool-result")["result"] == "z" * 500  # the client: all
+    assert upstream.requests[-1]["messages"][-1]["content"] == "z" * 50 + "\n[truncated: 450 more characters]"
+
+
+@pytest.mark.anyio
+async def test_websocket_frame_size_limit(live, upstream):
+    _, url = live(max_ws_frame_bytes=1000)
+    async with ws_connect(url) as ws:
+        await ws.send({"role": "user", "content": "x" * 2000})
+        reply = await ws.recv()
+        assert reply["type"] == "error" and "larger than 1000 bytes" in reply["message"]
+        await ws.send({"type": "ping"})
+        assert (await ws.recv())["type"] == "pong"
+
+
+def test_concurrent_turns_per_user_are_limited(live, upstream):
+    _, url = live(max_turns_per_user=1)
+    upstream.script(("stall", text("waiting")[:2]))
+    with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok-alice"},
+                      json={"messages": [user("one")]}) as first:
+        lines = first.iter_lines()  # kept: a collected iterator closes the connection
+        next(line for line in lines if line.startswith("data: "))
+        response, error = api_chat(url, {"messages": [user("two")]})
+        assert response.status_code == 429 and "already running" in error["error"]
+        response, _ = api_chat(url, {"messages": [user("bob's")]}, token="tok-bob")
+        assert response.status_code == 200
+    deadline = time.monotonic() + 5
+    while True:  # the first turn is released once its client has gone
+        response, _ = api_chat(url, {"messages": [user("three")]})
+        if response.status_code == 200:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_slow_drip_malformed_events_and_retry_after(live, upstream):
+    _, url = live(stream_timeout=0.5)
+    upstream.script(("slow", text(*"abcdefgh"), 0.15))
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="longer than 0.5"):
+        list(client(url).chat.completions.create(model="fake-1", stream=True,
+                                                 messages=[{"role": "user", "content": "x"}]))
+    assert time.monotonic() - started < 3
+    upstream.script([b"data: {not json\n\n"])
+    with pytest.raises(openai.APIStatusError) as err:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 502 and "malformed" in err.value.message
+    upstream.script(("error", 429, {"error": {"message": "slow down"}}, [(b"retry-after", b"7")]))
+    response = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer tok-alice"},
+                          json={"model": "fake-1", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 429 and response.headers["retry-after"] == "7"
+    assert "retry after 7 s" in response.json()["error"]["message"]
+    upstream.script(("error", 503, {"error": "overloaded"}, [(b"retry-after", b"3")]))
+    response, error = api_chat(url, {"messages": [user("x")]})
+    assert response.status_code == 502 and "503" in error["error"] and response.headers["retry-after"] == "3"
+
+
+def test_a_stream_cut_mid_tool_call_runs_no_tool(live, upstream):
+    chat, url = live()
+    ran = []
+    chat.tools.add(lambda city: ran.append(city), name="weather", description="Weather.")
+    upstream.script(("drop", tool_calls(("weather", {"city": "Oslo"}))[:2]))
+    response, error = api_chat(url, {"messages": [user("weather?")]})
+    assert response.status_code == 502 and "provider 'openai'" in error["error"]
+    assert ran == []
+    upstream.script(("drop", text("Let me check.")[:2] + tool_calls(("weather", {"city": "Oslo"}))[1:2]))
+    _, events = api_chat(url, {"messages": [user("weather?")]})  # cut after text: in-stream error
+    assert [e["type"] for e in events] == ["text", "error"] and ran == []
+    response, events = api_chat(url, {"messages": [user("still there?")]})
+    assert response.status_code == 200 and events[-1]["type"] == "finish"
+
+
+def test_aborted_streams_leave_no_upstream_connection_in_use(live, upstream):
+    chat, url = live()
+    aborts = 300
+    upstream.script(*[("stall", text("partial")[:2]) for _ in range(aborts)])
+    with httpx.Client(headers={"Authorization": "Bearer tok-alice"}) as http:
+        for n in range(aborts):
+            path = "/v1/chat/completions" if n % 2 else "/api/chat"
+            body = {"model": "fake-1", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+            with http.stream("POST", url + path, json=body) as response:
+                next(line for line in response.iter_lines() if line.startswith("data: "))
+    deadline = time.monotonic() + 10
+    while upstream.disconnects < aborts or upstream.open_streams:
+        assert time.monotonic() < deadline, f"{aborts - upstream.disconnects} upstream requests left open"
+        time.sleep(0.05)
+    in_use = sum(len(pool._transport._pool._requests) for pool in chat._pools)
+    assert in_use == 0
+
+
+def test_sigterm_lets_a_running_turn_finish_and_saves_it(tmp_path, upstream):
+    port = free_port()
+    env = {**os.environ, "OPENAI_BASE_URL": upstream.url, "NODECHAT_MODEL": "fake-1",
+           "NODECHAT_TOKENS": "tok:alice", "NODECHAT_DATA_DIR": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, nodechat.__file__, "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/healthz")
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.05)
+        upstream.script(("slow", text("slow", " but", " whole"), 0.3))
+        with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok"},
+                          json={"messages": [user("x")], "conversationId": "term"}, timeout=20) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            server.send_signal(15)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+        assert events[-1]["type"] == "finish"
+        assert server.wait(20) in (0, -15)  # uvicorn re-raises SIGTERM once it has drained
+    finally:
+        server.kill()
+    stored = asyncio.run(nodechat.JSONFileStore(tmp_path).load_messages("term"))
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "x"), ("assistant", "slow but whole")]
 
 
 ###############################################################################
