@@ -1832,7 +1832,7 @@ def test_a_stream_cut_mid_tool_call_runs_no_tool(live, upstream):
 
 def test_aborted_streams_leave_no_upstream_connection_in_use(live, upstream):
     chat, url = live()
-    aborts = 300
+    aborts = 2000
     upstream.script(*[("stall", text("partial")[:2]) for _ in range(aborts)])
     with httpx.Client(headers={"Authorization": "Bearer tok-alice"}) as http:
         for n in range(aborts):
