@@ -55,8 +55,18 @@ from pathlib import Path
 from typing import Any, Literal, Union
 from urllib.parse import parse_qsl, unquote
 
-import httpx
 import msgpack
+
+if typing.TYPE_CHECKING:
+    import httpx
+
+
+def _httpx() -> types.ModuleType:
+    """httpx, imported on first use: it is a third of nodechat's import time."""
+    import httpx
+
+    return httpx
+
 
 __version__ = "0.1.0"
 
@@ -1387,7 +1397,7 @@ class HTTPTransport:
                     body = await response.aread()
                     if body.strip():
                         self.session.receive(json.loads(body))
-        except httpx.HTTPError as exc:
+        except _httpx().HTTPError as exc:
             raise MCPError(f"MCP server {self.session.name!r}: {type(exc).__name__}: {exc}") from exc
 
     async def _listen(self) -> None:
@@ -1396,14 +1406,14 @@ class HTTPTransport:
         try:
             async with self.session.http().stream(
                     "GET", self.url, headers=self._headers("text/event-stream"),
-                    timeout=httpx.Timeout(10.0, read=None)) as response:
+                    timeout=_httpx().Timeout(10.0, read=None)) as response:
                 if response.status_code != 200:
                     return
                 async for batch in sse_batches(response.aiter_bytes()):
                     for data in batch:
                         if data.strip():
                             self.session.receive(json.loads(data))
-        except (httpx.HTTPError, ValueError) as exc:
+        except (_httpx().HTTPError, ValueError) as exc:
             log.info("MCP %s: the server's event stream ended: %s", self.session.name, exc)
 
     async def close(self) -> None:
@@ -1411,7 +1421,7 @@ class HTTPTransport:
             self.listener.cancel()
             await asyncio.gather(self.listener, return_exceptions=True)
         if self.session_id:
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(_httpx().HTTPError):
                 await self.session.http().delete(self.url, headers={"Mcp-Session-Id": self.session_id},
                                                  timeout=5.0)
         self.alive = False
@@ -1626,6 +1636,7 @@ class OpenAIProvider:
     @contextlib.contextmanager
     def _errors(self):
         """Wrap httpx's errors once, where they arrive, naming this provider."""
+        httpx = _httpx()
         try:
             yield
         except httpx.TimeoutException as exc:
@@ -3199,7 +3210,7 @@ class NodeChat:
             return self._http_client
         index = next(self._pool_turn) % self.settings.upstream_pools
         while len(self._pools) <= index:
-            s = self.settings
+            httpx, s = _httpx(), self.settings
             self._ssl = self._ssl or httpx.create_ssl_context()
             size = max(1, s.max_upstream_connections // s.upstream_pools)
             self._pools.append(httpx.AsyncClient(
@@ -3227,6 +3238,7 @@ class NodeChat:
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
+        _httpx()  # import it now rather than in the first request
         scrub_server_logs()
         check = getattr(self.store, "check", None)
         if check is not None:
