@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -547,6 +548,7 @@ class JSONFileStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._memories_seen: dict[str, list] = {}  # user -> [file key, memories, index or None]
 
     # -- conversations -----------------------------------------------------------------------
 
@@ -616,7 +618,7 @@ class JSONFileStore:
         return memory
 
     async def list_memories(self, user_id: str) -> list[dict]:
-        return await asyncio.to_thread(lambda: _read_json(self._memories(user_id)) or [])
+        return list((await asyncio.to_thread(self._cached_memories, user_id))[1])
 
     async def delete_memory(self, user_id: str, memory_id: str) -> bool:
         removed = []
@@ -630,7 +632,13 @@ class JSONFileStore:
         return removed[0]
 
     async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]:
-        return rank_memories(await self.list_memories(user_id), query, limit)
+        def search() -> list[dict]:
+            entry = self._cached_memories(user_id)
+            if entry[2] is None:
+                entry[2] = MemoryIndex(entry[1])
+            return entry[2].search(query, limit)
+
+        return await asyncio.to_thread(search)
 
     async def check(self) -> None:
         """At start-up: move aside (with a warning) any JSON file that is torn or invalid."""
@@ -649,6 +657,21 @@ class JSONFileStore:
     def _memories(self, user_id: str) -> Path:
         return self.root / "memories" / (validate_id(user_id, "user id") + ".json")
 
+    def _cached_memories(self, user_id: str) -> list:
+        """A user's memories (and search index), read again only when the file changed;
+        the key (inode, mtime, size) changes with every atomic replace, in any process."""
+        path = self._memories(user_id)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return [None, [], None]
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        entry = self._memories_seen.get(user_id)
+        if entry is None or entry[0] != key:
+            entry = [key, _read_json(path) or [], None]
+            self._memories_seen[user_id] = entry
+        return entry
+
     def _update_memories(self, user_id: str, change: Callable[[list[dict]], list[dict]]) -> None:
         path = self._memories(user_id)
         with _locked(path):
@@ -656,30 +679,48 @@ class JSONFileStore:
 
 
 def rank_memories(memories: list[dict], query: str, limit: int) -> list[dict]:
-    """Rank memories by keyword relevance (tf-idf over words, prefixes count), best first.
+    """Memories ranked by keyword relevance to ``query``, best first (see :class:`MemoryIndex`)."""
+    return MemoryIndex(memories).search(query, limit)
 
-    A word matches another when equal or when one is a prefix of the other and at least
-    four letters long, so "coffee" finds "coffees" and "running" finds "run"-less text not.
+
+class MemoryIndex:
+    """Memories ready for keyword search: which memories hold each word.
+
+    A query word matches a memory word when equal, or when one is a prefix of the other and
+    both have four letters or more ("coffee" finds "coffees"; "tea" does not find "teacher").
+    Scores are tf-idf-like: rarer words weigh more, prefix matches 0.6 of an exact one.
     """
-    terms = set(WORD_PATTERN.findall(query.lower()))
-    if not terms:
-        return []
-    docs = [set(WORD_PATTERN.findall(m.get("content", "").lower())) for m in memories]
 
-    def matches(term: str, words: set[str]) -> bool:
-        if term in words:
-            return True
-        return len(term) >= 4 and any(
-            len(w) >= 4 and (w.startswith(term) or term.startswith(w)) for w in words)
+    def __init__(self, memories: list[dict]):
+        self.memories = memories
+        self.postings: dict[str, list[int]] = {}
+        for index, memory in enumerate(memories):
+            for word in set(WORD_PATTERN.findall(str(memory.get("content", "")).lower())):
+                self.postings.setdefault(word, []).append(index)
+        self.vocabulary = sorted(self.postings)  # words that start with a term sit together
 
-    idf = {t: math.log(1 + len(docs) / (1 + sum(matches(t, d) for d in docs))) for t in terms}
-    scored = []
-    for index, (memory, words) in enumerate(zip(memories, docs)):
-        score = sum(idf[t] * (1.0 if t in words else 0.6) for t in terms if matches(t, words))
-        if score > 0:
-            scored.append((score, index, memory))
-    scored.sort(key=lambda item: (-item[0], -item[1]))
-    return [{**memory, "score": round(score, 3)} for score, _, memory in scored[:limit]]
+    def search(self, query: str, limit: int) -> list[dict]:
+        scores: dict[int, float] = {}
+        for term in set(WORD_PATTERN.findall(query.lower())):
+            exact = set(self.postings.get(term, ()))
+            near: set[int] = set()
+            if len(term) >= 4:
+                at = bisect.bisect_right(self.vocabulary, term)
+                while at < len(self.vocabulary) and self.vocabulary[at].startswith(term):
+                    near.update(self.postings[self.vocabulary[at]])
+                    at += 1
+                for size in range(4, len(term)):  # the memory's word is a prefix of the term
+                    near.update(self.postings.get(term[:size], ()))
+            near -= exact
+            if not exact and not near:
+                continue
+            weight = math.log(1 + len(self.memories) / (1 + len(exact) + len(near)))
+            for index in exact:
+                scores[index] = scores.get(index, 0.0) + weight
+            for index in near:
+                scores[index] = scores.get(index, 0.0) + 0.6 * weight
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], -item[0]))[:limit]
+        return [{**self.memories[index], "score": round(score, 3)} for index, score in ranked]
 
 
 @contextlib.contextmanager
