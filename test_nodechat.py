@@ -347,6 +347,26 @@ async def test_sse_lines_end_at_cr_lf_only_not_at_u2028():
 
 
 ###############################################################################
+# Encoders: exact bytes
+###############################################################################
+
+
+@pytest.mark.parametrize("piece", ["plain", 'quote " and \\ back', "line\nbreak", "sep\u2028ara\u2029tors", "héllo ✓"])
+def test_openai_text_chunk_fast_path_matches_the_general_encoding(piece):
+    encoder = nodechat.OpenAIEncoder("m")
+    fast = encoder.encode(nodechat.TextDelta(piece))[0]
+    assert fast == encoder._chunk({"content": piece})
+    assert fast.startswith(b"data: {") and fast.endswith(b"}\n\n") and b"\xe2\x80\xa8" not in fast
+    assert json.loads(fast[6:])["choices"][0]["delta"] == {"content": piece}
+
+
+def test_sse_framing_is_written_once():
+    assert nodechat.sse("a\nb", event="x") == b"event: x\ndata: a\ndata: b\n\n"
+    assert nodechat.sse_json({"t": "\u2028"}) == b'data: {"t":"\\u2028"}\n\n'
+    assert nodechat.SSE_KEEPALIVE == b": keep-alive\n\n" and nodechat.SSE_DONE == b"data: [DONE]\n\n"
+
+
+###############################################################################
 # OpenAI-compatible API, through the official openai client
 ###############################################################################
 
