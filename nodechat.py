@@ -3653,6 +3653,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def main(argv: list[str] | None = None) -> None:
     """Serve nodechat with uvicorn: ``python nodechat.py --port 8000``."""
     import argparse
+    import importlib.util
 
     parser = argparse.ArgumentParser(
         prog="nodechat", description="An embeddable chat backend: OpenAI-compatible API, "
@@ -3677,6 +3678,8 @@ def main(argv: list[str] | None = None) -> None:
     if not app.settings.tokens and args.host not in LOOPBACK_HOSTS and not args.allow_open:
         parser.error(f"refusing to serve on {args.host} with no tokens: set NODECHAT_TOKENS, "
                      "bind to 127.0.0.1, or pass --allow-open")
+    if not any(importlib.util.find_spec(lib) for lib in ("websockets", "wsproto")):
+        log.warning("no WebSocket library: /chat will not be served; pip install 'nodechat[server]'")
     scrub_server_logs()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(app.settings.shutdown_grace_seconds)))
