@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,6 +55,9 @@ async def upstream_connection(reader: asyncio.StreamReader, writer: asyncio.Stre
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             body = json.loads(await reader.readexactly(length)) if length else {}
+            words = str((body.get("messages") or [{}])[-1].get("content", "")).split()
+            if words[:1] == ["bench"]:  # agent paths pass no extra fields: "bench N PACE"
+                body["bench_chunks"], body["bench_pace"] = words[1], words[2]
             if b"/models" in request.split(b"\r\n")[0]:
                 data = b'{"object":"list","data":[{"id":"bench","object":"model"}]}'
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -142,22 +147,86 @@ async def one_request(reader, writer, payload: bytes) -> tuple[float, list[float
     return first or 0.0, gaps, time.perf_counter() - started
 
 
-async def load(port: int, path: str, streams: int, chunks: int, pace: float,
+def http_payload(path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer bench\r\ncontent-length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def ws_open(port: int):
+    """A minimal WebSocket client: the upgrade, then frames by hand (masked with zeros)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET /chat?api_key=bench HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: websocket\r\n"
+                 f"connection: Upgrade\r\nsec-websocket-key: {key}\r\nsec-websocket-version: 13\r\n\r\n"
+                 .encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(head.split(b"\r\n")[0].decode())
+    return reader, writer
+
+
+def ws_frame(payload: bytes) -> bytes:
+    size = len(payload)
+    head = bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+async def ws_read(reader) -> bytes:
+    first = await reader.readexactly(2)
+    size = first[1] & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    return await reader.readexactly(size)
+
+
+async def ws_turn(reader, writer, payload: bytes) -> tuple[float, list[float], float]:
+    started = time.perf_counter()
+    writer.write(payload)
+    first, last, gaps = None, None, []
+    while True:
+        data = await ws_read(reader)
+        if b'"done":true' in data:
+            return first or 0.0, gaps, time.perf_counter() - started
+        if b'"type":"chunk"' in data:
+            now = time.perf_counter()
+            if first is None:
+                first = now - started
+            else:
+                gaps.append(now - last)
+            last = now
+
+
+async def load(port: int, target: str, streams: int, chunks: int, pace: float,
                duration: float, per_stream: int | None) -> dict:
-    body = json.dumps({"model": "bench", "stream": True, "bench_chunks": chunks, "bench_pace": pace,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    payload = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-               f"authorization: Bearer bench\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+    """``streams`` clients, each making requests back to back on one kept-alive connection."""
+    prompt = {"role": "user", "content": f"bench {chunks} {pace}"}
+    payload = b""  # WebSocket turns build theirs per connection: one thread each
+    if target == "sse":
+        payload = http_payload("/api/chat", {"messages": [prompt]})
+    elif target == "openai":
+        payload = http_payload("/v1/chat/completions", {
+            "model": "bench", "stream": True, "bench_chunks": chunks, "bench_pace": pace, "messages": [prompt]})
     ttfcs, gaps, done = [], [], 0
     deadline = time.perf_counter() + duration
 
-    async def worker() -> None:
+    async def worker(number: int) -> None:
         nonlocal done
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        if pace:  # real streams do not tick in lockstep: spread their starts over one interval
+            await asyncio.sleep(pace * number / streams)
+        if target == "ws":
+            reader, writer = await ws_open(port)
+            thread = json.dumps({**prompt, "thread_id": f"bench-{os.getpid()}-{number}-{time.time_ns()}"})
+            request = lambda: ws_turn(reader, writer, ws_frame(thread.encode()))
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+            request = lambda: one_request(reader, writer, payload)
         count = 0
         while (per_stream is None and time.perf_counter() < deadline) or \
                 (per_stream is not None and count < per_stream):
-            ttfc, chunk_gaps, _ = await one_request(reader, writer, payload)
+            ttfc, chunk_gaps, _ = await request()
             ttfcs.append(ttfc)
             gaps.extend(chunk_gaps)
             done += 1
@@ -165,9 +234,20 @@ async def load(port: int, path: str, streams: int, chunks: int, pace: float,
         writer.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(streams)))
+    await asyncio.gather(*(worker(n) for n in range(streams)))
     elapsed = time.perf_counter() - started
     return {"requests": done, "elapsed": elapsed, "ttfc": ttfcs, "gaps": gaps}
+
+
+async def idle_websockets(port: int, count: int) -> list:
+    """Open ``count`` WebSockets, each answered once (a ping), and keep them open."""
+    held = []
+    for _ in range(count):
+        reader, writer = await ws_open(port)
+        writer.write(ws_frame(b'{"type":"ping"}'))
+        await ws_read(reader)
+        held.append(writer)
+    return held
 
 
 # -- orchestration -----------------------------------------------------------------------------
@@ -215,24 +295,37 @@ def pct(values: list[float], q: float) -> float:
 
 
 UNPACED = [(s, c) for c in (20, 200) for s in (1, 16, 64)]
-PACED = [(64, 20), (256, 20)]
+AGENT_POINTS = [(1, 20), (1, 200), (16, 20)]
+PACED_SCAN = (64, 256, 512, 1024)
+PACE = 0.02
 
 
-def measure(port: int, pid: int, streams: int, chunks: int, pace: float, duration: float) -> dict:
+def measure(port: int, pid: int, target: str, streams: int, chunks: int, pace: float,
+            duration: float) -> dict:
     before = cpu_seconds(pid)
-    result = asyncio.run(load(port, "/v1/chat/completions", streams, chunks, pace, duration,
-                              per_stream=2 if pace else None))
+    result = asyncio.run(load(port, target, streams, chunks, pace, duration, per_stream=2 if pace else None))
     cpu = cpu_seconds(pid) - before
     return {"rps": result["requests"] / result["elapsed"], "cpu_ms": 1000 * cpu / result["requests"],
             "ttfc50": 1000 * pct(result["ttfc"], 0.5), "ttfc99": 1000 * pct(result["ttfc"], 0.99),
             "gap99": 1000 * pct(result["gaps"], 0.99), "requests": result["requests"]}
 
 
+def launch(name: str, up_url: str, naive_file: str, options: dict) -> list[str]:
+    run = (f"uvicorn.run(app, host='127.0.0.1', port=int(os.environ['PORT']), log_level='error', "
+           f"access_log=False, http={options['http']!r}, loop={options['loop']!r})")
+    if name == "naive":
+        return [sys.executable, "-c", f"import os, sys, uvicorn; sys.argv=['', {up_url!r}]; "
+                f"exec(open({naive_file!r}).read()); {run}"]
+    return [sys.executable, "-c", f"import os, uvicorn, nodechat; app = nodechat.create_app(max_turns_per_user=10**6); {run}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per point; medians are reported")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per unpaced point")
     parser.add_argument("--quick", action="store_true", help="one short pass, fewer points")
+    parser.add_argument("--http", default="auto", help="uvicorn --http for both proxies (h11, httptools)")
+    parser.add_argument("--loop", default="auto", help="uvicorn --loop for both proxies (asyncio, uvloop)")
     parser.add_argument("serve_upstream", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("port", nargs="?", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -245,72 +338,161 @@ def main() -> None:
     naive_file = os.path.join(HERE, "_naive_proxy.py")
     with open(naive_file, "w") as fh:
         fh.write(NAIVE_PROXY)
-    targets = {
-        "upstream": None,
-        "naive": [sys.executable, "-c", f"import sys; sys.argv=['', {up_url!r}]; "
-                  f"exec(open({naive_file!r}).read()); import uvicorn; "
-                  "uvicorn.run(app, host='127.0.0.1', port=int(__import__('os').environ['PORT']), "
-                  "log_level='error', access_log=False)"],
-        "nodechat": [sys.executable, "-c", "import os, uvicorn, nodechat; uvicorn.run("
-                     "nodechat.create_app(), host='127.0.0.1', port=int(os.environ['PORT']), "
-                     "log_level='error', access_log=False)"],
-    }
+    data_dir = tempfile.mkdtemp(prefix="nodechat-bench-")
     env = {"OPENAI_BASE_URL": up_url, "NODECHAT_MODEL": "bench", "NODECHAT_TOKENS": "bench:bench",
-           "NODECHAT_DATA_DIR": "/tmp/nodechat-bench-data"}
-    points = UNPACED[:2] + PACED[:1] if args.quick else UNPACED + PACED
+           "NODECHAT_DATA_DIR": data_dir}
+    unpaced = UNPACED[:2] if args.quick else UNPACED
+    scan = PACED_SCAN[:2] if args.quick else PACED_SCAN
     duration = 1.0 if args.quick else args.duration
+    options = {"http": args.http, "loop": args.loop}
     results: dict = {}
-    memory = {}
+    extras: dict = {}
+
+    def run_points(name, port, pid, target, points, pace=0.0):
+        for streams, chunks in points:
+            runs = results.setdefault((streams, chunks, pace), {}).setdefault(name, [])
+            for _ in range(args.repeat):
+                runs.append(measure(port, pid, target, streams, chunks, pace, duration))
+
     try:
-        for name, cmd in targets.items():
-            if cmd is None:
-                port, proc = up_port, upstream
-            else:
-                port = free_port()
-                proc = start(cmd, 1, port, {**env, "PORT": str(port)})
-                time.sleep(0.3)
-                memory[name] = {"idle": rss_mb(proc.pid)}
-            for repeat in range(args.repeat):
-                for streams, chunks in points:
-                    pace = 0.02 if (streams, chunks) in PACED else 0.0
-                    key = (streams, chunks, pace)
-                    results.setdefault(key, {}).setdefault(name, []).append(
-                        measure(port, proc.pid, streams, chunks, pace, duration))
-            if cmd is not None:
-                memory[name]["peak"] = rss_mb(proc.pid, "VmHWM")
-                proc.terminate()
-                proc.wait(10)
+        run_points("upstream", up_port, upstream.pid, "openai", unpaced)
+        run_points("upstream", up_port, upstream.pid, "openai", [(s, 20) for s in scan], PACE)
+        for name in ("naive", "nodechat"):
+            port = free_port()
+            began = time.perf_counter()
+            proc = start(launch(name, up_url, naive_file, options), 1, port, {**env, "PORT": str(port)})
+            extras[name] = {"ready_s": time.perf_counter() - began}
+            time.sleep(0.3)
+            extras[name]["idle_mb"] = rss_mb(proc.pid)
+            run_points(name, port, proc.pid, "openai", unpaced)
+            run_points(name, port, proc.pid, "openai",
+                       [(s, 20) for s in (scan if name == "nodechat" else scan[:2])], PACE)
+            if name == "nodechat":
+                run_points("nodechat /api/chat", port, proc.pid, "sse", AGENT_POINTS[:2] if args.quick else AGENT_POINTS)
+                run_points("nodechat /chat ws", port, proc.pid, "ws", AGENT_POINTS[:2] if args.quick else AGENT_POINTS)
+            extras[name]["peak_mb"] = rss_mb(proc.pid, "VmHWM")
+            proc.terminate()
+            proc.wait(10)
+        port = free_port()  # idle WebSockets on a fresh process, so freed memory hides nothing
+        proc = start(launch("nodechat", up_url, naive_file, options), 1, port, {**env, "PORT": str(port)})
+        time.sleep(0.3)
+        before = rss_mb(proc.pid)
+        held = asyncio.run(hold_idle(port, 200 if args.quick else 1000, proc.pid))
+        extras["nodechat"].update(held, rss_before_ws=before)
+        proc.terminate()
+        proc.wait(10)
     finally:
         upstream.terminate()
         os.unlink(naive_file)
-    report(results, memory)
+    report(results, extras, options)
+    report_storage()
 
 
-def report(results: dict, memory: dict) -> None:
+async def hold_idle(port: int, count: int, pid: int) -> dict:
+    held = await idle_websockets(port, count)
+    await asyncio.sleep(0.5)
+    after = rss_mb(pid)
+    for writer in held:
+        writer.close()
+    return {"ws_count": count, "rss_with_ws": after}
+
+
+def fit(results: dict, name: str) -> tuple[float, float] | None:
+    """Per-event CPU (µs) and fixed CPU per request (ms) from the 1x20 and 1x200 points."""
+    try:
+        c20 = statistics.median(r["cpu_ms"] for r in results[(1, 20, 0.0)][name])
+        c200 = statistics.median(r["cpu_ms"] for r in results[(1, 200, 0.0)][name])
+    except KeyError:
+        return None
+    per_event = (c200 - c20) / 180
+    return per_event * 1000, c20 - 20 * per_event
+
+
+def report(results: dict, extras: dict, options: dict) -> None:
     def med(runs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    print(f"\n| streams x chunks | pace | server | req/s | CPU ms/req | TTFC p50 ms | added p50 | "
-          f"TTFC p99 ms | added p99 | gap p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nuvicorn http={options['http']} loop={options['loop']}")
+    print("\n| streams x chunks | pace | server | req/s | CPU ms/req | TTFC p50 ms (added) | "
+          "TTFC p99 ms (added) | gap p99 ms (added) |")
+    print("|---|---|---|---|---|---|---|---|")
     for (streams, chunks, pace), by_name in results.items():
-        base = by_name["upstream"]
+        base = by_name.get("upstream")
         for name, runs in by_name.items():
-            added50 = med(runs, "ttfc50") - med(base, "ttfc50")
-            added99 = med(runs, "ttfc99") - med(base, "ttfc99")
-            print(f"| {streams} x {chunks} | {int(pace * 1000)} ms | {name} | {med(runs, 'rps'):.0f} | "
-                  f"{med(runs, 'cpu_ms'):.2f} | {med(runs, 'ttfc50'):.2f} | "
-                  f"{'' if name == 'upstream' else f'{added50:+.2f}'} | {med(runs, 'ttfc99'):.2f} | "
-                  f"{'' if name == 'upstream' else f'{added99:+.2f}'} | "
-                  f"{med(runs, 'gap99') if pace else float('nan'):.1f} |")
-    for name, mem in memory.items():
-        print(f"\n{name}: idle RSS {mem['idle']:.1f} MB, peak RSS {mem.get('peak', 0):.1f} MB")
+            def added(key):
+                if name == "upstream" or base is None:
+                    return ""
+                return f" ({med(runs, key) - med(base, key):+.2f})"
+            gap = f"{med(runs, 'gap99'):.1f}{added('gap99')}" if pace else "—"
+            print(f"| {streams} x {chunks} | {'%d ms' % (pace * 1000) if pace else '—'} | {name} | "
+                  f"{med(runs, 'rps'):.0f} | {med(runs, 'cpu_ms'):.2f} | {med(runs, 'ttfc50'):.2f}{added('ttfc50')} | "
+                  f"{med(runs, 'ttfc99'):.2f}{added('ttfc99')} | {gap} |")
+    print("\n| server | CPU per streamed event | fixed CPU per request |")
+    print("|---|---|---|")
+    for name in ("upstream", "naive", "nodechat", "nodechat /api/chat", "nodechat /chat ws"):
+        fitted = fit(results, name)
+        if fitted:
+            print(f"| {name} | {fitted[0]:.1f} µs | {fitted[1]:.2f} ms |")
+    held = []
+    for streams in PACED_SCAN:
+        point = results.get((streams, 20, PACE), {})
+        if "nodechat" in point and "upstream" in point:
+            ttfc = med(point["nodechat"], "ttfc50") - med(point["upstream"], "ttfc50")
+            gap = med(point["nodechat"], "gap99") - med(point["upstream"], "gap99")
+            if ttfc <= 5 and gap <= 20:
+                held.append(streams)
+    print(f"\npaced at 20 ms: most streams tried that nodechat held within +5 ms TTFC p50 and "
+          f"+20 ms gap p99: {max(held) if held else 'none of ' + str(PACED_SCAN)}")
+    for name, info in extras.items():
+        line = (f"{name}: start to ready {info['ready_s']:.2f} s, idle RSS {info['idle_mb']:.1f} MB, "
+                f"peak RSS {info['peak_mb']:.1f} MB")
+        if "ws_count" in info:
+            per = (info["rss_with_ws"] - info["rss_before_ws"]) * 1024 / info["ws_count"]
+            line += (f"; {info['ws_count']} idle WebSockets held: RSS {info['rss_before_ws']:.1f} -> "
+                     f"{info['rss_with_ws']:.1f} MB ({per:.1f} KB each)")
+        print(line)
+    import py_compile
+    py_compile.compile(os.path.join(ROOT, "nodechat.py"))  # as after pip install: a .pyc exists
     imports = []
     for _ in range(5):
         out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import nodechat"],
                              cwd=ROOT, capture_output=True, text=True).stderr.strip().splitlines()
         imports.append(int(out[-1].split("|")[1]) / 1000)
-    print(f"import nodechat: {statistics.median(imports):.0f} ms (python -X importtime, median of 5)")
+    print(f"import nodechat: {statistics.median(imports):.0f} ms (python -X importtime with its .pyc, median of 5)")
+
+
+def report_storage() -> None:
+    """Appending to a long conversation vs a short one; searching 10,000 memories."""
+    sys.path.insert(0, ROOT)
+    import nodechat
+
+    async def timed(work, repeat: int = 30) -> float:
+        times = []
+        for _ in range(repeat):
+            began = time.perf_counter()
+            await work()
+            times.append(time.perf_counter() - began)
+        return 1000 * statistics.median(times)
+
+    async def run() -> None:
+        store = nodechat.JSONFileStore(tempfile.mkdtemp(prefix="nodechat-store-"))
+        message = {"role": "user", "content": "a message of ordinary length " * 4}
+        for cid, size in (("short", 10), ("long", 10_000)):
+            await store.create_conversation(cid, "u")
+            await store.append_messages(cid, [message] * size)
+        short = await timed(lambda: store.append_messages("short", [message]))
+        long = await timed(lambda: store.append_messages("long", [message]))
+        words = [f"w{i}" for i in range(5000)] + "tea coffee bicycle oslo piano".split()
+        memories = [{"id": f"m{i}", "content": " ".join(words[(i * 7 + k * 13) % len(words)] for k in range(8)),
+                     "created_at": ""} for i in range(10_000)]
+        nodechat._write_json(store._memories("u"), memories)
+        first = await timed(lambda: store.search_memories("u", "which bicycle and tea", 10), 1)
+        warm = await timed(lambda: store.search_memories("u", "which bicycle and tea", 10))
+        print(f"storage: append one message to a 10-message conversation {short:.2f} ms, to a "
+              f"10,000-message one {long:.2f} ms; search 10,000 memories {warm:.2f} ms "
+              f"({first:.0f} ms the first time, building the index)")
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":
