@@ -1894,12 +1894,16 @@ class Agent:
         system = await self._system_prompt(turn, history)
         messages = [{"role": "system", "content": system}] if system else []
         messages += [model_message(m) for m in history]
+        completed = False
         try:
             async for event in self._steps(turn, provider, model, messages):
                 yield event
+            completed = True
         finally:
-            if title_task is not None:
+            if title_task is not None and completed:
                 await self._save_title(turn.conversation_id, title_task)
+            elif title_task is not None:  # stopped or failed: the fallback title stays
+                title_task.cancel()
 
     async def open_conversation(self, turn: Turn) -> tuple[list[dict], bool]:
         """Load (or create) the conversation and store the turn's new messages.
@@ -2033,12 +2037,7 @@ class Agent:
         return await self.store.append_messages(turn.conversation_id, messages)
 
     async def _save_title(self, conversation_id: str, task: asyncio.Task) -> None:
-        try:
-            title = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        await self.store.update_conversation(conversation_id, title=title)
+        await self.store.update_conversation(conversation_id, title=await task)
 
     async def _system_prompt(self, turn: Turn, history: list[dict]) -> str | None:
         system = turn.system
