@@ -124,6 +124,24 @@ app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POS
 
 # -- the load generator: raw asyncio sockets ---------------------------------------------------
 
+class ChunkClock:
+    """Time to the first content chunk, and the gaps between the following ones."""
+
+    def __init__(self, started: float):
+        self.started, self.first, self.last, self.gaps = started, None, None, []
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now - self.started
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+
+    def result(self) -> tuple[float, list[float], float]:
+        return self.first or 0.0, self.gaps, time.perf_counter() - self.started
+
+
 async def one_request(reader, writer, payload: bytes) -> tuple[float, list[float], float]:
     """Send one request on a kept-alive connection; (ttfc, gaps between content chunks, total)."""
     started = time.perf_counter()
@@ -131,20 +149,14 @@ async def one_request(reader, writer, payload: bytes) -> tuple[float, list[float
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(head.split(b"\r\n")[0].decode())
-    first, last, gaps = None, None, []
+    clock = ChunkClock(started)
     while True:
         size = int((await reader.readuntil(b"\r\n")).strip(), 16)
         data = await reader.readexactly(size + 2)
         if size == 0:
-            break
+            return clock.result()
         if b'"content"' in data:
-            now = time.perf_counter()
-            if first is None:
-                first = now - started
-            else:
-                gaps.append(now - last)
-            last = now
-    return first or 0.0, gaps, time.perf_counter() - started
+            clock.tick()
 
 
 def http_payload(path: str, body: dict) -> bytes:
@@ -185,18 +197,13 @@ async def ws_read(reader) -> bytes:
 async def ws_turn(reader, writer, payload: bytes) -> tuple[float, list[float], float]:
     started = time.perf_counter()
     writer.write(payload)
-    first, last, gaps = None, None, []
+    clock = ChunkClock(started)
     while True:
         data = await ws_read(reader)
         if b'"done":true' in data:
-            return first or 0.0, gaps, time.perf_counter() - started
+            return clock.result()
         if b'"type":"chunk"' in data:
-            now = time.perf_counter()
-            if first is None:
-                first = now - started
-            else:
-                gaps.append(now - last)
-            last = now
+            clock.tick()
 
 
 async def load(port: int, target: str, streams: int, chunks: int, pace: float,
