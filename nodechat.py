@@ -269,8 +269,8 @@ def _split(value: str | Iterable[str]) -> list[str]:
 
 
 def _from_env(key: str, raw: str) -> Any:
-    if key == "NODECHAT_TOKENS":
-        return {**_tokens(raw, key)}
+    if key == "NODECHAT_TOKENS":  # parsed here so that an error names the variable
+        return _tokens(raw, key)
     return raw
 
 
