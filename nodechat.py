@@ -322,9 +322,11 @@ class NodeChatError(Exception):
     """Base of every error nodechat reports to a client.
 
     NodeChatError
-     +-- BadRequest (400)          +-- NotFound (404)        +-- PayloadTooLarge (413)
+     +-- BadRequest (400)          +-- NotFound (404)         +-- PayloadTooLarge (413)
      +-- Unauthorized (401)        +-- MethodNotAllowed (405) +-- TooManyRequests (429)
-     +-- UpstreamError (502)       +-- UpstreamTimeout (504)
+     +-- Forbidden (403)           +-- RequestTimeout (408)   +-- Conflict (409)
+     +-- UpstreamError (502)       +-- StoreUnavailable (503) +-- UpstreamTimeout (504)
+     +-- InsufficientStorage (507)
 
     The status travels with the error; each protocol's encoder renders it.
     """
@@ -361,6 +363,14 @@ class MethodNotAllowed(NodeChatError):
     status, kind = 405, "invalid_request_error"
 
 
+class RequestTimeout(NodeChatError):
+    status, kind = 408, "invalid_request_error"
+
+
+class Conflict(NodeChatError):
+    status, kind = 409, "invalid_request_error"
+
+
 class PayloadTooLarge(NodeChatError):
     status, kind = 413, "invalid_request_error"
 
@@ -375,6 +385,16 @@ class UpstreamError(NodeChatError):
 
 class UpstreamTimeout(NodeChatError):
     status, kind = 504, "timeout_error"
+
+
+class StoreUnavailable(NodeChatError):
+    """The store (a database) cannot be reached now; clients may retry after ``retry_after``."""
+
+    status, kind, retry_after = 503, "server_error", "5"
+
+
+class InsufficientStorage(NodeChatError):
+    status, kind = 507, "server_error"
 
 
 ###############################################################################
