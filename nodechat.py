@@ -130,6 +130,10 @@ ENV_KEYS = {
     "NODECHAT_SEARCH": "search_provider",
     "SEARXNG_URL": "search_url",
 }
+ENV_TYPES = types.MappingProxyType({"int": int, "float": float, "bool": bool, "str": str,
+                                    "tuple[str, ...]": str})  # Settings field types read from text
+BOOL_WORDS = types.MappingProxyType({"1": True, "true": True, "yes": True, "on": True,
+                                     "0": False, "false": False, "no": False, "off": False})
 SEARCH_KEY_ENV = {"brave": "BRAVE_API_KEY", "tavily": "TAVILY_API_KEY"}
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -180,6 +184,13 @@ class Settings:
     max_tool_result_chars: int = 100_000
     #: Agent turns one user may run at once, over every endpoint (429 above).
     max_turns_per_user: int = 8
+    #: Tool calls the agent runs in one step; the model gets an error for the rest.
+    max_tool_calls_per_step: int = 16
+    #: Stored per user (403 beyond): conversations, memories.
+    max_conversations_per_user: int = 10_000
+    max_memories_per_user: int = 1_000
+    #: Longest line accepted in a provider's event stream (502 beyond).
+    max_upstream_line_bytes: int = 4 * 1024 * 1024
     #: On SIGTERM, seconds in-flight turns get to finish (``python nodechat.py``).
     shutdown_grace_seconds: float = 30.0
     #: Upstream connections in all, and how many pools share them (see ``NodeChat.http``).
@@ -189,8 +200,15 @@ class Settings:
     keepalive_seconds: float = 15.0
     #: Cookie that carries a session token for /api/chat (mapped through ``tokens``).
     cookie_name: str = "nodechat_session"
-    #: Origins allowed by CORS: exact origins, ``null``, ``file://`` or ``http://localhost:*``.
+    #: Origins allowed by CORS: exact origins (``https://app.example``, with credentials),
+    #: ``http://localhost:*`` (any port), ``file://``, ``null`` and ``*`` (these three never
+    #: with credentials).  An open server refuses every other cross-origin browser request.
     cors_origins: tuple[str, ...] = ()
+    #: Host names the server answers to.  Empty: loopback names only on an open server
+    #: (DNS rebinding), any host when tokens are set; ``*`` means any.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Seconds a client has to send its whole request body (408 after).
+    body_timeout: float = 30.0
     #: Let the model call registered tools on /v1/chat/completions too (off: pure pass-through).
     openai_server_tools: bool = False
     #: Names of the tools offered by default; None offers every registered tool.
@@ -210,10 +228,15 @@ class Settings:
     search_provider: str = ""
     search_url: str = ""
     search_api_key: str = ""
-    #: The fetch tool: on by default; private, loopback and link-local addresses refused.
+    #: The fetch tool: on by default; only public addresses, unless a network is listed in
+    #: ``fetch_allowed_networks`` (CIDRs) or ``allow_private_fetch`` is set.  Each fetch reads
+    #: at most ``fetch_max_bytes`` within ``fetch_timeout`` seconds.
     fetch_tool: bool = True
     allow_private_fetch: bool = False
+    fetch_allowed_networks: tuple[str, ...] = ()
     fetch_max_chars: int = 20_000
+    fetch_max_bytes: int = 1024 * 1024
+    fetch_timeout: float = 30.0
 
     @classmethod
     def from_sources(
@@ -225,6 +248,10 @@ class Settings:
         """Merge keyword arguments over a TOML file over the environment."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):  # NODECHAT_<NAME> for every plain setting
+            env_key = "NODECHAT_" + item.name.upper()
+            if item.type in ENV_TYPES and environ.get(env_key):
+                values[item.name] = _from_env(env_key, environ[env_key], ENV_TYPES[item.type])
         for env_key, name in ENV_KEYS.items():
             if environ.get(env_key):
                 values[name] = _from_env(env_key, environ[env_key])
@@ -245,7 +272,8 @@ class Settings:
                 raise ValueError(f"tokens: user id {user[:40]!r} must be 1-128 of [A-Za-z0-9_.@:-]")
         for name in ("internal_tokens",):
             values[name] = frozenset(_split(values.get(name, ())))
-        values["cors_origins"] = tuple(_split(values.get("cors_origins", ())))
+        for name in ("cors_origins", "allowed_hosts", "fetch_allowed_networks"):
+            values[name] = tuple(_split(values.get(name, ())))
         if values.get("tools") is not None:
             values["tools"] = tuple(_split(values["tools"]))
         if values.get("mcp_config"):
@@ -268,10 +296,17 @@ def _split(value: str | Iterable[str]) -> list[str]:
     return list(value)
 
 
-def _from_env(key: str, raw: str) -> Any:
+def _from_env(key: str, raw: str, kind: type = str) -> Any:
     if key == "NODECHAT_TOKENS":  # parsed here so that an error names the variable
         return _tokens(raw, key)
-    return raw
+    if kind is bool:
+        if raw.strip().lower() not in BOOL_WORDS:
+            raise ValueError(f"{key}: {raw[:40]!r} is not one of {', '.join(sorted(BOOL_WORDS))}")
+        return BOOL_WORDS[raw.strip().lower()]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{key}: {raw[:40]!r} is not a valid {kind.__name__}") from None
 
 
 def _tokens(value: str | Mapping[str, str], source: str) -> dict[str, str]:
@@ -2641,8 +2676,12 @@ class Request:
 
     @property
     def cookies(self) -> dict[str, str]:
-        pairs = (part.strip().partition("=") for part in self.headers.get("cookie", "").split(";"))
-        return {name: unquote(value) for name, _, value in pairs if name}
+        return request_cookies(self.headers)
+
+
+def request_cookies(headers: Mapping[str, str]) -> dict[str, str]:
+    pairs = (part.strip().partition("=") for part in headers.get("cookie", "").split(";"))
+    return {name: unquote(value) for name, _, value in pairs if name}
 
 
 def route_path(scope: Scope) -> str:
@@ -2657,23 +2696,31 @@ def scope_headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
 
-async def read_request(scope: Scope, receive: Receive, limit: int) -> Request:
-    """The only body reader: raises PayloadTooLarge past ``limit`` bytes."""
-    headers = scope_headers(scope)
+async def read_request(scope: Scope, receive: Receive, limit: int, timeout: float,
+                       headers: dict[str, str] | None = None) -> Request:
+    """The only body reader: PayloadTooLarge past ``limit`` bytes, RequestTimeout when the
+    whole body has not arrived within ``timeout`` seconds (a client that never finishes)."""
+    headers = scope_headers(scope) if headers is None else headers
     if int(headers.get("content-length") or 0) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes", code="body_too_large")
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client went away")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise asyncio.CancelledError("client went away")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes",
+                                          code="body_too_large")
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    break
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s",
+                             code="body_timeout") from None
     query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
     return Request(scope.get("method", "GET"), route_path(scope), headers, query,
                    b"".join(chunks), scope)
@@ -2833,15 +2880,67 @@ def lookup_token(tokens: Mapping[str, str], token: str | None) -> str | None:
     return user
 
 
-def cors_allows(origin: str, allowed: Iterable[str]) -> bool:
-    for rule in allowed:
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+CORS_NO_CREDENTIALS = frozenset({"*", "null", "file://"})
+
+
+def cors_rule(origin: str, rules: Iterable[str]) -> str | None:
+    """The CORS rule that admits ``origin``, if any.
+
+    ``*``, ``null`` and ``file://`` match only themselves (``file://`` exactly, not
+    ``file://evil``); ``http://localhost:*`` matches any port of that scheme and host.
+    """
+    for rule in rules:
         if rule == "*" or rule == origin:
-            return True
+            return rule
         if rule.endswith(":*") and re.fullmatch(re.escape(rule[:-2]) + r"(:\d+)?", origin):
-            return True
-        if rule == "file://" and origin.startswith("file://"):
+            return rule
+    return None
+
+
+def cors_headers(origin: str, rules: Iterable[str], preflight: bool) -> list[tuple[bytes, bytes]]:
+    """The Access-Control headers for ``origin``: credentials only for a real origin
+    listed by name, never for ``*``, ``null`` or ``file://`` (the Fetch standard's rule for
+    ``*``; any sandboxed iframe sends ``Origin: null``)."""
+    rule = cors_rule(origin, rules)
+    if rule is None:
+        return []
+    if rule == "*":
+        headers = [(b"access-control-allow-origin", b"*")]
+    else:
+        headers = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+        if rule not in CORS_NO_CREDENTIALS:
+            headers.append((b"access-control-allow-credentials", b"true"))
+    if preflight:
+        headers += [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                    (b"access-control-allow-headers", b"Authorization, Content-Type, Accept, "
+                     b"User-Agent, X-Requested-With, X-Nodechat-Stream"),
+                    (b"access-control-max-age", b"86400")]
+    return headers
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header: ``[::1]:8000`` -> ``::1``, ``Example.COM:80`` -> ``example.com``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def host_allowed(host: str, allowed: Iterable[str]) -> bool:
+    name = host_name(host)
+    for rule in allowed:
+        if rule == "*" or rule == name or (rule.startswith("*.") and name.endswith(rule[1:])):
             return True
     return False
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """True when a browser's ``Origin`` names the very host (and port) the request went to."""
+    scheme, _, rest = origin.partition("://")
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    rest, host = rest.lower(), host.strip().lower()
+    return bool(rest) and (rest == host or rest + default == host or rest == host + default)
 
 
 class ChatSession:
@@ -3225,6 +3324,7 @@ class NodeChat:
         self._ssl = None
         self._authenticate = authenticate
         self._routes = compile_routes(ROUTES)
+        self._allowed_hosts = self.settings.allowed_hosts or (LOOPBACK_NAMES if self.open else ("*",))
 
     # -- public helpers ------------------------------------------------------------------------
 
@@ -3336,13 +3436,13 @@ class NodeChat:
             await self._handle_lifespan(receive, send)
 
     async def _handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Host and Origin, then auth from the headers, and only then the body: an unknown
+        caller never gets to make the server hold a body in memory."""
         path, method = route_path(scope), scope["method"]
         route, params, allowed = match_route(self._routes, method, path)
         style = route.style if route else ("openai" if path.startswith("/v1/") else "api")
-        send = self._with_cors(scope, send)
-        if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:
-            await JSONResponse(None, 204)(send, receive)
-            return
+        headers = scope_headers(scope)
+        send = self._with_cors(headers, method, send)
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -3351,14 +3451,18 @@ class NodeChat:
             await send(message)
 
         try:
+            self._check_browser(headers)
+            if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:
+                await JSONResponse(None, 204)(send, receive)
+                return
             if route is None:
                 raise MethodNotAllowed("Method Not Allowed") if allowed else NotFound("Not Found")
-            request = await read_request(scope, receive, self.settings.max_body_bytes)
-            request = dataclasses.replace(request, params=params)
             if self._started is None or not self._started.done():
                 await self.startup()
-            if route.auth:
-                request = dataclasses.replace(request, user_id=await self._user(request))
+            user = await self._user(scope, headers, method, path) if route.auth else None
+            request = await read_request(scope, receive, self.settings.max_body_bytes,
+                                         self.settings.body_timeout, headers)
+            request = dataclasses.replace(request, params=params, user_id=user)
             response = await getattr(self, route.handler)(request)
             await response(tracking_send, receive)
         except NodeChatError as err:
@@ -3374,8 +3478,8 @@ class NodeChat:
                 await error_response(NodeChatError("internal server error"), style)(send, receive)
 
     async def _handle_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """``/chat``: a bad or missing token is accepted, then closed with 1008 and a reason,
-        so clients see why (a close before accept is only an HTTP 403)."""
+        """``/chat``: a bad or missing token, Host or Origin is accepted, then closed with
+        1008 and a reason, so clients see why (a close before accept is only an HTTP 403)."""
         if (await receive())["type"] != "websocket.connect":
             return
         if route_path(scope) not in WS_ROUTES:
@@ -3384,11 +3488,16 @@ class NodeChat:
         headers = scope_headers(scope)
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         token = bearer_token(headers) or query.get("api_key") or query.get("token")
-        user = await self._identify(scope, token)
+        try:
+            self._check_browser(headers)
+            user = await self._identify(scope, token)
+            reason = None if user else "Missing authentication" if token is None else "Invalid authentication"
+        except Forbidden as err:
+            user, reason = None, err.message
         await send({"type": "websocket.accept"})
         if user is None:
-            reason = "Missing authentication" if token is None else "Invalid authentication"
-            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+            log.warning("/chat refused (1008): %s", reason)
+            await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
             return
         if self._started is None or not self._started.done():
             await self.startup()
@@ -3414,17 +3523,11 @@ class NodeChat:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _with_cors(self, scope: Scope, send: Send) -> Send:
-        origin = scope_headers(scope).get("origin")
-        if not origin or not cors_allows(origin, self.settings.cors_origins):
+    def _with_cors(self, headers: Mapping[str, str], method: str, send: Send) -> Send:
+        origin = headers.get("origin")
+        extra = cors_headers(origin, self.settings.cors_origins, method == "OPTIONS") if origin else []
+        if not extra:
             return send
-        extra = [(b"access-control-allow-origin", origin.encode("latin-1")),
-                 (b"access-control-allow-credentials", b"true"), (b"vary", b"Origin")]
-        if scope.get("method") == "OPTIONS":
-            extra += [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-                      (b"access-control-allow-headers", b"Authorization, Content-Type, Accept, "
-                       b"User-Agent, X-Requested-With, X-Nodechat-Stream"),
-                      (b"access-control-max-age", b"86400")]
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -3433,14 +3536,55 @@ class NodeChat:
 
         return send_with_cors
 
-    async def _user(self, request: Request) -> str:
-        """The caller's user id, or Unauthorized."""
-        token = bearer_token(request.headers)
-        if token is None and request.path.startswith("/api/"):
-            token = request.cookies.get(self.settings.cookie_name)
-        user = await self._identify(request.scope, token)
+    @property
+    def open(self) -> bool:
+        """True when anyone who reaches the server is a user: no tokens, no ``authenticate``."""
+        return not self.settings.tokens and self._authenticate is None
+
+    def _check_browser(self, headers: Mapping[str, str]) -> None:
+        """Refuse what a web page could make a browser send.
+
+        A Host that is not allowed is DNS rebinding (an open server answers loopback names
+        only); on an open server, an ``Origin`` that is neither this server nor listed in
+        ``cors_origins`` is a cross-site request, refused as Jupyter and MCP's local servers do.
+        """
+        host = headers.get("host", "")
+        if not host_allowed(host, self._allowed_hosts):
+            raise Forbidden(f"Host {host[:80]!r} is not allowed here; add it to allowed_hosts "
+                            "(NODECHAT_ALLOWED_HOSTS)", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin and self.open and not self._origin_allowed(origin, host):
+            raise Forbidden(f"cross-origin request from {origin[:80]!r} refused; add the origin to "
+                            "cors_origins (NODECHAT_CORS_ORIGINS)", code="origin_not_allowed")
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        return same_origin(origin, host) or cors_rule(origin, self.settings.cors_origins) is not None
+
+    async def _user(self, scope: Scope, headers: Mapping[str, str], method: str, path: str) -> str:
+        """The caller's user id from the headers alone, or Unauthorized.
+
+        A session cookie counts on ``/api/`` only, and a cookie is sent by the browser to
+        any page's requests: so a cookie-authenticated call must come from this server or an
+        origin listed with credentials, and a POST must be ``application/json`` (which a
+        cross-site form cannot send)."""
+        token, via_cookie = bearer_token(headers), False
+        if token is None and path.startswith("/api/"):
+            token = request_cookies(headers).get(self.settings.cookie_name)
+            via_cookie = token is not None
+        user = await self._identify(scope, token)
         if not user:
             raise Unauthorized("Unauthorized", code="invalid_api_key")
+        if via_cookie:
+            origin = headers.get("origin")
+            rule = cors_rule(origin, self.settings.cors_origins) if origin else None
+            if origin and not same_origin(origin, headers.get("host", "")) and \
+                    (rule is None or rule in CORS_NO_CREDENTIALS):
+                raise Forbidden(f"cookie sent from {origin[:80]!r}, an origin not allowed with "
+                                "credentials", code="origin_not_allowed")
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if method == "POST" and media != "application/json":
+                raise BadRequest("a request authenticated by cookie must send Content-Type: "
+                                 "application/json", code="unsupported_media_type", status=415)
         return user
 
     async def _identify(self, scope: Scope, token: str | None) -> str | None:
@@ -3666,9 +3810,6 @@ def create_app(**settings: Any) -> NodeChat:
 # CLI: python nodechat.py
 ###############################################################################
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Serve nodechat with uvicorn: ``python nodechat.py --port 8000``."""
     import argparse
@@ -3694,7 +3835,7 @@ def main(argv: list[str] | None = None) -> None:
         app = NodeChat(config=args.config, data_dir=args.data_dir, model=args.model)
     except ValueError as exc:
         parser.error(str(exc))
-    if not app.settings.tokens and args.host not in LOOPBACK_HOSTS and not args.allow_open:
+    if not app.settings.tokens and args.host not in LOOPBACK_NAMES and not args.allow_open:
         parser.error(f"refusing to serve on {args.host} with no tokens: set NODECHAT_TOKENS, "
                      "bind to 127.0.0.1, or pass --allow-open")
     if not any(importlib.util.find_spec(lib) for lib in ("websockets", "wsproto")):

@@ -202,6 +202,7 @@ def upstream():
 
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-internal": "backend"}
+AUTH = {"Authorization": "Bearer tok-alice"}
 
 
 @pytest.fixture
@@ -1898,6 +1899,129 @@ def test_sigterm_lets_a_running_turn_finish_and_saves_it(tmp_path, upstream):
         server.kill()
     stored = asyncio.run(nodechat.JSONFileStore(tmp_path).load_messages("term"))
     assert [(m["role"], m["content"]) for m in stored] == [("user", "x"), ("assistant", "slow but whole")]
+
+
+###############################################################################
+# Security: what a web page, a guesser or a hostile peer can get (issue 10)
+###############################################################################
+
+
+def test_open_server_answers_loopback_host_names_only(live, upstream):
+    """DNS rebinding: a page on attacker.example whose name now points at 127.0.0.1."""
+    _, url = live(tokens={})
+    port = url.rsplit(":", 1)[1]
+    _, events = api_chat(url, {"messages": [user("hi")], "conversationId": "c1"}, token=None)
+    assert events[-1]["type"] == "finish"
+    rebound = httpx.get(url + "/api/conversations/c1", headers={"Host": f"attacker.example:{port}"})
+    assert rebound.status_code == 403 and "allowed_hosts" in rebound.json()["error"]
+    for name in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        assert httpx.get(url + "/api/conversations/c1", headers={"Host": name}).status_code == 200
+
+
+def test_allowed_hosts_admits_a_configured_name(live, upstream):
+    _, url = live(tokens={}, allowed_hosts="chat.internal,*.example.org")
+    for name, status in (("chat.internal", 200), ("a.example.org:8000", 200), ("example.com", 403)):
+        assert httpx.get(url + "/api/memories", headers={"Host": name}).status_code == status
+
+
+def test_open_server_refuses_cross_site_posts(live, upstream):
+    """A page on another site posts text/plain (no preflight) to run tools."""
+    _, url = live(tokens={})
+    upstream.script(tool_calls(("addMemory", {"content": "planted"})), text("ok"))
+    evil = httpx.post(url + "/api/chat", content=json.dumps({"messages": [user("hi")]}),
+                      headers={"Origin": "https://evil.example", "Content-Type": "text/plain"})
+    assert evil.status_code == 403 and evil.json()["error"].startswith("cross-origin request")
+    assert upstream.requests == [] and httpx.get(url + "/api/memories").json() == {"memories": []}
+    same = httpx.post(url + "/api/chat", json={"messages": [user("hi")]}, headers={"Origin": url})
+    assert same.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_open_server_closes_cross_site_websockets_with_1008(live, upstream):
+    _, url = live(tokens={})
+    ws_url = url.replace("http", "ws") + "/chat"
+    async with websockets.connect(ws_url, origin="https://evil.example") as ws:
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1008 and "cross-origin" in ws.close_reason
+    async with websockets.connect(ws_url, origin=url) as ws:  # the server's own page
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "pong"
+    async with websockets.connect(ws_url, additional_headers={"Host": "attacker.example"}) as ws:
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1008
+
+
+def test_cors_star_means_any_origin_without_credentials(live, upstream):
+    _, url = live(cors_origins="*")
+    answer = httpx.get(url + "/api/memories", headers={"Origin": "https://any.example", **AUTH})
+    assert answer.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in answer.headers
+
+
+@pytest.mark.parametrize("origin, allowed, credentials", [
+    ("null", "null", False), ("file://", "file://", False), ("file://evil", None, False),
+    ("https://app.example", "https://app.example", True), ("https://app.example.evil", None, False),
+    ("http://localhost:5173", "http://localhost:5173", True), ("http://localhost.evil:1", None, False),
+])
+def test_cors_rules_match_exactly_and_credentials_go_to_named_origins(live, upstream, origin, allowed,
+                                                                        credentials):
+    _, url = live(cors_origins="null,file://,https://app.example,http://localhost:*")
+    answer = httpx.get(url + "/api/memories", headers={"Origin": origin, **AUTH})
+    assert answer.headers.get("access-control-allow-origin") == allowed
+    assert (answer.headers.get("access-control-allow-credentials") == "true") is credentials
+
+
+def test_null_origin_is_refused_unless_listed(live, upstream):
+    """Any sandboxed iframe sends Origin: null; an open server does not take it by default."""
+    _, url = live(tokens={})
+    assert httpx.get(url + "/api/memories", headers={"Origin": "null"}).status_code == 403
+
+
+def test_cookie_authenticated_chat_refuses_cross_site_requests(live, upstream):
+    """CSRF: a foreign page posts text/plain with only the user's cookie."""
+    _, url = live(cors_origins="https://app.example")
+    cookie = {"Cookie": "nodechat_session=tok-alice"}
+    body = json.dumps({"messages": [user("remember I like tea")]})
+    plain = httpx.post(url + "/api/chat", content=body, headers={**cookie, "Content-Type": "text/plain"})
+    assert plain.status_code == 415 and "application/json" in plain.json()["error"]
+    foreign = httpx.post(url + "/api/chat", content=body, headers={
+        **cookie, "Content-Type": "application/json", "Origin": "https://evil.example"})
+    assert foreign.status_code == 403
+    assert upstream.requests == []
+    listed = httpx.post(url + "/api/chat", content=body, headers={
+        **cookie, "Content-Type": "application/json", "Origin": "https://app.example"})
+    assert listed.status_code == 200
+    bearer = httpx.post(url + "/api/chat", content=body, headers={**AUTH, "Content-Type": "text/plain"})
+    assert bearer.status_code == 200  # bearer auth is not ambient: no CSRF to guard against
+
+
+def raw_request(url: str, head: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``head`` (request line and headers) on a raw socket and return what comes back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        return sock.recv(65536)
+
+
+def test_unauthenticated_body_is_never_read(live, upstream):
+    """The token is checked from the headers: a caller with no token cannot make the
+    server hold a 4 MiB body (the answer comes before any body byte is sent)."""
+    _, url = live()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 4194303\r\n\r\n")
+    assert raw_request(url, head).startswith(b"HTTP/1.1 401")
+
+
+def test_a_body_that_never_finishes_gets_408(live, upstream):
+    _, url = live(body_timeout=1)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer tok-alice\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messages\":")
+    started = time.monotonic()
+    answer = raw_request(url, head)
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+    assert time.monotonic() - started < 4
 
 
 ###############################################################################
