@@ -44,6 +44,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import sys
 import time
 import tomllib
@@ -1074,8 +1075,9 @@ def memory_tools() -> list[Tool]:
 
 SEARCH_BACKENDS = {"searxng": "", "brave": "https://api.search.brave.com/res/v1/web/search",
                    "tavily": "https://api.tavily.com/search"}
-FETCH_MAX_BYTES = 2 * 1024 * 1024
 FETCH_REDIRECTS = 5
+IPV6_EMBEDDING_V4 = ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")  # the last 32 bits are IPv4
+IPV6_NEVER_PUBLIC = ("64:ff9b:1::/48", "fec0::/10")
 
 
 def web_search_tool(settings: Settings) -> Tool | None:
@@ -1123,6 +1125,12 @@ def _search_json(response: httpx.Response) -> dict:
 
 def fetch_url_tool(settings: Settings) -> Tool:
     """``fetchUrl``: a page as readable text (the seed's Scrape-Tool role), kept off private networks."""
+    import ipaddress
+
+    try:
+        allowed = tuple(ipaddress.ip_network(n, strict=False) for n in settings.fetch_allowed_networks)
+    except ValueError as exc:
+        raise ValueError(f"fetch_allowed_networks: {exc}") from None
 
     async def fetchUrl(url: str, context: ToolContext) -> dict:
         """Fetch a web page (http or https) and return its readable text.
@@ -1130,32 +1138,69 @@ def fetch_url_tool(settings: Settings) -> Tool:
         Args:
             url: The address of the page.
         """
-        http = context.http()
-        for _ in range(FETCH_REDIRECTS + 1):
-            await check_public_url(url, settings.allow_private_fetch)
-            async with http.stream("GET", url, follow_redirects=False, timeout=20.0,
-                                   headers={"User-Agent": f"nodechat/{__version__}"}) as response:
-                if response.is_redirect and "location" in response.headers:
-                    url = str(response.url.join(response.headers["location"]))
-                    continue  # each target is checked again before it is fetched
-                body = b""
-                async for piece in response.aiter_bytes():
-                    body += piece
-                    if len(body) >= FETCH_MAX_BYTES:
-                        break
-                kind = response.headers.get("content-type", "")
-                text = body.decode(response.encoding or "utf-8", errors="replace")
-                title, text = html_to_text(text) if "html" in kind or text.lstrip()[:1] == "<" else ("", text)
-                return {"url": url, "status": response.status_code, "title": title,
-                        "text": text[:settings.fetch_max_chars],
-                        "truncated": len(text) > settings.fetch_max_chars}
-        raise ValueError(f"more than {FETCH_REDIRECTS} redirects")
+        try:
+            async with asyncio.timeout(settings.fetch_timeout):
+                return await fetch_page(url, context.http(), settings, allowed)
+        except TimeoutError:
+            raise TimeoutError(f"the page took longer than {settings.fetch_timeout:g} s") from None
 
     return tool(fetchUrl)
 
 
-async def check_public_url(url: str, allow_private: bool = False) -> None:
-    """Refuse non-http(s) URLs, and (unless allowed) hosts that resolve to a non-public address."""
+async def fetch_page(url: str, http: httpx.AsyncClient, settings: Settings,
+                     allowed: tuple = ()) -> dict:
+    """GET a page, following redirects; each hop's host is resolved once, checked, and
+    connected to at that very address (Host header and TLS name kept), so a DNS answer
+    that changes between the check and the connection (rebinding) cannot reach a private
+    address.  At most ``fetch_max_bytes`` are read; HTML is parsed in a thread."""
+    for _ in range(FETCH_REDIRECTS + 1):
+        target, extra = await pinned_target(url, settings.allow_private_fetch, allowed)
+        async with http.stream("GET", target, follow_redirects=False, timeout=20.0, extensions=extra,
+                               headers={"User-Agent": f"nodechat/{__version__}",
+                                        **({"Host": _host_header(url)} if target != url else {})}) as response:
+            if response.is_redirect and "location" in response.headers:
+                url = str(_httpx().URL(url).join(response.headers["location"]))
+                continue  # each target is resolved and checked again before it is fetched
+            body = bytearray()
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) >= settings.fetch_max_bytes:
+                    break
+            kind = response.headers.get("content-type", "")
+            text = bytes(body[:settings.fetch_max_bytes]).decode(response.encoding or "utf-8", errors="replace")
+            if "html" in kind or text.lstrip()[:1] == "<":
+                title, text = await asyncio.to_thread(html_to_text, text)
+            else:
+                title = ""
+            return {"url": url, "status": response.status_code, "title": title,
+                    "text": text[:settings.fetch_max_chars],
+                    "truncated": len(text) > settings.fetch_max_chars or len(body) >= settings.fetch_max_bytes}
+    raise ValueError(f"more than {FETCH_REDIRECTS} redirects")
+
+
+async def pinned_target(url: str, allow_private: bool = False, allowed: tuple = ()) -> tuple[str, dict]:
+    """The URL to connect to (its host replaced by the one checked address) and the httpx
+    extensions that keep the TLS name; ValueError for other schemes and private addresses."""
+    from urllib.parse import urlsplit
+
+    address = await check_public_url(url, allow_private, allowed)
+    if address is None:
+        return url, {}
+    parts = urlsplit(url)
+    target = str(_httpx().URL(url).copy_with(host=str(address)))
+    return target, ({"sni_hostname": parts.hostname} if parts.scheme == "https" else {})
+
+
+def _host_header(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
+async def check_public_url(url: str, allow_private: bool = False, allowed: tuple = ()) -> Any:
+    """The address ``url``'s host resolves to (None when ``allow_private``), refused
+    (ValueError) unless it and every other answer is public or in ``allowed`` networks.
+    The error never names the address: a tool result must not map the server's network."""
     import ipaddress
     from urllib.parse import urlsplit
 
@@ -1163,18 +1208,35 @@ async def check_public_url(url: str, allow_private: bool = False) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"only http and https URLs can be fetched, not {url[:100]!r}")
     if allow_private:
-        return
+        return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port)
-    except OSError as exc:
-        raise ValueError(f"cannot resolve {parts.hostname}: {exc}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if getattr(address, "ipv4_mapped", None):
-            address = address.ipv4_mapped
-        if not address.is_global or address.is_multicast:
-            raise ValueError(f"refusing to fetch {parts.hostname}: {address} is not a public address")
+        infos = await asyncio.to_thread(socket.getaddrinfo, parts.hostname, port, type=socket.SOCK_STREAM)
+    except OSError:
+        raise ValueError(f"cannot resolve {parts.hostname}") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addresses or not all(public_address(a, allowed) for a in addresses):
+        raise ValueError(f"refusing to fetch {parts.hostname}: not a public address")
+    return addresses[0]
+
+
+def public_address(address: Any, allowed: tuple = ()) -> bool:
+    """Global unicast only, including the IPv4 address that an IPv6 form embeds
+    (``::ffff:a.b.c.d``, 6to4, NAT64 ``64:ff9b::/96``, ``::a.b.c.d``, ``::ffff:0:a.b.c.d``);
+    local NAT64 ``64:ff9b:1::/48`` and site-local ``fec0::/10`` are never public."""
+    import ipaddress
+
+    if any(address in network for network in allowed):
+        return True
+    if address.version == 6:
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and any(address in ipaddress.ip_network(n) for n in IPV6_EMBEDDING_V4):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return public_address(embedded, allowed)
+        if address.teredo or any(address in ipaddress.ip_network(n) for n in IPV6_NEVER_PUBLIC):
+            return False
+    return address.is_global and not address.is_multicast
 
 
 def html_to_text(html: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ official ``openai`` client, ``websockets`` and plain httpx; upstreams are either
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import json
@@ -154,10 +155,9 @@ class FakeUpstream:
 
 
 @contextlib.contextmanager
-def serve(app, **config):
+def serve(app, host="127.0.0.1", port=0, **config):
     """Run ``app`` under uvicorn on a free loopback port in a thread; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           **config))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -166,7 +166,7 @@ def serve(app, **config):
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
@@ -1640,7 +1640,10 @@ def test_web_search_is_offered_only_when_configured(make_chat, upstream):
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x", "http://127.0.0.1:8000/",
                                  "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data",
                                  "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://localhost/",
-                                 "http://0.0.0.0/"])
+                                 "http://0.0.0.0/", "http://[64:ff9b::a9fe:a9fe]/",
+                                 "http://[64:ff9b:1::808:808]/", "http://[2002:7f00:1::]/",
+                                 "http://[::127.0.0.1]/", "http://[::ffff:0:127.0.0.1]/",
+                                 "http://[fec0::1]/"])
 async def test_fetch_refuses_other_schemes_and_private_addresses(url):
     with pytest.raises(ValueError):
         await nodechat.check_public_url(url)
@@ -2022,6 +2025,66 @@ def test_a_body_that_never_finishes_gets_408(live, upstream):
     answer = raw_request(url, head)
     assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
     assert time.monotonic() - started < 4
+
+
+def test_fetch_connects_to_the_address_it_checked(make_chat, upstream, monkeypatch):
+    """DNS rebinding: the attacker's resolver answers an allowed address, then 127.0.0.1."""
+    public = Starlette(routes=[Route("/", lambda r: PlainTextResponse("public page"))])
+    secret = Starlette(routes=[Route("/", lambda r: PlainTextResponse("loopback secret"))])
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.2", "127.0.0.1"] * 10)
+
+    def rebinding(host, *args, **kwargs):
+        return real(next(answers) if host == "rebind.test" else host, *args, **kwargs)
+
+    with serve(public, host="127.0.0.2") as public_url:
+        port = int(public_url.rsplit(":", 1)[1])
+        with serve(secret, port=port):
+            monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+            chat = make_chat(fetch_allowed_networks="127.0.0.2/32")
+            page = f"http://rebind.test:{port}/"
+            upstream.script(tool_calls(("fetchUrl", {"url": page})), tool_calls(("fetchUrl", {"url": page})),
+                            text("ok"))
+            with serve(chat) as url:
+                _, events = api_chat(url, {"messages": [user("read it")]})
+    first, second = [e["result"] for e in events if e["type"] == "tool-result"]
+    assert first["text"] == "public page"  # fetched from the address that was checked
+    assert second == "ValueError: refusing to fetch rebind.test: not a public address"
+
+
+def test_fetch_is_bounded_in_bytes_and_time_and_keeps_the_loop_free(make_chat, upstream):
+    async def drip(request):
+        async def body():
+            for _ in range(30):
+                yield b"x"
+                await asyncio.sleep(1)
+        from starlette.responses import StreamingResponse
+        return StreamingResponse(body(), media_type="text/plain")
+
+    huge = "<html><body>" + "<div><b>tea</b> <i>leaf</i></div>" * 200_000 + "</body></html>"  # 6.8 MB
+    site = Starlette(routes=[Route("/drip", drip), Route("/huge", lambda r: HTMLResponse(huge))])
+    with serve(site) as site_url:
+        chat = make_chat(allow_private_fetch=True, fetch_timeout=2)
+        upstream.script(tool_calls(("fetchUrl", {"url": site_url + "/drip"})), text("ok"),
+                        tool_calls(("fetchUrl", {"url": site_url + "/huge"})), text("ok"))
+        with serve(chat) as url:
+            started = time.monotonic()
+            _, events = api_chat(url, {"messages": [user("read it")]})
+            assert time.monotonic() - started < 6
+            dripped = next(e for e in events if e["type"] == "tool-result")
+            assert dripped["isError"] and "longer than 2 s" in dripped["result"]
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                turn = pool.submit(api_chat, url, {"messages": [user("read it")]})
+                slowest = 0.0
+                while not turn.done():
+                    started = time.monotonic()
+                    assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+                    slowest = max(slowest, time.monotonic() - started)
+                    time.sleep(0.02)
+                _, events = turn.result()
+    page = next(e for e in events if e["type"] == "tool-result")["result"]
+    assert page["truncated"] and page["text"].startswith("tea leaf")
+    assert slowest < 1.0, f"the event loop stalled {slowest:.2f} s"
 
 
 ###############################################################################
