@@ -32,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import hmac
 import inspect
@@ -577,135 +579,220 @@ def new_id(prefix: str) -> str:
 class Store(typing.Protocol):
     """Where conversations and memories live.  Every method is async; ids are validated.
 
-    Plug another backend by passing ``NodeChat(store=...)`` an object with these methods.
+    What every store guarantees: a conversation belongs to the user who created it;
+    ``append_messages`` stores a message whose ``ui_id`` the conversation already holds at
+    most once, and refuses (NotFound) a conversation that no longer exists, so a deleted
+    one stays deleted; messages without an owner are never served.  Plug another backend
+    by passing ``NodeChat(store=...)`` an object with these methods.
     """
 
     async def get_conversation(self, conversation_id: str) -> dict | None: ...
     async def create_conversation(self, conversation_id: str, user_id: str, title: str = "") -> dict: ...
     async def update_conversation(self, conversation_id: str, **fields: Any) -> None: ...
-    async def list_conversations(self, user_id: str) -> list[dict]: ...
+    async def list_conversations(self, user_id: str, limit: int = 100,
+                                 before: str | None = None) -> list[dict]: ...
     async def delete_conversation(self, conversation_id: str) -> None: ...
     async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]: ...
     async def load_messages(self, conversation_id: str) -> list[dict]: ...
+    async def truncate_messages(self, conversation_id: str, after_id: str) -> None: ...
     async def add_memory(self, user_id: str, content: str) -> dict: ...
     async def list_memories(self, user_id: str) -> list[dict]: ...
     async def delete_memory(self, user_id: str, memory_id: str) -> bool: ...
     async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]: ...
 
 
+@dataclass
+class _Cached:
+    """A file's parsed content, valid while the file's (inode, mtime, size) key holds."""
+
+    key: tuple | None
+    value: Any
+    index: Any = None
+    offset: int = 0  # bytes of an append-only file read so far
+    lines: int = 0
+
+
 class JSONFileStore:
     """The default store: plain JSON files under one directory.
 
     ``conversations/<id>.json`` holds a conversation's owner and title (rewritten atomically),
-    ``conversations/<id>.jsonl`` its messages (appended, one per line), and
+    ``conversations/<id>.jsonl`` its messages (appended, one per line), ``users/<user>.jsonl``
+    a log of the user's conversation metas (listing reads it, not every conversation), and
     ``memories/<user>.json`` a user's memories.  Writers take a file lock, so several worker
     processes can share one directory; file work runs in a thread, off the event loop.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, max_conversations_per_user: int = 0,
+                 max_memories_per_user: int = 0, cached_users: int = 256):
         self.root = Path(root)
-        self._memories_seen: dict[str, list] = {}  # user -> [file key, memories, index or None]
+        self.max_conversations = max_conversations_per_user
+        self.max_memories = max_memories_per_user
+        self._memories_seen = LRU(cached_users)  # user -> _Cached(memories, MemoryIndex)
+        self._listings_seen = LRU(cached_users)  # user -> _Cached({id: meta}, offset read)
 
     # -- conversations -----------------------------------------------------------------------
 
     async def get_conversation(self, conversation_id: str) -> dict | None:
-        return await asyncio.to_thread(_read_json, self._conversation(conversation_id, ".json"))
+        return await self._run(self._meta, conversation_id)
 
     async def create_conversation(self, conversation_id: str, user_id: str, title: str = "") -> dict:
         path = self._conversation(conversation_id, ".json")
-        stamp = now_iso()
-        meta = {"id": conversation_id, "user_id": user_id, "title": title,
-                "created_at": stamp, "updated_at": stamp}
+        validate_id(user_id, "user id")
 
         def create() -> dict:
             with _locked(path):
-                existing = _read_json(path)
+                existing = self._meta(conversation_id)
                 if existing is not None:
                     return existing
-                _write_json(path, meta)
+                if self._conversation(conversation_id, ".jsonl").exists():
+                    raise _unavailable(conversation_id, "holds messages with no owner")
+                with _locked(self._listing(user_id)):
+                    count = len(self._read_listing(user_id, compact=False))
+                    if self.max_conversations and count >= self.max_conversations:
+                        raise Forbidden(f"you have {self.max_conversations} conversations, the most "
+                                        "kept per user; delete some first", code="conversation_quota")
+                    stamp = now_iso()
+                    meta = {"id": conversation_id, "user_id": user_id, "title": title,
+                            "created_at": stamp, "updated_at": stamp}
+                    _write_json(path, meta)
+                    _append_lines(self._listing(user_id), [meta])
                 return meta
 
-        return await asyncio.to_thread(create)
+        return await self._run(create)
 
     async def update_conversation(self, conversation_id: str, **fields: Any) -> None:
         path = self._conversation(conversation_id, ".json")
 
-        def update() -> None:
-            with _locked(path):
-                meta = _read_json(path)
-                if meta is not None:
-                    _write_json(path, {**meta, **fields, "updated_at": now_iso()})
+        def update(meta: Any) -> Any:
+            if meta is None:
+                return None
+            meta = {**meta, **fields, "updated_at": now_iso()}
+            with _locked(self._listing(meta["user_id"])):
+                _append_lines(self._listing(meta["user_id"]), [meta])
+            return meta
 
-        await asyncio.to_thread(update)
+        await self._run(_modify_json, path, update)
 
-    async def list_conversations(self, user_id: str) -> list[dict]:
-        def scan() -> list[dict]:
-            folder = self.root / "conversations"
-            metas = [_read_json(p) for p in folder.glob("*.json")] if folder.is_dir() else []
-            mine = [m for m in metas if m and m.get("user_id") == user_id]
-            return sorted(mine, key=lambda m: m.get("updated_at", ""), reverse=True)
+    async def list_conversations(self, user_id: str, limit: int = 100,
+                                 before: str | None = None) -> list[dict]:
+        """The user's conversations, most recently updated first; ``before`` (an
+        ``updated_at``) asks for the page after the one that ended there."""
+        def page() -> list[dict]:
+            metas = self._read_listing(user_id).values()
+            if before:
+                metas = [m for m in metas if m["updated_at"] < before]
+            return sorted(metas, key=lambda m: (m["updated_at"], m["id"]), reverse=True)[:limit]
 
-        return await asyncio.to_thread(scan)
+        return await self._run(page)
 
     async def delete_conversation(self, conversation_id: str) -> None:
-        def delete() -> None:
-            for suffix in (".jsonl", ".json"):
-                path = self._conversation(conversation_id, suffix)
-                with _locked(path):
-                    path.unlink(missing_ok=True)
+        messages = self._conversation(conversation_id, ".jsonl")
+        path = self._conversation(conversation_id, ".json")
 
-        await asyncio.to_thread(delete)
+        def delete() -> None:
+            with _locked(messages), _locked(path):
+                try:
+                    meta = _read_json(path, strict=True)
+                except Conflict:
+                    meta = None
+                messages.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+                if meta and ID_PATTERN.fullmatch(str(meta.get("user_id", ""))):
+                    with _locked(self._listing(meta["user_id"])):
+                        _append_lines(self._listing(meta["user_id"]), [{"id": conversation_id, "deleted": True}])
+                for held in (messages, path):  # a waiter finds its lock file gone and retries
+                    _lock_path(held).unlink(missing_ok=True)
+
+        await self._run(delete)
 
     async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]:
-        stamped = [{"id": new_id("msg"), "created_at": now_iso(), **m} for m in messages]
         path = self._conversation(conversation_id, ".jsonl")
-        await asyncio.to_thread(_append_lines, path, stamped)
-        await self.update_conversation(conversation_id)
-        return stamped
+        stamped = [{"id": new_id("msg"), "created_at": now_iso(), **m} for m in messages]
+
+        def append() -> list[dict]:
+            with _locked(path):
+                if not self._conversation(conversation_id, ".json").exists():
+                    raise NotFound("conversation not found", code="conversation_not_found")
+                fresh = _new_ui_ids(_read_lines(path) if any("ui_id" in m for m in stamped) else [], stamped)
+                _append_lines(path, fresh)
+                return fresh
+
+        saved = await self._run(append)
+        if saved:
+            await self.update_conversation(conversation_id)
+        return saved
 
     async def load_messages(self, conversation_id: str) -> list[dict]:
-        return await asyncio.to_thread(_read_lines, self._conversation(conversation_id, ".jsonl"))
+        return await self._run(_read_lines, self._conversation(conversation_id, ".jsonl"))
+
+    async def truncate_messages(self, conversation_id: str, after_id: str) -> None:
+        """Drop every message stored after ``after_id`` (an answer to regenerate)."""
+        path = self._conversation(conversation_id, ".jsonl")
+
+        def truncate() -> None:
+            with _locked(path):
+                records = _read_lines(path)
+                keep = next((i + 1 for i, r in enumerate(records) if r.get("id") == after_id), len(records))
+                if keep < len(records):
+                    _write_bytes(path, _jsonl(records[:keep]))
+
+        await self._run(truncate)
 
     # -- memories ------------------------------------------------------------------------------
 
     async def add_memory(self, user_id: str, content: str) -> dict:
         memory = {"id": new_id("mem"), "content": content, "created_at": now_iso()}
-        await asyncio.to_thread(self._update_memories, user_id, lambda ms: ms + [memory])
+
+        def add(memories: list[dict] | None) -> list[dict]:
+            memories = memories or []
+            if self.max_memories and len(memories) >= self.max_memories:
+                raise Forbidden(f"{self.max_memories} memories are kept per user; delete some first",
+                                code="memory_quota")
+            return memories + [memory]
+
+        await self._run(_modify_json, self._memories(user_id), add)
         return memory
 
     async def list_memories(self, user_id: str) -> list[dict]:
-        return list((await asyncio.to_thread(self._cached_memories, user_id))[1])
+        return list((await self._run(self._cached_memories, user_id)).value)
 
     async def delete_memory(self, user_id: str, memory_id: str) -> bool:
         removed = []
 
-        def without(memories: list[dict]) -> list[dict]:
-            kept = [m for m in memories if m["id"] != memory_id]
-            removed.append(len(kept) != len(memories))
+        def without(memories: list[dict] | None) -> list[dict]:
+            kept = [m for m in memories or [] if m["id"] != memory_id]
+            removed.append(len(kept) != len(memories or []))
             return kept
 
-        await asyncio.to_thread(self._update_memories, user_id, without)
+        await self._run(_modify_json, self._memories(user_id), without)
         return removed[0]
 
     async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]:
         def search() -> list[dict]:
             entry = self._cached_memories(user_id)
-            if entry[2] is None:
-                entry[2] = MemoryIndex(entry[1])
-            return entry[2].search(query, limit)
+            if entry.index is None:
+                entry.index = MemoryIndex(entry.value)
+            return entry.index.search(query, limit)
 
-        return await asyncio.to_thread(search)
+        return await self._run(search)
 
     async def check(self) -> None:
-        """At start-up: move aside (with a warning) any JSON file that is torn or invalid."""
+        """At start-up: move aside (with a warning) any JSON file that is torn or invalid,
+        and build the per-user listings of a data directory written before they existed."""
         def scan() -> None:
             for folder in ("conversations", "memories"):
                 for path in (self.root / folder).glob("*.json"):
                     _read_json(path)
+            users = self.root / "users"
+            if not users.is_dir():
+                metas = [_read_json(p) for p in (self.root / "conversations").glob("*.json")]
+                for meta in sorted(filter(None, metas), key=lambda m: m.get("updated_at", "")):
+                    _append_lines(self._listing(meta["user_id"]), [meta])
+                users.mkdir(parents=True, exist_ok=True)
 
-        await asyncio.to_thread(scan)
+        await self._run(scan)
 
-    # -- paths ---------------------------------------------------------------------------------
+    # -- paths, caches and errors --------------------------------------------------------------
 
     def _conversation(self, conversation_id: str, suffix: str) -> Path:
         return self.root / "conversations" / (validate_id(conversation_id, "conversation id") + suffix)
@@ -713,25 +800,114 @@ class JSONFileStore:
     def _memories(self, user_id: str) -> Path:
         return self.root / "memories" / (validate_id(user_id, "user id") + ".json")
 
-    def _cached_memories(self, user_id: str) -> list:
+    def _listing(self, user_id: str) -> Path:
+        return self.root / "users" / (validate_id(user_id, "user id") + ".jsonl")
+
+    def _meta(self, conversation_id: str) -> dict | None:
+        """A conversation's owner file; a torn one makes the id unavailable, never new."""
+        try:
+            return _read_json(self._conversation(conversation_id, ".json"), strict=True)
+        except Conflict:
+            raise _unavailable(conversation_id, "has a damaged owner file") from None
+
+    def _cached_memories(self, user_id: str) -> _Cached:
         """A user's memories (and search index), read again only when the file changed;
         the key (inode, mtime, size) changes with every atomic replace, in any process."""
         path = self._memories(user_id)
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return [None, [], None]
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        key = _file_key(path)
         entry = self._memories_seen.get(user_id)
-        if entry is None or entry[0] != key:
-            entry = [key, _read_json(path) or [], None]
+        if entry is None or entry.key != key:
+            entry = _Cached(key, (_read_json(path) or []) if key else [])
             self._memories_seen[user_id] = entry
         return entry
 
-    def _update_memories(self, user_id: str, change: Callable[[list[dict]], list[dict]]) -> None:
-        path = self._memories(user_id)
-        with _locked(path):
-            _write_json(path, change(_read_json(path) or []))
+    def _read_listing(self, user_id: str, compact: bool = True) -> dict[str, dict]:
+        """The user's conversations by id, folded from the listing log; only lines
+        appended since the last read are parsed, and a log mostly made of superseded
+        lines is rewritten compactly."""
+        path = self._listing(user_id)
+        key = _file_key(path)
+        entry = self._listings_seen.get(user_id)
+        if entry is None or key is None or entry.key is None or entry.key[0] != key[0] \
+                or key[2] < entry.offset:
+            entry = _Cached(key, {})
+        if key is not None and key[2] > entry.offset:
+            with path.open("rb") as fh:
+                fh.seek(entry.offset)
+                tail = fh.read()
+            complete = tail[:tail.rfind(b"\n") + 1]
+            for record in _parse_lines(complete, path):
+                entry.lines += 1
+                if record.get("deleted"):
+                    entry.value.pop(record.get("id"), None)
+                elif record.get("id"):
+                    entry.value[record["id"]] = record
+            entry.offset += len(complete)
+        entry.key = key
+        self._listings_seen[user_id] = entry
+        if compact and entry.lines > 2 * len(entry.value) + 64:
+            with _locked(path):
+                _write_bytes(path, _jsonl(list(entry.value.values())))
+            self._listings_seen.pop(user_id, None)
+        return entry.value
+
+    @staticmethod
+    async def _run(fn: Callable, *args: Any) -> Any:
+        """File work in a thread; a full disk is 507 and a read-only one a clear 500."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage("the data directory is full", code="storage_full") from exc
+            log.error("data directory: %s", exc)
+            reason = "read-only" if exc.errno == errno.EROFS else f"not writable ({exc.strerror})"
+            raise NodeChatError(f"the data directory is {reason}", code="storage_error") from exc
+
+
+class LRU(collections.OrderedDict):
+    """A dict that forgets its least recently used entries past ``size``."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+def _unavailable(conversation_id: str, why: str) -> Conflict:
+    return Conflict(f"conversation {conversation_id!r} {why}; it cannot be used until an "
+                    "operator repairs it", code="conversation_unavailable")
+
+
+def _new_ui_ids(stored: list[dict], incoming: list[dict]) -> list[dict]:
+    """``incoming`` without the messages whose ``ui_id`` is stored (or repeated)."""
+    seen = {m.get("ui_id") for m in stored if m.get("ui_id")}
+    fresh = []
+    for message in incoming:
+        if message.get("ui_id") in seen:
+            continue
+        if message.get("ui_id"):
+            seen.add(message["ui_id"])
+        fresh.append(message)
+    return fresh
+
+
+def _file_key(path: Path) -> tuple | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def rank_memories(memories: list[dict], query: str, limit: int) -> list[dict]:
@@ -779,28 +955,60 @@ class MemoryIndex:
         return [{**self.memories[index], "score": round(score, 3)} for index, score in ranked]
 
 
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
-    """Hold an exclusive lock on ``path`` (through ``path.lock``) across threads and processes."""
+    """Hold an exclusive lock on ``path`` (through ``path.lock``) across threads and processes.
+
+    A deleted conversation removes its lock files while holding them, so a waiter that
+    wakes up holding a removed file's lock tries again on the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    lock_path = _lock_path(path)
+    while True:
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if _same_file(lock, lock_path):
+                    yield
+                    return
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _read_json(path: Path) -> Any:
+def _same_file(handle: Any, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _modify_json(path: Path, change: Callable[[Any], Any]) -> Any:
+    """Read-modify-write one JSON file under its lock; ``change`` gets None for a missing
+    file and returns the new content (None: leave the file alone)."""
+    with _locked(path):
+        value = change(_read_json(path))
+        if value is not None:
+            _write_json(path, value)
+        return value
+
+
+def _read_json(path: Path, strict: bool = False) -> Any:
+    """A JSON file's content, None when missing.  An invalid file raises Conflict when
+    ``strict``; otherwise it is moved aside with a warning and counts as missing."""
     try:
         with path.open("rb") as fh:
             return json.load(fh)
     except FileNotFoundError:
         return None
-    except ValueError:
+    except (ValueError, RecursionError):
+        if strict:
+            raise Conflict(f"{path.name} is not valid JSON", code="damaged_file") from None
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.warning("%s is not valid JSON; moved aside to %s", path, aside.name)
         with contextlib.suppress(OSError):
@@ -809,12 +1017,16 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, value: Any) -> None:
+    _write_bytes(path, json.dumps(value, ensure_ascii=False).encode())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     """Write atomically: a temporary file in the same directory, fsync, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with tmp.open("wb") as fh:
-            fh.write(json.dumps(value, ensure_ascii=False).encode())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -822,16 +1034,31 @@ def _write_json(path: Path, value: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
 def _append_lines(path: Path, records: list[dict]) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    with _locked(path), path.open("ab+") as fh:
-        if fh.tell() > 0:  # a torn last line (crash mid-write) must not swallow the next record
+    """Append records (the caller holds the lock); a failed write is cut off again, so a
+    full disk leaves no half-written line behind."""
+    if not records:
+        return
+    data = _jsonl(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab+") as fh:
+        size = fh.tell()
+        if size > 0:  # a torn last line (crash mid-write) must not swallow the next record
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":
                 data = b"\n" + data
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        try:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                fh.truncate(size)
+            raise
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -839,13 +1066,17 @@ def _read_lines(path: Path) -> list[dict]:
         raw = path.read_bytes()
     except FileNotFoundError:
         return []
+    return _parse_lines(raw, path)
+
+
+def _parse_lines(raw: bytes, path: Path) -> list[dict]:
     records = []
     for number, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("%s: line %d is torn or invalid; ignored", path, number)
     return records
 
@@ -1984,6 +2215,7 @@ class Turn:
     remember: bool = False
     system: str | None = None
     max_steps: int = 20
+    regenerate: bool = False  # answer the last user message again, dropping its stored answer
 
 
 class Agent:
@@ -2038,8 +2270,30 @@ class Agent:
         if meta.get("user_id") != turn.user_id:
             raise NotFound("conversation not found", code="conversation_not_found")
         stored = [] if created else await self.store.load_messages(cid)
+        if turn.regenerate:
+            stored = await self._drop_answer(cid, stored, turn.messages)
+        last = turn.messages[-1] if turn.messages else {}
+        asked = last.get("ui_id") if last.get("role") == "user" else None
+        at = next((i for i, m in enumerate(stored) if asked and m.get("ui_id") == asked), None)
+        if at is not None and any(m.get("role") == "assistant" for m in stored[at + 1:]):
+            raise Conflict("this message was already answered; regenerate it for a new answer",
+                           code="already_answered")
         saved = await self.store.append_messages(cid, new_messages(stored, turn.messages))
+        if asked and at is None and all(m.get("ui_id") != asked for m in saved):
+            raise Conflict("this message is already being answered", code="already_answered")
         return stored + saved, created
+
+    async def _drop_answer(self, cid: str, stored: list[dict], incoming: list[dict]) -> list[dict]:
+        """Forget the stored answer (and its tool messages) to the message being regenerated:
+        the incoming last user message, else the last stored one."""
+        asked = next((m.get("ui_id") for m in reversed(incoming) if m.get("role") == "user"), None)
+        users = [i for i, m in enumerate(stored) if m.get("role") == "user"]
+        at = next((i for i in reversed(users) if asked and stored[i].get("ui_id") == asked),
+                  users[-1] if users else None)
+        if at is None or at == len(stored) - 1:
+            return stored
+        await self.store.truncate_messages(cid, stored[at]["id"])
+        return stored[:at + 1]
 
     async def complete(self, messages: list[dict], model: str | None = None) -> str:
         """One model call without tools, its text only (used for titles)."""
@@ -2114,14 +2368,20 @@ class Agent:
                     return
             yield Finished("max_steps", usage)
         finally:
-            if text:  # stopped or failed mid-answer: keep what was said
-                await asyncio.shield(self._save(turn, [assistant_message("".join(text), [])]))
+            if text:  # stopped or failed mid-answer: keep what was said (unless it was deleted)
+                with contextlib.suppress(NotFound):
+                    await asyncio.shield(self._save(turn, [assistant_message("".join(text), [])]))
 
     async def _run_tools(self, calls: list[ToolCall], by_name: dict[str, Tool],
                          context: ToolContext) -> AsyncIterator[Event]:
-        """Run one step's calls concurrently; results as they finish, keep-alives meanwhile."""
+        """Run one step's calls concurrently; results as they finish, keep-alives meanwhile.
+        Past ``max_tool_calls_per_step`` a call is not run: the model reads why."""
+        limit = self.settings.max_tool_calls_per_step
+        for call in calls[limit:]:
+            yield ToolResult(call.id, call.name, f"not run: at most {limit} tool calls run in one step",
+                             is_error=True)
         pending = {asyncio.create_task(self._call(call, by_name.get(call.name), context))
-                   for call in calls}
+                   for call in calls[:limit]}
         try:
             while pending:
                 done, pending = await asyncio.wait(
@@ -3367,7 +3627,9 @@ class NodeChat:
                  providers: Iterable[Provider] = (), http_client: httpx.AsyncClient | None = None,
                  authenticate: Callable[[Scope], Any] | None = None, **settings: Any):
         self.settings = Settings.from_sources(settings, config, environ)
-        self.store = store if store is not None else JSONFileStore(self.settings.data_dir)
+        self.store = store if store is not None else JSONFileStore(
+            self.settings.data_dir, max_conversations_per_user=self.settings.max_conversations_per_user,
+            max_memories_per_user=self.settings.max_memories_per_user)
         self.providers = Providers(self.settings, providers)
         self.tools = ToolRegistry(memory_tools())
         for extra in (web_search_tool(self.settings),
@@ -3380,6 +3642,7 @@ class NodeChat:
         self.agent = Agent(self.providers, self.store, self.http, self.settings)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
         self._turns: dict[str, int] = {}  # user -> agent turns running now
+        self._busy: set[str] = set()  # conversations with a turn running now
         self._http_client = http_client  # a host's own client replaces the pools
         self._pools: list[httpx.AsyncClient] = []
         self._pool_turn = itertools.count()
@@ -3771,22 +4034,33 @@ class NodeChat:
         return meta
 
     async def run_turn(self, turn: Turn) -> AsyncIterator[Event]:
-        """``agent.run(turn)``, at most ``max_turns_per_user`` at once per user (429 beyond).
+        """``agent.run(turn)``, with an end user's agent turns capped at
+        ``max_turns_per_user`` (429 beyond; ``/v1`` callers are services with one key and
+        many requests: uncapped) and one turn at a time per conversation (409).
 
-        The check runs on the first event, so an SSE response still gets a proper 429."""
-        user = turn.user_id
-        if self._turns.get(user, 0) >= self.settings.max_turns_per_user:
+        The checks run on the first event, so an SSE response still gets a proper error."""
+        user, cid = turn.user_id, turn.conversation_id
+        capped = turn.remember
+        if capped and self._turns.get(user, 0) >= self.settings.max_turns_per_user:
             raise TooManyRequests(f"{self.settings.max_turns_per_user} turns are already running for "
                                   "this user; try again when one ends", code="too_many_turns")
-        self._turns[user] = self._turns.get(user, 0) + 1
+        if cid is not None and cid in self._busy:
+            raise Conflict("a turn is already running in this conversation; wait for it or stop it",
+                           code="conversation_busy")
+        if capped:
+            self._turns[user] = self._turns.get(user, 0) + 1
+        if cid is not None:
+            self._busy.add(cid)
         events = self.agent.run(turn)
         try:
             async for event in events:
                 yield event
         finally:
-            self._turns[user] -= 1
-            if not self._turns[user]:
-                del self._turns[user]
+            if capped:
+                self._turns[user] -= 1
+                if not self._turns[user]:
+                    del self._turns[user]
+            self._busy.discard(cid)
             await events.aclose()
 
     def _offered(self, names: Any) -> list[Tool]:

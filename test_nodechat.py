@@ -1735,6 +1735,7 @@ def test_kill_9_during_writes_leaves_every_file_whole(tmp_path):
 
 def test_a_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog):
     store = nodechat.JSONFileStore(tmp_path)
+    asyncio.run(store.create_conversation("c1", "u"))
     asyncio.run(store.append_messages("c1", [{"role": "user", "content": "whole"}]))
     path = tmp_path / "conversations" / "c1.jsonl"
     with path.open("ab") as fh:
@@ -2064,15 +2065,15 @@ def test_fetch_is_bounded_in_bytes_and_time_and_keeps_the_loop_free(make_chat, u
     huge = "<html><body>" + "<div><b>tea</b> <i>leaf</i></div>" * 200_000 + "</body></html>"  # 6.8 MB
     site = Starlette(routes=[Route("/drip", drip), Route("/huge", lambda r: HTMLResponse(huge))])
     with serve(site) as site_url:
-        chat = make_chat(allow_private_fetch=True, fetch_timeout=2)
         upstream.script(tool_calls(("fetchUrl", {"url": site_url + "/drip"})), text("ok"),
                         tool_calls(("fetchUrl", {"url": site_url + "/huge"})), text("ok"))
-        with serve(chat) as url:
+        with serve(make_chat(allow_private_fetch=True, fetch_timeout=2)) as url:
             started = time.monotonic()
             _, events = api_chat(url, {"messages": [user("read it")]})
             assert time.monotonic() - started < 6
             dripped = next(e for e in events if e["type"] == "tool-result")
             assert dripped["isError"] and "longer than 2 s" in dripped["result"]
+        with serve(make_chat(allow_private_fetch=True)) as url:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 turn = pool.submit(api_chat, url, {"messages": [user("read it")]})
                 slowest = 0.0
@@ -2083,7 +2084,7 @@ def test_fetch_is_bounded_in_bytes_and_time_and_keeps_the_loop_free(make_chat, u
                     time.sleep(0.02)
                 _, events = turn.result()
     page = next(e for e in events if e["type"] == "tool-result")["result"]
-    assert page["truncated"] and page["text"].startswith("tea leaf")
+    assert page["truncated"] and page["text"].startswith("tea leaf"), page
     assert slowest < 1.0, f"the event loop stalled {slowest:.2f} s"
 
 
