@@ -569,7 +569,10 @@ def validate_id(value: Any, what: str = "id") -> str:
 
 
 def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+    """UTC with microseconds, from one clock reading (so it never runs backwards at a second's
+    turn); as text these sort in time order, which listings rely on."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1e6) % 1_000_000:06d}Z"
 
 
 def new_id(prefix: str) -> str:
@@ -661,17 +664,7 @@ class JSONFileStore:
         return await self._run(create)
 
     async def update_conversation(self, conversation_id: str, **fields: Any) -> None:
-        path = self._conversation(conversation_id, ".json")
-
-        def update(meta: Any) -> Any:
-            if meta is None:
-                return None
-            meta = {**meta, **fields, "updated_at": now_iso()}
-            with _locked(self._listing(meta["user_id"])):
-                _append_lines(self._listing(meta["user_id"]), [meta])
-            return meta
-
-        await self._run(_modify_json, path, update)
+        await self._run(self._update, conversation_id, fields)
 
     async def list_conversations(self, user_id: str, limit: int = 100,
                                  before: str | None = None) -> list[dict]:
@@ -714,13 +707,17 @@ class JSONFileStore:
                 if not self._conversation(conversation_id, ".json").exists():
                     raise NotFound("conversation not found", code="conversation_not_found")
                 fresh = _new_ui_ids(_read_lines(path) if any("ui_id" in m for m in stamped) else [], stamped)
-                _append_lines(path, fresh)
+                if fresh:
+                    size = _append_lines(path, fresh)
+                    try:
+                        self._update(conversation_id, {})
+                    except OSError:  # all or nothing: the messages go again too
+                        with path.open("r+b") as fh:
+                            fh.truncate(size)
+                        raise
                 return fresh
 
-        saved = await self._run(append)
-        if saved:
-            await self.update_conversation(conversation_id)
-        return saved
+        return await self._run(append)
 
     async def load_messages(self, conversation_id: str) -> list[dict]:
         return await self._run(_read_lines, self._conversation(conversation_id, ".jsonl"))
@@ -802,6 +799,17 @@ class JSONFileStore:
 
     def _listing(self, user_id: str) -> Path:
         return self.root / "users" / (validate_id(user_id, "user id") + ".jsonl")
+
+    def _update(self, conversation_id: str, fields: dict) -> None:
+        def update(meta: Any) -> Any:
+            if meta is None:
+                return None
+            meta = {**meta, **fields, "updated_at": now_iso()}
+            with _locked(self._listing(meta["user_id"])):
+                _append_lines(self._listing(meta["user_id"]), [meta])
+            return meta
+
+        _modify_json(self._conversation(conversation_id, ".json"), update)
 
     def _meta(self, conversation_id: str) -> dict | None:
         """A conversation's owner file; a torn one makes the id unavailable, never new."""
@@ -1038,11 +1046,9 @@ def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
 
-def _append_lines(path: Path, records: list[dict]) -> None:
-    """Append records (the caller holds the lock); a failed write is cut off again, so a
-    full disk leaves no half-written line behind."""
-    if not records:
-        return
+def _append_lines(path: Path, records: list[dict]) -> int:
+    """Append records (the caller holds the lock) and return the size before; a failed
+    write is cut off again, so a full disk leaves no half-written line behind."""
     data = _jsonl(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab+") as fh:
@@ -1059,6 +1065,7 @@ def _append_lines(path: Path, records: list[dict]) -> None:
             with contextlib.suppress(OSError):
                 fh.truncate(size)
             raise
+    return size
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -4005,7 +4012,17 @@ class NodeChat:
         return JSONResponse({"data": await self.agent.title(text, model)})
 
     async def list_conversations(self, request: Request) -> JSONResponse:
-        return JSONResponse({"conversations": await self.store.list_conversations(request.user_id)})
+        """Newest first, ``limit`` (1-1000, default 100) a page; the next page is
+        ``?before=<updated_at of the last one>`` while ``has_more``."""
+        try:
+            limit = int(request.query.get("limit", 100))
+        except ValueError:
+            raise BadRequest("limit must be a whole number", code="invalid_limit") from None
+        if not 1 <= limit <= 1000:
+            raise BadRequest("limit must be between 1 and 1000", code="invalid_limit")
+        page = await self.store.list_conversations(request.user_id, limit + 1,
+                                                   request.query.get("before") or None)
+        return JSONResponse({"conversations": page[:limit], "has_more": len(page) > limit})
 
     async def get_conversation(self, request: Request) -> JSONResponse:
         meta = await self._own_conversation(request)

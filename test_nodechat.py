@@ -182,6 +182,15 @@ def read_sse(response: httpx.Response) -> list:
     return events
 
 
+def eventually(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Wait until ``predicate()`` is true (and return its value), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"not true within {timeout} s: {predicate}"
+        time.sleep(interval)
+    return value
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -811,7 +820,7 @@ def test_one_user_cannot_read_delete_or_continue_anothers_conversation(live, ups
     bob = {"Authorization": "Bearer tok-bob"}
     assert httpx.get(url + "/api/conversations/alice-conv", headers=bob).status_code == 404
     assert httpx.delete(url + "/api/conversations/alice-conv", headers=bob).status_code == 404
-    assert httpx.get(url + "/api/conversations", headers=bob).json() == {"conversations": []}
+    assert httpx.get(url + "/api/conversations", headers=bob).json() == {"conversations": [], "has_more": False}
     response, error = api_chat(url, {"messages": [user("mine now")], "conversationId": "alice-conv"},
                                token="tok-bob")
     assert response.status_code == 404
@@ -2087,6 +2096,165 @@ def test_fetch_is_bounded_in_bytes_and_time_and_keeps_the_loop_free(make_chat, u
     assert page["truncated"] and page["text"].startswith("tea leaf"), page
     assert slowest < 1.0, f"the event loop stalled {slowest:.2f} s"
 
+
+def test_deleting_a_conversation_mid_turn_keeps_it_deleted(live, upstream):
+    """The late append of a running turn must not recreate the conversation ownerless,
+    for another user to adopt with the same id."""
+    _, url = live()
+    upstream.script(("stall", text("the old secret")[:3]), text("bob's answer"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        turn = pool.submit(api_chat, url, {"messages": [user("hi")], "conversationId": "shared-id"})
+        eventually(lambda: upstream.open_streams == 1)
+        assert httpx.delete(url + "/api/conversations/shared-id", headers=AUTH).status_code == 200
+        upstream.disconnects = 0
+        eventually(lambda: httpx.get(url + "/api/conversations/shared-id", headers=AUTH).status_code == 404)
+    response, events = api_chat(url, {"messages": [user("hello")], "conversationId": "shared-id"},
+                                token="tok-bob")
+    assert response.status_code == 200
+    stored = httpx.get(url + "/api/conversations/shared-id", headers={"Authorization": "Bearer tok-bob"}).json()
+    assert [m["content"] for m in stored["messages"]] == ["hello", "bob's answer"]
+    assert "old secret" not in json.dumps(stored)
+    turn.cancel()
+
+
+def test_a_torn_owner_file_makes_the_id_unavailable_never_new(live, upstream, tmp_path):
+    chat, url = live()
+    api_chat(url, {"messages": [user("alice's words")], "conversationId": "c-torn"})
+    (tmp_path / "data" / "conversations" / "c-torn.json").write_text('{"id": "c-torn", "user_')
+    response, error = api_chat(url, {"messages": [user("adopt")], "conversationId": "c-torn"}, token="tok-bob")
+    assert response.status_code == 409 and "cannot be used" in error["error"]
+    bob = {"Authorization": "Bearer tok-bob"}
+    assert httpx.get(url + "/api/conversations/c-torn", headers=bob).status_code == 409
+    (tmp_path / "data" / "conversations" / "c-torn.json").unlink()  # ownerless messages
+    response, error = api_chat(url, {"messages": [user("adopt")], "conversationId": "c-torn"}, token="tok-bob")
+    assert response.status_code == 409
+    assert httpx.get(url + "/api/conversations/c-torn", headers=bob).status_code == 404
+
+
+def test_listing_conversations_is_paginated_and_per_user(live, upstream, tmp_path):
+    chat, url = live()
+    for n in range(5):
+        api_chat(url, {"messages": [user(f"chat {n}")], "conversationId": f"a{n}"})
+    api_chat(url, {"messages": [user("bob's")], "conversationId": "b0"}, token="tok-bob")
+    first = httpx.get(url + "/api/conversations?limit=2", headers=AUTH).json()
+    assert [c["id"] for c in first["conversations"]] == ["a4", "a3"] and first["has_more"]
+    after = first["conversations"][-1]["updated_at"]
+    rest = httpx.get(url + "/api/conversations", params={"before": after}, headers=AUTH).json()
+    assert [c["id"] for c in rest["conversations"]] == ["a2", "a1", "a0"] and not rest["has_more"]
+    assert httpx.get(url + "/api/conversations?limit=0", headers=AUTH).status_code == 400
+    httpx.delete(url + "/api/conversations/a3", headers=AUTH)
+    listed = httpx.get(url + "/api/conversations", headers=AUTH).json()["conversations"]
+    assert "a3" not in [c["id"] for c in listed] and len(listed) == 4
+    assert not list((tmp_path / "data" / "conversations").glob("a3.*"))  # no .lock files left
+
+
+def test_listing_reads_only_the_users_own_index(tmp_path):
+    """One user's 3,000 conversations do not slow another user's listing."""
+    store = nodechat.JSONFileStore(tmp_path)
+
+    async def fill():
+        for n in range(3000):
+            await store.create_conversation(f"c{n}", "heavy")
+        await store.create_conversation("light-1", "light")
+        started = time.perf_counter()
+        listed = await nodechat.JSONFileStore(tmp_path).list_conversations("light")
+        return listed, time.perf_counter() - started
+
+    listed, seconds = asyncio.run(fill())
+    assert [c["id"] for c in listed] == ["light-1"] and seconds < 0.2
+
+
+def test_per_user_quotas_give_clear_errors(live, upstream):
+    _, url = live(max_conversations_per_user=2, max_memories_per_user=1)
+    for n in range(2):
+        assert api_chat(url, {"messages": [user("x")], "conversationId": f"q{n}"})[0].status_code == 200
+    response, error = api_chat(url, {"messages": [user("x")], "conversationId": "q2"})
+    assert response.status_code == 403 and "delete some" in error["error"]
+    upstream.script(tool_calls(("addMemory", {"content": "one"}), ("addMemory", {"content": "two"})), text("ok"))
+    _, events = api_chat(url, {"messages": [user("remember")]})
+    results = [e for e in events if e["type"] == "tool-result"]
+    assert [bool(r.get("isError")) for r in results].count(True) == 1
+    assert len(httpx.get(url + "/api/memories", headers=AUTH).json()["memories"]) == 1
+
+
+def test_memory_cache_is_bounded(tmp_path):
+    store = nodechat.JSONFileStore(tmp_path, cached_users=10)
+
+    async def touch():
+        for n in range(50):
+            await store.add_memory(f"user{n}", "likes tea")
+            await store.search_memories(f"user{n}", "tea")
+
+    asyncio.run(touch())
+    assert len(store._memories_seen) == 10
+
+
+def test_identical_concurrent_submits_store_one_reply(live, upstream):
+    _, url = live()
+    upstream.script(*[("slow", text("only", " once"), 0.2)] * 4)
+    body = ui_request("hi", "conv-dup")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: api_chat(url, body), range(4)))
+    assert sorted(r.status_code for r, _ in answers) == [200, 409, 409, 409]
+    stored = httpx.get(url + "/api/conversations/conv-dup", headers=AUTH).json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    again, error = api_chat(url, body)
+    assert again.status_code == 409 and "already answered" in error["error"]
+
+
+def test_tool_calls_per_step_are_capped(live, upstream):
+    chat, url = live(max_tool_calls_per_step=3)
+    ran = []
+    chat.tools.add(lambda n: ran.append(n) or n, name="count", description="Count.")
+    upstream.script(tool_calls(*[("count", {"n": n}) for n in range(6)]), text("ok"))
+    _, events = api_chat(url, {"messages": [user("go")]})
+    results = [e for e in events if e["type"] == "tool-result"]
+    assert sorted(ran) == [0, 1, 2] and len(results) == 6
+    assert sum("at most 3" in str(r["result"]) for r in results) == 3
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs to fill up (mounting needs root, as CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs: {done.stderr.decode()}")
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as fh:
+        while True:
+            fh.write(b"x" * 4096)
+            fh.flush()
+    return filler
+
+
+def test_a_full_disk_is_507_and_stores_nothing(live, upstream, small_disk):
+    _, url = live(data_dir=str(small_disk / "data"))
+    api_chat(url, {"messages": [user("first")], "conversationId": "full"})
+    filler = fill(small_disk)
+    response, error = api_chat(url, {"messages": [user("second")], "conversationId": "full"})
+    assert response.status_code == 507 and error["error"] == "the data directory is full"
+    filler.unlink()
+    stored = httpx.get(url + "/api/conversations/full", headers=AUTH).json()["messages"]
+    assert [m["content"] for m in stored] == ["first", "ok"]  # nothing half-stored
+    assert api_chat(url, {"messages": [user("third")], "conversationId": "full"})[0].status_code == 200
+
+
+def test_a_read_only_data_dir_is_a_clear_error(live, upstream, small_disk):
+    _, url = live(data_dir=str(small_disk / "data"))
+    api_chat(url, {"messages": [user("first")], "conversationId": "ro"})
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    response, error = api_chat(url, {"messages": [user("second")], "conversationId": "ro"})
+    assert response.status_code == 500 and error["error"] == "the data directory is read-only"
 
 ###############################################################################
 # App: mounting, instances, lifespan, CLI
