@@ -1949,6 +1949,7 @@ class OpenAIProvider:
         self.base_url = base_url.rstrip("/")
         self.models = tuple(models)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.secrets = (api_key,)  # never repeated to clients, even when the upstream echoes it
         self.stream_timeout = stream_timeout
 
     async def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]:
@@ -1985,33 +1986,37 @@ class OpenAIProvider:
         reason, usage, done = None, None, False
         deadline = time.monotonic() + self.stream_timeout  # a slow drip resets no clock here
         async for batch in sse_batches(response.aiter_bytes()):
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline:  # checked on every read, keep-alive comments too
                 raise UpstreamTimeout(f"provider {self.name!r} took longer than {self.stream_timeout:g} s")
             pending: list[str] = []
             pending_kind: type = TextDelta
-            for data in batch:
-                if done or data == b"[DONE]":
-                    done = True  # read on to the end: a drained response goes back to the pool
-                    continue
-                chunk = self._parse(data)
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or ():
-                    if choice.get("index", 0) != 0:
+            try:
+                for data in batch:
+                    if done or data == b"[DONE]":
+                        done = True  # read on to the end: a drained response goes back to the pool
                         continue
-                    delta = choice.get("delta") or {}
-                    for kind, piece in ((ReasoningDelta, delta.get("reasoning_content") or delta.get("reasoning")),
-                                        (TextDelta, delta.get("content"))):
-                        if piece:
-                            if pending and kind is not pending_kind:
-                                yield pending_kind("".join(pending))
-                                pending = []
-                            pending_kind = kind
-                            pending.append(piece)
-                    for part in delta.get("tool_calls") or ():
-                        _assemble(calls, part)
-                    reason = choice.get("finish_reason") or reason
-            if pending:
-                yield pending_kind("".join(pending))
+                    chunk = self._parse(data)
+                    usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else usage
+                    for choice in chunk.get("choices") or ():
+                        if choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") or {}
+                        for kind, piece in ((ReasoningDelta, delta.get("reasoning_content") or delta.get("reasoning")),
+                                            (TextDelta, delta.get("content"))):
+                            if piece:
+                                if pending and kind is not pending_kind:
+                                    yield pending_kind("".join(pending))
+                                    pending = []
+                                pending_kind = kind
+                                pending.append(piece)
+                        for part in delta.get("tool_calls") or ():
+                            _assemble(calls, part)
+                        reason = choice.get("finish_reason") or reason
+                if pending:
+                    yield pending_kind("".join(pending))
+            except (AttributeError, TypeError, KeyError) as exc:  # a chunk of the wrong shape
+                raise UpstreamError(f"provider {self.name!r} sent a malformed chunk "
+                                    f"({type(exc).__name__}: {exc})") from None
         if not done and reason is None:
             raise UpstreamError(f"provider {self.name!r} ended the stream before the answer was complete")
         for _, (call_id, name, arguments) in sorted(calls.items()):
@@ -2026,7 +2031,7 @@ class OpenAIProvider:
         if not isinstance(chunk, dict):
             raise UpstreamError(f"provider {self.name!r} sent a non-object event: {data[:200]!r}")
         if "error" in chunk:
-            raise UpstreamError(f"provider {self.name!r}: {_error_text(chunk)}")
+            raise UpstreamError(f"provider {self.name!r}: {redact(_error_text(chunk), self.secrets)}")
         return chunk
 
     @contextlib.contextmanager
@@ -2053,6 +2058,7 @@ class OpenAIProvider:
         status = response.status_code
         retry_after = response.headers.get("retry-after")
         wait = f" (retry after {retry_after} s)" if retry_after else ""
+        detail = redact(detail, self.secrets)
         error = UpstreamError(f"provider {self.name!r} returned HTTP {status}: {detail}{wait}",
                               code=f"upstream_{status}")
         error.retry_after = retry_after
@@ -2070,6 +2076,18 @@ def _assemble(calls: dict[int, list[str]], part: dict) -> None:
     if function.get("name") and not entry[1]:  # some servers repeat the name in every delta
         entry[1] = function["name"]
     entry[2] += function.get("arguments") or ""
+
+
+SECRET_PATTERN = re.compile(r"(?i)(bearer\s+|\bsk-)[A-Za-z0-9._~+/=-]{4,}")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` from an upstream without the keys it may echo back (``Bearer ...``, ``sk-...``,
+    and the configured key itself, wherever it appears)."""
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "***")
+    return SECRET_PATTERN.sub(r"\1***", text)
 
 
 def _error_text(payload: Any) -> str:
@@ -2104,8 +2122,7 @@ async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
                     data = []
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line.startswith(b"data: ") else line[5:])
-        if batch:
-            yield batch
+        yield batch  # even empty: the reader checks its deadline on every read
     if buffer.startswith(b"data:"):
         data.append(buffer[6:] if buffer.startswith(b"data: ") else buffer[5:])
     if data:
@@ -2663,6 +2680,25 @@ _decode_json = json.JSONDecoder().decode
 _json_string = json.encoder.encode_basestring  # a str as a JSON string literal (C-accelerated)
 
 
+def parse_json(raw: bytes | str) -> Any:
+    """JSON from a client, strictly: ValueError for NaN or Infinity (no provider accepts
+    them), a lone surrogate (not encodable as UTF-8) or nesting too deep to handle."""
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if ("\\ud" if isinstance(raw, str) else b"\\ud") in raw.lower():  # an escaped surrogate
+        try:
+            _encode_json(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff)") from None
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def compact_json(value: Any) -> str:
     """JSON without spaces, with U+2028/2029 escaped (JavaScript line terminators)."""
     return _encode_json(value).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
@@ -2999,7 +3035,7 @@ class Request:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body)
+            return parse_json(self.body)
         except ValueError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
@@ -3340,8 +3376,8 @@ class ChatSession:
             return None, binary
         try:
             frame = (msgpack.unpackb(raw, raw=False, strict_map_key=False, ext_hook=_unknown_ext)
-                     if binary else json.loads(raw))
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                     if binary else parse_json(raw))
+        except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
             kind = "MessagePack" if binary else "JSON"
             await self._error(f"could not decode the {kind} frame: {exc}", binary, "invalid_frame")
             return None, binary
@@ -4117,8 +4153,12 @@ def _openai_body(body: Any) -> dict:
         raise BadRequest("'model' must be a string", code="invalid_model")
     if not isinstance(body.get("stream", False), bool):
         raise BadRequest("'stream' must be a boolean", code="invalid_stream")
-    if body.get("tools") is not None and not isinstance(body["tools"], list):
-        raise BadRequest("'tools' must be an array", code="invalid_tools")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools)):
+        raise BadRequest("'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                         code="invalid_tools")
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
     return body
@@ -4133,16 +4173,24 @@ def _wants_ui_stream(request: Request, body: dict) -> bool:
 
 
 class ScrubSecrets(logging.Filter):
-    """Blank ``api_key``/``token`` query values in log lines (uvicorn logs WebSocket paths)."""
+    """Blank ``api_key``/``token`` query values in log lines (uvicorn logs WebSocket paths),
+    however the name is percent-encoded (``api%5Fkey``, ``%61pi_key``, ``tok%65n``)."""
 
-    pattern = re.compile(r"((?:api_key|token)=)[^&\s\"']+")
+    pattern = re.compile(r"(?<=[?&;])([^=&\s\"'?]+)=([^&\s\"']*)")
+
+    @classmethod
+    def scrub(cls, text: str) -> str:
+        def blank(found: re.Match) -> str:
+            name = unquote(found.group(1))
+            return f"{found.group(1)}=***" if name in ("api_key", "token") else found.group(0)
+
+        return cls.pattern.sub(blank, text) if "=" in text else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.args:
-            record.args = tuple(self.pattern.sub(r"\1***", a) if isinstance(a, str) else a
-                                for a in record.args)
+            record.args = tuple(self.scrub(a) if isinstance(a, str) else a for a in record.args)
         if isinstance(record.msg, str):
-            record.msg = self.pattern.sub(r"\1***", record.msg)
+            record.msg = self.scrub(record.msg)
         return True
 
 

@@ -1397,11 +1397,14 @@ async def test_ws_heartbeat_only_after_the_first_frame(live, upstream):
     assert beat["type"] == "ping" and isinstance(beat["ts"], float)
 
 
-def test_query_tokens_are_scrubbed_from_server_logs():
+@pytest.mark.parametrize("name", ["api_key", "token", "api%5Fkey", "%61pi_key", "tok%65n", "API%5fkey"])
+def test_query_tokens_are_scrubbed_from_server_logs(name):
     record = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, '%s - "WebSocket %s" [accepted]',
-                               ("127.0.0.1:5", "/chat?api_key=tok-alice&x=1"), None)
+                               ("127.0.0.1:5", f"/chat?x=0&{name}=tok-alice&x=1"), None)
     nodechat.ScrubSecrets().filter(record)
-    assert "tok-alice" not in record.getMessage() and "api_key=***&x=1" in record.getMessage()
+    scrubbed = "tok-alice" not in record.getMessage()
+    assert scrubbed is (name != "API%5fkey")  # names are case-sensitive: that one authenticates nobody
+    assert "&x=1" in record.getMessage()
 
 
 @pytest.mark.anyio
@@ -2255,6 +2258,68 @@ def test_a_read_only_data_dir_is_a_clear_error(live, upstream, small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     response, error = api_chat(url, {"messages": [user("second")], "conversationId": "ro"})
     assert response.status_code == 500 and error["error"] == "the data directory is read-only"
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    ("/api/chat", b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    ("/api/generate-title", b'{"message": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    ("/v1/chat/completions", b'{"model": "fake-1", "messages": [{"role": "user", "content": NaN}]}'),
+    ("/v1/chat/completions", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'),
+    ("/v1/chat/completions", b'{"model": "fake-1", "messages": [{"role": "user", "content": "hi"}], "tools": ["x"]}'),
+])
+def test_hostile_json_gets_a_400_in_the_protocols_shape(live, upstream, path, body):
+    _, url = live()
+    response = httpx.post(url + path, content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"] == "invalid_request_error") if path.startswith("/v1") else isinstance(error, str)
+    assert upstream.requests == []
+
+
+@pytest.mark.anyio
+async def test_ws_deeply_nested_frame_gets_an_error_and_the_connection_lives(live, upstream):
+    _, url = live()
+    async with websockets.connect(url.replace("http", "ws") + "/chat?api_key=tok-alice") as ws:
+        await ws.send("[" * 100_000 + "]" * 100_000)
+        error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert error["type"] == "error" and error["code"] == "invalid_frame"
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "pong"
+
+
+@pytest.mark.parametrize("frame", [
+    b'data: {"choices": "oops"}\n\n',
+    b'data: {"choices": [{"index": 0, "delta": {"tool_calls": {"index": 0}}}]}\n\n',
+    b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c", '
+    b'"function": {"name": "f", "arguments": 7}}]}}]}\n\n',
+])
+def test_malformed_upstream_chunks_are_502_naming_the_provider(live, upstream, frame):
+    _, url = live()
+    upstream.script([frame, b"data: [DONE]\n\n"])
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502 and "malformed chunk" in caught.value.message
+    assert upstream.url in caught.value.message or "'openai'" in caught.value.message
+
+
+def test_upstream_error_bodies_never_repeat_the_provider_key(live, upstream):
+    _, url = live()
+    upstream.script(("error", 401, {"error": {"message": "bad header 'Authorization: Bearer up-key' "
+                                              "(key up-key, also sk-proj-abcdef123456)"}}))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
+    assert "up-key" not in caught.value.message and "abcdef123456" not in caught.value.message
+    assert "Bearer ***" in caught.value.message
+
+
+def test_stream_timeout_holds_against_an_upstream_sending_only_comments(live, upstream):
+    _, url = live(stream_timeout=1)
+    upstream.script(("slow", [b": keep-alive\n\n"] * 200, 0.05))
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 504 and time.monotonic() - started < 4
+
 
 ###############################################################################
 # App: mounting, instances, lifespan, CLI
