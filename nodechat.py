@@ -1523,6 +1523,7 @@ MCP_ACCEPTED_VERSIONS = frozenset({"2025-11-25", "2025-06-18", "2025-03-26", "20
 MCP_LINE_LIMIT_BYTES = 64 * 1024 * 1024  # screenshots arrive as base64 far over asyncio's 64 KiB
 MCP_START_SECONDS = 60.0   # first runs of uvx/npx servers download packages
 MCP_CALL_SECONDS = 120.0
+MCP_MAX_TOOLS = 1000  # per server
 STDIO_ENV_KEYS = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "TMPDIR",
                   "APPDATA", "LOCALAPPDATA", "PATHEXT", "SYSTEMROOT", "TEMP", "USERPROFILE")
 
@@ -1556,6 +1557,8 @@ class MCPSession:
         self._pending: dict[int, asyncio.Future] = {}
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._refresh: asyncio.Task | None = None
+        self._refresh_again = False
 
     async def start(self, timeout: float = MCP_START_SECONDS) -> None:
         """Open the transport and shake hands; raises MCPError (the transport is closed then)."""
@@ -1586,9 +1589,9 @@ class MCPSession:
         tools, cursor = [], None
         while True:
             page = await self.request("tools/list", {"cursor": cursor} if cursor else {})
-            tools += [t for t in page.get("tools", []) if isinstance(t, dict) and t.get("name")]
+            tools += [t for t in page.get("tools") or () if isinstance(t, dict) and t.get("name")]
             cursor = page.get("nextCursor")
-            if not cursor:
+            if not cursor or len(tools) > MCP_MAX_TOOLS:  # a server paging forever ends here
                 return tools
 
     async def call_tool(self, name: str, arguments: dict) -> dict:
@@ -1647,7 +1650,20 @@ class MCPSession:
                 reply["error"] = {"code": -32601, "message": "Method not found"}
             self._spawn(self.transport.send(reply))
         elif message["method"] == "notifications/tools/list_changed" and self.on_tools_changed:
-            self._spawn(self.on_tools_changed(self))
+            if self._refresh is None or self._refresh.done():  # a burst costs one or two refreshes
+                self._refresh = asyncio.ensure_future(self._refresh_tools())
+            else:
+                self._refresh_again = True
+
+    async def _refresh_tools(self) -> None:
+        while True:
+            self._refresh_again = False
+            try:
+                await self.on_tools_changed(self)
+            except (NodeChatError, OSError, ValueError) as exc:
+                log.warning("MCP server %r: refreshing its tools failed: %s", self.name, exc)
+            if not self._refresh_again:
+                return
 
     def fail_pending(self, reason: str) -> None:
         for future in self._pending.values():
@@ -1660,7 +1676,7 @@ class MCPSession:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        for task in list(self._background):
+        for task in [*self._background, *([self._refresh] if self._refresh else [])]:
             task.cancel()
         if self.transport is not None:
             transport, self.transport = self.transport, None
@@ -1705,10 +1721,10 @@ class StdioTransport:
 
     async def _read(self) -> None:
         try:
-            while line := await self.process.stdout.readline():
+            while line := await self._readline():
                 try:
                     message = json.loads(line)
-                except ValueError:  # servers print banners on stdout: skip, keep going
+                except (ValueError, RecursionError):  # servers print banners on stdout: skip
                     log.info("MCP %s stdout: %s", self.session.name, line[:200].decode(errors="replace").rstrip())
                     continue
                 self.session.receive(message)
@@ -1716,6 +1732,21 @@ class StdioTransport:
             code = await self.process.wait()
             log.warning("MCP server %r exited with code %s", self.session.name, code)
             self.session.fail_pending(f"exited with code {code}")
+
+    async def _readline(self) -> bytes:
+        """The next line; a line past the limit stops the server (it is started again on
+        the next call) rather than leaving a live process nobody reads."""
+        try:
+            return await self.process.stdout.readline()
+        except ValueError:
+            log.error("MCP server %r sent a line over %d bytes; stopping it", self.session.name,
+                      MCP_LINE_LIMIT_BYTES)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.name == "posix":
+                    os.killpg(self.process.pid, 9)
+                else:  # pragma: no cover
+                    self.process.kill()
+            return b""
 
     async def _stderr(self) -> None:
         while line := await self.process.stderr.readline():
@@ -1850,14 +1881,19 @@ class MCPTools:
         await asyncio.gather(*(start_one(s) for s in self.sessions.values()))
 
     async def refresh(self, session: MCPSession) -> None:
-        """(Re)register a server's tools, as on ``notifications/tools/list_changed``."""
+        """(Re)register a server's tools, as on ``notifications/tools/list_changed``: the new
+        set replaces the old in one step, with no await between removing and adding."""
+        specs = await session.list_tools()
+        if len(specs) > MCP_MAX_TOOLS:
+            log.warning("MCP server %r lists %d tools; using the first %d", session.name, len(specs),
+                        MCP_MAX_TOOLS)
         for name in self.registered.pop(session.name, []):
             self.registry.remove(name)
         exclude = set(session.config.get("exclude", ()))
         approval = set(session.config.get("needsApproval", ()))
         names = []
-        for spec in await session.list_tools():
-            if spec["name"] in exclude:
+        for spec in specs[:MCP_MAX_TOOLS]:
+            if spec["name"] in exclude or not isinstance(spec["name"], str):
                 continue
             name = re.sub(r"[^A-Za-z0-9_-]", "_", spec["name"])[:64]
             if name in self.registry:

@@ -2321,6 +2321,73 @@ def test_stream_timeout_holds_against_an_upstream_sending_only_comments(live, up
     assert caught.value.status_code == 504 and time.monotonic() - started < 4
 
 
+HOSTILE_MCP_SERVER = r'''
+import json, sys
+
+tools, lists = ["alpha"], 0
+
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+for line in sys.stdin:
+    message = json.loads(line)
+    method, ident = message.get("method"), message.get("id")
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": ident, "result": {"protocolVersion": "2025-06-18",
+              "capabilities": {"tools": {"listChanged": True}}, "serverInfo": {"name": "hostile"}}})
+    elif method == "tools/list":
+        lists += 1
+        send({"jsonrpc": "2.0", "id": ident, "result": {"tools": [
+            {"name": name, "inputSchema": {"type": "object"}} for name in tools + ["huge", "lists"]]}})
+    elif method == "tools/call":
+        name = message["params"]["name"]
+        if name == "huge":  # one line over the 64 MiB limit, and the process lives on
+            sys.stdout.write("x" * (65 * 1024 * 1024) + "\n")
+            sys.stdout.flush()
+            continue
+        if name == "alpha":  # the tool set changes, announced 2,000 times
+            tools = ["beta"]
+            for _ in range(2000):
+                send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        send({"jsonrpc": "2.0", "id": ident, "result": {"content": [{"type": "text", "text": f"{name}: {lists}"}]}})
+'''
+
+
+@pytest.fixture
+def hostile_mcp(tmp_path):
+    script = tmp_path / "hostile.py"
+    script.write_text(HOSTILE_MCP_SERVER)
+    return {"command": sys.executable, "args": [str(script)], "timeout": 20}
+
+
+def test_mcp_line_over_the_limit_restarts_the_server(live, upstream, hostile_mcp, caplog):
+    _, url = live(mcp_servers={"hostile": hostile_mcp})
+    upstream.script(tool_calls(("huge", {})), text("ok"), tool_calls(("lists", {})), text("ok"))
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="nodechat"):
+        _, events = api_chat(url, {"messages": [user("go")]})
+    failed = next(e for e in events if e["type"] == "tool-result")
+    assert failed["isError"] and "exited" in failed["result"] and time.monotonic() - started < 15
+    assert "line over" in caplog.text
+    _, events = api_chat(url, {"messages": [user("again")]})
+    assert next(e for e in events if e["type"] == "tool-result")["result"]["content"][0]["text"].startswith("lists")
+
+
+def test_mcp_list_changed_bursts_replace_the_tool_set_once(live, upstream, hostile_mcp):
+    chat, url = live(mcp_servers={"hostile": hostile_mcp})
+    assert "alpha" in chat.tools
+    upstream.script(tool_calls(("alpha", {})), text("ok"))
+    api_chat(url, {"messages": [user("go")]})
+    eventually(lambda: "beta" in chat.tools)
+    names = [t.name for t in chat.tools if t.dynamic]
+    assert sorted(names) == ["beta", "huge", "lists"]  # alpha gone, nothing registered twice
+    upstream.script(tool_calls(("lists", {})), text("ok"))
+    _, events = api_chat(url, {"messages": [user("count")]})
+    lists = int(next(e for e in events if e["type"] == "tool-result")["result"]["content"][0]["text"].split(": ")[1])
+    assert lists <= 4  # the start, then one or two refreshes for 2,000 notifications
+
+
 ###############################################################################
 # App: mounting, instances, lifespan, CLI
 ###############################################################################
