@@ -809,7 +809,7 @@ class JSONFileStore:
                 _append_lines(self._listing(meta["user_id"]), [meta])
             return meta
 
-        _modify_json(self._conversation(conversation_id, ".json"), update)
+        _modify_json(self._conversation(conversation_id, ".json"), update, strict=True)
 
     def _meta(self, conversation_id: str) -> dict | None:
         """A conversation's owner file; a torn one makes the id unavailable, never new."""
@@ -996,11 +996,11 @@ def _same_file(handle: Any, path: Path) -> bool:
         return False
 
 
-def _modify_json(path: Path, change: Callable[[Any], Any]) -> Any:
+def _modify_json(path: Path, change: Callable[[Any], Any], strict: bool = False) -> Any:
     """Read-modify-write one JSON file under its lock; ``change`` gets None for a missing
     file and returns the new content (None: leave the file alone)."""
     with _locked(path):
-        value = change(_read_json(path))
+        value = change(_read_json(path, strict))
         if value is not None:
             _write_json(path, value)
         return value
@@ -1986,6 +1986,8 @@ class OpenAIProvider:
         self.models = tuple(models)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.secrets = (api_key,)  # never repeated to clients, even when the upstream echoes it
+        #: How errors and logs name it: by URL, which says where it really is.
+        self.label = self.base_url if name == "openai" else f"{name!r} at {self.base_url}"
         self.stream_timeout = stream_timeout
 
     async def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]:
@@ -2023,7 +2025,7 @@ class OpenAIProvider:
         deadline = time.monotonic() + self.stream_timeout  # a slow drip resets no clock here
         async for batch in sse_batches(response.aiter_bytes()):
             if time.monotonic() > deadline:  # checked on every read, keep-alive comments too
-                raise UpstreamTimeout(f"provider {self.name!r} took longer than {self.stream_timeout:g} s")
+                raise UpstreamTimeout(f"provider {self.label} took longer than {self.stream_timeout:g} s")
             pending: list[str] = []
             pending_kind: type = TextDelta
             try:
@@ -2051,10 +2053,10 @@ class OpenAIProvider:
                 if pending:
                     yield pending_kind("".join(pending))
             except (AttributeError, TypeError, KeyError) as exc:  # a chunk of the wrong shape
-                raise UpstreamError(f"provider {self.name!r} sent a malformed chunk "
+                raise UpstreamError(f"provider {self.label} sent a malformed chunk "
                                     f"({type(exc).__name__}: {exc})") from None
         if not done and reason is None:
-            raise UpstreamError(f"provider {self.name!r} ended the stream before the answer was complete")
+            raise UpstreamError(f"provider {self.label} ended the stream before the answer was complete")
         for _, (call_id, name, arguments) in sorted(calls.items()):
             yield ToolCall(call_id or new_id("call"), name, arguments)
         yield StepFinished(reason or "stop", usage)
@@ -2063,11 +2065,11 @@ class OpenAIProvider:
         try:
             chunk = _decode_json(data.decode())
         except ValueError:
-            raise UpstreamError(f"provider {self.name!r} sent a malformed event: {data[:200]!r}") from None
+            raise UpstreamError(f"provider {self.label} sent a malformed event: {data[:200]!r}") from None
         if not isinstance(chunk, dict):
-            raise UpstreamError(f"provider {self.name!r} sent a non-object event: {data[:200]!r}")
+            raise UpstreamError(f"provider {self.label} sent a non-object event: {data[:200]!r}")
         if "error" in chunk:
-            raise UpstreamError(f"provider {self.name!r}: {redact(_error_text(chunk), self.secrets)}")
+            raise UpstreamError(f"provider {self.label}: {redact(_error_text(chunk), self.secrets)}")
         return chunk
 
     @contextlib.contextmanager
@@ -2077,9 +2079,9 @@ class OpenAIProvider:
         try:
             yield
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"provider {self.name!r} timed out ({type(exc).__name__})") from exc
+            raise UpstreamTimeout(f"provider {self.label} timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"provider {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise UpstreamError(f"provider {self.label} failed: {type(exc).__name__}: {exc}") from exc
 
     async def _status_error(self, response: httpx.Response) -> NodeChatError:
         raw = b""
@@ -2095,7 +2097,7 @@ class OpenAIProvider:
         retry_after = response.headers.get("retry-after")
         wait = f" (retry after {retry_after} s)" if retry_after else ""
         detail = redact(detail, self.secrets)
-        error = UpstreamError(f"provider {self.name!r} returned HTTP {status}: {detail}{wait}",
+        error = UpstreamError(f"provider {self.label} returned HTTP {status}: {detail}{wait}",
                               code=f"upstream_{status}")
         error.retry_after = retry_after
         if status in PASSTHROUGH_STATUSES:
@@ -2215,12 +2217,16 @@ class Providers:
         if not model:
             raise BadRequest("no model given and no default model configured (NODECHAT_MODEL)",
                              code="model_required")
-        prefix, slash, rest = model.partition("/")
-        provider, name = (self._by_name[prefix], rest) if slash and prefix in self._by_name \
-            else (self.default, model)
+        provider, name = self.split(model)
         if provider.models and name not in provider.models:
-            raise NotFound(f"The model '{model}' does not exist", code="model_not_found")
+            raise NotFound(f"The model '{model[:100]}' does not exist; available: "
+                           f"{', '.join(provider.models[:20])}", code="model_not_found")
         return provider, name
+
+    def split(self, model: str) -> tuple[Provider, str]:
+        """``provider/model`` -> that provider and ``model``; a bare name -> the default."""
+        prefix, slash, rest = model.partition("/")
+        return (self._by_name[prefix], rest) if slash and prefix in self._by_name else (self.default, model)
 
     async def list_models(self, http: httpx.AsyncClient) -> list[dict]:
         """Every provider's models in OpenAI's shape; a provider that is down is skipped."""
@@ -2254,6 +2260,8 @@ def message_text(message: dict) -> str:
 
 TITLE_PROMPT = ("Generate a very short title (max 5 words) for this chat based on the user's "
                 "first message. Return ONLY the title, no quotes or punctuation.")
+TITLE_MAX_TOKENS = 24  # a title is five words; a small model left alone wrote 1,378 tokens
+TITLE_SECONDS = 30.0
 MODEL_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
@@ -2276,6 +2284,8 @@ class Turn:
     system: str | None = None
     max_steps: int = 20
     regenerate: bool = False  # answer the last user message again, dropping its stored answer
+    capped: bool = False  # counts against max_turns_per_user (end users' agent turns)
+    on_title: Callable[[str], Awaitable[None]] | None = None  # told the title once it is made
 
 
 class Agent:
@@ -2292,27 +2302,35 @@ class Agent:
         self.store = store
         self.http = http
         self.settings = settings
+        self.background: set[asyncio.Task] = set()  # titles being made; cancelled on close
 
     async def run(self, turn: Turn) -> AsyncIterator[Event]:
         provider, model = self.providers.resolve(turn.model)
-        history, title_task = turn.messages, None
+        history, created = turn.messages, False
         if turn.conversation_id:
             history, created = await self.open_conversation(turn)
-            if created:
-                title_task = asyncio.create_task(self.title(_first_user_text(history), turn.model))
         system = await self._system_prompt(turn, history)
         messages = [{"role": "system", "content": system}] if system else []
         messages += [model_message(m) for m in history]
-        completed = False
+        async for event in self._steps(turn, provider, model, messages):
+            yield event
+        if created:  # after the answer, never holding its stream, never competing with it
+            self._spawn(self._make_title(turn, _first_user_text(history)))
+
+    def _spawn(self, work: Awaitable) -> None:
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _make_title(self, turn: Turn, text: str) -> None:
+        title = await self.title(text, turn.model)
         try:
-            async for event in self._steps(turn, provider, model, messages):
-                yield event
-            completed = True
-        finally:
-            if title_task is not None and completed:
-                await self._save_title(turn.conversation_id, title_task)
-            elif title_task is not None:  # stopped or failed: the fallback title stays
-                title_task.cancel()
+            await self.store.update_conversation(turn.conversation_id, title=title)
+        except NodeChatError as exc:  # deleted or damaged meanwhile: no title to keep
+            log.warning("cannot store the title of %s: %s", turn.conversation_id, exc.message)
+            return
+        if turn.on_title is not None:
+            await turn.on_title(title)
 
     async def open_conversation(self, turn: Turn) -> tuple[list[dict], bool]:
         """Load (or create) the conversation and store the turn's new messages.
@@ -2355,23 +2373,27 @@ class Agent:
         await self.store.truncate_messages(cid, stored[at]["id"])
         return stored[:at + 1]
 
-    async def complete(self, messages: list[dict], model: str | None = None) -> str:
+    async def complete(self, messages: list[dict], model: str | None = None, **params: Any) -> str:
         """One model call without tools, its text only (used for titles)."""
         provider, name = self.providers.resolve(model)
         parts = []
-        async for event in provider.stream({"model": name, "messages": messages}, self.http()):
+        async for event in provider.stream({**params, "model": name, "messages": messages}, self.http()):
             if type(event) is TextDelta:
                 parts.append(event.text)
         return "".join(parts)
 
     async def title(self, text: str, model: str | None = None) -> str:
-        """A title of at most five words for a chat that starts with ``text``."""
+        """A title of at most five words for a chat that starts with ``text`` (one extra model
+        call per new conversation); the message itself when the model fails."""
         try:
             answer = await asyncio.wait_for(self.complete(
-                [{"role": "system", "content": TITLE_PROMPT},
-                 {"role": "user", "content": text[:500]}], model), timeout=30)
-        except (NodeChatError, asyncio.TimeoutError) as exc:
-            log.info("title generation failed, using the message itself: %s", exc)
+                [{"role": "system", "content": TITLE_PROMPT}, {"role": "user", "content": text[:500]}],
+                model, max_tokens=TITLE_MAX_TOKENS), timeout=TITLE_SECONDS)
+        except NodeChatError as exc:
+            log.warning("title generation failed, using the message itself: %s", exc.message)
+            answer = ""
+        except asyncio.TimeoutError:
+            log.warning("title generation took over %g s, using the message itself", TITLE_SECONDS)
             answer = ""
         return fallback_title(answer) if answer.strip() else fallback_title(text)
 
@@ -2472,9 +2494,6 @@ class Agent:
         if not turn.conversation_id:
             return []
         return await self.store.append_messages(turn.conversation_id, messages)
-
-    async def _save_title(self, conversation_id: str, task: asyncio.Task) -> None:
-        await self.store.update_conversation(conversation_id, title=await task)
 
     async def _system_prompt(self, turn: Turn, history: list[dict]) -> str | None:
         system = turn.system
@@ -3148,6 +3167,28 @@ class JSONResponse:
 
 
 @dataclass
+class WaitedResponse:
+    """A JSON body worked out while the client waits: if it leaves first, the work (and
+    the upstream request under it) is cancelled, as for a stream."""
+
+    work: Callable[[], Awaitable[Any]]
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        task = asyncio.current_task()
+        watcher = asyncio.create_task(watch_disconnect(receive, task))
+        try:
+            body = await self.work()
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                task.uncancel()  # the client left: nothing to answer
+                return
+            raise
+        finally:
+            watcher.cancel()
+        await JSONResponse(body)(send, receive)
+
+
+@dataclass
 class SSEResponse:
     """An event stream: ``events`` from the agent, framed by ``encoder``."""
 
@@ -3215,6 +3256,7 @@ ROUTES = (
     # method, path, handler, error style ("openai" bodies or {"error": text}), needs auth
     ("GET", "/healthz", "healthz", "api", False),
     ("GET", "/v1/models", "list_models", "openai", True),
+    ("GET", "/v1/models/{id}", "retrieve_model", "openai", True),
     ("POST", "/v1/chat/completions", "chat_completions", "openai", True),
     ("POST", "/api/chat", "api_chat", "api", True),
     ("POST", "/api/generate-title", "generate_title", "api", True),
@@ -3498,7 +3540,9 @@ class ChatSession:
         turn = Turn(messages=[nodetool_message(frame)], user_id=self.user_id, model=model,
                     tools=self.app._offered(frame.get("tools")) + self._client_tools(),
                     conversation_id=thread_id, remember=True, system=self.settings.system_prompt,
-                    max_steps=self.settings.max_steps)
+                    max_steps=self.settings.max_steps, capped=True,
+                    on_title=lambda title: self.send({"type": "title_update", "thread_id": thread_id,
+                                                      "title": title}, binary))
         if frame.get("workflow_id") is not None:
             return self._job(turn, str(frame["workflow_id"]))
         return self.app.run_turn(turn)
@@ -3807,21 +3851,60 @@ class NodeChat:
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
-        _httpx()  # import it now rather than in the first request
-        scrub_server_logs()
-        check = getattr(self.store, "check", None)
-        if check is not None:
-            await check()
-        await self.mcp.start()
+        try:
+            _httpx()  # import it now rather than in the first request
+            configure_logging()
+            scrub_server_logs()
+            check = getattr(self.store, "check", None)
+            if check is not None:
+                await check()
+            await self.mcp.start()
+            await self._check_models()
+        except BaseException:
+            self._started = None  # a host without lifespan tries again on the next request
+            raise
+        if self.open:
+            log.warning("no tokens configured (NODECHAT_TOKENS): anyone who can reach this server "
+                        "is a user; browsers are held to loopback Host names and same-origin pages")
+
+    async def _check_models(self) -> None:
+        """Say where each provider is and which model serves by default, and catch the usual
+        mistakes at start-up rather than on every request: a default model that no provider
+        serves, a base URL without ``/v1``, no model at all (then the provider's first)."""
+        providers = self.providers
+        for provider in providers:
+            log.info("provider %s: %s", provider.name, getattr(provider, "base_url", "built in"))
         if self.settings.offline:
-            log.info("serving the built-in offline model %r (it echoes your message); point at a "
-                     "real provider with OPENAI_API_KEY / OPENAI_BASE_URL or --config", OFFLINE_MODEL)
-        if not self.settings.tokens and self._authenticate is None:
-            log.warning("no tokens configured (NODECHAT_TOKENS): the API is open to anyone who "
-                        "can reach it")
+            if self.settings.model and self.settings.model != OFFLINE_MODEL:
+                log.warning("model %r is served by no provider: none is configured (set OPENAI_API_KEY "
+                            "or OPENAI_BASE_URL), so the offline model %r answers and requests for %r "
+                            "get 404", self.settings.model, OFFLINE_MODEL, self.settings.model)
+            log.info("serving the built-in offline model %r: it echoes your message, and "
+                     "'/tool NAME {json}' calls a tool", OFFLINE_MODEL)
+            return
+        try:
+            names = await asyncio.wait_for(providers.default.list_models(self.http()), 5)
+        except (NodeChatError, asyncio.TimeoutError) as exc:
+            log.warning("cannot list the models of %s: %s", getattr(providers.default, "label", ""),
+                        getattr(exc, "message", "timed out"))
+            return
+        base_url = getattr(providers.default, "base_url", "")
+        if not names and base_url and not base_url.rstrip("/").endswith("/v1"):
+            log.warning("%s lists no models: OpenAI-compatible servers usually answer under /v1 "
+                        "(try %s/v1)", base_url, base_url.rstrip("/"))
+        if not providers.default_model and names:
+            providers.default_model = names[0]
+        model = providers.default_model
+        provider, own = providers.split(model) if model else (None, "")
+        if provider is providers.default and names and own not in names:
+            log.warning("default model %r is not among %s's models: %s", model, base_url, ", ".join(names[:10]))
+        log.info("default model: %s", model or "(none: every request must name one)")
 
     async def aclose(self) -> None:
         """Close what this instance opened (its upstream connection pools)."""
+        for task in list(self.agent.background):
+            task.cancel()
+        await asyncio.gather(*self.agent.background, return_exceptions=True)
         await self.mcp.aclose()
         self._started = None
         pools, self._pools = self._pools, []
@@ -4021,6 +4104,14 @@ class NodeChat:
     async def list_models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": await self.providers.list_models(self.http())})
 
+    async def retrieve_model(self, request: Request) -> JSONResponse:
+        models = await self.providers.list_models(self.http())
+        found = next((m for m in models if m["id"] == request.params["id"]), None)
+        if found is None:
+            raise NotFound(f"The model '{request.params['id'][:100]}' does not exist; available: "
+                           f"{', '.join(m['id'] for m in models[:20]) or 'none'}", code="model_not_found")
+        return JSONResponse(found)
+
     async def chat_completions(self, request: Request) -> JSONResponse | SSEResponse:
         body = _openai_body(request.json())
         check_messages(body["messages"], self.settings)
@@ -4038,7 +4129,7 @@ class NodeChat:
         encoder = OpenAIEncoder(model, include_usage)
         if body.get("stream", False):
             return SSEResponse(self.run_turn(turn), encoder)
-        return JSONResponse(await encoder.completion(self.run_turn(turn)))
+        return WaitedResponse(lambda: encoder.completion(self.run_turn(turn)))
 
     async def api_chat(self, request: Request) -> SSEResponse:
         body = request.json()
@@ -4058,7 +4149,8 @@ class NodeChat:
                     user_id=self._acting_user(request, body), model=model,
                     tools=self._offered(body.get("tools")), conversation_id=conversation_id,
                     remember=True, system=self.settings.system_prompt,
-                    max_steps=self.settings.max_steps)
+                    max_steps=self.settings.max_steps, capped=True,
+                    regenerate=body.get("trigger") == "regenerate-message")
         headers = ((b"x-conversation-id", conversation_id.encode()),) if conversation_id else ()
         if ui_stream:
             encoder = UIStreamEncoder(t.name for t in self.tools if t.dynamic)
@@ -4129,7 +4221,7 @@ class NodeChat:
 
         The checks run on the first event, so an SSE response still gets a proper error."""
         user, cid = turn.user_id, turn.conversation_id
-        capped = turn.remember
+        capped = turn.capped
         if capped and self._turns.get(user, 0) >= self.settings.max_turns_per_user:
             raise TooManyRequests(f"{self.settings.max_turns_per_user} turns are already running for "
                                   "this user; try again when one ends", code="too_many_turns")
@@ -4228,6 +4320,23 @@ class ScrubSecrets(logging.Filter):
         if isinstance(record.msg, str):
             record.msg = self.scrub(record.msg)
         return True
+
+
+def configure_logging() -> None:
+    """Under ``uvicorn nodechat:create_app --factory`` nothing configures the ``nodechat``
+    logger: give it uvicorn's own look and level, unless the host set up logging itself."""
+    if log.handlers or logging.getLogger().handlers:
+        return
+    try:
+        from uvicorn.logging import DefaultFormatter
+    except ImportError:  # pragma: no cover - a host on another server
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
 
 
 def scrub_server_logs() -> None:
