@@ -3542,7 +3542,7 @@ class ChatSession:
                     conversation_id=thread_id, remember=True, system=self.settings.system_prompt,
                     max_steps=self.settings.max_steps, capped=True,
                     on_title=lambda title: self.send({"type": "title_update", "thread_id": thread_id,
-                                                      "title": title}, binary))
+                                                      "title": title}, self.binary))
         if frame.get("workflow_id") is not None:
             return self._job(turn, str(frame["workflow_id"]))
         return self.app.run_turn(turn)

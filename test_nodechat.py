@@ -778,10 +778,11 @@ def test_new_conversation_gets_a_title_from_the_model_or_the_message(live, upstr
     _, url = live()
     auth = {"Authorization": "Bearer tok-alice"}
     api_chat(url, {"messages": [user("Tell me all about oolong tea please")], "conversationId": "t-1"})
-    assert httpx.get(url + "/api/conversations/t-1", headers=auth).json()["title"] == "Chat About Tea"
+    eventually(lambda: httpx.get(url + "/api/conversations/t-1", headers=auth).json()["title"] == "Chat About Tea")
     assert upstream.title_requests[0]["messages"][1]["content"] == "Tell me all about oolong tea please"
     upstream.title_turn = ("error", 500, {"error": {"message": "down"}})
     api_chat(url, {"messages": [user("Plan a trip to Kyoto in spring, please!")], "conversationId": "t-2"})
+    eventually(lambda: len(upstream.title_requests) == 2)
     assert httpx.get(url + "/api/conversations/t-2", headers=auth).json()["title"] == "Plan a trip to Kyoto"
     listed = httpx.get(url + "/api/conversations", headers=auth).json()["conversations"]
     assert {c["id"] for c in listed} == {"t-1", "t-2"}
@@ -793,6 +794,30 @@ def test_new_conversation_gets_a_title_from_the_model_or_the_message(live, upstr
     assert title.json() == {"data": "A Friendly Greeting Here Today"}  # at most five words
     assert upstream.title_requests[-1]["model"] == "fake-2"
     assert httpx.post(url + "/api/generate-title", headers=auth, json={"message": {}}).json() == {"data": "New Chat"}
+
+
+def test_a_slow_title_never_holds_the_answer_open(live, upstream):
+    _, url = live()
+    upstream.title_turn = ("slow", text("Slow", " Title"), 0.4)  # 2.4 s in all
+    started = time.monotonic()
+    _, events = api_chat(url, ui_request("a new chat", chat_id="slow-title"))
+    assert events[-1] == "[DONE]" and time.monotonic() - started < 1.5
+    eventually(lambda: httpx.get(url + "/api/conversations/slow-title", headers=AUTH).json()["title"]
+               == "Slow Title")
+    assert upstream.title_requests[0]["max_tokens"] == nodechat.TITLE_MAX_TOKENS
+
+
+@pytest.mark.anyio
+async def test_ws_clients_hear_of_the_title_after_the_done_chunk(live, upstream):
+    _, url = live()
+    async with websockets.connect(url.replace("http", "ws") + "/chat?api_key=tok-alice") as ws:
+        await ws.send(json.dumps({"type": "message", "role": "user", "content": "hi", "thread_id": "t-ws"}))
+        kinds = []
+        while "title_update" not in kinds:
+            message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            kinds.append(message["type"])
+        assert kinds.index("title_update") > kinds.index("chunk")
+        assert message == {"type": "title_update", "thread_id": "t-ws", "title": "Chat About Tea"}
 
 
 def test_api_chat_auth_by_bearer_or_cookie_and_seed_errors(live, upstream):
