@@ -372,6 +372,7 @@ class NodeChatError(Exception):
     status = 500
     kind = "server_error"
     retry_after: str | None = None  # an upstream's Retry-After, passed on
+    style: str | None = None  # "text": the request wants a plain-text error body
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
         super().__init__(message)
@@ -3167,6 +3168,22 @@ class JSONResponse:
 
 
 @dataclass
+class TextResponse:
+    """A plain-text body with a status."""
+
+    text: str
+    status: int = 200
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        payload = self.text.encode()
+        await send({"type": "http.response.start", "status": self.status, "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(payload)).encode()), *self.headers]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+@dataclass
 class WaitedResponse:
     """A JSON body worked out while the client waits: if it leaves first, the work (and
     the upstream request under it) is cancelled, as for a stream."""
@@ -3195,9 +3212,14 @@ class SSEResponse:
     events: AsyncIterator[Event]
     encoder: Any
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    error_style: str | None = None  # for an error before the stream starts
 
     async def __call__(self, send: Send, receive: Receive) -> None:
-        await stream_sse(send, receive, self.events, self.encoder, self.headers)
+        try:
+            await stream_sse(send, receive, self.events, self.encoder, self.headers)
+        except NodeChatError as err:
+            err.style = err.style or self.error_style
+            raise
 
 
 async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event], encoder: Any,
@@ -3297,12 +3319,16 @@ def match_route(routes: tuple[Route, ...], method: str, path: str) -> tuple[Rout
     return None, {}, allowed
 
 
-def error_response(err: NodeChatError, style: str) -> JSONResponse:
-    """The protocol's error body: OpenAI's envelope for /v1, ``{"error": text}`` elsewhere."""
-    body = openai_error_body(err) if style == "openai" else {"error": err.message}
+def error_response(err: NodeChatError, style: str) -> JSONResponse | TextResponse:
+    """The protocol's error body: OpenAI's envelope for /v1, plain text for an AI SDK UI
+    stream request (the AI SDK shows the response text as the error), ``{"error": text}``
+    elsewhere."""
     headers = ((b"www-authenticate", b"Bearer"),) if err.status == 401 else ()
     if err.retry_after:
         headers += ((b"retry-after", err.retry_after.encode("latin-1")),)
+    if (err.style or style) == "text":
+        return TextResponse(err.message, err.status, headers)
+    body = openai_error_body(err) if style == "openai" else {"error": err.message}
     return JSONResponse(body, err.status, headers)
 
 
@@ -3929,6 +3955,9 @@ class NodeChat:
         route, params, allowed = match_route(self._routes, method, path)
         style = route.style if route else ("openai" if path.startswith("/v1/") else "api")
         headers = scope_headers(scope)
+        if route and route.handler == "api_chat" and _wants_ui_stream(
+                dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))), headers):
+            style = "text"
         send = self._with_cors(headers, method, send)
         started = False
 
@@ -4133,11 +4162,19 @@ class NodeChat:
 
     async def api_chat(self, request: Request) -> SSEResponse:
         body = request.json()
+        ui_stream = _wants_ui_stream(request.query, request.headers, body)
+        try:
+            turn, encoder, headers = self._api_chat_turn(request, body, ui_stream)
+        except NodeChatError as err:
+            err.style = "text" if ui_stream else None
+            raise
+        return SSEResponse(self.run_turn(turn), encoder, headers, "text" if ui_stream else None)
+
+    def _api_chat_turn(self, request: Request, body: Any, ui_stream: bool) -> tuple:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) \
                 or not body["messages"]:
             raise BadRequest("Missing messages", code="missing_messages")
         check_messages(body["messages"], self.settings)
-        ui_stream = _wants_ui_stream(request, body)
         conversation_id = body.get("conversationId") or (body.get("id") if ui_stream else None)
         if conversation_id is not None:
             validate_id(conversation_id, "conversation id")
@@ -4157,7 +4194,7 @@ class NodeChat:
             headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
         else:
             encoder = ChatSSEEncoder(conversation_id)
-        return SSEResponse(self.run_turn(turn), encoder, headers)
+        return turn, encoder, headers
 
     async def generate_title(self, request: Request) -> JSONResponse:
         body = request.json()
@@ -4292,12 +4329,15 @@ def _openai_body(body: Any) -> dict:
     return body
 
 
-def _wants_ui_stream(request: Request, body: dict) -> bool:
-    """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else ``trigger``."""
-    explicit = request.query.get("protocol") or request.headers.get("x-nodechat-stream")
+def _wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
+    """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else the
+    body's ``trigger`` (before the body is read: the AI SDK's own User-Agent, if sent)."""
+    explicit = query.get("protocol") or headers.get("x-nodechat-stream")
     if explicit in ("ui", "seed"):
         return explicit == "ui"
-    return "trigger" in body
+    if body is None:
+        return "ai-sdk/" in headers.get("user-agent", "")
+    return isinstance(body, dict) and "trigger" in body
 
 
 class ScrubSecrets(logging.Filter):

@@ -611,8 +611,10 @@ def api_chat(url: str, body: dict, token: str | None = "tok-alice", query: str =
     with httpx.stream("POST", url + "/api/chat" + query, json=body, headers=headers,
                       timeout=30) as response:
         response.read()
-    events = read_sse(response) if response.status_code == 200 else response.json()
-    return response, events
+    if response.status_code == 200:
+        return response, read_sse(response)
+    plain = response.headers["content-type"].startswith("text/plain")  # AI SDK requests
+    return response, response.text if plain else response.json()
 
 
 def user(content: str, **extra) -> dict:
@@ -794,6 +796,17 @@ def test_new_conversation_gets_a_title_from_the_model_or_the_message(live, upstr
     assert title.json() == {"data": "A Friendly Greeting Here Today"}  # at most five words
     assert upstream.title_requests[-1]["model"] == "fake-2"
     assert httpx.post(url + "/api/generate-title", headers=auth, json={"message": {}}).json() == {"data": "New Chat"}
+
+
+def test_ui_stream_errors_are_plain_text_for_the_ai_sdk(live, upstream):
+    """The AI SDK shows the response text as the error: JSON would show as raw JSON."""
+    _, url = live()
+    response, error = api_chat(url, ui_request("hi"), token="nope", query="?protocol=ui")
+    assert response.status_code == 401 and error == "Unauthorized"
+    response, error = api_chat(url, ui_request("hi", tools="x"))
+    assert response.status_code == 400 and error == "tools must be a list of tool names"
+    response, error = api_chat(url, {"messages": [user("hi")], "tools": "x"})  # the seed's shape
+    assert response.status_code == 400 and error == {"error": "tools must be a list of tool names"}
 
 
 def test_a_slow_title_never_holds_the_answer_open(live, upstream):
@@ -2229,7 +2242,7 @@ def test_identical_concurrent_submits_store_one_reply(live, upstream):
     stored = httpx.get(url + "/api/conversations/conv-dup", headers=AUTH).json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
     again, error = api_chat(url, body)
-    assert again.status_code == 409 and "already answered" in error["error"]
+    assert again.status_code == 409 and error == "this message was already answered; regenerate it for a new answer"
 
 
 def test_tool_calls_per_step_are_capped(live, upstream):
