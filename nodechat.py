@@ -470,6 +470,7 @@ class ToolCall:
 
     @property
     def args(self) -> Any:
+        """The arguments as JSON, None when the model wrote something that is not JSON."""
         return parse_arguments(self.arguments)
 
 
@@ -539,13 +540,13 @@ Event = Union[
 
 
 def parse_arguments(arguments: str) -> Any:
-    """Tool-call arguments as JSON; malformed arguments become ``{}``-less raw text."""
+    """Tool-call arguments as JSON (empty: ``{}``); None when they are not JSON."""
     if not arguments:
         return {}
     try:
         return json.loads(arguments)
-    except ValueError:
-        return {"_raw": arguments}
+    except (ValueError, RecursionError):
+        return None
 
 
 ###############################################################################
@@ -2171,19 +2172,32 @@ async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
 class OfflineProvider:
     """The built-in ``echo`` model: replies with the last user message, word by word.
 
-    It lets ``python nodechat.py`` serve with no key, and tests run with no upstream.
+    It lets ``python nodechat.py`` serve with no key, and front ends be tried with no
+    upstream: a message ``/tool NAME {json}`` makes it call that tool (when offered), and
+    after a tool it says what the tool returned.
     """
 
     name = "offline"
     models = (OFFLINE_MODEL,)
+    command = re.compile(r"/tool\s+([A-Za-z0-9_-]{1,64})\s*(\{.*\})?\s*", re.S)
 
     async def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]:
-        text = message_text(next((m for m in reversed(body.get("messages", []))
-                                  if m.get("role") == "user"), {}))
+        messages = body.get("messages") or [{}]
+        prompt = sum(len(message_text(m).split()) for m in messages)
+        offered = {t.get("function", {}).get("name") for t in body.get("tools") or ()}
+        if messages[-1].get("role") == "tool":
+            text = f"{messages[-1].get('name') or 'The tool'} returned: {message_text(messages[-1])}"
+        else:
+            text = message_text(next((m for m in reversed(messages) if m.get("role") == "user"), {}))
+            asked = self.command.fullmatch(text)
+            if asked and asked.group(1) in offered:
+                yield ToolCall(new_id("call"), asked.group(1), asked.group(2) or "{}")
+                yield StepFinished("tool_calls", {"prompt_tokens": prompt, "completion_tokens": 1,
+                                                  "total_tokens": prompt + 1})
+                return
         pieces = re.findall(r"\s*\S+", text) or ["(empty message)"]
         for piece in pieces:
             yield TextDelta(piece)
-        prompt = sum(len(message_text(m).split()) for m in body.get("messages", []))
         yield StepFinished("stop", {"prompt_tokens": prompt, "completion_tokens": len(pieces),
                                     "total_tokens": prompt + len(pieces)})
 
@@ -2482,7 +2496,7 @@ class Agent:
         if item is None:
             return ToolResult(call.id, call.name, f"unknown tool {call.name!r}", is_error=True)
         args = call.args
-        if not isinstance(args, dict) or "_raw" in args:
+        if not isinstance(args, dict):
             return ToolResult(call.id, call.name, "arguments are not a JSON object", is_error=True)
         try:
             result = await item(args, dataclasses.replace(context, call_id=call.id))
@@ -2888,8 +2902,9 @@ class ChatSSEEncoder:
             case ReasoningDelta(text=text):
                 return [sse_json({"type": "reasoning", "content": text, "id": self.message_id})]
             case ToolCall(id=call_id, name=name):
+                args = event.args
                 return [sse_json({"type": "tool-call", "toolCallId": call_id, "toolName": name,
-                                  "args": event.args})]
+                                  "args": event.arguments if args is None else args})]
             case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
                 frame = {"type": "tool-result", "toolCallId": call_id, "toolName": name,
                          "result": result}
@@ -2928,6 +2943,7 @@ class UIStreamEncoder:
         self.message_id = str(uuid.uuid4())
         self.dynamic = frozenset(dynamic_tools)
         self._step = False
+        self._bad_input: set[str] = set()
         self._part: tuple[str, str] | None = None  # ("text" | "reasoning", id) while open
 
     def start(self) -> list[bytes]:
@@ -2941,12 +2957,20 @@ class UIStreamEncoder:
                 return self._delta("reasoning", text)
             case ToolCall(id=call_id, name=name):
                 extra = {"dynamic": True} if name in self.dynamic else {}
-                return self._open_step() + self._close_part() + [
-                    sse_json({"type": "tool-input-start", "toolCallId": call_id, "toolName": name, **extra}),
-                    sse_json({"type": "tool-input-available", "toolCallId": call_id,
-                              "toolName": name, "input": event.args, **extra})]
+                frames = self._open_step() + self._close_part() + [
+                    sse_json({"type": "tool-input-start", "toolCallId": call_id, "toolName": name, **extra})]
+                args = event.args
+                if args is None:  # what the protocol has for input the model got wrong
+                    self._bad_input.add(call_id)
+                    return frames + [sse_json({
+                        "type": "tool-input-error", "toolCallId": call_id, "toolName": name,
+                        "input": event.arguments, "errorText": "the arguments are not valid JSON", **extra})]
+                return frames + [sse_json({"type": "tool-input-available", "toolCallId": call_id,
+                                           "toolName": name, "input": args, **extra})]
             case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
                 extra = {"dynamic": True} if name in self.dynamic else {}
+                if call_id in self._bad_input:  # the input error already ended this call
+                    return []
                 if is_error:
                     return [sse_json({"type": "tool-output-error", "toolCallId": call_id,
                                       "errorText": str(result), **extra})]
@@ -3024,8 +3048,10 @@ class WSEncoder:
                 return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
                                            "done": False, "thinking": True})]
             case ToolCall(id=call_id, name=name):
+                args = event.args
                 return [self._with_thread({"type": "tool_call", "tool_call_id": call_id, "name": name,
-                                           "args": event.args, "client_tool": name in self.client_tools})]
+                                           "args": event.arguments if args is None else args,
+                                           "client_tool": name in self.client_tools})]
             case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
                 message = {"type": "tool_result", "tool_call_id": call_id, "name": name, "result": result}
                 return [self._with_thread({**message, "error": str(result)} if is_error else message)]
@@ -3630,7 +3656,15 @@ def _unknown_ext(code: int, data: bytes) -> None:
 
 
 def nodetool_message(frame: dict) -> dict:
-    """A NodeTool chat message (content: a string or parts) as an OpenAI user message."""
+    """A NodeTool chat message (content: a string or parts) as an OpenAI user message; its
+    ``id``, if any, is kept as ``ui_id`` so that a resend is not stored (or answered) twice."""
+    message = _nodetool_content(frame)
+    if isinstance(frame.get("id"), str) and frame["id"]:
+        message["ui_id"] = frame["id"]
+    return message
+
+
+def _nodetool_content(frame: dict) -> dict:
     content = frame.get("content")
     if isinstance(content, str):
         return {"role": "user", "content": content}
@@ -4403,7 +4437,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="nodechat", description="An embeddable chat backend: OpenAI-compatible API, "
-        "/api/chat SSE and the /chat WebSocket over one agent.")
+        "/api/chat SSE and the /chat WebSocket over one agent.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_environment_help())
+    parser.add_argument("--version", action="version", version=f"nodechat {__version__}")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--config", help="TOML settings file (also NODECHAT_CONFIG)")
@@ -4429,6 +4465,15 @@ def main(argv: list[str] | None = None) -> None:
     scrub_server_logs()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(app.settings.shutdown_grace_seconds)))
+
+
+def _environment_help() -> str:
+    """The environment variables, for ``--help``: every setting has one."""
+    lines = ["environment (every setting also has NODECHAT_<NAME>, e.g. NODECHAT_MAX_STEPS=30):"]
+    lines += [f"  {key:<30} {name}" for key, name in ENV_KEYS.items()]
+    lines.append(f"  {'BRAVE_API_KEY, TAVILY_API_KEY':<30} search_api_key for those backends")
+    lines.append(f"  {'NODECHAT_CONFIG':<30} a TOML settings file (as --config)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1085,6 +1085,7 @@ class WS:
 
     def __init__(self, conn, binary: bool):
         self.conn, self.binary = conn, binary
+        self.titles: list[dict] = []  # title_update messages, which come between turns
 
     async def send(self, value: dict) -> None:
         await self.conn.send(msgpack.packb(value, use_bin_type=True) if self.binary else json.dumps(value))
@@ -1097,7 +1098,8 @@ class WS:
     async def until(self, done) -> list[dict]:
         got = []
         while not got or not done(got[-1]):
-            got.append(await self.recv())
+            message = await self.recv()
+            (self.titles if message["type"] == "title_update" else got).append(message)
         return got
 
     async def turn(self) -> list[dict]:
