@@ -581,7 +581,7 @@ def test_upstream_down_is_502(tmp_path):
     with serve(chat) as url:
         with pytest.raises(openai.APIStatusError) as err:
             client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
-    assert err.value.status_code == 502 and "ConnectError" in err.value.message
+    assert err.value.status_code == 502 and "cannot connect: Connection refused" in err.value.message
 
 
 def test_upstream_dropping_mid_stream_sends_error_then_done(live, upstream):
@@ -592,9 +592,10 @@ def test_upstream_dropping_mid_stream_sends_error_then_done(live, upstream):
                       json={"model": "fake-1", "stream": True,
                             "messages": [{"role": "user", "content": "x"}]}) as response:
         events = read_sse(response)
-    assert events[1]["choices"][0]["delta"]["content"] == "partial"
+    said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2])
+    assert said == "partial answer"  # the deltas of one read may come merged
     assert upstream.url in events[-2]["error"]["message"] and events[-1] == "[DONE]"
-    with pytest.raises(openai.APIError, match="peer closed connection"):
+    with pytest.raises(openai.APIError, match="connection closed mid-body"):
         list(client(url).chat.completions.create(model="fake-1", stream=True,
                                                  messages=[{"role": "user", "content": "x"}]))
 
@@ -1922,8 +1923,7 @@ def test_aborted_streams_leave_no_upstream_connection_in_use(live, upstream):
     while upstream.disconnects < aborts or upstream.open_streams:
         assert time.monotonic() < deadline, f"{aborts - upstream.disconnects} upstream requests left open"
         time.sleep(0.05)
-    in_use = sum(len(pool._transport._pool._requests) for pool in chat._pools)
-    assert in_use == 0
+    assert chat._upstream._open == 0  # every aborted stream's connection was closed, none leaked
 
 
 def test_sigterm_lets_a_running_turn_finish_and_saves_it(tmp_path, upstream):
@@ -2454,9 +2454,10 @@ def test_host_lifespan_closes_the_upstream_pool(make_chat):
     host = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
     with serve(host) as url:
         client(url + "/ai").models.list()
-        assert chat._pools and not any(pool.is_closed for pool in chat._pools)
-        pools = chat._pools
-    assert chat._pools == [] and all(pool.is_closed for pool in pools)
+        client(url + "/ai").chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+        http, stream_client = chat._httpx_client, chat._upstream
+        assert not http.is_closed and stream_client._open == 1  # one idle keep-alive connection
+    assert chat._httpx_client is None and http.is_closed and stream_client._open == 0
 
 
 def test_two_instances_share_nothing(tmp_path, upstream):
