@@ -8,13 +8,20 @@ official ``openai`` client, ``websockets`` and plain httpx; upstreams are either
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import datetime
+import gc
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
+import random
+import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -198,7 +205,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def anyio_backend():
+def anyio_backend(request):
+    """asyncio's loop; ``BOTH_LOOPS`` tests run on uvloop too (what ``python nodechat.py`` uses)."""
+    if getattr(request, "param", "asyncio") == "uvloop":
+        import uvloop
+        return "asyncio", {"loop_factory": uvloop.new_event_loop}
     return "asyncio"
 
 
@@ -355,6 +366,923 @@ async def test_sse_lines_end_at_cr_lf_only_not_at_u2028():
 
     found = [d async for batch in nodechat.sse_batches(reads()) for d in batch]
     assert found == ['{"a": "x\u2028y"}'.encode(), b"2\n3", b"[DONE]"]
+
+
+###############################################################################
+# Providers: nodechat's own HTTP/1.1 client, fuzzed, then over real sockets
+###############################################################################
+
+TIMEOUT = 10.0  # every test's bound on waiting
+BOTH_LOOPS = pytest.mark.parametrize("anyio_backend", ["asyncio", "uvloop"], indirect=True)
+
+
+class Upstream502(Exception):
+    pass
+
+
+class Upstream504(Exception):
+    pass
+
+
+def make_client(**options) -> nodechat.UpstreamClient:
+    return nodechat.UpstreamClient(**{"error": Upstream502, "timeout": Upstream504, **options})
+
+
+async def until_true(predicate, what: str = "condition") -> None:
+    """Poll a condition the code under test exposes no event for (bounded by the test's timeout)."""
+    while not predicate():
+        await asyncio.sleep(0.002)
+
+
+###############################################################################
+# SSE decoder: fuzzed against the WHATWG algorithm run on the whole stream
+###############################################################################
+
+def reference_events(stream: bytes) -> list[bytes]:
+    """WHATWG "parsing an event stream" over the whole input at once, data fields only.
+
+    The tail is treated as ``nodechat.SSEDecoder.close()`` does: as if the stream ended with a blank line.
+    """
+    events, data = [], []
+    for line in re.split(rb"\r\n|\r|\n", stream + b"\n\n")[:-1]:
+        if not line:
+            if data:
+                events.append(b"\n".join(data))
+            data = []
+        elif not line.startswith(b":"):
+            field, colon, value = line.partition(b":")
+            if colon and value.startswith(b" "):
+                value = value[1:]
+            if field == b"data":
+                data.append(value)
+    return events
+
+
+PAYLOADS = [b"", b"x", b" leading space", b'{"a":"\xe2\x80\xa8 and \xe2\x80\xa9"}', b"\x0b\x0c\x1c\x1d\x1e",
+            b"\xc2\x85 next line", b"a:b: c", b"[DONE]", b'{"choices":[{"delta":{"content":"tok "}}]}']
+LINES = [b"data: %s", b"data:%s", b"data", b"data:", b"data: ", b": comment %s", b":", b"event: message",
+         b"id: 7", b"retry: 100", b"dat: %s", b"data : %s", b"Data: %s", b"", b"", b""]
+
+
+def random_stream(rng: random.Random) -> bytes:
+    out = []
+    for _ in range(rng.randint(0, 40)):
+        line = rng.choice(LINES)
+        if b"%s" in line:
+            line = line % rng.choice(PAYLOADS)
+        out.append(line + rng.choice((b"\n", b"\r", b"\r\n")))
+    if rng.random() < 0.3:  # ends mid-line or mid-event
+        out.append(b"data: tail" if rng.random() < 0.5 else b"data: x\n")
+    return b"".join(out)
+
+
+def random_cuts(data: bytes, rng: random.Random) -> list[bytes]:
+    if rng.random() < 0.1:
+        return [data[i:i + 1] for i in range(len(data))]
+    cuts = sorted(rng.randint(0, len(data)) for _ in range(rng.randint(0, 12)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+def decode_all(pieces: list[bytes], **options) -> list[bytes]:
+    decoder = nodechat.SSEDecoder(**options)
+    events = [event for piece in pieces for event in decoder.feed(piece)]
+    return events + decoder.close()
+
+
+def test_sse_decoder_matches_reference_under_random_reads():
+    rng = random.Random(11)
+    for case in range(3000):
+        stream = random_stream(rng)
+        pieces = random_cuts(stream, rng)
+        expected = reference_events(stream)
+        assert decode_all(pieces) == expected, (case, pieces)
+        # limits exactly at the longest line and event are no error, however the reads fall
+        tight = max([1, *map(len, re.split(rb"\r\n|\r|\n", stream)), *map(len, expected)])
+        assert decode_all(pieces, max_line_bytes=tight) == expected, (case, pieces)
+
+
+@pytest.mark.parametrize("stream, expected", [
+    (b"data: a\n\n", [b"a"]),
+    (b"data:a\r\rdata: b\r\n\r\n", [b"a", b"b"]),
+    (b"data: one\ndata:two\n\n", [b"one\ntwo"]),
+    (b": keep-alive\n\nevent: x\nid: 1\ndata: y\n\n", [b"y"]),
+    (b"data\n\ndata:\n\n", [b"", b""]),
+    (b'data: {"t":"\xe2\x80\xa8"}\n\n', [b'{"t":"\xe2\x80\xa8"}']),  # httpx-sse#34: U+2028 is no line end
+    (b"data: [DONE]", [b"[DONE]"]),  # a missing final blank line is forgiven
+])
+def test_sse_decoder_examples(stream, expected):
+    assert decode_all([stream]) == expected
+
+
+def test_sse_crlf_straddling_two_reads_is_one_line_end():
+    decoder = nodechat.SSEDecoder()
+    assert decoder.feed(b"data: a\r") == []
+    assert decoder.feed(b"\n") == []  # the LF completes the CRLF: no blank line yet
+    assert decoder.feed(b"\r\n") == [b"a"]
+
+
+def test_sse_line_longer_than_limit_is_refused_however_it_arrives():
+    line = b"data: " + b"x" * 94  # 100 bytes
+    assert decode_all([line + b"\n\n"], max_line_bytes=100) == [b"x" * 94]
+    rng = random.Random(3)
+    for _ in range(200):
+        pieces = random_cuts(b"data: ok\n\n" + line + b"y\n\n", rng)
+        with pytest.raises(ValueError, match="SSE line is longer than 100 bytes"):
+            decode_all(pieces, max_line_bytes=100)
+
+
+def test_sse_event_data_longer_than_limit_is_refused():
+    with pytest.raises(ValueError, match="event's data is longer than 100 bytes"):
+        decode_all([b"data: 0123456789\n" * 12], max_line_bytes=100)
+    decoder = nodechat.SSEDecoder(max_line_bytes=100)
+    with pytest.raises(ValueError, match="event's data"):
+        for _ in range(12):
+            decoder.feed(b"data: 0123456789\n")
+    decoder, line = nodechat.SSEDecoder(max_line_bytes=100), b"data: " + b"x" * 60 + b"\n"
+    for _ in range(10):  # many events just under the limit, each line its own read
+        assert decoder.feed(line) == [] and decoder.feed(b"\n") == [b"x" * 60]
+
+
+def test_sse_decoder_is_linear_in_one_huge_line():
+    """Today's nodechat.sse_batches took 112 s for one 64 MB line arriving in 64 KiB reads."""
+    decoder, piece = nodechat.SSEDecoder(max_line_bytes=128 << 20), b"x" * (64 << 10)
+    started = time.perf_counter()
+    assert decoder.feed(b"data: ") == []
+    for _ in range(1024):
+        assert decoder.feed(piece) == []
+    assert decoder.feed(b"\n\n") == [piece * 1024]
+    assert time.perf_counter() - started < 3.0
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_sse_batches_serves_the_httpx_path():
+    async def chunks():
+        for piece in (b"data: a\n\nda", b"ta: b\r", b"\n\r\ndata: c"):
+            yield piece
+
+    async with asyncio.timeout(TIMEOUT):
+        # one batch per read, even an empty one (the reader checks its deadline), then the tail
+        assert [batch async for batch in nodechat.sse_batches(chunks())] == [[b"a"], [], [b"b"], [b"c"]]
+
+
+###############################################################################
+# Chunked decoder: fuzzed against bodies encoded with extensions and trailers
+###############################################################################
+
+EXTENSIONS = [b"", b";a", b";a=b", b' ; name="v;x" ', b";x=1;y=2", b"\t;q"]
+TRAILERS = [b"", b"x-checksum: 1\r\n", b"a: 1\r\nb: two words\r\n"]
+
+
+def encode_chunked(body: bytes, rng: random.Random) -> bytes:
+    out, pos = [], 0
+    while pos < len(body):
+        size = min(rng.choice((1, 2, 3, 7, 50, 194, 1000, 5000)), len(body) - pos)
+        digits = format(size, rng.choice("xX")).encode()
+        out.append(b"0" * rng.randint(0, 2) + digits + rng.choice(EXTENSIONS) + b"\r\n"
+                   + body[pos:pos + size] + b"\r\n")
+        pos += size
+    out.append(b"0" * rng.randint(1, 2) + rng.choice(EXTENSIONS) + b"\r\n" + rng.choice(TRAILERS) + b"\r\n")
+    return b"".join(out)
+
+
+def test_chunked_decoder_matches_body_under_random_reads():
+    rng = random.Random(7)
+    for case in range(2000):
+        body = bytes(rng.choice(b"ab\r\n0;") for _ in range(rng.randint(0, 3000)))
+        extra = rng.choice((b"", b"HTTP/1.1 200 OK\r\n"))
+        pieces = random_cuts(encode_chunked(body, rng) + extra, rng)
+        decoder = nodechat.ChunkedDecoder()
+        out = b"".join(decoder.feed(piece) for piece in pieces)
+        assert (out, decoder.done, decoder.extra) == (body, True, extra), (case, pieces)
+
+
+def test_chunked_then_sse_matches_reference_under_random_reads():
+    rng = random.Random(5)
+    for case in range(1000):
+        stream = random_stream(rng)
+        pieces = random_cuts(encode_chunked(stream, rng), rng)
+        chunks, decoder = nodechat.ChunkedDecoder(), nodechat.SSEDecoder()
+        events = [event for piece in pieces for event in decoder.feed(chunks.feed(piece))]
+        assert chunks.done and events + decoder.close() == reference_events(stream), case
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"zz\r\n", "malformed chunk size line"),
+    (b"0x5\r\nhello\r\n", "malformed chunk size line"),
+    (b"+5\r\nhello\r\n", "malformed chunk size line"),
+    (b" 5\r\nhello\r\n", "malformed chunk size line"),
+    (b"5_0\r\n", "malformed chunk size line"),
+    (b"\r\n", "malformed chunk size line"),
+    (b"5\nhello\r\n0\r\n\r\n", "malformed chunk size line"),
+    (b"5\r\nhelloXY", "no CRLF after the chunk data"),
+    (b"1" * 70000, "longer than 65536 bytes"),
+    (b"0\r\n" + b"x: y\r\n" * 20000, "trailers longer than"),
+])
+def test_chunked_decoder_refuses_malformed_framing(wire, message):
+    for pieces in ([wire], [wire[i:i + 1] for i in range(min(len(wire), 200))] + [wire[200:]]):
+        decoder = nodechat.ChunkedDecoder()
+        with pytest.raises(ValueError, match=message):
+            for piece in pieces:
+                decoder.feed(piece)
+
+
+###############################################################################
+# Real servers on loopback
+###############################################################################
+
+def sse_events(*events: bytes) -> bytes:
+    return b"".join(b"data: " + event + b"\n\n" for event in events)
+
+
+def http_chunk(data: bytes, ext: bytes = b"") -> bytes:
+    return b"%x%s\r\n%s\r\n" % (len(data), ext, data)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class RawServer:
+    """A scripted HTTP/1.1 server: ``respond(request, reader, writer)`` answers each request.
+
+    ``respond`` returns False to close the connection.  Counts connections and requests,
+    and records when a connection ends.
+    """
+
+    def __init__(self, respond, ssl_context=None):
+        self.respond, self.ssl_context = respond, ssl_context
+        self.connections = self.requests = self.ended = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.ended_event = asyncio.Event()
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
+        port = self.server.sockets[0].getsockname()[1]
+        scheme = "https" if self.ssl_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}/v1/chat/completions"
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.server.close()
+        for writer in self.writers:  # ends each handler with EOF (cancelling them logs noise)
+            writer.transport.abort()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), TIMEOUT)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tasks.add(asyncio.current_task())
+        self.writers.add(writer)
+        self.connections += 1
+        index = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                body = await reader.readexactly(int(length[1]) if length else 0)
+                self.requests += 1
+                keep = await self.respond(Request(head, body, self.connections, index), reader, writer)
+                index += 1
+                await writer.drain()
+                if keep is False:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.ended += 1
+            self.ended_event.set()
+
+
+class Request:
+    def __init__(self, head: bytes, body: bytes, connection: int, index: int):
+        self.head, self.body, self.connection, self.index = head, body, connection, index
+
+
+def answer(*writes: bytes, keep: bool = True):
+    async def respond(request, reader, writer):
+        for data in writes:
+            writer.write(data)
+        return keep
+    return respond
+
+
+async def collect(client: nodechat.UpstreamClient, url: str, body: bytes = b"{}") -> tuple[int, list[bytes]]:
+    async with client.stream(url, body, {"content-type": "application/json"}) as response:
+        return response.status, [event async for batch in response.events() for event in batch]
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_chunked_stream_with_extensions_and_trailers_is_read_and_reused():
+    wire = CHUNKED_HEAD + http_chunk(sse_events(b"1", b"2"), b";ext=1") + http_chunk(sse_events(b"3"), b' ; q="a;b"') \
+        + b"0;end\r\nx-trailer: yes\r\nx-more: 2\r\n\r\n"
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(wire)) as server:
+        client = make_client()
+        for _ in range(2):
+            assert await collect(client, server.url) == (200, [b"1", b"2", b"3"])
+        assert (server.connections, server.requests) == (1, 2)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_ten_sequential_requests_use_one_connection():
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(CHUNKED_HEAD + http_chunk(sse_events(b"x")) + LAST_CHUNK)) as server:
+        client = make_client()
+        for _ in range(10):
+            assert await collect(client, server.url) == (200, [b"x"])
+        assert (server.connections, server.requests, client._open) == (1, 10, 1)
+        await client.aclose()
+        await asyncio.wait_for(server.ended_event.wait(), TIMEOUT)
+        assert client._open == 0
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_request_carries_host_length_body_and_given_headers():
+    seen = []
+
+    async def respond(request, reader, writer):
+        seen.append(request)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client = make_client()
+        body = json.dumps({"model": "m", "text": "é"}).encode()
+        async with client.stream(server.url + "?a=1", body, {"Authorization": "Bearer k"}) as response:
+            assert response.status == 204
+            assert [e async for e in response.events()] == []
+        head = seen[0].head.decode()
+        assert head.startswith("POST /v1/chat/completions?a=1 HTTP/1.1\r\n")
+        port = server.url.split(":")[2].split("/")[0]
+        for line in (f"Host: 127.0.0.1:{port}", f"Content-Length: {len(body)}", "Accept-Encoding: identity",
+                     "Authorization: Bearer k"):
+            assert line + "\r\n" in head
+        assert seen[0].body == body
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_content_length_body_is_read_and_reused():
+    body = sse_events(b"a", b"b")
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))) as server:
+        client = make_client()
+        assert await collect(client, server.url) == (200, [b"a", b"b"])
+        async with client.stream(server.url, b"{}") as response:
+            assert await response.read() == body
+        assert server.connections == 1
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_close_delimited_body_ends_with_the_connection_and_is_not_pooled():
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + sse_events(b"a") + b"data: b",
+            keep=False)) as server:
+        client = make_client()
+        assert await collect(client, server.url) == (200, [b"a", b"b"])
+        assert await collect(client, server.url) == (200, [b"a", b"b"])
+        assert server.connections == 2 and client._open == 0 and not any(client._idle.values())
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_interim_responses_are_skipped():
+    wire = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+            + CHUNKED_HEAD + http_chunk(sse_events(b"ok")) + LAST_CHUNK)
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(wire)) as server:
+        client = make_client()
+        async with client.stream(server.url, b"{}") as response:
+            assert (response.status, response.headers.get("link")) == (200, None)
+            assert [e async for batch in response.events() for e in batch] == [b"ok"]
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_error_status_body_and_headers_are_readable():
+    body = b'{"error":{"message":"slow down"}}'
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nX-A: 1\r\nx-a: 2\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))) as server:
+        client = make_client()
+        async with client.stream(server.url, b"{}") as response:
+            assert (response.status, response.reason) == (429, "Too Many Requests")
+            assert response.headers["retry-after"] == "3" and response.headers["x-a"] == "1, 2"
+            assert await response.read(4096) == body
+        async with client.stream(server.url, b"{}") as response:
+            assert await response.read(5) == body[:5]  # all arrived: the connection stays good
+        assert server.connections == 1 and client._open == 1
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_http10_response_is_not_reused():
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(b"HTTP/1.0 200 OK\r\ncontent-length: 9\r\n\r\n"
+                                                            b"data: a\n\n")) as server:
+        client = make_client()
+        for _ in range(2):
+            assert await collect(client, server.url) == (200, [b"a"])
+        assert server.connections == 2
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", "response headers longer than 65536 bytes"),
+    (b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70000, "response headers longer than 65536 bytes"),
+    (b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 1\r\n\r\nx", "unrequested content-encoding"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", "unsupported transfer-encoding"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n", "malformed content-length"),
+    (b"HTTP/2 200 OK\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n", "malformed header line"),
+    (CHUNKED_HEAD + b"zz\r\n", "malformed chunk size line"),
+    (CHUNKED_HEAD + b"3\r\nabcde", "malformed chunk: no CRLF after the chunk data"),
+])
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_malformed_responses_raise_the_error_factory(wire, message):
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(wire)) as server:
+        client = make_client()
+        with pytest.raises(Upstream502, match=re.escape(server.url.rsplit("/v1", 1)[0]) + ": " + message):
+            await collect(client, server.url)
+        await until_true(lambda: client._open == 0)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_sse_line_too_long_raises():
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(
+            CHUNKED_HEAD + http_chunk(sse_events(b"ok") + b"data: " + b"x" * 2000 + b"\n\n") + LAST_CHUNK)) as server:
+        client = make_client(max_line_bytes=1000)
+        with pytest.raises(Upstream502, match="SSE line is longer than 1000 bytes"):
+            await collect(client, server.url)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_connection_closed_mid_body_raises_after_the_events_before_it():
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(CHUNKED_HEAD + http_chunk(sse_events(b"a")) + b"40\r\ndata",
+                                                           keep=False)) as server:
+        client, events = make_client(), []
+        with pytest.raises(Upstream502, match="connection closed mid-body"):
+            async with client.stream(server.url, b"{}") as response:
+                async for batch in response.events():
+                    events += batch
+        assert events == [b"a"] and client._open == 0
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_server_that_closes_an_idle_connection_is_retried_once_transparently():
+    """The server reads the second request on a kept-alive connection and closes it unanswered."""
+    async def respond(request, reader, writer):
+        if request.index:  # the second request on a connection: as if its idle timer fired
+            return False
+        writer.write(CHUNKED_HEAD + http_chunk(sse_events(b"%d" % request.connection)) + LAST_CHUNK)
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client = make_client()
+        assert await collect(client, server.url) == (200, [b"1"])
+        assert await collect(client, server.url) == (200, [b"2"])
+        assert (server.connections, server.requests) == (2, 3)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_idle_connection_closed_by_the_server_is_not_used():
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(CHUNKED_HEAD + http_chunk(sse_events(b"x")) + LAST_CHUNK,
+                                                           keep=False)) as server:
+        client = make_client()
+        assert await collect(client, server.url) == (200, [b"x"])
+        await until_true(lambda: client._open == 0)  # the FIN arrived while idle
+        assert await collect(client, server.url) == (200, [b"x"])
+        assert (server.connections, server.requests) == (2, 2)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_retry_happens_once_and_never_on_a_new_connection():
+    async def respond(request, reader, writer):
+        if server.connections == 1 and request.index == 0:
+            writer.write(CHUNKED_HEAD + LAST_CHUNK)
+            return
+        return False  # every later request: closed unanswered
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client = make_client()
+        assert await collect(client, server.url) == (200, [])
+        with pytest.raises(Upstream502, match="connection closed before the response"):
+            await collect(client, server.url)
+        assert (server.connections, server.requests) == (2, 3)  # reused, then one fresh retry
+        with pytest.raises(Upstream502, match="connection closed before the response"):
+            await collect(client, server.url)
+        assert (server.connections, server.requests) == (3, 4)  # a fresh connection: no retry
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_server_that_never_answers_times_out():
+    async def respond(request, reader, writer):
+        await reader.read()  # until the client gives up
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client = make_client(read_timeout=0.2)
+        started = time.monotonic()
+        with pytest.raises(Upstream504, match=r"no response for 0.2 s"):
+            await collect(client, server.url)
+        assert 0.15 < time.monotonic() - started < 2
+        await asyncio.wait_for(server.ended_event.wait(), TIMEOUT)
+        assert client._open == 0
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_silence_mid_body_times_out_after_the_events_before_it():
+    async def respond(request, reader, writer):
+        writer.write(CHUNKED_HEAD + http_chunk(sse_events(b"a")))
+        await reader.read()
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client, events = make_client(read_timeout=0.2), []
+        with pytest.raises(Upstream504, match="no data mid-body for 0.2 s"):
+            async with client.stream(server.url, b"{}") as response:
+                async for batch in response.events():
+                    events += batch
+        assert events == [b"a"]
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_one_watchdog_timer_per_connection_not_one_per_read():
+    async def respond(request, reader, writer):
+        writer.write(CHUNKED_HEAD)
+        for index in range(50):
+            writer.write(http_chunk(sse_events(b"%d" % index)))
+            await writer.drain()
+            await asyncio.sleep(0)
+        writer.write(LAST_CHUNK)
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client = make_client(read_timeout=60, keepalive_expiry=120)
+        async with client.stream(server.url, b"{}") as response:
+            timer, batches = response._conn.timer, 0
+            async for batch in response.events():
+                batches += 1
+                assert response._conn.timer is timer
+        assert batches > 1
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_a_slow_drip_never_longer_silent_than_read_timeout_does_not_time_out():
+    async def respond(request, reader, writer):
+        writer.write(CHUNKED_HEAD)
+        for index in range(6):
+            await asyncio.sleep(0.1)
+            writer.write(http_chunk(sse_events(b"%d" % index)))
+        writer.write(LAST_CHUNK)
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client = make_client(read_timeout=0.25)  # the whole answer takes 0.6 s
+        assert await collect(client, server.url) == (200, [b"%d" % i for i in range(6)])
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_idle_connection_is_closed_after_keepalive_expiry():
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(CHUNKED_HEAD + LAST_CHUNK)) as server:
+        client = make_client(keepalive_expiry=0.1)
+        assert await collect(client, server.url) == (200, [])
+        assert client._open == 1
+        await asyncio.wait_for(server.ended_event.wait(), TIMEOUT)  # the watchdog closed it
+        assert client._open == 0 and not any(client._idle.values())
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_nothing_listening_is_a_connect_error():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with asyncio.timeout(TIMEOUT):
+        client = make_client()
+        with pytest.raises(Upstream502, match=rf"http://127.0.0.1:{port}: cannot connect: Connection refused"):
+            await collect(client, f"http://127.0.0.1:{port}/v1/chat/completions")
+        assert client._open == 0
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_tls_handshake_that_never_ends_is_a_connect_timeout():
+    writers = []
+
+    async def silent(reader, writer):
+        writers.append(writer)
+        await reader.read()
+
+    async with asyncio.timeout(TIMEOUT):
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = make_client(connect_timeout=0.2)
+        with pytest.raises(Upstream504, match="no connection within 0.2 s"):
+            await collect(client, f"https://127.0.0.1:{port}/v1")
+        assert client._open == 0
+        server.close()
+        for writer in writers:
+            writer.transport.abort()
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_bad_urls_and_headers_are_errors():
+    client = make_client()
+    for url in ("ftp://x/", "http:///path", "http://host:99999/"):
+        with pytest.raises(Upstream502, match="not an http"):
+            await collect(client, url)
+    with pytest.raises(Upstream502, match="line break"):
+        async with client.stream("http://127.0.0.1:1/", b"", {"x": "a\r\nInjected: 1"}):
+            pass
+
+
+def hold_then_finish(release: asyncio.Event):
+    """Send one event, then the end once ``release`` is set, or stop when the client leaves."""
+    async def respond(request, reader, writer):
+        writer.write(CHUNKED_HEAD + http_chunk(sse_events(b"first")))
+        await writer.drain()
+        left, released = asyncio.ensure_future(reader.read(1)), asyncio.ensure_future(release.wait())
+        done, _ = await asyncio.wait((left, released), return_when=asyncio.FIRST_COMPLETED)
+        left.cancel(), released.cancel()
+        await asyncio.gather(left, released, return_exceptions=True)
+        if left in done:
+            return False
+        writer.write(LAST_CHUNK)
+    return respond
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_pool_limit_waits_then_times_out():
+    release = asyncio.Event()
+    async with asyncio.timeout(TIMEOUT), RawServer(hold_then_finish(release)) as server:
+        client = make_client(max_connections=2, pool_timeout=0.2)
+        async with client.stream(server.url, b"{}"), client.stream(server.url, b"{}"):
+            with pytest.raises(Upstream504, match=r"no free connection within 0.2 s \(2 in use\)"):
+                await collect(client, server.url)
+        assert client._open == 0  # both left unread: closed
+        release.set()
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_pool_hands_a_finished_connection_to_the_waiting_request():
+    release = asyncio.Event()
+    async with asyncio.timeout(TIMEOUT), RawServer(hold_then_finish(release)) as server:
+        client = make_client(max_connections=1, pool_timeout=5)
+        async with client.stream(server.url, b"{}") as first:
+            waiting = asyncio.create_task(collect(client, server.url))
+            await until_true(lambda: client._waiters)
+            release.set()
+            assert [e async for batch in first.events() for e in batch] == [b"first"]
+        assert await waiting == (200, [b"first"])
+        assert (server.connections, server.requests, client._open) == (1, 2, 1)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_full_pool_closes_an_idle_connection_to_another_host():
+    wire = CHUNKED_HEAD + http_chunk(sse_events(b"x")) + LAST_CHUNK
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(wire)) as one, RawServer(answer(wire)) as two:
+        client = make_client(max_connections=1)
+        assert await collect(client, one.url) == (200, [b"x"])
+        assert await collect(client, two.url) == (200, [b"x"])
+        await asyncio.wait_for(one.ended_event.wait(), TIMEOUT)
+        assert client._open == 1
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_reader_leaving_mid_stream_closes_the_connection():
+    release = asyncio.Event()
+    async with asyncio.timeout(TIMEOUT), RawServer(hold_then_finish(release)) as server:
+        client = make_client()
+        async with client.stream(server.url, b"{}") as response:
+            async for batch in response.events():
+                assert batch == [b"first"]
+                break
+        await asyncio.wait_for(server.ended_event.wait(), TIMEOUT)
+        assert client._open == 0 and not any(client._idle.values())
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_cancelling_the_reader_propagates_and_closes_the_connection():
+    release, got_first = asyncio.Event(), asyncio.Event()
+
+    async def read():
+        async with make_client().stream(server.url, b"{}") as response:
+            async for _ in response.events():
+                got_first.set()
+
+    async with asyncio.timeout(TIMEOUT), RawServer(hold_then_finish(release)) as server:
+        task = asyncio.create_task(read())
+        await got_first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(server.ended_event.wait(), TIMEOUT)
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_slow_reader_pauses_the_socket_and_loses_nothing():
+    events = [b"%06d" % i + b"x" * 400 for i in range(8000)]  # about 3.3 MB
+
+    async def respond(request, reader, writer):
+        writer.write(CHUNKED_HEAD)
+        for start in range(0, len(events), 100):
+            writer.write(http_chunk(sse_events(*events[start:start + 100])))
+            await writer.drain()
+        writer.write(LAST_CHUNK)
+
+    async with asyncio.timeout(TIMEOUT), RawServer(respond) as server:
+        client = make_client()
+        async with client.stream(server.url, b"{}") as response:
+            await until_true(lambda: response._conn.paused)
+            assert [e async for batch in response.events() for e in batch] == events
+        assert client._open == 1
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_pool_slots_add_up_after_a_storm_of_failures_and_cancellations():
+    rng = random.Random(1)
+
+    async def respond(request, reader, writer):
+        fate = rng.random()
+        if fate < 0.15:
+            return False  # closed unanswered (retried once if the connection was reused)
+        writer.write(CHUNKED_HEAD + http_chunk(sse_events(b"a")))
+        if fate < 0.3:
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            return False  # closed mid-body
+        if fate < 0.4:
+            await asyncio.sleep(0.05)
+        writer.write(http_chunk(sse_events(b"b")) + LAST_CHUNK)
+        return fate > 0.9 and False  # now and then closed after a whole answer
+
+    outcomes = collections.Counter()
+
+    async def one(client, url):
+        try:
+            async with client.stream(url, b"{}") as response:
+                async for _ in response.events():
+                    if rng.random() < 0.1:
+                        break  # the reader leaves
+            outcomes["read"] += 1
+        except (Upstream502, Upstream504) as exc:
+            outcomes[type(exc).__name__] += 1
+
+    async with asyncio.timeout(TIMEOUT * 3), RawServer(respond) as server:
+        client = make_client(max_connections=4, pool_timeout=0.5, read_timeout=1)
+        tasks = [asyncio.create_task(one(client, server.url)) for _ in range(300)]
+        for _ in range(40):
+            await asyncio.sleep(0.005)
+            rng.choice(tasks).cancel()
+        await asyncio.wait(tasks)
+        idle = sum(map(len, client._idle.values()))
+        assert client._open == idle <= 4 and not any(not w.done() for _, w in client._waiters)
+        await client.aclose()
+        await until_true(lambda: client._open == 0)
+        assert outcomes["read"] > 20 and outcomes["Upstream502"] > 5, outcomes
+
+
+###############################################################################
+# uvicorn upstream, TLS, several event loops
+###############################################################################
+
+async def sse_app(scope, receive, send):
+    """A raw ASGI OpenAI-style stream: ``{"n": events, "per_write": events per send}``."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    options = json.loads(body or b"{}")
+    n, per_write = options.get("n", 20), options.get("per_write", 1)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    events = [b'{"choices":[{"index":0,"delta":{"content":"tok %d"}}]}' % i for i in range(n)] + [b"[DONE]"]
+    for start in range(0, len(events), per_write):
+        await send({"type": "http.response.body", "body": sse_events(*events[start:start + per_write]),
+                    "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.fixture(scope="module")
+def uvicorn_url():
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(sse_app, host="127.0.0.1", port=0, http="httptools",
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    server.should_exit = True
+    thread.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("n, per_write", [(0, 1), (20, 1), (200, 10), (1000, 1000)])
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_uvicorn_sse_stream(uvicorn_url, n, per_write):
+    async with asyncio.timeout(TIMEOUT):
+        client = make_client()
+        for _ in range(3):
+            status, events = await collect(client, uvicorn_url, json.dumps({"n": n, "per_write": per_write}).encode())
+            assert status == 200 and len(events) == n + 1 and events[-1] == b"[DONE]"
+            assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == \
+                [f"tok {i}" for i in range(n)]
+        assert client._open == 1
+        await client.aclose()
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # idle sockets of a closed loop: left to the GC
+def test_one_client_serves_several_event_loops_one_after_another(uvicorn_url):
+    client = make_client()
+
+    async def one(last: bool):
+        async with asyncio.timeout(TIMEOUT):
+            status, events = await collect(client, uvicorn_url, b'{"n": 2}')
+            if last:
+                await client.aclose()
+            return events
+
+    for run in range(3):
+        assert asyncio.run(one(last=run == 2))[-1] == b"[DONE]"
+    gc.collect()  # the connections left idle in the first two loops
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1: (cert path, key path, cert PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nodechat test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder = tmp_path_factory.mktemp("tls")
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (folder / "cert.pem").write_bytes(pem)
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem"), pem.decode()
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_tls_to_a_self_signed_server(certificate):
+    certfile, keyfile, pem = certificate
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(certfile, keyfile)
+    wire = CHUNKED_HEAD + http_chunk(sse_events(*[b"%d" % i for i in range(100)])) + LAST_CHUNK
+    async with asyncio.timeout(TIMEOUT), RawServer(answer(wire), ssl_context=server_context) as server:
+        made = []
+
+        def trusting():
+            made.append(ssl.create_default_context(cadata=pem))
+            return made[-1]
+
+        client = make_client(ssl_context=trusting)
+        for _ in range(3):
+            assert await collect(client, server.url) == (200, [b"%d" % i for i in range(100)])
+        assert (server.connections, len(made)) == (1, 1)
+        await client.aclose()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: None)  # the server's side of the refusal
+        try:
+            with pytest.raises(Upstream502, match="TLS failed: .*CERTIFICATE_VERIFY_FAILED"):
+                await collect(make_client(), server.url)  # the system's trust store does not know it
+        finally:
+            loop.set_exception_handler(None)
 
 
 ###############################################################################
