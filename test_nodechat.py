@@ -3423,6 +3423,127 @@ def test_cli_help_reads_well(capsys):
         assert flag in out
 
 
+def test_offline_model_calls_a_tool_when_asked(tmp_path):
+    """Front ends can see a tool call with no key: '/tool NAME {json}'."""
+    chat = NodeChat(environ={}, data_dir=str(tmp_path))
+    with serve(chat) as url:
+        _, events = api_chat(url, {"messages": [user('/tool addMemory {"content": "likes green tea"}')]},
+                             token=None)
+        kinds = [e["type"] for e in events]
+        assert kinds[:2] == ["tool-call", "tool-result"] and kinds[-1] == "finish"
+        assert events[0]["args"] == {"content": "likes green tea"}
+        said = "".join(e["content"] for e in events if e["type"] == "text")
+        assert said.startswith("addMemory returned:") and "likes green tea" in said
+        assert httpx.get(url + "/api/memories").json()["memories"][0]["content"] == "likes green tea"
+        _, events = api_chat(url, {"messages": [user("/tool nope {}")]}, token=None)
+        assert "".join(e.get("content", "") for e in events if e["type"] == "text") == "/tool nope {}"
+
+
+def test_models_retrieve_and_unknown_model_lists_the_available(live, upstream, tmp_path):
+    _, url = live()
+    assert client(url).models.retrieve("fake-2").id == "fake-2"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(url).models.retrieve("gpt-9")
+    assert "available: fake-1, fake-2" in caught.value.message
+    pinned = NodeChat(environ={}, data_dir=str(tmp_path), base_url=upstream.url, model="fake-1",
+                      providers=[], **{"tokens": TOKENS})
+    with serve(pinned) as pinned_url:
+        assert client(pinned_url).models.retrieve("fake-1").owned_by == "openai"
+
+
+def test_non_streaming_completion_cancels_upstream_when_the_client_leaves(live, upstream):
+    _, url = live()
+    upstream.script(("hang",))
+    with pytest.raises(openai.APITimeoutError):
+        client(url, timeout=1).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+    eventually(lambda: upstream.disconnects == 1, timeout=5)
+
+
+def test_regenerate_replaces_the_stored_answer(live, upstream):
+    """useChat's regenerate(): the messages up to the user's, trigger regenerate-message."""
+    _, url = live()
+    upstream.script(text("first answer"), text("second answer"))
+    api_chat(url, ui_request("hi", chat_id="regen"))
+    body = {**ui_request("hi", chat_id="regen"), "trigger": "regenerate-message", "messageId": "a1"}
+    _, events = api_chat(url, body)
+    assert "".join(e.get("delta", "") for e in events if isinstance(e, dict) and e["type"] == "text-delta") \
+        == "second answer"
+    stored = httpx.get(url + "/api/conversations/regen", headers=AUTH).json()["messages"]
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "hi"), ("assistant", "second answer")]
+    assert [m["role"] for m in upstream.requests[-1]["messages"]] == ["system", "user"]
+
+
+@pytest.mark.anyio
+async def test_ws_resend_of_the_same_message_id_is_not_answered_twice(live, upstream):
+    _, url = live()
+    async with ws_connect(url) as ws:
+        message = {"type": "message", "role": "user", "content": "hi", "thread_id": "t-resend", "id": "m-1"}
+        await ws.send(message)
+        await ws.turn()
+        await ws.send(message)
+        again = await ws.turn()
+    assert any(m["type"] == "error" and "already answered" in m["message"] for m in again)
+    stored = httpx.get(url + "/api/conversations/t-resend", headers=AUTH).json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+
+
+def test_start_up_says_what_is_wrong(upstream, tmp_path, caplog):
+    """A model no provider serves, a base URL without /v1, and no model at all."""
+    def start(**settings):
+        chat = NodeChat(environ={}, data_dir=str(tmp_path), **settings)
+        with caplog.at_level(logging.INFO, logger="nodechat"), serve(chat) as url:
+            httpx.get(url + "/healthz")
+        return chat
+
+    start(model="gpt-4o-mini")
+    assert "model 'gpt-4o-mini' is served by no provider" in caplog.text
+    caplog.clear()
+    empty = FakeUpstream(models=())
+    with serve(empty) as empty_url:
+        start(base_url=empty_url, model="x")
+    assert f"{empty_url} lists no models" in caplog.text and f"try {empty_url}/v1" in caplog.text
+    caplog.clear()
+    start(base_url=upstream.url, model="fake-9")
+    assert "default model 'fake-9' is not among" in caplog.text
+    caplog.clear()
+    chat = start(base_url=upstream.url)  # OPENAI_BASE_URL and no model: the provider's first
+    assert chat.providers.default_model == "fake-1" and "default model: fake-1" in caplog.text
+    assert f"provider openai: {upstream.url}" in caplog.text
+
+
+def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "nodechat:create_app", "--factory", "--port", str(port)],
+        env={**os.environ, "NODECHAT_DATA_DIR": str(tmp_path), "PYTHONPATH": str(Path(nodechat.__file__).parent)},
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    def up() -> bool:
+        assert process.poll() is None, "the server exited"
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        return False
+
+    try:
+        eventually(up, timeout=20)
+        with contextlib.suppress(Exception):
+            asyncio.run(websockets.connect(f"ws://127.0.0.1:{port}/chat", origin="https://evil.example").__aenter__())
+    finally:
+        process.terminate()
+        err = process.communicate(timeout=10)[1]
+    assert "INFO:     nodechat: serving the built-in offline model 'echo'" in err
+    assert "WARNING:  nodechat: /chat refused (1008): cross-origin request" in err
+
+
+def test_cli_version_and_environment_in_help(capsys):
+    with pytest.raises(SystemExit):
+        nodechat.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"nodechat {nodechat.__version__}"
+    with pytest.raises(SystemExit):
+        nodechat.main(["--help"])
+    out = capsys.readouterr().out
+    assert "OPENAI_BASE_URL" in out and "NODECHAT_<NAME>" in out and "NODECHAT_TOKENS" in out
+
+
 ###############################################################################
 # A real OpenAI-compatible server no one here wrote: llama.cpp with SmolLM2-135M
 ###############################################################################
