@@ -4794,6 +4794,7 @@ class NodeChat:
             started = True
             await send(message)
 
+        request = None
         try:
             self._check_browser(headers)
             if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:
@@ -4812,6 +4813,8 @@ class NodeChat:
         except NodeChatError as err:
             if started:
                 raise
+            if request is None and style == "api" and route and route.handler == "api_chat":
+                style = await _style_from_small_body(receive, headers)
             response = error_response(err, style)
             if isinstance(err, MethodNotAllowed):
                 response.headers += ((b"allow", ", ".join(sorted(set(allowed))).encode()),)
@@ -5155,6 +5158,26 @@ def _openai_body(body: Any) -> dict:
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
     return body
+
+
+async def _style_from_small_body(receive: Receive, headers: Mapping[str, str]) -> str:
+    """For an error before ``/api/chat`` read its body (401, 403): the AI SDK wants plain
+    text and the seed's clients JSON, and only the body's ``trigger`` tells them apart.  A
+    small body that is already on its way is worth a look; a large or slow one is not."""
+    if int(headers.get("content-length") or 0) > 64 * 1024:
+        return "api"
+    chunks, size = [], 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            while size <= 64 * 1024:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if not message.get("more_body"):
+                    with contextlib.suppress(ValueError):
+                        return "text" if _wants_ui_stream({}, headers, parse_json(b"".join(chunks))) else "api"
+                    break
+    return "api"
 
 
 def _wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -2002,6 +2003,250 @@ def test_openai_endpoint_runs_server_tools_only_when_enabled(live, upstream):
     reply = client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "?"}])
     assert reply.choices[0].message.content == "It is 42."
     assert upstream.requests[1]["messages"][-1]["content"] == "42"
+
+
+###############################################################################
+# /api/chat through the AI SDK itself (`ai` from the npm registry, under node)
+###############################################################################
+# Each test drives nodechat with the AI SDK's own client code: DefaultChatTransport.sendMessages
+# (the request useChat makes, its response check and strict chunk validation) folded by
+# readUIMessageStream (the state machine useChat builds the assistant message with).
+
+# 5.0.92 is the first `ai` whose schema accepts `finish.finishReason` (5.0.0-5.0.91 reject
+# every finish chunk that carries it); the newest is pinned so a new release cannot change a
+# green run: bump it by hand (`npm view ai version`).
+AI_SDK_OLDEST = "5.0.92"
+AI_SDK_NEWEST = "7.0.173"
+AI_SDK_VERSIONS = tuple(v for v in os.environ.get("NODECHAT_AI_SDK_VERSIONS", "").split(",") if v) \
+    or (AI_SDK_OLDEST, AI_SDK_NEWEST)  # the variable tries others, e.g. "5.0.0,6.0.325"
+AI_SDK_CACHE = Path(os.environ.get("NODECHAT_TEST_CACHE", Path.home() / ".cache" / "nodechat-tests"))
+
+AISDK_CLIENT = r"""
+// One AI SDK request, as useChat makes it. Spec on stdin:
+//   {url, token?, headers?, chatId, messages, trigger?, messageId?, body?, message?, timeoutMs?}
+// Prints one JSON line: {message, chunks} (the final assistant UIMessage and every chunk the
+// transport validated, in order) or {error, name, statusCode?, chunks} if anything threw.
+import { DefaultChatTransport, readUIMessageStream } from 'ai';
+
+let input = '';
+for await (const piece of process.stdin) input += piece;
+const spec = JSON.parse(input);
+const chunks = [];
+const print = (value) => process.stdout.write(JSON.stringify(value) + '\n');
+try {
+  const headers = { ...(spec.headers ?? {}) };
+  if (spec.token) headers.Authorization = `Bearer ${spec.token}`;
+  const transport = new DefaultChatTransport({ api: spec.url, headers, body: spec.body });
+  const stream = await transport.sendMessages({
+    chatId: spec.chatId,
+    messages: spec.messages,
+    trigger: spec.trigger ?? 'submit-message',
+    messageId: spec.messageId ?? undefined,
+    abortSignal: AbortSignal.timeout(spec.timeoutMs ?? 30000),
+  });
+  const seen = stream.pipeThrough(new TransformStream({
+    transform(chunk, controller) { chunks.push(chunk); controller.enqueue(chunk); },
+  }));
+  let message;
+  for await (const snapshot of readUIMessageStream({
+    stream: seen, message: spec.message, terminateOnError: true,
+  })) message = snapshot;
+  print({ message: message ?? null, chunks });
+} catch (error) {
+  print({ error: String(error?.message ?? error), name: error?.name ?? null,
+          statusCode: error?.statusCode ?? null, chunks });
+}
+"""
+
+
+class AISDK:
+    """The installed `ai` package of one version and the client program that uses it."""
+
+    def __init__(self, version: str, node: str, workdir: Path):
+        self.version, self.node, self.workdir = version, node, workdir
+
+    def __repr__(self) -> str:
+        return f"ai@{self.version}"
+
+    def run(self, spec: dict, timeout: float = 60) -> dict:
+        done = subprocess.run([self.node, str(self.workdir / "client.mjs")], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=timeout, cwd=self.workdir)
+        lines = done.stdout.strip().splitlines()
+        assert done.returncode == 0 and lines, (
+            f"ai@{self.version} client failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return json.loads(lines[-1])
+
+    def chat(self, url: str, messages: list, chat_id: str = "chat1", token: str | None = "tok-alice",
+             **spec) -> dict:
+        return self.run({"url": url + "/api/chat", "token": token, "chatId": chat_id,
+                         "messages": messages, **spec})
+
+
+def _npm_install(version: str, npm: str) -> Path:
+    """``ai@version`` in the cache (reused when present); installed beside it, then renamed,
+    so an interrupted install never leaves a half-filled cache behind."""
+    target = AI_SDK_CACHE / f"ai-{version}"
+    marker = target / "node_modules" / "ai" / "package.json"
+    if marker.exists() and json.loads(marker.read_text())["version"] == version:
+        return target
+    staging = AI_SDK_CACHE / f".ai-{version}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "package.json").write_text('{"private": true}\n')
+    done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", f"ai@{version}"],
+                          cwd=staging, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        pytest.fail(f"npm install ai@{version} failed:\n{done.stdout}\n{done.stderr}")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session", params=AI_SDK_VERSIONS, ids=[f"ai@{v}" for v in AI_SDK_VERSIONS])
+def aisdk(request, tmp_path_factory) -> AISDK:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not (node and npm):
+        reason = "the AI SDK tests need node and npm (apt-get install nodejs npm), not found on PATH"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; CI must run them")
+        pytest.skip(reason)
+    installed = _npm_install(request.param, npm)
+    workdir = tmp_path_factory.mktemp(f"ai-{request.param}")
+    (workdir / "client.mjs").write_text(AISDK_CLIENT)
+    (workdir / "node_modules").symlink_to(installed / "node_modules", target_is_directory=True)
+    return AISDK(request.param, node, workdir)
+
+
+def user_message(text_: str, id_: str = "u1") -> dict:
+    return {"id": id_, "role": "user", "parts": [{"type": "text", "text": text_}]}
+
+
+def final_message(result: dict) -> dict:
+    """The final assistant UIMessage, failing with the SDK's error when it threw."""
+    assert "error" not in result, f"the AI SDK threw: {result['error']} (chunks: {result['chunks']})"
+    message = result["message"]
+    assert message["role"] == "assistant" and message["id"], message
+    return message
+
+
+def parts(message: dict) -> list:
+    """The message's parts without the ``step-start`` markers."""
+    return [p for p in message["parts"] if p["type"] != "step-start"]
+
+
+def text_of(message: dict) -> str:
+    return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
+
+
+def is_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+def stored_roles(url: str, chat_id: str) -> list[str]:
+    reply = httpx.get(f"{url}/api/conversations/{chat_id}", headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    return [m["role"] for m in reply.json()["messages"]]
+
+
+def test_aisdk_stock_submit_streams_text(aisdk, live, upstream):
+    _, url = live()
+    upstream.script(text("Hello", " there."))
+    result = aisdk.chat(url, [user_message("hi")])
+    message = final_message(result)
+    assert parts(message) == [{"type": "text", "text": "Hello there.", "state": "done"}]
+    assert result["chunks"][0]["type"] == "start" and message["id"] == result["chunks"][0]["messageId"]
+
+
+def test_aisdk_server_tool_call_ends_as_output_available_then_text(aisdk, live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda city: {"sky": "clear"}, name="weather", description="Weather.")
+    upstream.script(tool_calls(("weather", {"city": "Oslo"})), text("Clear."))
+    message = final_message(aisdk.chat(url, [user_message("weather in Oslo?")], chat_id="c-tool"))
+    tool, said = parts(message)
+    assert tool["type"] == "tool-weather" and tool["toolCallId"] == "call_0_weather"
+    assert tool["state"] == "output-available"
+    assert tool["input"] == {"city": "Oslo"} and tool["output"] == {"sky": "clear"}
+    assert said == {"type": "text", "text": "Clear.", "state": "done"}
+    assert [p["type"] for p in message["parts"]] == ["step-start", "tool-weather", "step-start", "text"]
+
+
+@pytest.mark.parametrize("with_id", [True, False], ids=["regenerate(messageId)", "regenerate()"])
+def test_aisdk_regenerate_replaces_the_answer(aisdk, live, upstream, with_id):
+    """useChat's ``regenerate()`` (AbstractChat.regenerate): the messages cut before the
+    assistant message, ``trigger: "regenerate-message"``, and ``messageId`` the assistant's id
+    when the app passes one (``regenerate({messageId})``), else absent (``regenerate()``)."""
+    _, url = live()
+    upstream.script(text("First answer."), text("Second answer."))
+    question = user_message("Tell me a joke")
+    first = final_message(aisdk.chat(url, [question], chat_id="c-regen"))
+    assert text_of(first) == "First answer."
+    spec = {"trigger": "regenerate-message"}
+    if with_id:
+        spec["messageId"] = first["id"]
+    second = final_message(aisdk.chat(url, [question], chat_id="c-regen", **spec))
+    assert text_of(second) == "Second answer."
+    assert stored_roles(url, "c-regen") == ["user", "assistant"]
+    stored = httpx.get(url + "/api/conversations/c-regen", headers=AUTH).json()["messages"]
+    assert stored[1]["content"] == "Second answer."
+    sent = upstream.requests[-1]["messages"]
+    assert sent[-1]["role"] == "user" and sent[-1]["content"] == "Tell me a joke"
+    assert not [m for m in sent if m["role"] == "assistant"], sent  # the old answer is gone
+
+
+def test_aisdk_invalid_tool_arguments_are_a_tool_input_error(aisdk, live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda city: {"sky": "clear"}, name="weather", description="Weather.")
+    broken = [chunk({"role": "assistant", "content": None}),
+              chunk({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                     "function": {"name": "weather", "arguments": "{not json"}}]}),
+              chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    upstream.script(broken, text("sorry"))
+    result = aisdk.chat(url, [user_message("weather?")], chat_id="c-badargs")
+    message = final_message(result)
+    errors = [c for c in result["chunks"] if c["type"] == "tool-input-error"]
+    assert len(errors) == 1, result["chunks"]
+    error = errors[0]
+    assert error["toolCallId"] == "c1" and error["toolName"] == "weather" and error["errorText"]
+    assert "tool-input-available" not in [c["type"] for c in result["chunks"]]
+    tool, said = parts(message)
+    # The SDK turns tool-input-error into state "output-error" with the raw text: 5.0.7-6.x keep
+    # it as `rawInput` (input undefined) on a static tool part, 7.x as `input`.
+    assert tool["type"] == "tool-weather" and tool["toolCallId"] == "c1"
+    assert tool["state"] == "output-error" and tool["errorText"]
+    assert tool.get("rawInput", tool.get("input")) == "{not json"
+    assert said["text"] == "sorry"
+    tool_reply = [m for m in upstream.requests[1]["messages"] if m["role"] == "tool"]
+    assert tool_reply and tool_reply[0]["tool_call_id"] == "c1"  # the model heard of the failure
+
+
+@pytest.mark.parametrize("token", ["wrong", None], ids=["wrong-token", "no-token"])
+def test_aisdk_auth_error_reads_as_plain_text(aisdk, live, upstream, token):
+    """The transport throws the response text as ``error.message``: useChat shows exactly it."""
+    _, url = live()
+    result = aisdk.chat(url, [user_message("hi")], token=token)
+    assert "error" in result, result
+    message = result["error"]
+    assert not is_json(message), f"useChat would show raw JSON: {message!r}"
+    assert "unauthorized" in message.lower() or "authentication" in message.lower(), message
+    assert len(message) < 200 and "\n" not in message.strip()
+    assert not upstream.requests
+
+
+def test_aisdk_finish_chunk_passes_the_schema(aisdk, live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda city: {"sky": "clear"}, name="weather", description="Weather.")
+    upstream.script(tool_calls(("weather", {"city": "Oslo"})), text("Clear."))
+    result = aisdk.chat(url, [user_message("weather?")], chat_id="c-finish")
+    final_message(result)
+    kinds = [c["type"] for c in result["chunks"]]
+    assert kinds.count("finish") == 1 and kinds[-1] == "finish", kinds
+    finish = result["chunks"][-1]
+    assert finish.get("finishReason", "stop") == "stop"  # if sent, inside the enum and right
 
 
 ###############################################################################
