@@ -35,6 +35,7 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import datetime
 import errno
 import hashlib
 import hmac
@@ -90,6 +91,7 @@ __all__ = [
     "TooManyRequests",
     "OfflineProvider",
     "OpenAIProvider",
+    "PostgresStore",
     "PayloadTooLarge",
     "ReasoningDelta",
     "Saved",
@@ -172,6 +174,10 @@ class Settings:
     internal_tokens: frozenset[str] = frozenset()
     #: Where conversations and memories are kept as JSON files.
     data_dir: str = "./nodechat-data"
+    #: ``postgresql://user:password@host/db``: keep conversations and memories in
+    #: PostgreSQL, shared by every nodechat process, instead of ``data_dir``
+    #: (needs ``nodechat[postgres]``).
+    database_url: str = ""
     #: The system prompt of the agent endpoints (/api/chat, /chat).
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     #: Largest request body accepted, in bytes (413 above).
@@ -735,7 +741,9 @@ class JSONFileStore:
         def truncate() -> None:
             with _locked(path):
                 records = _read_lines(path)
-                keep = next((i + 1 for i, r in enumerate(records) if r.get("id") == after_id), len(records))
+                keep = next((i + 1 for i, r in enumerate(records) if r.get("id") == after_id), None)
+                if keep is None:
+                    raise NotFound("message not found", code="message_not_found")
                 if keep < len(records):
                     _write_bytes(path, _jsonl(records[:keep]))
 
@@ -935,10 +943,13 @@ class MemoryIndex:
     A query word matches a memory word when equal, or when one is a prefix of the other and
     both have four letters or more ("coffee" finds "coffees"; "tea" does not find "teacher").
     Scores are tf-idf-like: rarer words weigh more, prefix matches 0.6 of an exact one.
+    ``total`` is how many memories the user has when ``memories`` holds only candidates
+    (PostgresStore), so that the weights, and so the ranking, match a search over all of them.
     """
 
-    def __init__(self, memories: list[dict]):
+    def __init__(self, memories: list[dict], total: int | None = None):
         self.memories = memories
+        self.total = len(memories) if total is None else total
         self.postings: dict[str, list[int]] = {}
         for index, memory in enumerate(memories):
             for word in set(WORD_PATTERN.findall(str(memory.get("content", "")).lower())):
@@ -960,13 +971,14 @@ class MemoryIndex:
             near -= exact
             if not exact and not near:
                 continue
-            weight = math.log(1 + len(self.memories) / (1 + len(exact) + len(near)))
+            weight = math.log(1 + self.total / (1 + len(exact) + len(near)))
             for index in exact:
                 scores[index] = scores.get(index, 0.0) + weight
             for index in near:
                 scores[index] = scores.get(index, 0.0) + 0.6 * weight
         ranked = sorted(scores.items(), key=lambda item: (-item[1], -item[0]))[:limit]
         return [{**self.memories[index], "score": round(score, 3)} for index, score in ranked]
+
 
 
 def _lock_path(path: Path) -> Path:
@@ -1092,6 +1104,486 @@ def _parse_lines(raw: bytes, path: Path) -> list[dict]:
         except (ValueError, RecursionError):
             log.warning("%s: line %d is torn or invalid; ignored", path, number)
     return records
+
+
+
+
+DB_CONNECT_TIMEOUT_SECONDS = 10  # connecting, or waiting for a free pooled connection
+DB_QUERY_TIMEOUT_SECONDS = 60  # a query on a hung server fails (503) instead of hanging a turn
+DB_MIGRATION_LOCK = 0x6E6F64656368  # advisory lock key ("nodech") serialising migrations
+DB_QUOTAS = types.MappingProxyType({"conversation": (1, "conversations"),  # lock key, table
+                                    "memory": (2, "memories")})
+DB_NOW = "statement_timestamp()"  # unlike now(), read after the locks earlier statements took
+DB_ISO = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""  # as now_iso() writes
+
+#: The schema, one entry per version; append, never edit.  Message bodies are ``json``, not
+#: ``jsonb``: kept byte for byte (key order, ``\u0000``, which jsonb refuses) and never queried.
+#: ``memories.words`` is filled from nodechat's own tokenizer (WORD_PATTERN), not to_tsvector,
+#: whose parser splits "foo_bar", "e-mail" or "3.14" differently: candidates must not be missed.
+#: Its GIN index has no pending list (fastupdate off): searches never scan unindexed entries,
+#: which cost 5 ms a search after 10,000 inserts; memories are added one at a time anyway.
+PG_MIGRATIONS = (
+    """
+    CREATE TABLE conversations (
+        id text PRIMARY KEY,
+        user_id text NOT NULL,
+        title text NOT NULL DEFAULT '',
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL);
+    CREATE INDEX conversations_by_user ON conversations (user_id, updated_at DESC, id DESC);
+    CREATE TABLE messages (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        conversation_id text NOT NULL REFERENCES conversations ON DELETE CASCADE,
+        id text NOT NULL,
+        ui_id text,
+        created_at timestamptz NOT NULL,
+        body json NOT NULL,
+        PRIMARY KEY (conversation_id, seq),
+        UNIQUE (conversation_id, id));
+    CREATE UNIQUE INDEX messages_ui_id ON messages (conversation_id, ui_id) WHERE ui_id IS NOT NULL;
+    CREATE TABLE memories (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        id text PRIMARY KEY,
+        user_id text NOT NULL,
+        content text NOT NULL,
+        created_at timestamptz NOT NULL,
+        words tsvector NOT NULL);
+    CREATE INDEX memories_by_user ON memories (user_id, seq);
+    CREATE INDEX memories_words ON memories USING gin (words) WITH (fastupdate = off);
+    """,
+)
+
+CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at"
+# formatted by the server: decoding datetimes and strftime cost 6 us a row in Python
+CONVERSATION_FIELDS = f"id, user_id, title, {DB_ISO.format('created_at')}, {DB_ISO.format('updated_at')}"
+INSERT_MESSAGES = (  # one INSERT for a batch, in order; a ui_id already stored is skipped
+    "INSERT INTO messages (conversation_id, id, ui_id, created_at, body) "
+    f"SELECT $1, m.id, m.ui_id, coalesce(m.created_at, {DB_NOW}), m.body "
+    "FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::json[]) "
+    "WITH ORDINALITY AS m(id, ui_id, created_at, body, n) ORDER BY m.n "
+    "ON CONFLICT DO NOTHING RETURNING id")
+INSERT_MEMORIES = (
+    "INSERT INTO memories (id, user_id, content, created_at, words) "
+    f"SELECT m.id, $1, m.content, coalesce(m.created_at, {DB_NOW}), "
+    "array_to_tsvector(string_to_array(m.words, ' ')) "
+    "FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[]) "
+    "WITH ORDINALITY AS m(id, content, created_at, words, n) ORDER BY m.n "
+    f"ON CONFLICT DO NOTHING RETURNING {DB_ISO.format('created_at')}")
+
+
+class PostgresStore:
+    """Conversations and memories in PostgreSQL, shared by any number of nodechat processes.
+
+    Chosen by ``database_url``; needs the ``nodechat[postgres]`` extra (asyncpg).  The
+    connection pool opens on first use, in the running loop, and the schema is created or
+    migrated then.  While the database is down every call raises StoreUnavailable (503);
+    calls succeed again once it is back, with no restart.
+
+    ``max_conversations_per_user`` and ``max_memories_per_user``: 0 means no limit.
+    """
+
+    def __init__(self, url: str, *, max_conversations_per_user: int = 0,
+                 max_memories_per_user: int = 0, pool_size: int = 10):
+        self._asyncpg = _import_asyncpg()
+        self.url = url
+        self.max_conversations_per_user = max_conversations_per_user
+        self.max_memories_per_user = max_memories_per_user
+        self.pool_size = pool_size
+        self._outages = (OSError, self._asyncpg.PostgresConnectionError, self._asyncpg.InterfaceError,
+                         self._asyncpg.OperatorInterventionError,  # shutdown, crash, "starting up"
+                         self._asyncpg.InsufficientResourcesError)  # too many connections
+        self._pool = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._down = False  # log an outage once, and its end
+
+    # -- conversations -----------------------------------------------------------------------
+
+    async def get_conversation(self, conversation_id: str) -> dict | None:
+        cid = validate_id(conversation_id, "conversation id")
+        async with self._connection() as db:
+            row = await db.fetchrow(f"SELECT {CONVERSATION_FIELDS} FROM conversations WHERE id = $1", cid)
+        return _conversation(row) if row else None
+
+    async def create_conversation(self, conversation_id: str, user_id: str, title: str = "") -> dict:
+        """The new conversation, or the existing one with that id (the caller checks its owner)."""
+        cid, uid = validate_id(conversation_id, "conversation id"), validate_id(user_id, "user id")
+        select = f"SELECT {CONVERSATION_FIELDS} FROM conversations WHERE id = $1"
+        async with self._transaction() as db:
+            row = await db.fetchrow(select, cid)
+            if row is None:
+                await self._check_quota(db, "conversation", uid, self.max_conversations_per_user)
+                row = await db.fetchrow(
+                    f"INSERT INTO conversations ({CONVERSATION_COLUMNS}) "
+                    f"VALUES ($1, $2, $3, {DB_NOW}, {DB_NOW}) "
+                    f"ON CONFLICT (id) DO NOTHING RETURNING {CONVERSATION_FIELDS}",
+                    cid, uid, _text(title))
+                row = row or await db.fetchrow(select, cid)  # created by another process meanwhile
+        return _conversation(row)
+
+    async def update_conversation(self, conversation_id: str, **fields: Any) -> None:
+        """Set the title (the only field a conversation has beyond its owner) and updated_at."""
+        cid = validate_id(conversation_id, "conversation id")
+        if set(fields) - {"title"}:
+            raise ValueError(f"PostgresStore cannot update {', '.join(sorted(set(fields) - {'title'}))}")
+        async with self._connection() as db:
+            await db.execute(f"UPDATE conversations SET title = coalesce($2, title), "
+                             f"updated_at = {DB_NOW} WHERE id = $1", cid, _text(fields.get("title")))
+
+    async def list_conversations(self, user_id: str, limit: int = 100,
+                                 before: str | None = None) -> list[dict]:
+        """The user's conversations, last updated first; ``before`` (an ``updated_at``) pages on."""
+        args: list[Any] = [validate_id(user_id, "user id"), max(0, limit)]
+        sql = f"SELECT {CONVERSATION_FIELDS} FROM conversations WHERE user_id = $1"
+        if before is not None:  # a separate statement, so that the index serves the range too
+            sql += " AND updated_at < $3"
+            args.append(_parse_time(before, "before"))
+        async with self._connection() as db:
+            rows = await db.fetch(sql + " ORDER BY updated_at DESC, id DESC LIMIT $2", *args)
+        return [_conversation(row) for row in rows]
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        cid = validate_id(conversation_id, "conversation id")
+        async with self._connection() as db:
+            await db.execute("DELETE FROM conversations WHERE id = $1", cid)  # messages cascade
+
+    async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]:
+        """Store ``messages`` after the others and return those stored, each with a new
+        ``id`` and ``created_at``: a message whose ``ui_id`` the conversation already holds
+        is skipped (a client resending its history).  ``updated_at`` moves if any was stored.
+
+        NotFound when the conversation is gone (deleted while a turn ran): never recreated.
+        """
+        cid = validate_id(conversation_id, "conversation id")
+        bodies = [{k: v for k, v in m.items() if k not in ("id", "created_at")} for m in messages]
+        ids = [new_id("msg") for _ in bodies]
+        async with self._transaction() as db:
+            # the row lock orders concurrent appends and waits out a concurrent delete
+            if not await db.fetchval("SELECT true FROM conversations WHERE id = $1 FOR UPDATE", cid):
+                raise NotFound("conversation not found", code="conversation_not_found")
+            created_at, added = await db.fetchrow(
+                f"WITH added AS ({INSERT_MESSAGES}), bumped AS (UPDATE conversations "
+                f"SET updated_at = {DB_NOW} WHERE id = $1 AND EXISTS (SELECT FROM added)) "
+                f"SELECT {DB_ISO.format(DB_NOW)}, array_agg(id) FROM added",
+                cid, ids, [str(b["ui_id"]) if b.get("ui_id") else None for b in bodies],
+                [None] * len(bodies), [json.dumps(b, ensure_ascii=False) for b in bodies])
+        stored = set(added or ())
+        return [{"id": i, "created_at": created_at, **b} for i, b in zip(ids, bodies) if i in stored]
+
+    async def load_messages(self, conversation_id: str) -> list[dict]:
+        cid = validate_id(conversation_id, "conversation id")
+        async with self._connection() as db:
+            rows = await db.fetch(f"SELECT id, {DB_ISO.format('created_at')}, body FROM messages "
+                                  "WHERE conversation_id = $1 ORDER BY seq", cid)
+        return [{"id": i, "created_at": at, **json.loads(body)} for i, at, body in rows]
+
+    async def truncate_messages(self, conversation_id: str, after_id: str) -> None:
+        """Delete every message stored after message ``after_id`` (to answer it again)."""
+        cid = validate_id(conversation_id, "conversation id")
+        async with self._transaction() as db:
+            seq = await db.fetchval("SELECT seq FROM messages WHERE conversation_id = $1 AND id = $2",
+                                    cid, after_id)
+            if seq is None:
+                raise NotFound("message not found", code="message_not_found")
+            await db.execute("DELETE FROM messages WHERE conversation_id = $1 AND seq > $2", cid, seq)
+
+    # -- memories ------------------------------------------------------------------------------
+
+    async def add_memory(self, user_id: str, content: str) -> dict:
+        uid, memory_id, content = validate_id(user_id, "user id"), new_id("mem"), _text(content)
+        async with self._transaction() as db:
+            await self._check_quota(db, "memory", uid, self.max_memories_per_user)
+            created_at = await db.fetchval(f"WITH added AS ({INSERT_MEMORIES}) SELECT * FROM added",
+                                           uid, [memory_id], [content], [None], [_words(content)])
+        return {"id": memory_id, "content": content, "created_at": created_at}
+
+    async def list_memories(self, user_id: str) -> list[dict]:
+        uid = validate_id(user_id, "user id")
+        async with self._connection() as db:
+            rows = await db.fetch(f"SELECT id, content, {DB_ISO.format('created_at')} FROM memories "
+                                  "WHERE user_id = $1 ORDER BY seq", uid)
+        return [_memory(row) for row in rows]
+
+    async def delete_memory(self, user_id: str, memory_id: str) -> bool:
+        uid = validate_id(user_id, "user id")
+        async with self._connection() as db:
+            status = await db.execute("DELETE FROM memories WHERE user_id = $1 AND id = $2", uid, memory_id)
+        return status == "DELETE 1"
+
+    async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]:
+        """Ranked as JSONFileStore ranks: the GIN index finds every memory sharing a word (or
+        a 4+ letter prefix either way) with the query; MemoryIndex scores those candidates."""
+        uid, match = validate_id(user_id, "user id"), _tsquery(query)
+        if not match:
+            return []
+        async with self._connection() as db:
+            rows = await db.fetch(
+                f"SELECT id, content, {DB_ISO.format('created_at')}, "
+                "(SELECT count(*) FROM memories WHERE user_id = $1) "
+                "FROM memories WHERE user_id = $1 AND words @@ $2::tsquery ORDER BY seq", uid, match)
+        if not rows:
+            return []
+        return MemoryIndex([_memory(row) for row in rows], total=rows[0][3]).search(query, limit)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """At start-up: connect, and create or migrate the schema (StoreUnavailable if down)."""
+        await self._ready()
+
+    async def aclose(self) -> None:
+        """Close the pool (in the loop that opened it); a later call opens a new one."""
+        pool, self._pool = self._pool, None
+        if pool is not None and self._loop is asyncio.get_running_loop():
+            await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self):
+        """A pooled connection; a lost or refused database becomes StoreUnavailable (503)."""
+        pool = await self._ready()
+        try:
+            async with pool.acquire(timeout=DB_CONNECT_TIMEOUT_SECONDS) as db:
+                if self._down:
+                    self._down = False
+                    log.warning("the database is reachable again")
+                yield db
+        except self._asyncpg.DiskFullError as exc:
+            raise InsufficientStorage(f"the database is full: {exc}", code="database_full") from exc
+        except self._outages as exc:
+            raise self._unavailable(exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self):
+        async with self._connection() as db, db.transaction():
+            yield db
+
+    async def _ready(self):
+        """The pool, opened (and the schema migrated) on first use; after a failed attempt
+        the next call tries again, which is how the store recovers from an outage at start."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a pool serves only the loop it was made in
+            self._loop, self._lock, self._pool = loop, asyncio.Lock(), None
+        if self._pool is not None:
+            return self._pool
+        async with self._lock:
+            if self._pool is None:
+                # min_size=0: no idle connection to keep, so no background reconnect
+                # task logging a traceback every few seconds of an outage (asyncpg 0.32)
+                pool = await self._asyncpg.create_pool(
+                    self.url, min_size=0, max_size=self.pool_size,
+                    timeout=DB_CONNECT_TIMEOUT_SECONDS, command_timeout=DB_QUERY_TIMEOUT_SECONDS)
+                try:
+                    async with pool.acquire(timeout=DB_CONNECT_TIMEOUT_SECONDS) as db:
+                        await _migrate(db)
+                except BaseException as exc:  # the next call starts over with a new pool
+                    pool.terminate()
+                    if isinstance(exc, self._outages):
+                        raise self._unavailable(exc) from exc
+                    raise
+                self._pool = pool
+        return self._pool
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        if not self._down:
+            self._down = True
+            log.warning("the database is unavailable: %s: %s", type(exc).__name__, exc)
+        return StoreUnavailable(f"the database is unavailable: {type(exc).__name__}: {exc}",
+                                code="database_unavailable")
+
+    async def _check_quota(self, db: Any, what: str, user_id: str, limit: int) -> None:
+        """Forbidden when the user already has ``limit`` of ``what``; the per-user advisory
+        lock (held to the end of the transaction) keeps two processes from both taking the last."""
+        if not limit:
+            return
+        lock, table = DB_QUOTAS[what]
+        await db.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", lock, user_id)
+        if await db.fetchval(f"SELECT count(*) FROM {table} WHERE user_id = $1", user_id) >= limit:
+            raise Forbidden(f"{what} quota reached: at most {limit} {table} per user",
+                            code=f"{what}_quota")
+
+
+async def _migrate(db: Any) -> None:
+    """Bring the schema up to date.  Instances starting together queue on one advisory lock
+    taken first thing in the transaction: even ``CREATE TABLE IF NOT EXISTS`` races without it."""
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock($1)", DB_MIGRATION_LOCK)
+        await db.execute("CREATE TABLE IF NOT EXISTS nodechat_schema_version ("
+                         "version integer PRIMARY KEY, migrated_at timestamptz NOT NULL DEFAULT now())")
+        current = await db.fetchval("SELECT coalesce(max(version), 0) FROM nodechat_schema_version")
+        if current > len(PG_MIGRATIONS):  # a newer nodechat migrated it: additive, so carry on
+            log.warning("database schema version %d is newer than this nodechat's %d",
+                        current, len(PG_MIGRATIONS))
+        for version in range(current + 1, len(PG_MIGRATIONS) + 1):
+            await db.execute(PG_MIGRATIONS[version - 1])
+            await db.execute("INSERT INTO nodechat_schema_version (version) VALUES ($1)", version)
+            log.info("database schema migrated to version %d", version)
+
+
+def _import_asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError:
+        raise ValueError("database_url is set but asyncpg is not installed: "
+                         "pip install 'nodechat[postgres]'") from None
+    return asyncpg
+
+
+def _parse_time(value: Any, what: str) -> datetime.datetime:
+    try:
+        stamp = datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"invalid {what}: use a timestamp such as 2026-12-01T05:36:12.123456Z",
+                         code=f"invalid_{what}") from None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=datetime.timezone.utc)
+
+
+def _conversation(row: Any) -> dict:
+    return {"id": row[0], "user_id": row[1], "title": row[2], "created_at": row[3], "updated_at": row[4]}
+
+
+def _memory(row: Any) -> dict:
+    return {"id": row[0], "content": row[1], "created_at": row[2]}
+
+
+def _text(value: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL, which a user can type: it is dropped."""
+    return value.replace("\x00", "") if value else value
+
+
+def _words(content: str) -> str:
+    """The words MemoryIndex sees, space-separated for ``string_to_array``; a word over
+    2046 bytes is left out (PostgreSQL's limit for one lexeme)."""
+    words = set(WORD_PATTERN.findall(content.lower()))
+    return " ".join(sorted(w for w in words if len(w.encode()) < 2047))
+
+
+def _tsquery(query: str) -> str:
+    """A tsquery matching every memory MemoryIndex could score for ``query``: the word itself,
+    and for 4+ letters any longer word (``'term':*``) or any 4+ letter prefix of it."""
+    parts: set[str] = set()
+    for term in set(WORD_PATTERN.findall(query.lower())):
+        if len(term.encode()) >= 2047:
+            continue
+        parts.add(f"'{term}':*" if len(term) >= 4 else f"'{term}'")  # \w has no quote to escape
+        parts.update(f"'{term[:size]}'" for size in range(4, len(term)))
+    return " | ".join(sorted(parts))
+
+
+def make_store(settings: Settings) -> JSONFileStore | PostgresStore:
+    """The store the settings ask for: PostgreSQL when ``database_url`` is set."""
+    limits = dict(max_conversations_per_user=settings.max_conversations_per_user,
+                  max_memories_per_user=settings.max_memories_per_user)
+    if settings.database_url:
+        return PostgresStore(settings.database_url, **limits)
+    return JSONFileStore(settings.data_dir, **limits)
+
+
+async def copy_json_store(source_dir: str | os.PathLike, store: PostgresStore,
+                          progress: Callable[[str], Any] = print) -> dict:
+    """Copy a JSON data directory into ``store``, keeping every id and timestamp.
+
+    Idempotent: rows already there are left alone (ON CONFLICT DO NOTHING), so a copy that
+    stopped half-way just runs again.  Torn files and lines are skipped with a warning; the
+    source is never changed.  Returns what the source holds and how much of it was new.
+    """
+    root = Path(source_dir)
+    counts = dict.fromkeys(("conversations", "messages", "memories", "new_rows", "skipped"), 0)
+    metas = sorted((root / "conversations").glob("*.json"))
+    for number, path in enumerate(metas, 1):
+        meta = _source_json(path)
+        if not isinstance(meta, dict) or not _copyable(meta.get("id"), meta.get("user_id")):
+            counts["skipped"] += 1
+            continue
+        messages, torn = _source_lines(path.with_suffix(".jsonl"))
+        counts["skipped"] += torn
+        counts["new_rows"] += await _copy_conversation(store, meta, messages)
+        counts["conversations"] += 1
+        counts["messages"] += len(messages)
+        if number % 100 == 0:
+            progress(f"copy-store: {number}/{len(metas)} conversations")
+    for path in sorted((root / "memories").glob("*.json")):
+        memories = _source_json(path)
+        if not isinstance(memories, list) or not _copyable(path.stem):
+            counts["skipped"] += 1
+            continue
+        kept = [m for m in memories if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        counts["skipped"] += len(memories) - len(kept)
+        counts["new_rows"] += await _copy_memories(store, path.stem, kept)
+        counts["memories"] += len(kept)
+    progress("copy-store: {conversations} conversations, {messages} messages, {memories} memories "
+             "({new_rows} rows new, {skipped} torn or invalid skipped)".format(**counts))
+    return counts
+
+
+async def _copy_conversation(store: PostgresStore, meta: dict, messages: list[dict]) -> int:
+    created = _parse_time_or(meta.get("created_at"), None)
+    updated = _parse_time_or(meta.get("updated_at"), created)
+    async with store._transaction() as db:
+        status = await db.execute(
+            f"INSERT INTO conversations ({CONVERSATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5) "
+            "ON CONFLICT (id) DO NOTHING",
+            meta["id"], meta["user_id"], _text(str(meta.get("title") or "")), created, updated)
+        bodies = [{k: v for k, v in m.items() if k not in ("id", "created_at")} for m in messages]
+        added = await db.fetchval(
+            f"WITH added AS ({INSERT_MESSAGES}) SELECT count(*) FROM added", meta["id"],
+            [str(m.get("id") or f"msg_copy_{n}") for n, m in enumerate(messages)],  # stable on rerun
+            [str(b["ui_id"]) if b.get("ui_id") else None for b in bodies],
+            [_parse_time_or(m.get("created_at"), updated) for m in messages],
+            [json.dumps(b, ensure_ascii=False) for b in bodies])
+    return int(status.split()[-1]) + added
+
+
+async def _copy_memories(store: PostgresStore, user_id: str, memories: list[dict]) -> int:
+    async with store._transaction() as db:
+        return await db.fetchval(
+            f"WITH added AS ({INSERT_MEMORIES}) SELECT count(*) FROM added", user_id,
+            [str(m.get("id") or f"mem_copy_{user_id}_{n}") for n, m in enumerate(memories)],
+            [_text(m["content"]) for m in memories],
+            [_parse_time_or(m.get("created_at"), None) for m in memories],
+            [_words(m["content"]) for m in memories])
+
+
+def _parse_time_or(value: Any, default: datetime.datetime | None) -> datetime.datetime:
+    try:
+        return _parse_time(value, "timestamp")
+    except BadRequest:
+        return default or datetime.datetime.now(datetime.timezone.utc)
+
+
+def _copyable(*ids: Any) -> bool:
+    try:
+        for value in ids:
+            validate_id(value)
+    except BadRequest:
+        log.warning("copy-store: skipped an entry with an invalid id: %r", ids)
+        return False
+    return True
+
+
+def _source_json(path: Path) -> Any:
+    """A JSON file of the source, or None (with a warning) when torn; never moved aside."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        log.warning("copy-store: %s skipped: %s", path, exc)
+        return None
+
+
+def _source_lines(path: Path) -> tuple[list[dict], int]:
+    """The messages of a ``.jsonl`` file and how many torn lines were skipped."""
+    try:
+        lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return [], 0
+    records = []
+    for number, line in enumerate(lines, 1):
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+                continue
+        log.warning("copy-store: %s line %d is torn or invalid; skipped", path, number)
+    return records, len(lines) - len(records)
 
 
 ###############################################################################
@@ -4592,9 +5084,7 @@ class NodeChat:
                  providers: Iterable[Provider] = (), http_client: httpx.AsyncClient | None = None,
                  authenticate: Callable[[Scope], Any] | None = None, **settings: Any):
         self.settings = Settings.from_sources(settings, config, environ)
-        self.store = store if store is not None else JSONFileStore(
-            self.settings.data_dir, max_conversations_per_user=self.settings.max_conversations_per_user,
-            max_memories_per_user=self.settings.max_memories_per_user)
+        self.store = store if store is not None else make_store(self.settings)
         self.providers = Providers(self.settings, providers)
         self.tools = ToolRegistry(memory_tools())
         for extra in (web_search_tool(self.settings),
@@ -4758,6 +5248,8 @@ class NodeChat:
             task.cancel()
         await asyncio.gather(*self.agent.background, return_exceptions=True)
         await self.mcp.aclose()
+        if isinstance(self.store, PostgresStore):  # a host's own store is the host's
+            await self.store.aclose()
         self._started = None
         client, self._httpx_client = self._httpx_client, None
         if client is not None:
@@ -5258,6 +5750,9 @@ def main(argv: list[str] | None = None) -> None:
     """Serve nodechat with uvicorn: ``python nodechat.py --port 8000``."""
     import argparse
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["copy-store"]:
+        return copy_store_command(argv[1:])
     parser = argparse.ArgumentParser(
         prog="nodechat", description="An embeddable chat backend: OpenAI-compatible API, "
         "/api/chat SSE and the /chat WebSocket over one agent.",
@@ -5323,6 +5818,32 @@ def _environment_help() -> str:
     lines.append(f"  {'BRAVE_API_KEY, TAVILY_API_KEY':<30} search_api_key for those backends")
     lines.append(f"  {'NODECHAT_CONFIG':<30} a TOML settings file (as --config)")
     return "\n".join(lines)
+
+
+def copy_store_command(argv: list[str]) -> None:
+    """``python nodechat.py copy-store --from ./nodechat-data --to postgresql://...``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="nodechat copy-store", description=
+                                     "Copy a JSON data directory into PostgreSQL (safe to run again).")
+    parser.add_argument("--from", dest="source", required=True, help="the JSON data directory")
+    parser.add_argument("--to", dest="url", required=True, help="postgresql://user:password@host/db")
+    args = parser.parse_args(argv)
+    if not any((Path(args.source) / name).is_dir() for name in ("conversations", "memories")):
+        parser.error(f"{args.source} holds no conversations/ or memories/ folder")
+    logging.basicConfig(level="INFO", format="%(levelname)s:  %(name)s: %(message)s")
+
+    async def copy() -> None:
+        store = PostgresStore(args.url)
+        try:
+            await copy_json_store(args.source, store)
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(copy())
+    except (ValueError, NodeChatError) as exc:
+        parser.exit(1, f"nodechat copy-store: {exc}\n")
 
 
 if __name__ == "__main__":

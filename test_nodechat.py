@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import random
 import re
 import shutil
@@ -25,8 +26,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -40,7 +43,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 
 import nodechat
-from nodechat import NodeChat, Settings
+from nodechat import BadRequest, Forbidden, NodeChat, NotFound, Settings, StoreUnavailable
 
 
 ###############################################################################
@@ -367,6 +370,463 @@ async def test_sse_lines_end_at_cr_lf_only_not_at_u2028():
 
     found = [d async for batch in nodechat.sse_batches(reads()) for d in batch]
     assert found == ['{"a": "x\u2028y"}'.encode(), b"2\n3", b"[DONE]"]
+
+
+###############################################################################
+# Store: both stores (JSON files and PostgreSQL) pass the same behaviour tests
+###############################################################################
+# Every database is real: a throwaway PostgreSQL cluster (``TempCluster``) per session in a temp
+# dir on a free loopback port, a fresh database per test.  Without the server binaries these
+# tests skip, except under CI=true, where they fail.
+
+PG_BIN = Path(os.environ.get("NODECHAT_PG_BIN", "/usr/lib/postgresql/15/bin"))
+ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")  # now_iso(): UTC, microseconds
+
+
+def server_user() -> pwd.struct_passwd | None:
+    """Who runs the server: PostgreSQL refuses root, so as root take (or make) a system user."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nodechat-pg"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "nodechat-pg"], check=True, capture_output=True)
+    return pwd.getpwnam("nodechat-pg")
+
+
+class TempCluster:
+    """A PostgreSQL cluster in a temp dir on a free loopback port, trust auth, user ``nodechat``.
+
+    ``durable=False`` (tests) turns fsync off; the benchmark keeps the defaults.
+    """
+
+    def __init__(self, durable: bool = False):
+        self.user = server_user()
+        self.dir = Path(tempfile.mkdtemp(prefix="nodechat-pg-"))
+        self.port = free_port()
+        self.options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=200"
+        if not durable:
+            self.options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        if self.user:
+            os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        self._run("initdb", "-D", self.dir / "data", "-U", "nodechat", "-A", "trust", "-E", "UTF8",
+                  "--no-sync")
+        self.start()
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://nodechat@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", self.dir / "data", "-l", self.dir / "server.log", "-o", self.options,
+                  "-w", "-t", "30", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", self.dir / "data", "-m", "fast", "-w", "-t", "30", "stop")
+
+    def create_database(self) -> str:
+        name = "t_" + uuid.uuid4().hex[:12]
+        self._run("createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "nodechat", name)
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        self._run("dropdb", "-h", "127.0.0.1", "-p", self.port, "-U", "nodechat", "--force",
+                  "--if-exists", url.rsplit("/", 1)[1])
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _run(self, program: str, *args) -> None:
+        as_user = dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[]) if self.user else {}
+        done = subprocess.run([str(PG_BIN / program), *map(str, args)], capture_output=True, text=True,
+                              timeout=60, **as_user)
+        if done.returncode:
+            raise subprocess.CalledProcessError(done.returncode, program, done.stdout, done.stderr)
+
+
+def require_postgres() -> None:
+    if not (PG_BIN / "pg_ctl").exists():
+        reason = f"no PostgreSQL server binaries in {PG_BIN} (set NODECHAT_PG_BIN)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; under CI=true this is a failure, not a skip")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's cluster (``.url()``, ``.stop()``, ``.start()``, ``.create_database()``)."""
+    require_postgres()
+    cluster = TempCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def database_url(postgres):
+    """A fresh, empty database for one test."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(params=["json", "postgres"])
+async def any_store(request, tmp_path):
+    """Store factory, ``any_store(**limits)``, once per kind of store."""
+    made = []
+
+    def make(**limits):
+        if request.param == "json":
+            store = nodechat.JSONFileStore(tmp_path / "data", **limits)
+        else:
+            store = nodechat.PostgresStore(request.getfixturevalue("database_url"), **limits)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        if hasattr(store, "aclose"):
+            await store.aclose()
+
+
+@pytest.fixture
+async def pg_store(database_url):
+    store = nodechat.PostgresStore(database_url)
+    yield store
+    await store.aclose()
+
+
+async def within(seconds: float, awaitable):
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+# -- Both stores: conversations and messages --
+
+
+@pytest.mark.anyio
+async def test_ids_that_become_file_names_are_refused_by_every_store(any_store):
+    store = any_store()
+    calls = {"get": lambda: store.get_conversation("../etc"), "load": lambda: store.load_messages("a/b"),
+             "create user": lambda: store.create_conversation("ok", "bad user"),
+             "create": lambda: store.create_conversation(".hidden", "alice"),
+             "append": lambda: store.append_messages("x\x00y", []),
+             "delete": lambda: store.delete_conversation(""),
+             "list user": lambda: store.list_conversations("../alice"),
+             "add memory user": lambda: store.add_memory("a/b", "x"),
+             "list memories user": lambda: store.list_memories(".."),
+             "search user": lambda: store.search_memories("a b", "tea")}
+    accepted = []
+    for name, call in calls.items():
+        with contextlib.suppress(BadRequest):
+            await call()
+            accepted.append(name)
+    assert accepted == []
+
+
+@pytest.mark.anyio
+async def test_conversation_meta_has_the_same_shape_in_both_stores(any_store):
+    store = any_store()
+    meta = await store.create_conversation("c1", "alice", "Tea")
+    assert set(meta) == {"id", "user_id", "title", "created_at", "updated_at"}
+    assert (meta["id"], meta["user_id"], meta["title"]) == ("c1", "alice", "Tea")
+    assert ISO.fullmatch(meta["created_at"]) and meta["updated_at"] == meta["created_at"]
+    assert await store.get_conversation("c1") == meta
+    assert await store.get_conversation("c2") is None
+
+
+@pytest.mark.anyio
+async def test_creating_an_existing_conversation_returns_it_whoever_asks(any_store):
+    store = any_store()
+    first = await store.create_conversation("c1", "alice", "Mine")
+    assert await store.create_conversation("c1", "bob", "Theirs") == first  # the caller checks the owner
+
+
+@pytest.mark.anyio
+async def test_update_conversation_sets_the_title_and_updated_at(any_store):
+    store = any_store()
+    meta = await store.create_conversation("c1", "alice", "New chat")
+    await store.update_conversation("c1", title="Tea in Kyoto")
+    updated = await store.get_conversation("c1")
+    assert updated["title"] == "Tea in Kyoto" and updated["updated_at"] > meta["updated_at"]
+    assert updated["created_at"] == meta["created_at"]
+
+
+@pytest.mark.anyio
+async def test_messages_come_back_in_order_with_every_key(any_store):
+    store = any_store()
+    await store.create_conversation("c1", "alice")
+    batch = [
+        {"role": "user", "content": "weather in Oslo?\u2028and \x00 Nice", "ui_id": "u1"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": "sunny ☀"},
+        {"role": "user", "content": "go", "workflow_id": "summarize", "extra": {"n": [1, 2.5, True]}},
+    ]
+    saved = await store.append_messages("c1", batch[:2]) + await store.append_messages("c1", batch[2:])
+    assert [{k: v for k, v in m.items() if k not in ("id", "created_at")} for m in saved] == batch
+    assert all(m["id"].startswith("msg_") and ISO.fullmatch(m["created_at"]) for m in saved)
+    assert len({m["id"] for m in saved}) == 4
+    assert await store.load_messages("c1") == saved
+    assert await store.load_messages("nothing-here") == []
+
+
+@pytest.mark.anyio
+async def test_append_skips_ui_ids_the_conversation_already_holds(any_store):
+    store = any_store()
+    await store.create_conversation("c1", "alice")
+    await store.append_messages("c1", [{"role": "user", "content": "a", "ui_id": "u1"},
+                                       {"role": "assistant", "content": "b", "ui_id": "u2"}])
+    saved = await store.append_messages("c1", [
+        {"role": "assistant", "content": "b again", "ui_id": "u2"},
+        {"role": "user", "content": "c", "ui_id": "u3"}, {"role": "user", "content": "no ui id"},
+        {"role": "user", "content": "c twice in one batch", "ui_id": "u3"}])
+    assert [m["content"] for m in saved] == ["c", "no ui id"]
+    assert [m["content"] for m in await store.load_messages("c1")] == ["a", "b", "c", "no ui id"]
+    await store.create_conversation("c2", "alice")  # a ui_id is known per conversation only
+    assert len(await store.append_messages("c2", [{"role": "user", "content": "a", "ui_id": "u1"}])) == 1
+
+
+@pytest.mark.anyio
+async def test_concurrent_appends_of_one_ui_id_store_it_once(any_store):
+    store = any_store()
+    await store.create_conversation("c1", "alice")
+    message = {"role": "user", "content": "sent four times", "ui_id": "u1"}
+    results = await within(10, asyncio.gather(*(store.append_messages("c1", [message]) for _ in range(4))))
+    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+    assert [m["content"] for m in await store.load_messages("c1")] == ["sent four times"]
+
+
+@pytest.mark.anyio
+async def test_append_to_a_deleted_conversation_is_refused_and_it_stays_deleted(any_store):
+    store = any_store()
+    await store.create_conversation("c1", "alice")
+    await store.append_messages("c1", [{"role": "user", "content": "hi"}])
+    await store.delete_conversation("c1")
+    with pytest.raises(NotFound) as caught:
+        await store.append_messages("c1", [{"role": "assistant", "content": "late answer"}])
+    assert caught.value.code == "conversation_not_found"
+    assert await store.get_conversation("c1") is None
+    assert await store.load_messages("c1") == []
+    await store.delete_conversation("c1")  # deleting twice is fine
+
+
+@pytest.mark.anyio
+async def test_truncate_messages_drops_everything_after_the_message(any_store):
+    store = any_store()
+    await store.create_conversation("c1", "alice")
+    saved = await store.append_messages("c1", [{"role": r, "content": str(n)}
+                                               for n, r in enumerate(["user", "assistant"] * 2)])
+    await store.truncate_messages("c1", saved[2]["id"])
+    assert await store.load_messages("c1") == saved[:3]
+    again = await store.append_messages("c1", [{"role": "assistant", "content": "better"}])
+    assert await store.load_messages("c1") == saved[:3] + again
+    with pytest.raises(NotFound):
+        await store.truncate_messages("c1", "msg_unknown")
+
+
+@pytest.mark.anyio
+async def test_conversations_list_newest_first_in_pages(any_store):
+    store = any_store()
+    for n in range(5):
+        await store.create_conversation(f"c{n}", "alice", f"chat {n}")
+    await store.create_conversation("theirs", "bob")
+    pages, before = [], None
+    while page := await store.list_conversations("alice", limit=2, before=before):
+        pages.append([m["id"] for m in page])
+        before = page[-1]["updated_at"]
+    assert pages == [["c4", "c3"], ["c2", "c1"], ["c0"]]
+    await store.append_messages("c1", [{"role": "user", "content": "back to this one"}])
+    assert [m["id"] for m in await store.list_conversations("alice", limit=2)] == ["c1", "c4"]
+    assert [m["id"] for m in await store.list_conversations("bob")] == ["theirs"]
+
+
+@pytest.mark.anyio
+async def test_quotas_refuse_the_next_conversation_and_memory(any_store):
+    store = any_store(max_conversations_per_user=2, max_memories_per_user=2)
+    await store.create_conversation("c1", "alice")
+    await store.create_conversation("c2", "alice")
+    with pytest.raises(Forbidden) as caught:
+        await store.create_conversation("c3", "alice")
+    assert caught.value.code == "conversation_quota"
+    assert (await store.create_conversation("c1", "alice"))["id"] == "c1"  # existing: no quota
+    await store.create_conversation("c4", "bob")  # per user
+    await store.delete_conversation("c2")
+    await store.create_conversation("c3", "alice")
+    kept = [await store.add_memory("alice", "one"), await store.add_memory("alice", "two")]
+    with pytest.raises(Forbidden) as caught:
+        await store.add_memory("alice", "three")
+    assert caught.value.code == "memory_quota"
+    assert await store.delete_memory("alice", kept[0]["id"])
+    await store.add_memory("alice", "three")
+
+
+# -- Both stores: memories --
+
+
+@pytest.mark.anyio
+async def test_memories_are_listed_oldest_first_and_deleted_by_their_owner(any_store):
+    store = any_store()
+    added = [await store.add_memory("alice", f"fact {n}") for n in range(3)]
+    assert all(set(m) == {"id", "content", "created_at"} and ISO.fullmatch(m["created_at"]) for m in added)
+    assert await store.list_memories("alice") == added
+    assert not await store.delete_memory("bob", added[1]["id"])
+    assert await store.delete_memory("alice", added[1]["id"])
+    assert not await store.delete_memory("alice", added[1]["id"])
+    assert await store.list_memories("alice") == [added[0], added[2]]
+    assert await store.list_memories("bob") == []
+
+
+MEMORIES = ["Lives in Oslo and likes skiing", "Favourite drink is green tea",
+            "Drinks coffee every morning", "Has a cat called Tea Leaf", "Works as a teacher"]
+
+
+@pytest.mark.anyio
+async def test_memory_search_ranks_by_keywords_as_the_json_store_does(any_store):
+    store = any_store()
+    ids = [(await store.add_memory("alice", text))["id"] for text in MEMORIES]
+    await store.add_memory("bob", "drinks tea all day")
+    found = await store.search_memories("alice", "what tea does the user drink?", 5)
+    assert [m["id"] for m in found] == [ids[1], ids[3], ids[2]]
+    assert found[0]["score"] > found[1]["score"] > found[2]["score"]
+    assert found == nodechat.rank_memories(await store.list_memories("alice"),
+                                           "what tea does the user drink?", 5)
+    assert await store.search_memories("alice", "ski", 5) == []
+    assert [m["id"] for m in await store.search_memories("alice", "skiing Oslo", 5)] == [ids[0]]
+    assert [m["id"] for m in await store.search_memories("alice", "mornings", 5)] == [ids[2]]  # prefix
+    assert await store.search_memories("alice", "?!", 5) == []
+
+
+@pytest.mark.anyio
+async def test_memory_search_equals_a_full_scan_on_random_memories(any_store):
+    """Candidates from the index, ranked with the user's total: same ids, same scores."""
+    store = any_store()
+    rng = random.Random(13)
+    words = ["tea", "teas", "teapot", "coffee", "coffees", "drink", "drinks", "drinking", "oslo",
+             "ski", "skiing", "cat", "catalog", "foo_bar", "e", "mail", "3", "14", "café", "x²",
+             "morning", "mornings", "work", "worker", "workers", "green", "the", "a"]
+    for _ in range(120):
+        await store.add_memory("alice", " ".join(rng.choices(words, k=rng.randint(1, 6))))
+    memories = await store.list_memories("alice")
+    for _ in range(40):
+        query = " ".join(rng.choices(words + ["drinker", "teapots", "skier", "cafés"], k=rng.randint(1, 3)))
+        assert await store.search_memories("alice", query, 10) == \
+            nodechat.rank_memories(memories, query, 10), query
+
+
+# -- PostgreSQL only: start-up, several instances, outages, copying a JSON store --
+
+
+def test_a_database_url_without_asyncpg_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    with pytest.raises(ValueError, match=r"pip install 'nodechat\[postgres\]'"):
+        nodechat.PostgresStore("postgresql://nodechat@127.0.0.1/x")
+
+
+@pytest.mark.anyio
+async def test_five_instances_starting_at_once_migrate_the_schema_once(database_url):
+    stores = [nodechat.PostgresStore(database_url, pool_size=2) for _ in range(5)]
+    try:
+        await within(30, asyncio.gather(*(s.check() for s in stores)))
+        async with stores[0]._connection() as db:
+            assert [r[0] for r in await db.fetch("SELECT version FROM nodechat_schema_version")] == [1]
+        assert len({id(s._pool) for s in stores}) == 5  # instances share nothing
+        await stores[0].create_conversation("shared", "alice")
+        await within(30, asyncio.gather(*(
+            s.append_messages("shared", [{"role": "user", "content": f"{n}-{k}"}])
+            for n, s in enumerate(stores) for k in range(10))))
+        contents = [m["content"] for m in await stores[4].load_messages("shared")]
+        assert sorted(contents) == sorted(f"{n}-{k}" for n in range(5) for k in range(10))
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_check_migrates_an_existing_database_without_changes(database_url):
+    for _ in range(2):
+        store = nodechat.PostgresStore(database_url)
+        await store.check()
+        await store.create_conversation(f"c-{uuid.uuid4().hex[:6]}", "alice")
+        await store.aclose()
+    store = nodechat.PostgresStore(database_url)
+    assert len(await store.list_conversations("alice")) == 2
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_outage_raises_store_unavailable_and_the_store_recovers(postgres, database_url):
+    store = nodechat.PostgresStore(database_url)
+    await store.create_conversation("c1", "alice")
+    busy = asyncio.create_task(sleep_in_database(store, 30))  # a query in flight when it stops
+    await within(10, until_query_runs(store))
+    try:
+        await asyncio.to_thread(postgres.stop)
+        with pytest.raises(StoreUnavailable) as caught:
+            await within(10, busy)
+        for call in (store.get_conversation("c1"), store.list_memories("alice"),
+                     store.append_messages("c1", [{"role": "user", "content": "lost"}])):
+            with pytest.raises(StoreUnavailable) as caught:
+                await within(15, call)
+            assert caught.value.status == 503 and caught.value.retry_after
+            assert "the database is unavailable" in caught.value.message
+        late = nodechat.PostgresStore(database_url)  # started during the outage
+        with pytest.raises(StoreUnavailable):
+            await within(15, late.check())
+    finally:
+        await asyncio.to_thread(postgres.start)
+    saved = await within(10, store.append_messages("c1", [{"role": "user", "content": "back"}]))
+    assert [m["content"] for m in await store.load_messages("c1")] == ["back"] == [m["content"] for m in saved]
+    assert (await within(10, late.get_conversation("c1")))["user_id"] == "alice"
+    await store.aclose()
+    await late.aclose()
+
+
+async def sleep_in_database(store: nodechat.PostgresStore, seconds: float) -> None:
+    async with store._connection() as db:
+        await db.execute("SELECT pg_sleep($1)", seconds)
+
+
+async def until_query_runs(store: nodechat.PostgresStore) -> None:
+    while True:
+        async with store._connection() as db:
+            if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"):
+                return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_copy_json_store_copies_everything_once(tmp_path, pg_store):
+    source = nodechat.JSONFileStore(tmp_path / "data")
+    for n in range(120):
+        await source.create_conversation(f"c{n:03d}", "alice" if n % 2 else "bob", f"chat {n}")
+        await source.append_messages(f"c{n:03d}", [
+            {"role": "user", "content": f"question {n}", "ui_id": f"u{n}"},
+            {"role": "assistant", "content": f"answer {n}"}])
+    await source.add_memory("alice", "Likes green tea")
+    await source.add_memory("alice", "Lives in Oslo")
+    with open(tmp_path / "data" / "conversations" / "c001.jsonl", "a") as fh:
+        fh.write('{"role": "user", "content": "torn')  # a crash mid-write
+    (tmp_path / "data" / "memories" / "carol.json").write_text("[{")
+    lines: list[str] = []
+    first = await within(60, nodechat.copy_json_store(tmp_path / "data", pg_store, lines.append))
+    second = await within(60, nodechat.copy_json_store(tmp_path / "data", pg_store, lines.append))
+    assert first["conversations"] == second["conversations"] == 120
+    assert first["messages"] == second["messages"] == 240
+    assert first["memories"] == second["memories"] == 2
+    assert first["skipped"] == second["skipped"] == 2
+    assert first["new_rows"] == 120 + 240 + 2 and second["new_rows"] == 0
+    assert "copy-store: 100/120 conversations" in lines
+    assert lines[-1].startswith("copy-store: 120 conversations, 240 messages, 2 memories")
+    for cid in ("c000", "c001", "c119"):
+        assert await pg_store.get_conversation(cid) == await source.get_conversation(cid)
+        assert await pg_store.load_messages(cid) == await source.load_messages(cid)
+    assert await pg_store.list_memories("alice") == await source.list_memories("alice")
+    assert (await pg_store.search_memories("alice", "tea"))[0]["content"] == "Likes green tea"
+    # the copy carries on like any conversation: resends are still recognised
+    assert await pg_store.append_messages("c005", [{"role": "user", "content": "x", "ui_id": "u5"}]) == []
 
 
 ###############################################################################
