@@ -829,6 +829,92 @@ async def test_copy_json_store_copies_everything_once(tmp_path, pg_store):
     assert await pg_store.append_messages("c005", [{"role": "user", "content": "x", "ui_id": "u5"}]) == []
 
 
+@contextlib.contextmanager
+def nodechat_processes(count: int, env: dict, tmp_path: Path):
+    """``count`` ``python nodechat.py`` processes on free ports; yields their URLs."""
+    ports = [free_port() for _ in range(count)]
+    script = str(Path(nodechat.__file__))
+    processes = [subprocess.Popen([sys.executable, script, "--port", str(port), "--log-level", "warning"],
+                                  env={**os.environ, **env}, cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+
+    def up(url: str) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(url + "/healthz", timeout=2).status_code == 200
+        return False
+
+    try:
+        for process, url in zip(processes, urls):
+            eventually(lambda: process.poll() is None and up(url), timeout=30)
+        yield urls, processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(15)
+
+
+def test_three_processes_share_one_database(postgres, database_url, upstream, tmp_path):
+    users = {f"tok-{n}": f"user{n}" for n in range(4)}
+    env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url,
+           "NODECHAT_MODEL": "fake-1", "NODECHAT_TOKENS": ",".join(f"{t}:{u}" for t, u in users.items())}
+    with nodechat_processes(3, env, tmp_path) as (urls, processes):
+        upstream.script(tool_calls(("addMemory", {"content": "user0 likes oolong"})), text("noted"))
+        api_chat(urls[0], {"messages": [user("remember oolong")]}, token="tok-0")
+
+        def conversation(token: str) -> None:  # each turn on the next process
+            for turn in range(4):
+                response, events = api_chat(urls[turn % 3], {"messages": [user(f"{token} turn {turn}")],
+                                                             "conversationId": f"c-{token}"}, token=token)
+                assert response.status_code == 200 and events[-1]["type"] == "finish", events
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(conversation, users))
+        for token in users:
+            stored = httpx.get(f"{urls[2]}/api/conversations/c-{token}",
+                               headers={"Authorization": f"Bearer {token}"}).json()["messages"]
+            assert [m["content"] for m in stored] == [c for turn in range(4) for c in (f"{token} turn {turn}", "ok")]
+        remembered = [r for r in upstream.requests if "tok-0 turn" in json.dumps(r["messages"][-1])]
+        assert remembered and all("user0 likes oolong" in r["messages"][0]["content"] for r in remembered)
+
+        upstream.script(("stall", text("half")[:2]))  # kill -9 mid-turn: the others go on
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(api_chat, urls[1], {"messages": [user("doomed")], "conversationId": "c-kill"},
+                                  token="tok-1")
+            eventually(lambda: upstream.open_streams == 1)
+            processes[1].kill()
+            with contextlib.suppress(httpx.HTTPError):
+                pending.result(timeout=15)
+        response, events = api_chat(urls[0], {"messages": [user("again")], "conversationId": "c-kill"},
+                                    token="tok-1")
+        assert response.status_code == 200
+        stored = httpx.get(urls[2] + "/api/conversations/c-kill", headers={"Authorization": "Bearer tok-1"})
+        assert [m["content"] for m in stored.json()["messages"]] == ["doomed", "again", "ok"]
+
+
+def test_database_outage_is_503_in_each_protocol_and_recovers(postgres, database_url, upstream, tmp_path):
+    env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url,
+           "NODECHAT_MODEL": "fake-1", "NODECHAT_TOKENS": "tok-alice:alice"}
+    with nodechat_processes(1, env, tmp_path) as ([url], _):
+        api_chat(url, {"messages": [user("before")], "conversationId": "c-out"})
+        postgres.stop()
+        try:
+            listing = httpx.get(url + "/api/conversations", headers=AUTH, timeout=30)
+            assert listing.status_code == 503 and listing.headers["retry-after"]
+            assert listing.json()["error"].startswith("the database is unavailable")
+            response, error = api_chat(url, ui_request("during", chat_id="c-out"))
+            assert response.status_code == 503 and error.startswith("the database is unavailable")
+            # /v1 stores nothing: it keeps serving
+            assert client(url).chat.completions.create(
+                model="fake-1", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "ok"
+        finally:
+            postgres.start()
+        eventually(lambda: httpx.get(url + "/api/conversations", headers=AUTH).status_code == 200, timeout=20)
+        response, events = api_chat(url, {"messages": [user("after")], "conversationId": "c-out"})
+        assert response.status_code == 200 and events[-1]["type"] == "finish"
+
+
 ###############################################################################
 # Providers: nodechat's own HTTP/1.1 client, fuzzed, then over real sockets
 ###############################################################################
