@@ -209,6 +209,8 @@ class Settings:
     upstream_client: str = "nodechat"
     #: Seconds of silence before an SSE comment keeps the connection alive.
     keepalive_seconds: float = 15.0
+    #: The built-in chat page at ``/`` (``NODECHAT_UI=0`` turns it off).
+    ui: bool = True
     #: Cookie that carries a session token for /api/chat (mapped through ``tokens``).
     cookie_name: str = "nodechat_session"
     #: Origins allowed by CORS: exact origins (``https://app.example``, with credentials),
@@ -4576,6 +4578,7 @@ async def watch_disconnect(receive: Receive, task: asyncio.Task) -> bool:
 
 ROUTES = (
     # method, path, handler, error style ("openai" bodies or {"error": text}), needs auth
+    ("GET", "/", "chat_page", "api", False),
     ("GET", "/healthz", "healthz", "api", False),
     ("GET", "/v1/models", "list_models", "openai", True),
     ("GET", "/v1/models/{id}", "retrieve_model", "openai", True),
@@ -5057,6 +5060,640 @@ def _ui_tool_part(part: dict) -> tuple | None:
 
 
 ###############################################################################
+# Chat page: the built-in UI at GET /, one string served under a strict CSP
+###############################################################################
+
+# Plain HTML, CSS and JavaScript: no framework, no build step, no request leaves the server.
+# Every URL is relative to the page, so it works mounted under a prefix.  Model output is
+# escaped first and then given a small Markdown subset, so it can never inject HTML.
+CHAT_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>nodechat</title>
+<link rel="icon" href="data:,">
+<style>
+:root { --bg: #fff; --panel: #f6f7f9; --text: #1c1f24; --muted: #5d6470; --line: #e1e4e8;
+  --accent: #2f5bd3; --on-accent: #fff; --mine: #eaf0ff; --code: #f1f3f6; --bad: #b42318;
+  --good: #18794e; font: 15px/1.55 system-ui, -apple-system, "Segoe UI", sans-serif; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #15171b; --panel: #1c1f24; --text: #e5e7eb; --muted: #9aa2ae; --line: #2d3139;
+    --accent: #7aa2ff; --on-accent: #0c1222; --mine: #243049; --code: #0e1013; --bad: #ff8f85;
+    --good: #5fd19a; } }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; height: 100dvh; display: flex; flex-direction: column; background: var(--bg); color: var(--text); }
+button, select, input, textarea { font: inherit; color: inherit; background: var(--bg);
+  border: 1px solid var(--line); border-radius: 8px; }
+button { cursor: pointer; padding: .35rem .8rem; white-space: nowrap; }
+button:hover { background: var(--panel); }
+button.primary { background: var(--accent); border-color: var(--accent); color: var(--on-accent); }
+:focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+.sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+header { display: flex; align-items: center; gap: .6rem; padding: .55rem 1rem; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.05rem; margin: 0 auto 0 0; }
+select { max-width: 12rem; padding: .3rem .4rem; }
+#menu { display: none; }
+.body { flex: 1; display: flex; min-height: 0; position: relative; }
+aside { width: 17rem; flex: none; overflow-y: auto; padding: .75rem; background: var(--panel);
+  border-right: 1px solid var(--line); }
+h2 { font-size: .75rem; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin: .6rem .4rem .3rem; }
+aside ul { list-style: none; margin: 0 0 1rem; padding: 0; }
+aside li { display: flex; align-items: center; border-radius: 8px; }
+aside li:hover, aside li:has([aria-current]) { background: var(--line); }
+aside li > :first-child { flex: 1; min-width: 0; padding: .4rem .5rem; overflow-wrap: anywhere; }
+aside li button { border: 0; background: none; text-align: left; }
+.item { overflow: hidden; text-overflow: ellipsis; }
+.memory { font-size: .9rem; }
+button.del { color: var(--muted); padding: .2rem .5rem; font-size: .85rem; }
+button.armed { color: var(--bad); font-weight: 600; }
+.empty { color: var(--muted); font-size: .9rem; margin: 0 .5rem 1rem; }
+main { flex: 1; display: flex; flex-direction: column; min-width: 0; }
+#log { flex: 1; overflow-y: auto; padding: 1.25rem 1rem; }
+#log > * { max-width: 46rem; margin-inline: auto; }
+#hello { color: var(--muted); text-align: center; margin-top: 20vh; }
+.msg { margin-bottom: 1.1rem; overflow-wrap: anywhere; }
+.user { display: flex; justify-content: flex-end; }
+.user p { margin: 0; background: var(--mine); padding: .55rem .85rem; border-radius: 14px;
+  white-space: pre-wrap; max-width: 85%; }
+.md > :first-child { margin-top: 0; } .md > :last-child { margin-bottom: 0; }
+.md p, .md ul, .md ol, .md pre { margin: .5rem 0; }
+.md h3, .md h4, .md h5, .md h6 { font-size: 1rem; margin: .9rem 0 .3rem; }
+.md a { color: var(--accent); }
+code { font: .88em ui-monospace, Menlo, Consolas, monospace; background: var(--code); padding: .1em .3em;
+  border-radius: 4px; }
+pre { background: var(--code); padding: .7rem .85rem; border-radius: 8px; overflow-x: auto; border: 1px solid var(--line); }
+pre code { padding: 0; background: none; }
+details { border: 1px solid var(--line); border-radius: 8px; margin: .5rem 0; background: var(--panel); }
+summary { cursor: pointer; padding: .4rem .7rem; color: var(--muted); font-size: .9rem; list-style: none; }
+summary::-webkit-details-marker { display: none; }
+summary::before { content: "\25B8"; display: inline-block; width: 1em; transition: transform .15s; }
+details[open] > summary::before { transform: rotate(90deg); }
+details > div { padding: 0 .7rem .6rem; font-size: .9rem; }
+.reasoning > div { white-space: pre-wrap; color: var(--muted); }
+.tool summary { display: flex; gap: .4rem; align-items: center; }
+.tool .name { font-family: ui-monospace, Menlo, Consolas, monospace; color: var(--text); }
+.badge { font-size: .7rem; border: 1px solid var(--line); border-radius: 4px; padding: 0 .3rem; }
+.state { margin-left: auto; font-size: .8rem; }
+.state.done { color: var(--good); } .state.error { color: var(--bad); }
+.tool h4 { margin: .4rem 0 .2rem; font-size: .75rem; color: var(--muted); text-transform: uppercase; }
+.tool pre { margin: 0; max-height: 16rem; white-space: pre-wrap; }
+.note { color: var(--muted); font-size: .9rem; font-style: italic; }
+.note.error, #error { color: var(--bad); font-style: normal; }
+#error { margin: 0 1rem .4rem; }
+.pending::after { content: "\2022\2022\2022"; letter-spacing: .2em; color: var(--muted); animation: blink 1.2s infinite; }
+[aria-busy="true"] > .md:last-child > :last-child::after { content: "\258D"; color: var(--muted);
+  animation: blink 1s infinite; }
+@keyframes blink { 50% { opacity: .3; } }
+@media (prefers-reduced-motion: reduce) { *::after { animation: none !important; } }
+#stop::before { content: "\25A0"; font-size: .8em; margin-right: .45rem; }
+#composer { display: flex; gap: .5rem; align-items: flex-end; width: 100%; max-width: 48rem; margin: 0 auto;
+  padding: .6rem 1rem 1rem; }
+textarea { flex: 1; resize: none; max-height: 12rem; padding: .6rem .8rem; border-radius: 12px; font-size: 16px; }
+#composer button { padding: .6rem 1rem; border-radius: 12px; }
+dialog { border: 1px solid var(--line); border-radius: 12px; background: var(--bg); color: var(--text);
+  padding: 1.25rem; width: min(24rem, 92vw); }
+dialog::backdrop { background: rgb(0 0 0 / .45); }
+dialog h2 { font-size: 1.1rem; text-transform: none; letter-spacing: 0; color: var(--text); margin: 0 0 .5rem; }
+dialog input { width: 100%; margin: .3rem 0 .8rem; padding: .45rem .6rem; }
+@media (max-width: 720px) {
+  header { padding: .5rem .6rem; gap: .4rem; }
+  h1 { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+  #menu { display: block; margin-right: auto; }
+  select { min-width: 0; }
+  aside { display: none; position: absolute; z-index: 2; top: 0; bottom: 0; left: 0;
+    width: min(20rem, 86vw); box-shadow: 0 0 2rem rgb(0 0 0 / .3); }
+  aside.open { display: block; }
+  #composer { padding: .5rem .6rem .7rem; }
+}
+</style>
+</head>
+<body>
+<header>
+  <button type="button" id="menu" aria-expanded="false" aria-controls="side">Chats</button>
+  <h1>nodechat</h1>
+  <label for="model" class="sr">Model</label>
+  <select id="model"><option value="">Default model</option></select>
+  <button type="button" id="new">New chat</button>
+  <button type="button" id="signout" hidden>Sign out</button>
+</header>
+<div class="body">
+  <aside id="side" aria-label="History">
+    <h2 id="convs-h">Conversations</h2>
+    <ul id="convs" aria-labelledby="convs-h"></ul>
+    <p class="empty" id="convs-empty">No conversations yet.</p>
+    <h2 id="mems-h">Memories</h2>
+    <ul id="mems" aria-labelledby="mems-h"></ul>
+    <p class="empty" id="mems-empty">Nothing remembered yet.</p>
+  </aside>
+  <main>
+    <div id="log" role="log" aria-live="polite" aria-label="Messages" tabindex="-1">
+      <p id="hello">Ask anything. Enter sends, Shift+Enter starts a new line.</p>
+    </div>
+    <p id="error" role="alert" hidden></p>
+    <form id="composer">
+      <label for="input" class="sr">Message</label>
+      <textarea id="input" rows="1" placeholder="Message nodechat" autofocus></textarea>
+      <button type="submit" id="send" class="primary">Send</button>
+      <button type="button" id="stop" hidden>Stop</button>
+    </form>
+  </main>
+</div>
+<dialog id="login" aria-labelledby="login-h">
+  <form id="login-form">
+    <h2 id="login-h">Sign in</h2>
+    <p>This server needs an access token. It is kept for this browser tab only.</p>
+    <label for="token">Access token</label>
+    <input id="token" type="password" autocomplete="current-password" required>
+    <p id="login-error" class="note error" role="alert" hidden></p>
+    <button type="submit" class="primary">Sign in</button>
+  </form>
+</dialog>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const ui = Object.fromEntries(["menu", "side", "model", "new", "signout", "convs", "convs-empty",
+  "mems", "mems-empty", "log", "hello", "error", "composer", "input", "send", "stop", "login",
+  "login-form", "token", "login-error"].map((id) => [id.replace("-", "_"), $(id)]));
+// Relative URLs resolve against the mount root, with or without its trailing slash.
+const BASE = new URL(location.pathname.replace(/\/*$/, "/"), location.origin);
+const TOKEN_KEY = "nodechat.token", MODEL_KEY = "nodechat.model";
+let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let conversationId = newId(), controller = null;
+
+class AuthNeeded extends Error {}
+
+function newId() {  // crypto.randomUUID needs a secure context; getRandomValues does not
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 15) | 64; b[8] = (b[8] & 63) | 128;
+  const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+function make(tag, className, text, parent) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  if (parent) parent.append(node);
+  return node;
+}
+
+// -- the server: same origin, relative URLs, a Bearer token only in a header ------------------
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json" };
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = "Bearer " + token;
+  const res = await fetch(new URL(path, BASE), { ...options, headers, credentials: "same-origin" });
+  if (res.status === 401) {
+    askToken(token ? `That token was not accepted (${await errorText(res)}).` : "");
+    throw new AuthNeeded();
+  }
+  if (!res.ok) throw Object.assign(new Error(await errorText(res)), { status: res.status });
+  return res;
+}
+
+async function errorText(res) {  // {"error": "..."}, OpenAI's {"error": {"message"}}, or text
+  let text = (await res.text().catch(() => "")).trim();
+  try {
+    const body = JSON.parse(text);
+    text = typeof body.error === "string" ? body.error : body.error?.message || body.detail || text;
+  } catch { /* not JSON: keep the text */ }
+  return `Error ${res.status}` + (text ? ": " + text.slice(0, 500) : "");
+}
+
+async function load(path, render, options) {
+  try {
+    render(await (await api(path, options)).json());
+    return true;
+  } catch (err) {
+    if (!(err instanceof AuthNeeded)) { ui.error.textContent = err.message; ui.error.hidden = false; }
+    return false;
+  }
+}
+
+// -- token: asked once, kept in sessionStorage, never in a URL ---------------------------------
+function askToken(message) {
+  token = "";
+  sessionStorage.removeItem(TOKEN_KEY);
+  ui.signout.hidden = true;
+  ui.login_error.textContent = message;
+  ui.login_error.hidden = !message;
+  if (!ui.login.open) ui.login.showModal();
+  ui.token.focus();
+  ui.token.select();
+}
+
+ui.login.addEventListener("cancel", (event) => event.preventDefault());
+ui.login_form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  token = ui.token.value.trim();
+  if (!token || !(await loadConversations())) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  ui.token.value = "";
+  ui.login.close();
+  ui.signout.hidden = false;
+  loadModels(); loadMemories();
+  ui.input.focus();
+});
+
+ui.signout.addEventListener("click", () => {
+  token = "";
+  sessionStorage.removeItem(TOKEN_KEY);
+  ui.convs.replaceChildren(); ui.mems.replaceChildren();
+  newChat();
+  loadAll();
+});
+
+// -- lists: conversations and memories --------------------------------------------------------
+function renderList(list, empty, items, label, kind, onDelete, onOpen) {
+  const key = JSON.stringify([items, conversationId]);
+  if (list.key === key) return;  // unchanged: keep the focus and a pending "Delete?"
+  list.key = key;
+  const focused = list.contains(document.activeElement) ? document.activeElement : null;
+  empty.hidden = items.length > 0;
+  list.replaceChildren(...items.map((item) => {
+    const li = make("li");
+    const main = make(onOpen ? "button" : "span", onOpen ? "item" : "memory", label(item), li);
+    if (onOpen) {
+      main.type = "button";
+      main.addEventListener("click", () => onOpen(item));
+      if (item.id === conversationId) main.setAttribute("aria-current", "true");
+    }
+    const del = make("button", "del", "\u00d7", li);
+    del.type = "button";
+    del.setAttribute("aria-label", `Delete ${kind}: ${label(item)}`);
+    del.addEventListener("click", () => {  // two steps instead of a modal confirm()
+      if (del.classList.toggle("armed")) {
+        del.textContent = "Delete?";
+        setTimeout(() => { del.classList.remove("armed"); del.textContent = "\u00d7"; }, 4000);
+      } else onDelete(item);
+    });
+    main.dataset.id = del.dataset.id = item.id;
+    return li;
+  }));
+  const again = focused && `.${focused.classList[0]}[data-id="${CSS.escape(focused.dataset.id)}"]`;
+  if (again) list.querySelector(again)?.focus();
+}
+
+const loadConversations = () => load("api/conversations", ({ conversations }) => {
+  renderList(ui.convs, ui.convs_empty, conversations, (c) => c.title || "New chat", "conversation",
+    (c) => remove("api/conversations/", c.id), (c) => openConversation(c.id));
+  ui.error.hidden = true;
+});
+const loadMemories = () => load("api/memories", ({ memories }) => renderList(
+  ui.mems, ui.mems_empty, memories, (m) => m.content, "memory", (m) => remove("api/memories/", m.id)));
+const loadModels = () => load("v1/models", ({ data }) => {
+  const saved = localStorage.getItem(MODEL_KEY) || "";
+  ui.model.replaceChildren(new Option("Default model", ""), ...data.map((m) => new Option(m.id, m.id)));
+  if (data.some((m) => m.id === saved)) ui.model.value = saved;
+});
+const loadAll = () => { loadConversations(); loadMemories(); loadModels(); };
+
+async function remove(collection, id) {
+  if (await load(collection + encodeURIComponent(id), () => {}, { method: "DELETE" })) {
+    if (id === conversationId) newChat();
+    await (collection.includes("memories") ? loadMemories() : loadConversations());
+  }
+  ui.input.focus();
+}
+
+async function openConversation(id) {
+  await load("api/conversations/" + encodeURIComponent(id), ({ messages }) => {
+    stop();
+    conversationId = id;
+    renderHistory(messages);
+    setMenu(false);
+  });
+  await loadConversations();
+  ui.input.focus();
+}
+
+function newChat() {
+  stop();
+  conversationId = newId();
+  ui.log.replaceChildren(ui.hello);
+  ui.hello.hidden = false;
+  for (const b of ui.convs.querySelectorAll("[aria-current]")) b.removeAttribute("aria-current");
+}
+
+// -- messages ------------------------------------------------------------------------------
+function addMessage(role) {
+  ui.hello.hidden = true;
+  const article = make("article", "msg " + role, undefined, ui.log);
+  article.setAttribute("aria-label", role === "user" ? "You" : "Assistant");
+  return article;
+}
+
+function addUser(text) { make("p", "", text, addMessage("user")); }
+
+function textPart(turn, text = "") {
+  const div = make("div", "md", undefined, turn);
+  div.raw = text;
+  div.innerHTML = markdown(text);
+  return div;
+}
+
+function reasoningPart(turn) {
+  const details = make("details", "reasoning", undefined, turn);
+  details.append(make("summary", "", "Reasoning"), make("div"));
+  return details;
+}
+
+function toolCard(turn, name, dynamic) {
+  const card = make("details", "tool", undefined, turn);
+  const summary = make("summary", "", undefined, card);
+  make("span", "name", name, summary);
+  if (dynamic) make("span", "badge", "MCP", summary);
+  card.state = make("span", "state", "running\u2026", summary);
+  make("div", "", undefined, card);
+  return card;
+}
+
+function show(value) {  // JSON pretty-printed, text as it is
+  if (typeof value === "string") {
+    try { value = JSON.parse(value); } catch { return value; }
+  }
+  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+}
+
+function setToolInput(card, input) {
+  card.lastChild.prepend(make("h4", "", "Input"), make("pre", "", show(input ?? {})));
+}
+
+function setToolResult(card, value, failed) {
+  card.lastChild.append(make("h4", "", failed ? "Error" : "Result"), make("pre", "", show(value)));
+  card.state.textContent = failed ? "\u2715 failed" : "\u2713 done";
+  card.state.className = "state " + (failed ? "error" : "done");
+}
+
+function note(turn, text, isError) {
+  const p = make("p", isError ? "note error" : "note", text, turn);
+  if (isError) p.setAttribute("role", "alert");
+}
+
+function textOf(content) {
+  if (typeof content === "string") return content;
+  return Array.isArray(content) ? content.map((p) => p.text || "").join("") : "";
+}
+
+function renderHistory(messages) {  // stored messages are in OpenAI's shape
+  ui.log.replaceChildren(ui.hello);
+  let turn = null;
+  const cards = {};
+  for (const m of messages) {
+    const text = textOf(m.content);
+    if (m.role === "user") {
+      addUser(text);
+      turn = null;
+    } else if (m.role === "tool" && cards[m.tool_call_id]) {  // errors are stored as "Error: ..."
+      setToolResult(cards[m.tool_call_id], text.replace(/^Error: /, ""), text.startsWith("Error: "));
+    } else if (m.role === "assistant") {
+      turn ||= addMessage("assistant");
+      if (text) textPart(turn, text);
+      for (const call of m.tool_calls || []) {
+        const card = cards[call.id] = toolCard(turn, call.function.name, false);
+        setToolInput(card, call.function.arguments);
+        card.state.textContent = "no result";
+      }
+    }
+  }
+  ui.hello.hidden = messages.length > 0;
+  ui.log.scrollTop = ui.log.scrollHeight;
+}
+
+// -- a turn: POST api/chat, read the AI SDK UI message stream ---------------------------------
+async function send(text) {
+  const message = { id: newId(), role: "user", parts: [{ type: "text", text }] };
+  // The server keeps the history: sending only the new message is enough.
+  const body = { id: conversationId, messages: [message], trigger: "submit-message" };
+  if (ui.model.value) body.model = ui.model.value;
+  const first = !ui.log.querySelector("article");
+  addUser(text);
+  const turn = addMessage("assistant");
+  turn.setAttribute("aria-busy", "true");
+  ui.log.scrollTop = ui.log.scrollHeight;
+  const pending = make("p", "pending", undefined, turn);
+  make("span", "sr", "Waiting for the answer", pending);
+  const mine = controller = new AbortController();
+  setBusy(true);
+  const state = { parts: {}, tools: {}, done: false, pending };
+  state.settle = () => {  // the answer is over at "finish", even if the stream lasts a moment more
+    if (state.settled) return;
+    state.settled = true;
+    pending.remove();
+    turn.removeAttribute("aria-busy");
+    if (controller === mine) { controller = null; setBusy(false); }
+    loadConversations(); loadMemories();
+  };
+  try {
+    const res = await postChat(body, mine.signal);
+    await readStream(res, (chunk) => onChunk(chunk, turn, state));
+    if (!state.done) note(turn, "The connection closed before the answer was complete.", true);
+  } catch (err) {
+    if (err.name === "AbortError") note(turn, "Stopped.");
+    else if (!(err instanceof AuthNeeded)) note(turn, err.message, true);
+    else { turn.previousElementSibling.remove(); turn.remove(); ui.input.value = text; }
+  } finally {
+    state.settle();
+    // The title of a new conversation is written in the background after the answer.
+    if (first) for (const ms of [1000, 3000, 8000]) setTimeout(loadConversations, ms);
+  }
+}
+
+async function postChat(body, signal) {
+  // After Stop the server needs a moment to notice and free the conversation (409 meanwhile).
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await api("api/chat", { method: "POST", body: JSON.stringify(body), signal });
+    } catch (err) {
+      if (err.status !== 409 || attempt === 10) throw err;
+      await new Promise((resolve, reject) => {  // a pause that Stop ends early
+        const timer = setTimeout(resolve, 300);
+        signal.addEventListener("abort", () => { clearTimeout(timer); reject(signal.reason); });
+      });
+    }
+  }
+}
+
+async function readStream(res, onChunk) {
+  // SSE: lines end at CR, LF or CRLF; "data:" lines gather until a blank line; ":" is a comment.
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    const lines = (buffer + value).split(/\r\n|\r|\n/);
+    buffer = lines.pop();
+    for (const line of lines) {
+      if (line.startsWith("data:")) data.push(line.slice(line[5] === " " ? 6 : 5));
+      if (line || !data.length) continue;
+      const payload = data.join("\n");
+      data = [];
+      if (payload === "[DONE]") return;
+      onChunk(JSON.parse(payload));
+    }
+  }
+}
+
+function onChunk(c, turn, s) {
+  const stick = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 80;
+  if (/^(text|reasoning|tool|error)/.test(c.type)) s.pending.remove();
+  const tool = () => s.tools[c.toolCallId] ||= toolCard(turn, c.toolName || "tool", c.dynamic);
+  switch (c.type) {
+    case "text-start": s.parts[c.id] = textPart(turn); break;
+    case "text-delta": {
+      const part = s.parts[c.id] ||= textPart(turn);
+      part.raw += c.delta;
+      part.innerHTML = markdown(part.raw);
+      break;
+    }
+    case "reasoning-start": s.parts[c.id] = reasoningPart(turn); break;
+    case "reasoning-delta": (s.parts[c.id] ||= reasoningPart(turn)).lastChild.textContent += c.delta; break;
+    case "tool-input-start": tool(); break;
+    case "tool-input-available": setToolInput(tool(), c.input); break;
+    case "tool-input-error": setToolInput(tool(), c.input); setToolResult(tool(), c.errorText, true); break;
+    case "tool-output-available": setToolResult(tool(), c.output, false); break;
+    case "tool-output-error": setToolResult(tool(), c.errorText, true); break;
+    case "error": note(turn, c.errorText || "The answer failed.", true); break;
+    case "finish":
+      s.done = true;
+      if (c.finishReason === "length") note(turn, "The answer hit the length limit.");
+      s.settle();
+  }
+  if (stick) ui.log.scrollTop = ui.log.scrollHeight;
+}
+
+function setBusy(busy) {
+  const hadFocus = document.activeElement === ui.send || document.activeElement === ui.stop;
+  ui.send.hidden = busy;
+  ui.stop.hidden = !busy;
+  if (hadFocus) ui.input.focus();
+}
+
+function stop() { controller?.abort(); }
+
+// -- Markdown: escape everything, then a small subset ------------------------------------------
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+
+function markdown(source) {
+  const stash = [];  // finished HTML, kept out of the later rules behind \0<index>\0
+  const keep = (html) => "\u0000" + (stash.push(html) - 1) + "\u0000";
+  let s = source.replace(/\u0000/g, "").replace(/[&<>"']/g, (ch) => ESCAPES[ch]);
+  // Code blocks first (a fence still open while streaming runs to the end), then inline code.
+  s = s.replace(/^```[^\n]*\n?([\s\S]*?)(?:\n```[ \t]*(?=\n|$)|$(?![\s\S]))/gm,
+    (_, code) => "\n" + keep("<pre><code>" + code + "</code></pre>") + "\n");
+  s = s.replace(/`([^`\n]+)`/g, (_, code) => keep("<code>" + code + "</code>"));
+  const inline = (t) => emphasis(t.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)/g,
+    (_, label, url) => keep(`<a href="${url}" target="_blank" rel="noopener">${emphasis(label)}</a>`)));
+  const out = [];
+  let para = [], list = null;
+  const flush = () => {
+    if (para.length) out.push("<p>" + para.join("<br>") + "</p>");
+    if (list) out.push(`<${list.tag}>${list.items.map((i) => `<li>${i}</li>`).join("")}</${list.tag}>`);
+    para = []; list = null;
+  };
+  for (const line of s.split("\n")) {
+    let m;
+    if (!line.trim()) flush();
+    else if ((m = line.trim().match(/^\u0000(\d+)\u0000$/)) && stash[m[1]].startsWith("<pre>")) {
+      flush(); out.push(line.trim());
+    } else if ((m = line.match(/^\s*(?:[-*+]|(\d+)[.)])\s+(.*)$/))) {
+      const tag = m[1] ? "ol" : "ul";
+      if (para.length || (list && list.tag !== tag)) flush();
+      list ||= { tag, items: [] };
+      list.items.push(inline(m[2]));
+    } else if ((m = line.match(/^(#{1,4})\s+(.*)$/))) {
+      flush(); out.push(`<h${m[1].length + 2}>${inline(m[2])}</h${m[1].length + 2}>`);
+    } else {
+      if (list) flush();
+      para.push(inline(line));
+    }
+  }
+  flush();
+  return out.join("").replace(/\u0000(\d+)\u0000/g, (_, i) => stash[i]);
+}
+
+function emphasis(t) {
+  return t.replace(/\*\*(\S(?:.*?\S)?)\*\*/g, "<strong>$1</strong>")
+    .replace(/(^|[^\w*])\*(\S(?:.*?\S)?)\*(?![\w*])/g, "$1<em>$2</em>")
+    .replace(/(^|\W)_(\S(?:.*?\S)?)_(?!\w)/g, "$1<em>$2</em>");
+}
+
+// -- wiring ------------------------------------------------------------------------------------
+function setMenu(open) {  // the phone layout's drawer
+  ui.side.classList.toggle("open", open);
+  ui.menu.setAttribute("aria-expanded", String(open));
+  if (open) ui.side.querySelector("button")?.focus();
+}
+
+function grow() {  // CSSOM styles are allowed under the CSP; style attributes are not
+  ui.input.style.height = "auto";
+  ui.input.style.height = ui.input.scrollHeight + 2 + "px";
+}
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = ui.input.value.trim();
+  if (!text || controller) return;
+  ui.input.value = "";
+  grow();
+  send(text);
+});
+ui.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.composer.requestSubmit();
+  } else if (event.key === "Escape") stop();
+});
+ui.input.addEventListener("input", grow);
+ui.stop.addEventListener("click", stop);
+ui.new.addEventListener("click", () => { newChat(); setMenu(false); ui.input.focus(); });
+ui.model.addEventListener("change", () => localStorage.setItem(MODEL_KEY, ui.model.value));
+ui.menu.addEventListener("click", () => setMenu(!ui.side.classList.contains("open")));
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && ui.side.classList.contains("open")) { setMenu(false); ui.menu.focus(); }
+});
+ui.signout.hidden = !token;
+loadAll();
+</script>
+</body>
+</html>
+"""
+
+
+def _csp_hashes(page: str, tag: str) -> str:
+    """``'sha256-…'`` sources for each inline ``<tag>`` element's exact text."""
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)
+    return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+                    + "'" for body in bodies)
+
+
+# Only the page's own script and style run; it may talk to its own origin and nothing else.
+CHAT_PAGE_CSP = (f"default-src 'none'; script-src {_csp_hashes(CHAT_PAGE, 'script')}; "
+                 f"style-src {_csp_hashes(CHAT_PAGE, 'style')}; connect-src 'self'; "
+                 "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CHAT_PAGE_BYTES = CHAT_PAGE.encode()
+CHAT_PAGE_HEADERS = (
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"content-length", str(len(CHAT_PAGE_BYTES)).encode()),
+    (b"content-security-policy", CHAT_PAGE_CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-cache"),
+)
+
+
+class ChatPageResponse:
+    """The chat page (``GET /``) with its Content-Security-Policy."""
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": list(CHAT_PAGE_HEADERS)})
+        await send({"type": "http.response.body", "body": CHAT_PAGE_BYTES})
+
+
+###############################################################################
 # App: the NodeChat object is the ASGI application
 ###############################################################################
 
@@ -5449,6 +6086,11 @@ class NodeChat:
         return request.user_id
 
     # -- handlers: Request in, response object out --------------------------------------------
+
+    async def chat_page(self, request: Request) -> ChatPageResponse:
+        if not self.settings.ui:
+            raise NotFound("Not Found")
+        return ChatPageResponse()
 
     async def healthz(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "version": __version__})

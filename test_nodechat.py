@@ -11,6 +11,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import gc
 import importlib.util
@@ -4333,6 +4334,443 @@ def test_cli_version_and_environment_in_help(capsys):
         nodechat.main(["--help"])
     out = capsys.readouterr().out
     assert "OPENAI_BASE_URL" in out and "NODECHAT_<NAME>" in out and "NODECHAT_TOKENS" in out
+
+
+###############################################################################
+# Chat page: the built-in UI in real headless Chromium (Debian's package, Playwright)
+###############################################################################
+
+try:
+    import playwright.sync_api as playwright_sync
+    expect = playwright_sync.expect
+except ImportError:  # the browser fixture says why (and fails on CI)
+    playwright_sync = expect = None
+CHROMIUM = os.environ.get("NODECHAT_CHROMIUM", "/usr/bin/chromium")  # Debian's chromium package
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WAIT_MS = 10_000  # every Playwright wait below passes this (or less) explicitly
+
+
+@pytest.fixture(scope="session")
+def browser():
+    missing = [what for what, there in ((f"{CHROMIUM} (apt-get install chromium)", Path(CHROMIUM).exists()),
+                                        ("playwright (pip install playwright)", playwright_sync)) if not there]
+    if missing:
+        reason = "the page tests need " + " and ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI must run the browser tests)")
+        pytest.skip(reason)
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        yield browser
+        browser.close()
+
+
+@dataclasses.dataclass
+class Site:
+    url: str  # the page's URL
+    chat: NodeChat
+
+
+@pytest.fixture
+def site(upstream, tmp_path):
+    """``site(mount=..., wrap=..., **settings)`` starts nodechat (``wrap(chat)`` in front of
+    it, if given) with the page in front; returns the page's URL and the NodeChat."""
+    stack = contextlib.ExitStack()
+
+    def start(mount: str = "", wrap=None, **settings) -> Site:
+        chat = NodeChat(base_url=upstream.url, api_key="k", model="fake-1",
+                        data_dir=str(tmp_path), environ={}, **settings)
+        app = chat if wrap is None else wrap(chat)
+        if mount:
+            app = Starlette(routes=[Mount(mount, app=app)])
+        base = stack.enter_context(serve(app))
+        return Site(base + (mount + "/" if mount else "/"), chat)
+
+    with stack:
+        yield start
+
+
+@pytest.fixture
+def open_page(browser):
+    """``open_page(url, allow=())`` opens a tab; at the end no console error or CSP report
+    may have appeared, except messages containing one of ``allow``."""
+    contexts, problems = [], []
+
+    def open_(url, allow=(), **options):
+        context = browser.new_context(**{"viewport": {"width": 1000, "height": 700}, **options})
+        contexts.append(context)
+        context.add_init_script("document.addEventListener('securitypolicyviolation', (e) => "
+                                "console.error('Content Security Policy: ' + e.violatedDirective))")
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+
+        def on_console(message):
+            bad = message.type == "error" or "Content Security Policy" in message.text
+            if bad and not any(a in message.text for a in allow):
+                problems.append(f"console {message.type}: {message.text}")
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+        page.goto(url, timeout=WAIT_MS)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert not problems
+
+
+def send_message(page, message):
+    """Type and press Enter, once the previous answer is over (Enter does nothing until then)."""
+    expect(page.get_by_role("button", name="Send")).to_be_visible(timeout=WAIT_MS)
+    page.get_by_label("Message", exact=True).fill(message)
+    page.get_by_label("Message", exact=True).press("Enter")
+
+
+def answers(page):
+    return page.locator("article[aria-label=Assistant]")
+
+
+def test_page_is_served_with_a_strict_csp(site):
+    url = site().url
+    response = httpx.get(url, timeout=5)
+    csp = response.headers["content-security-policy"]
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe" not in csp
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert httpx.get(url + "healthz", timeout=5).json()["status"] == "ok"  # the rest is nodechat
+
+
+def test_page_is_off_with_ui_false(live):
+    _, url = live(ui=False)
+    assert httpx.get(url + "/").status_code == 404
+    assert Settings.from_sources(environ={"NODECHAT_UI": "0"}).ui is False
+
+
+def test_page_message_streams_in_and_enter_sends(site, upstream, open_page):
+    page = open_page(site().url)
+    upstream.script(text("Hello", " **world**", "\n\n- one\n- two"))
+    send_message(page, "Hi there")
+    answer = answers(page).last
+    expect(answer).to_contain_text("Hello world", timeout=WAIT_MS)
+    expect(answer.locator("strong")).to_have_text("world", timeout=WAIT_MS)
+    expect(answer.locator("li")).to_have_count(2, timeout=WAIT_MS)
+    expect(page.get_by_role("button", name="Send")).to_be_visible(timeout=WAIT_MS)
+    expect(page.get_by_label("Message", exact=True)).to_be_focused(timeout=WAIT_MS)
+    assert upstream.requests[-1]["messages"][-1] == {"role": "user", "content": "Hi there"}
+
+
+def test_page_shift_enter_makes_a_newline(site, upstream, open_page):
+    page = open_page(site().url)
+    box = page.get_by_label("Message", exact=True)
+    box.press_sequentially("line one")
+    box.press("Shift+Enter")
+    box.press_sequentially("line two")
+    expect(box).to_have_value("line one\nline two", timeout=WAIT_MS)
+    assert not upstream.requests
+    box.press("Enter")
+    expect(page.locator("article[aria-label=You]")).to_have_text("line one\nline two", timeout=WAIT_MS)
+    expect(box).to_have_value("", timeout=WAIT_MS)
+    eventually(lambda: upstream.requests)
+    assert upstream.requests[-1]["messages"][-1]["content"] == "line one\nline two"
+
+
+def test_page_stop_aborts_the_turn_mid_stream(site, upstream, open_page):
+    # nodechat frees the conversation a moment after the client leaves: the page retries a 409
+    page = open_page(site().url, allow=("status of 409",))
+    upstream.script(("stall", text("Partial answer")[:2]))
+    send_message(page, "Tell me a long story")
+    expect(answers(page).last).to_contain_text("Partial answer", timeout=WAIT_MS)
+    stop = page.get_by_role("button", name="Stop")
+    expect(page.get_by_role("button", name="Send")).to_be_hidden(timeout=WAIT_MS)
+    stop.click(timeout=WAIT_MS)
+    expect(answers(page).last).to_contain_text("Stopped.", timeout=WAIT_MS)
+    expect(page.get_by_role("button", name="Send")).to_be_visible(timeout=WAIT_MS)
+    eventually(lambda: upstream.disconnects == 1)
+    upstream.script(text("Still here"))  # the next turn works
+    send_message(page, "Again")
+    expect(answers(page).last).to_contain_text("Still here", timeout=WAIT_MS)
+
+
+def test_page_busy_conversation_is_retried(site, upstream, open_page):
+    """nodechat answers 409 while a conversation's turn is still running (just after a Stop)."""
+    refused = []
+
+    def busy_once(chat):
+        async def app(scope, receive, send):
+            if scope["type"] == "http" and scope["path"].endswith("/api/chat") and not refused:
+                refused.append(scope["path"])
+                body = b'{"error": "a turn is already running in this conversation"}'
+                await send({"type": "http.response.start", "status": 409,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await chat(scope, receive, send)
+        return app
+
+    page = open_page(site(wrap=busy_once).url, allow=("status of 409",))
+    upstream.script(text("After the wait"))
+    send_message(page, "Hello")
+    expect(answers(page).last).to_contain_text("After the wait", timeout=WAIT_MS)
+    assert refused and len(upstream.requests) == 1
+
+
+def test_page_tool_call_card_shows_its_result_and_the_memory(site, upstream, open_page):
+    page = open_page(site().url)
+    upstream.script(tool_calls(("addMemory", {"content": "Likes green tea"})), text("Noted."))
+    send_message(page, "Remember that I like green tea")
+    card = answers(page).last.locator("details.tool")
+    expect(card.locator("summary")).to_contain_text("addMemory", timeout=WAIT_MS)
+    expect(card.locator(".state")).to_have_text("✓ done", timeout=WAIT_MS)
+    expect(answers(page).last).to_contain_text("Noted.", timeout=WAIT_MS)
+    card.locator("summary").click(timeout=WAIT_MS)
+    expect(card.locator("pre").first).to_contain_text('"content": "Likes green tea"', timeout=WAIT_MS)
+    expect(card.locator("pre").last).to_contain_text('"success": true', timeout=WAIT_MS)
+    memories = page.get_by_role("list", name="Memories")
+    expect(memories).to_contain_text("Likes green tea", timeout=WAIT_MS)
+
+    page.reload(timeout=WAIT_MS)  # the card again, rebuilt from the stored history
+    page.get_by_role("list", name="Conversations").get_by_role("button").first.click(timeout=WAIT_MS)
+    card = answers(page).last.locator("details.tool")
+    expect(card.locator(".state")).to_have_text("✓ done", timeout=WAIT_MS)
+    card.locator("summary").click(timeout=WAIT_MS)
+    expect(card.locator("pre").last).to_contain_text('"content": "Likes green tea"', timeout=WAIT_MS)
+
+    delete = memories.get_by_role("button", name="Delete memory: Likes green tea")
+    delete.click(timeout=WAIT_MS)
+    expect(delete).to_have_text("Delete?", timeout=WAIT_MS)  # a second click confirms
+    delete.click(timeout=WAIT_MS)
+    expect(memories.locator("li")).to_have_count(0, timeout=WAIT_MS)
+    expect(page.get_by_text("Nothing remembered yet.")).to_be_visible(timeout=WAIT_MS)
+
+
+def test_page_mcp_tool_card_and_tool_error(site, upstream, open_page):
+    site_ = site()
+
+    def lookup(city: str) -> str:
+        """Weather for a city (as if it came from an MCP server)."""
+        raise RuntimeError(f"no weather for {city}")
+
+    site_.chat.tools.add(dataclasses.replace(nodechat.tool(lookup), dynamic=True))
+    page = open_page(site_.url)
+    upstream.script(tool_calls(("lookup", {"city": "Oslo"})), text("Sorry."))
+    send_message(page, "Weather in Oslo?")
+    card = answers(page).last.locator("details.tool")
+    expect(card.locator(".badge")).to_have_text("MCP", timeout=WAIT_MS)
+    expect(card.locator(".state")).to_have_text("✕ failed", timeout=WAIT_MS)
+    card.locator("summary").click(timeout=WAIT_MS)
+    expect(card).to_contain_text("RuntimeError: no weather for Oslo", timeout=WAIT_MS)
+
+    page.reload(timeout=WAIT_MS)  # from the stored history: still a failed card
+    page.get_by_role("list", name="Conversations").get_by_role("button").first.click(timeout=WAIT_MS)
+    card = answers(page).last.locator("details.tool")
+    expect(card.locator(".state")).to_have_text("✕ failed", timeout=WAIT_MS)
+    expect(answers(page).last).to_contain_text("Sorry.", timeout=WAIT_MS)
+
+
+def test_page_reasoning_is_collapsed(site, upstream, open_page):
+    page = open_page(site().url)
+    upstream.script(text("42", reasoning="Let me think it over"))
+    send_message(page, "The answer?")
+    reasoning = answers(page).last.locator("details.reasoning")
+    expect(answers(page).last).to_contain_text("42", timeout=WAIT_MS)
+    expect(reasoning).not_to_have_attribute("open", "", timeout=WAIT_MS)
+    expect(reasoning.get_by_text("Let me think it over")).to_be_hidden(timeout=WAIT_MS)
+    reasoning.locator("summary").click(timeout=WAIT_MS)
+    expect(reasoning.get_by_text("Let me think it over")).to_be_visible(timeout=WAIT_MS)
+
+
+def test_page_conversation_listed_with_title_reopened_continued_deleted(site, upstream, open_page):
+    page = open_page(site().url)
+    upstream.script(text("Tea is a drink."))
+    send_message(page, "Tell me about tea")
+    expect(answers(page).last).to_contain_text("Tea is a drink.", timeout=WAIT_MS)
+    conversations = page.get_by_role("list", name="Conversations")
+    expect(conversations.get_by_role("button", name="Chat About Tea", exact=True)).to_be_visible(timeout=WAIT_MS)
+
+    page.reload(timeout=WAIT_MS)
+    expect(page.locator("#hello")).to_be_visible(timeout=WAIT_MS)
+    conversations.get_by_role("button", name="Chat About Tea", exact=True).click(timeout=WAIT_MS)
+    expect(page.locator("article[aria-label=You]")).to_have_text("Tell me about tea", timeout=WAIT_MS)
+    expect(answers(page)).to_have_text("Tea is a drink.", timeout=WAIT_MS)
+    expect(conversations.get_by_role("button", name="Chat About Tea", exact=True)).to_have_attribute(
+        "aria-current", "true", timeout=WAIT_MS)
+
+    upstream.script(text("Green and black."))
+    send_message(page, "Which kinds?")
+    expect(answers(page).last).to_contain_text("Green and black.", timeout=WAIT_MS)
+    assert [m["content"] for m in upstream.requests[-1]["messages"] if m["role"] != "system"] == [
+        "Tell me about tea", "Tea is a drink.", "Which kinds?"]  # the server kept the history
+    expect(conversations.locator("li")).to_have_count(1, timeout=WAIT_MS)
+
+    delete = conversations.get_by_role("button", name="Delete conversation: Chat About Tea")
+    delete.click(timeout=WAIT_MS)
+    delete.click(timeout=WAIT_MS)
+    expect(conversations.locator("li")).to_have_count(0, timeout=WAIT_MS)
+    expect(page.locator("#hello")).to_be_visible(timeout=WAIT_MS)  # it was open: a new chat
+    assert httpx.get(page.url + "api/conversations", timeout=5).json()["conversations"] == []
+
+
+def test_page_title_written_after_the_answer_reaches_the_list(site, upstream, open_page):
+    upstream.title_turn = ("slow", text("Slow Title"), 0.4)  # about two seconds
+    page = open_page(site().url)
+    send_message(page, "Hello")
+    expect(answers(page).last).to_contain_text("ok", timeout=WAIT_MS)
+    conversations = page.get_by_role("list", name="Conversations")
+    expect(conversations).to_contain_text("Hello", timeout=WAIT_MS)  # the first message at first
+    expect(conversations).to_contain_text("Slow Title", timeout=WAIT_MS)
+
+
+def test_page_model_picker_lists_upstream_models(site, upstream, open_page):
+    page = open_page(site().url)
+    picker = page.get_by_label("Model")
+    expect(picker.locator("option")).to_have_text(["Default model", "fake-1", "fake-2"], timeout=WAIT_MS)
+    picker.select_option("fake-2", timeout=WAIT_MS)
+    send_message(page, "Hi")
+    expect(answers(page).last).to_contain_text("ok", timeout=WAIT_MS)
+    assert upstream.requests[-1]["model"] == "fake-2"
+    page.reload(timeout=WAIT_MS)
+    expect(picker).to_have_value("fake-2", timeout=WAIT_MS)  # the choice is remembered
+
+
+def test_page_token_is_asked_once_wrong_one_shows_error(site, upstream, open_page):
+    page = open_page(site(tokens={"tok-alice": "alice"}).url, allow=("status of 401",))
+    urls = []
+    page.on("request", lambda request: urls.append(request.url))
+    dialog = page.get_by_role("dialog", name="Sign in")
+    expect(dialog).to_be_visible(timeout=WAIT_MS)
+    expect(page.get_by_label("Access token")).to_be_focused(timeout=WAIT_MS)
+
+    page.get_by_label("Access token").fill("wrong")
+    dialog.get_by_role("button", name="Sign in").click(timeout=WAIT_MS)
+    expect(dialog.get_by_role("alert")).to_contain_text("not accepted", timeout=WAIT_MS)
+    expect(dialog.get_by_role("alert")).to_contain_text("401", timeout=WAIT_MS)
+
+    page.get_by_label("Access token").fill("tok-alice")
+    page.get_by_label("Access token").press("Enter")
+    expect(dialog).to_be_hidden(timeout=WAIT_MS)
+    expect(page.get_by_label("Model").locator("option")).to_have_count(3, timeout=WAIT_MS)
+    upstream.script(text("Hi Alice"))
+    send_message(page, "Hello")
+    expect(answers(page).last).to_contain_text("Hi Alice", timeout=WAIT_MS)
+    assert upstream.requests[-1]["messages"][-1]["content"] == "Hello"
+
+    page.reload(timeout=WAIT_MS)  # kept for the session: not asked again
+    expect(page.get_by_role("list", name="Conversations").locator("li")).to_have_count(1, timeout=WAIT_MS)
+    expect(dialog).to_be_hidden(timeout=WAIT_MS)
+    page.get_by_role("button", name="Sign out").click(timeout=WAIT_MS)
+    expect(dialog).to_be_visible(timeout=WAIT_MS)
+    assert page.evaluate("sessionStorage.getItem('nodechat.token')") is None
+    assert urls and not any("tok-alice" in url or "wrong" in url for url in urls)
+
+
+def test_page_model_output_html_renders_as_text(site, upstream, open_page):
+    page = open_page(site().url)
+    upstream.script(text('Look: <img src=x onerror="window.pwned=1"> ',
+                         "[bad](javascript:window.pwned=2) [good](https://example.com/a_b)\n\n",
+                         "```\n<script>window.pwned=3</script>\n```"))
+    send_message(page, "Break out")
+    answer = answers(page).last
+    expect(answer).to_contain_text('<img src=x onerror="window.pwned=1">', timeout=WAIT_MS)
+    expect(answer.locator("pre")).to_have_text("<script>window.pwned=3</script>", timeout=WAIT_MS)
+    assert page.locator("#log img, #log script").count() == 0
+    assert answer.locator("a").count() == 1  # only the http(s) link became a link
+    assert answer.locator("a").get_attribute("href") == "https://example.com/a_b"
+    assert answer.locator("a").get_attribute("rel") == "noopener"
+    assert page.evaluate("window.pwned") is None
+
+
+MARKDOWN_CASES = [
+    ("a **b** *c* _d_ `e`", "<p>a <strong>b</strong> <em>c</em> <em>d</em> <code>e</code></p>"),
+    ("snake_case_name, 2 * 3 * 4", "<p>snake_case_name, 2 * 3 * 4</p>"),
+    ("```js\nif (a < b) {}\n```\nafter", "<pre><code>if (a &lt; b) {}</code></pre><p>after</p>"),
+    ("```\nstill streaming", "<pre><code>still streaming</code></pre>"),
+    ("- a\n- *b*\n\n1. c", "<ul><li>a</li><li><em>b</em></li></ul><ol><li>c</li></ol>"),
+    ("# Title\nline one\nline two", "<h3>Title</h3><p>line one<br>line two</p>"),
+    ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
+    ('[x](https://e.com/?a=1&b="2")', '<p><a href="https://e.com/?a=1&amp;b=&quot;2&quot;" '
+                                      'target="_blank" rel="noopener">x</a></p>'),
+    ("`<b onclick=x>`", "<p><code>&lt;b onclick=x&gt;</code></p>"),
+    ("<svg/onload=alert(1)>", "<p>&lt;svg/onload=alert(1)&gt;</p>"),
+    ("x\u0000y", "<p>xy</p>"),
+]
+
+
+def test_page_markdown_subset(site, open_page):
+    page = open_page(site().url)
+    for source, html in MARKDOWN_CASES:
+        assert page.evaluate("markdown", source) == html, source
+
+
+def test_page_errors_are_readable(site, upstream, open_page):
+    page = open_page(site().url, allow=("status of 502",))
+    upstream.script(("error", 500, {"error": {"message": "upstream exploded"}}))
+    send_message(page, "First")
+    expect(answers(page).last.get_by_role("alert")).to_contain_text("Error 502", timeout=WAIT_MS)
+    expect(answers(page).last.get_by_role("alert")).to_contain_text("upstream exploded", timeout=WAIT_MS)
+
+    upstream.script(("drop", text("Half")[:2]))  # an error inside the stream
+    send_message(page, "Second")
+    expect(answers(page).last).to_contain_text("Half", timeout=WAIT_MS)
+    expect(answers(page).last.get_by_role("alert")).to_be_visible(timeout=WAIT_MS)
+    expect(page.get_by_role("button", name="Send")).to_be_visible(timeout=WAIT_MS)
+
+
+@pytest.mark.parametrize("path", ["", "/"])
+def test_page_works_under_a_prefix(site, upstream, open_page, path):
+    url = site(mount="/ai").url.rstrip("/") + path
+    page = open_page(url)
+    upstream.script(text("Mounted fine"))
+    expect(page.get_by_label("Model").locator("option")).to_have_count(3, timeout=WAIT_MS)
+    send_message(page, "Hello prefix")
+    expect(answers(page).last).to_contain_text("Mounted fine", timeout=WAIT_MS)
+    expect(page.get_by_role("list", name="Conversations").locator("li")).to_have_count(1, timeout=WAIT_MS)
+
+
+def test_page_phone_width_has_a_menu_and_no_sideways_scroll(site, upstream, open_page):
+    page = open_page(site().url, viewport={"width": 380, "height": 720})
+    upstream.script(text("Short answer"))
+    send_message(page, "Hi from a phone")
+    expect(answers(page).last).to_contain_text("Short answer", timeout=WAIT_MS)
+    conversations = page.get_by_role("list", name="Conversations")
+    expect(conversations).to_be_hidden(timeout=WAIT_MS)
+    menu = page.get_by_role("button", name="Chats")
+    menu.click(timeout=WAIT_MS)
+    expect(menu).to_have_attribute("aria-expanded", "true", timeout=WAIT_MS)
+    expect(conversations.locator("li")).to_have_count(1, timeout=WAIT_MS)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 380
+    page.keyboard.press("Escape")
+    expect(conversations).to_be_hidden(timeout=WAIT_MS)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_page_screenshot(site, upstream, open_page, scheme, tmp_path):
+    """The README picture: mid-conversation with a tool card, in both colour schemes."""
+    page = open_page(site().url, color_scheme=scheme)
+    upstream.title_turn = text("Tea Preferences")
+    upstream.script(tool_calls(("addMemory", {"content": "Prefers green tea, no sugar"})),
+                    text("Got it, I'll remember that you like **green tea** without sugar.\n\n"
+                         "A few to try:\n\n- *Sencha*: grassy and bright\n- *Longjing*: nutty, "
+                         "smooth\n\nBrew at `80 °C` for about two minutes."),
+                    ("stall", text("Gyokuro is shade-grown, which makes it")[:2]))
+    send_message(page, "I like green tea without sugar. Any suggestions?")
+    card = answers(page).last.locator("details.tool")
+    expect(card.locator(".state")).to_have_text("✓ done", timeout=WAIT_MS)
+    expect(answers(page).last).to_contain_text("two minutes", timeout=WAIT_MS)
+    send_message(page, "Tell me more about gyokuro")
+    expect(answers(page).last).to_contain_text("shade-grown", timeout=WAIT_MS)
+    expect(page.get_by_role("list", name="Conversations")).to_contain_text("Tea Preferences",
+                                                                            timeout=WAIT_MS)
+    expect(page.get_by_role("list", name="Memories")).to_contain_text("Prefers green tea",
+                                                                       timeout=WAIT_MS)
+    page.locator("#input").blur()
+    folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+    name = "screenshot.png" if scheme == "light" else "screenshot-dark.png"
+    page.screenshot(path=str(folder / name), timeout=WAIT_MS)
+    page.get_by_role("button", name="Stop").click(timeout=WAIT_MS)
 
 
 ###############################################################################
