@@ -78,37 +78,44 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadRequest",
-    "Failed",
+    "Conflict",
     "Finished",
+    "Forbidden",
+    "InsufficientStorage",
     "JSONFileStore",
     "Job",
     "JobUpdate",
-    "KeepAlive",
+    "MCPError",
     "MethodNotAllowed",
     "NodeChat",
     "NodeChatError",
     "NotFound",
-    "TooManyRequests",
     "OfflineProvider",
     "OpenAIProvider",
-    "PostgresStore",
     "PayloadTooLarge",
+    "PostgresStore",
+    "Provider",
+    "ProviderConfig",
     "ReasoningDelta",
+    "RequestTimeout",
     "Saved",
     "Settings",
     "StepFinished",
     "Store",
+    "StoreUnavailable",
     "TextDelta",
+    "TooManyRequests",
     "Tool",
     "ToolCall",
     "ToolContext",
     "ToolRegistry",
     "ToolResult",
     "Unauthorized",
-    "Workflow",
-    "WorkflowError",
     "UpstreamError",
     "UpstreamTimeout",
+    "Workflow",
+    "WorkflowError",
+    "copy_json_store",
     "create_app",
     "main",
     "tool",
@@ -124,7 +131,7 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Use the tools you are give
 # Settings: keyword arguments, then a TOML file, then the environment
 ###############################################################################
 
-ENV_KEYS = {
+ENV_KEYS = types.MappingProxyType({
     "OPENAI_BASE_URL": "base_url",
     "OPENAI_API_KEY": "api_key",
     "NODECHAT_MODEL": "model",
@@ -135,12 +142,12 @@ ENV_KEYS = {
     "NODECHAT_MCP_CONFIG": "mcp_config",
     "NODECHAT_SEARCH": "search_provider",
     "SEARXNG_URL": "search_url",
-}
+})
 ENV_TYPES = types.MappingProxyType({"int": int, "float": float, "bool": bool, "str": str,
                                     "tuple[str, ...]": str})  # Settings field types read from text
 BOOL_WORDS = types.MappingProxyType({"1": True, "true": True, "yes": True, "on": True,
                                      "0": False, "false": False, "no": False, "off": False})
-SEARCH_KEY_ENV = {"brave": "BRAVE_API_KEY", "tavily": "TAVILY_API_KEY"}
+SEARCH_KEY_ENV = types.MappingProxyType({"brave": "BRAVE_API_KEY", "tavily": "TAVILY_API_KEY"})
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
@@ -514,18 +521,6 @@ class Finished:
 
 
 @dataclass(frozen=True, slots=True)
-class Failed:
-    """The turn failed; encoders render the error in their protocol's shape."""
-
-    error: NodeChatError
-
-
-@dataclass(frozen=True, slots=True)
-class KeepAlive:
-    """Nothing to say yet (a tool is still running); SSE sends a comment line."""
-
-
-@dataclass(frozen=True, slots=True)
 class Saved:
     """A message was stored in the conversation (with its real id and time)."""
 
@@ -546,8 +541,7 @@ class JobUpdate:
 
 
 Event = Union[
-    TextDelta, ReasoningDelta, ToolCall, ToolResult, StepFinished, Finished, Failed, KeepAlive,
-    Saved, JobUpdate,
+    TextDelta, ReasoningDelta, ToolCall, ToolResult, StepFinished, Finished, Saved, JobUpdate,
 ]
 
 
@@ -1593,8 +1587,8 @@ def _source_lines(path: Path) -> tuple[list[dict], int]:
 ###############################################################################
 
 TOOL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what OpenAI-style APIs accept
-JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean",
-              list: "array", tuple: "array", dict: "object", type(None): "null"}
+JSON_TYPES = types.MappingProxyType({str: "string", int: "integer", float: "number", bool: "boolean",
+              list: "array", tuple: "array", dict: "object", type(None): "null"})
 
 
 @dataclass
@@ -1811,8 +1805,8 @@ def memory_tools() -> list[Tool]:
     return [tool(fn) for fn in (addMemory, searchMemory, getAllMemories, deleteMemory)]
 
 
-SEARCH_BACKENDS = {"searxng": "", "brave": "https://api.search.brave.com/res/v1/web/search",
-                   "tavily": "https://api.tavily.com/search"}
+SEARCH_BACKENDS = types.MappingProxyType({"searxng": "", "brave": "https://api.search.brave.com/res/v1/web/search",
+                   "tavily": "https://api.tavily.com/search"})
 FETCH_REDIRECTS = 5
 IPV6_EMBEDDING_V4 = ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")  # the last 32 bits are IPv4
 IPV6_NEVER_PUBLIC = ("64:ff9b:1::/48", "fec0::/10")
@@ -2676,7 +2670,7 @@ class UpstreamClient:
 
         async with client.stream(url, body, {"content-type": "application/json"}) as response:
             if response.status >= 400:
-                raise Failed(await response.read(4096))
+                raise RuntimeError(await response.read(4096))
             async for events in response.events():
                 for data in events:
                     ...
@@ -3747,7 +3741,7 @@ class Agent:
 
     async def _run_tools(self, calls: list[ToolCall], by_name: dict[str, Tool],
                          context: ToolContext) -> AsyncIterator[Event]:
-        """Run one step's calls concurrently; results as they finish, keep-alives meanwhile.
+        """Run one step's calls concurrently; results as they finish.
         Past ``max_tool_calls_per_step`` a call is not run: the model reads why."""
         limit = self.settings.max_tool_calls_per_step
         for call in calls[limit:]:
@@ -3757,11 +3751,7 @@ class Agent:
                    for call in calls[:limit]}
         try:
             while pending:
-                done, pending = await asyncio.wait(
-                    pending, timeout=self.settings.keepalive_seconds,
-                    return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    yield KeepAlive()
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     yield task.result()
         finally:
@@ -4050,19 +4040,12 @@ def compact_json(value: Any) -> str:
     return _encode_json(value).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-def sse(data: str, event: str | None = None) -> bytes:
-    """One server-sent event; multi-line data becomes several ``data:`` lines."""
-    head = f"event: {event}\n" if event else ""
-    lines = "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", data))
-    return (head + lines + "\n").encode()
-
-
 def sse_json(value: Any) -> bytes:
     return b"data: " + compact_json(value).encode() + b"\n\n"
 
 
-OPENAI_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
-                  "content_filter": "content_filter", "max_steps": "length"}
+OPENAI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool_calls",
+                  "content_filter": "content_filter", "max_steps": "length"})
 
 
 class OpenAIEncoder:
@@ -4191,8 +4174,6 @@ class ChatSSEEncoder:
                 if self.conversation_id:
                     frame["conversationId"] = self.conversation_id
                 return [sse_json(frame)]
-            case KeepAlive():
-                return [SSE_KEEPALIVE]
         return []
 
     def end(self) -> list[bytes]:
@@ -4202,8 +4183,8 @@ class ChatSSEEncoder:
         return [sse_json({"type": "error", "error": err.message, "id": self.message_id})]
 
 
-UI_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool-calls",
-              "content_filter": "content-filter", "max_steps": "tool-calls", "error": "error"}
+UI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool-calls",
+              "content_filter": "content-filter", "max_steps": "tool-calls"})
 
 
 class UIStreamEncoder:
@@ -4257,8 +4238,6 @@ class UIStreamEncoder:
             case Finished(reason=reason):
                 return self._close_step() + [
                     sse_json({"type": "finish", "finishReason": UI_REASONS.get(reason, "other")})]
-            case KeepAlive():
-                return [SSE_KEEPALIVE]
         return []
 
     def end(self) -> list[bytes]:
@@ -4515,21 +4494,24 @@ class SSEResponse:
     encoder: Any
     headers: tuple[tuple[bytes, bytes], ...] = ()
     error_style: str | None = None  # for an error before the stream starts
+    keepalive: float = 15.0
 
     async def __call__(self, send: Send, receive: Receive) -> None:
         try:
-            await stream_sse(send, receive, self.events, self.encoder, self.headers)
+            await stream_sse(send, receive, self.events, self.encoder, self.headers, self.keepalive)
         except NodeChatError as err:
             err.style = err.style or self.error_style
             raise
 
 
 async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event], encoder: Any,
-                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+                     headers: Iterable[tuple[bytes, bytes]] = (), keepalive: float = 15.0) -> None:
     """The only code that starts an event stream.
 
     The first event is awaited before the response starts, so a failure before anything
-    streamed (bad model, upstream down) is a proper HTTP error.  Later failures become the
+    streamed (bad model, upstream down) is a proper HTTP error, unless ``keepalive`` seconds
+    passed first: then the stream has started with a comment line, as it sends one after
+    every such silence (a slow first token, a long tool call).  Later failures become the
     encoder's in-stream error frames.  Cancellation flow::
 
         client disconnects -> watch_disconnect() cancels this task
@@ -4538,26 +4520,24 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
     """
     task = asyncio.current_task()
     watcher = asyncio.create_task(watch_disconnect(receive, task))
+    out = SSEWriter(send, headers, keepalive)
+    opened = False
     try:
-        first = await anext(events, None)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*SSE_HEADERS, *headers]})
-        frames = encoder.start() + (encoder.encode(first) if first is not None else [])
         try:
+            first = await anext(events, None)
+            frames, opened = encoder.start() + (encoder.encode(first) if first is not None else []), True
             if first is not None:
-                await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+                await out.write(b"".join(frames))
                 frames = []
                 async for event in events:
                     if event_frames := encoder.encode(event):
-                        await send({"type": "http.response.body", "body": b"".join(event_frames),
-                                    "more_body": True})
+                        await out.write(b"".join(event_frames))
             frames += encoder.end()
-        except NodeChatError as err:
-            frames += encoder.error(err)
         except Exception as exc:
-            log.exception("stream failed")
-            frames += encoder.error(NodeChatError(f"internal error: {type(exc).__name__}"))
-        await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
+            if not out.started:
+                raise  # nothing streamed yet: the protocol's HTTP error
+            frames = ([] if opened else encoder.start()) + encoder.error(client_error(exc))
+        await out.write(b"".join(frames), more=False)
     except asyncio.CancelledError:
         if watcher.done() and not watcher.cancelled() and watcher.result():
             task.uncancel()  # the client left: a normal end, not an error
@@ -4565,7 +4545,52 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
         raise
     finally:
         watcher.cancel()
+        out.close()
         await events.aclose()
+
+
+class SSEWriter:
+    """Writes an event stream's frames, and a comment line after ``keepalive`` seconds of
+    silence (one timer task, as sse-starlette's ping), starting the response if need be."""
+
+    def __init__(self, send: Send, headers: Iterable[tuple[bytes, bytes]], keepalive: float):
+        self.send, self.headers, self.keepalive = send, list(headers), keepalive
+        self.started = False
+        self.last = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._pinger = asyncio.create_task(self._ping())
+
+    async def write(self, body: bytes, more: bool = True) -> None:
+        async with self._lock:
+            if not more:
+                self._pinger.cancel()
+            if not self.started:
+                self.started = True
+                await self.send({"type": "http.response.start", "status": 200,
+                                 "headers": [*SSE_HEADERS, *self.headers]})
+            await self.send({"type": "http.response.body", "body": body, "more_body": more})
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        self._pinger.cancel()
+
+    async def _ping(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, self.last + self.keepalive - time.monotonic()))
+                if time.monotonic() - self.last >= self.keepalive:
+                    await self.write(SSE_KEEPALIVE)
+        except OSError:  # the client is gone; the stream's own task sees the disconnect
+            return
+
+
+def client_error(exc: BaseException) -> NodeChatError:
+    """What a client is told of a failure: a NodeChatError as it is, anything else (logged
+    here, with its traceback) as an internal error naming only its type."""
+    if isinstance(exc, NodeChatError):
+        return exc
+    log.error("request failed", exc_info=exc)
+    return NodeChatError(f"internal error: {type(exc).__name__}", code="internal_error")
 
 
 async def watch_disconnect(receive: Receive, task: asyncio.Task) -> bool:
@@ -4852,13 +4877,8 @@ class ChatSession:
             async for event in self._events(frame, thread_id):
                 for message in encoder.encode(event):
                     await self.send(message, binary)
-        except NodeChatError as err:
-            await self.send(encoder.error(err), binary)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
-            log.exception("websocket turn failed")
-            await self.send(encoder.error(NodeChatError(f"internal error: {type(exc).__name__}")), binary)
+            await self.send(encoder.error(client_error(exc)), binary)
         finally:
             if not encoder.done_sent:
                 await self.send(encoder.done(), binary)
@@ -5948,10 +5968,11 @@ class NodeChat:
             if isinstance(err, MethodNotAllowed):
                 response.headers += ((b"allow", ", ".join(sorted(set(allowed))).encode()),)
             await response(send, receive)
-        except Exception:
-            log.exception("%s %s failed", method, path)
+        except Exception as exc:
             if not started:
-                await error_response(NodeChatError("internal server error"), style)(send, receive)
+                await error_response(client_error(exc), style)(send, receive)
+            else:
+                log.exception("%s %s failed after the response started", method, path)
 
     async def _handle_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``/chat``: a bad or missing token, Host or Origin is accepted, then closed with
@@ -6122,7 +6143,7 @@ class NodeChat:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         encoder = OpenAIEncoder(model, include_usage)
         if body.get("stream", False):
-            return SSEResponse(self.run_turn(turn), encoder)
+            return SSEResponse(self.run_turn(turn), encoder, keepalive=self.settings.keepalive_seconds)
         return WaitedResponse(lambda: encoder.completion(self.run_turn(turn)))
 
     async def api_chat(self, request: Request) -> SSEResponse:
@@ -6133,7 +6154,8 @@ class NodeChat:
         except NodeChatError as err:
             err.style = "text" if ui_stream else None
             raise
-        return SSEResponse(self.run_turn(turn), encoder, headers, "text" if ui_stream else None)
+        return SSEResponse(self.run_turn(turn), encoder, headers, "text" if ui_stream else None,
+                           self.settings.keepalive_seconds)
 
     def _api_chat_turn(self, request: Request, body: Any, ui_stream: bool) -> tuple:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) \

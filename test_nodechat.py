@@ -1848,7 +1848,6 @@ def test_openai_text_chunk_fast_path_matches_the_general_encoding(piece):
 
 
 def test_sse_framing_is_written_once():
-    assert nodechat.sse("a\nb", event="x") == b"event: x\ndata: a\ndata: b\n\n"
     assert nodechat.sse_json({"t": "\u2028"}) == b'data: {"t":"\\u2028"}\n\n'
     assert nodechat.SSE_KEEPALIVE == b": keep-alive\n\n" and nodechat.SSE_DONE == b"data: [DONE]\n\n"
 
