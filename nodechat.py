@@ -4055,9 +4055,10 @@ class OpenAIEncoder:
     only part that changes, the delta.
     """
 
-    def __init__(self, model: str, include_usage: bool = False):
-        self.id = "chatcmpl-" + uuid.uuid4().hex
-        self.created = int(time.time())
+    def __init__(self, model: str, include_usage: bool = False, id: str | None = None,
+                 created: int | None = None):
+        self.id = id or "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time()) if created is None else created
         self.model = model
         self.include_usage = include_usage
         self._calls = 0
@@ -4147,8 +4148,8 @@ class ChatSSEEncoder:
     every frame is one line of JSON and there is no ``[DONE]`` marker.
     """
 
-    def __init__(self, conversation_id: str | None = None):
-        self.message_id = new_id("msg")
+    def __init__(self, conversation_id: str | None = None, message_id: str | None = None):
+        self.message_id = message_id or new_id("msg")
         self.conversation_id = conversation_id
 
     def start(self) -> list[bytes]:
@@ -4196,9 +4197,10 @@ class UIStreamEncoder:
 
     headers = (("x-vercel-ai-ui-message-stream", "v1"),)
 
-    def __init__(self, dynamic_tools: Iterable[str] = ()):
-        self.message_id = str(uuid.uuid4())
+    def __init__(self, dynamic_tools: Iterable[str] = (), message_id: str | None = None):
+        self.message_id = message_id or str(uuid.uuid4())
         self.dynamic = frozenset(dynamic_tools)
+        self._parts = itertools.count()  # part ids only need to differ within one message
         self._step = False
         self._bad_input: set[str] = set()
         self._part: tuple[str, str] | None = None  # ("text" | "reasoning", id) while open
@@ -4252,7 +4254,7 @@ class UIStreamEncoder:
         frames = self._open_step()
         if self._part is None or self._part[0] != kind:
             frames += self._close_part()
-            self._part = (kind, new_id(kind[:4]))
+            self._part = (kind, f"{kind}-{next(self._parts)}")
             frames.append(sse_json({"type": f"{kind}-start", "id": self._part[1]}))
         frames.append(sse_json({"type": f"{kind}-delta", "id": self._part[1], "delta": text}))
         return frames

@@ -1847,6 +1847,101 @@ def test_openai_text_chunk_fast_path_matches_the_general_encoding(piece):
     assert json.loads(fast[6:])["choices"][0]["delta"] == {"content": piece}
 
 
+TURN = (nodechat.ReasoningDelta("hmm"), nodechat.TextDelta("Hi \u2028"),
+        nodechat.ToolCall("c1", "weather", '{"city":"Oslo"}'), nodechat.ToolResult("c1", "weather", {"sky": "clear"}),
+        nodechat.StepFinished("tool_calls"), nodechat.TextDelta("Done."),
+        nodechat.Finished("stop", {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}))
+OPENAI_HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m","choices":'
+
+
+def openai_chunk(delta: bytes, finish: bytes = b"null") -> bytes:
+    return OPENAI_HEAD + b'[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":' + finish + b"}]}\n\n"
+
+
+ENCODER_CASES = {  # encoder, events -> the exact bytes on the wire (start + encode each + end)
+    "openai": (lambda: nodechat.OpenAIEncoder("m", True, id="chatcmpl-1", created=7), TURN, b"".join([
+        openai_chunk(b'{"role":"assistant","content":""}'), openai_chunk(b'{"reasoning_content":"hmm"}'),
+        openai_chunk(b'{"content":"Hi \\u2028"}'), openai_chunk(b'{"content":"Done."}'),
+        openai_chunk(b"{}", b'"stop"'),
+        OPENAI_HEAD + b'[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n',
+        b"data: [DONE]\n\n"])),
+    "openai client tool call": (
+        lambda: nodechat.OpenAIEncoder("m", id="chatcmpl-1", created=7),
+        (nodechat.ToolCall("c1", "f", '{"a":1}', client_side=True), nodechat.Finished("tool_calls")), b"".join([
+            openai_chunk(b'{"role":"assistant","content":""}'),
+            openai_chunk(b'{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"f",'
+                         b'"arguments":"{\\"a\\":1}"}}]}'),
+            openai_chunk(b"{}", b'"tool_calls"'), b"data: [DONE]\n\n"])),
+    "seed": (lambda: nodechat.ChatSSEEncoder("conv", message_id="msg_1"), TURN, b"".join([
+        b'data: {"type":"reasoning","content":"hmm","id":"msg_1"}\n\n',
+        b'data: {"type":"text","content":"Hi \\u2028","id":"msg_1"}\n\n',
+        b'data: {"type":"tool-call","toolCallId":"c1","toolName":"weather","args":{"city":"Oslo"}}\n\n',
+        b'data: {"type":"tool-result","toolCallId":"c1","toolName":"weather","result":{"sky":"clear"}}\n\n',
+        b'data: {"type":"text","content":"Done.","id":"msg_1"}\n\n',
+        b'data: {"type":"finish","id":"msg_1","reason":"stop","usage":{"prompt_tokens":3,"completion_tokens":2,'
+        b'"total_tokens":5},"conversationId":"conv"}\n\n'])),
+    "ui": (lambda: nodechat.UIStreamEncoder(message_id="m-1"), TURN, b"".join(
+        b"data: " + line + b"\n\n" for line in [
+            b'{"type":"start","messageId":"m-1"}', b'{"type":"start-step"}',
+            b'{"type":"reasoning-start","id":"reasoning-0"}', b'{"type":"reasoning-delta","id":"reasoning-0","delta":"hmm"}',
+            b'{"type":"reasoning-end","id":"reasoning-0"}', b'{"type":"text-start","id":"text-1"}',
+            b'{"type":"text-delta","id":"text-1","delta":"Hi \\u2028"}', b'{"type":"text-end","id":"text-1"}',
+            b'{"type":"tool-input-start","toolCallId":"c1","toolName":"weather"}',
+            b'{"type":"tool-input-available","toolCallId":"c1","toolName":"weather","input":{"city":"Oslo"}}',
+            b'{"type":"tool-output-available","toolCallId":"c1","output":{"sky":"clear"}}',
+            b'{"type":"finish-step"}', b'{"type":"start-step"}', b'{"type":"text-start","id":"text-2"}',
+            b'{"type":"text-delta","id":"text-2","delta":"Done."}', b'{"type":"text-end","id":"text-2"}',
+            b'{"type":"finish-step"}', b'{"type":"finish","finishReason":"stop"}', b"[DONE]"])),
+    "ui bad tool input": (
+        lambda: nodechat.UIStreamEncoder(["mcp_tool"], message_id="m-1"),
+        (nodechat.ToolCall("c1", "mcp_tool", "{not json"), nodechat.ToolResult("c1", "mcp_tool", "bad", True),
+         nodechat.Finished("tool_calls")), b"".join(b"data: " + line + b"\n\n" for line in [
+            b'{"type":"start","messageId":"m-1"}', b'{"type":"start-step"}',
+            b'{"type":"tool-input-start","toolCallId":"c1","toolName":"mcp_tool","dynamic":true}',
+            b'{"type":"tool-input-error","toolCallId":"c1","toolName":"mcp_tool","input":"{not json",'
+            b'"errorText":"the arguments are not valid JSON","dynamic":true}',
+            b'{"type":"finish-step"}', b'{"type":"finish","finishReason":"tool-calls"}', b"[DONE]"])),
+}
+
+
+@pytest.mark.parametrize("case", ENCODER_CASES)
+def test_encoder_writes_exact_bytes(case):
+    make, events, expected = ENCODER_CASES[case]
+    encoder = make()
+    wire = encoder.start() + [frame for event in events for frame in encoder.encode(event)] + encoder.end()
+    assert b"".join(wire) == expected
+
+
+ERROR_CASES = {  # a failure mid-stream, in each protocol's shape
+    "openai": (lambda: nodechat.OpenAIEncoder("m", id="chatcmpl-1", created=7),
+               b'data: {"error":{"message":"boom","type":"upstream_error","param":null,"code":"x"}}\n\n'
+               b"data: [DONE]\n\n"),
+    "seed": (lambda: nodechat.ChatSSEEncoder(message_id="msg_1"),
+             b'data: {"type":"error","error":"boom","id":"msg_1"}\n\n'),
+    "ui": (lambda: nodechat.UIStreamEncoder(message_id="m-1"),
+           b'data: {"type":"error","errorText":"boom"}\n\ndata: {"type":"finish","finishReason":"error"}\n\n'
+           b"data: [DONE]\n\n"),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_encoder_errors_exact_bytes(case):
+    make, expected = ERROR_CASES[case]
+    assert b"".join(make().error(nodechat.UpstreamError("boom", code="x"))) == expected
+
+
+@pytest.mark.parametrize("binary, expected", [
+    (False, {"type": "text", "text": '{"type":"chunk","content_type":"text","content":"Hi","done":false,'
+                                      '"thread_id":"t1"}'}),
+    (True, {"type": "bytes", "bytes": msgpack.packb({"type": "chunk", "content_type": "text", "content": "Hi",
+                                                     "done": False, "thread_id": "t1"})}),
+])
+def test_ws_messages_exact_bytes(binary, expected):
+    message = nodechat.WSEncoder("t1").encode(nodechat.TextDelta("Hi"))[0]
+    sent = nodechat.ws_message(message, binary)
+    assert sent == {"type": "websocket.send", expected["type"]: expected[expected["type"]]}
+
+
 def test_sse_framing_is_written_once():
     assert nodechat.sse_json({"t": "\u2028"}) == b'data: {"t":"\\u2028"}\n\n'
     assert nodechat.SSE_KEEPALIVE == b": keep-alive\n\n" and nodechat.SSE_DONE == b"data: [DONE]\n\n"
@@ -2371,6 +2466,16 @@ def test_keepalive_comments_during_a_long_tool_call(live, upstream):
         lines = list(response.iter_lines())
     assert ": keep-alive" in lines
     assert all(line.startswith(("data: {", ": keep-alive")) for line in lines if line)
+
+
+def test_a_slow_first_token_gets_keepalive_comments_on_v1(live, upstream):
+    _, url = live(keepalive_seconds=0.3)
+    upstream.script(("slow", text("late"), 0.5))
+    with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, timeout=10,
+                      json={"model": "fake-1", "stream": True, "messages": [user("x")]}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[0] == ": keep-alive" and lines[-1] == "data: [DONE]"
+    assert "late" in "".join(lines)
 
 
 def test_client_disconnect_closes_the_upstream_request(live, upstream):
