@@ -20,11 +20,12 @@ Mount it in a Starlette or FastAPI app (every route answers under the prefix)::
     app = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
 
 Settings come from keyword arguments, else a TOML file (``--config`` or ``NODECHAT_CONFIG``),
-else the environment (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``NODECHAT_MODEL``,
-``NODECHAT_TOKENS``, ``NODECHAT_DATA_DIR``); see :class:`Settings` and the README.
+else the environment (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, and ``NODECHAT_<NAME>`` for every
+setting); see :class:`Settings` and the README.  ``GET /`` is a small chat page.
 
-Sections, in the order data flows: Settings, Errors, Events, Store, Tools, Providers, Agent,
-Workflows, Encoders, ASGI, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
+Sections, in the order data flows: Settings, Errors, Events, Wire, Store (JSON files and
+PostgreSQL), Tools, MCP, Providers, Agent, Workflows, Encoders, ASGI (and the /chat WebSocket),
+AI SDK messages, Chat page, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 """
 
 from __future__ import annotations
@@ -458,7 +459,7 @@ class InsufficientStorage(NodeChatError):
 ###############################################################################
 # Events: what the agent yields and every encoder understands
 ###############################################################################
-# Don't subclass these: encoders match on the exact classes.
+# Frozen and final: the agent's hot path compares exact types (``type(event) is TextDelta``).
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,8 +514,8 @@ class StepFinished:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The turn is over: ``stop``, ``length``, ``tool_calls``, ``content_filter``,
-    ``max_steps`` or ``cancelled``; usage summed over its steps."""
+    """The turn is over: the last step's reason (``stop``, ``length``, ``tool_calls``,
+    ``content_filter``) or ``max_steps``; usage summed over its steps."""
 
     reason: str
     usage: dict | None = None
@@ -553,6 +554,142 @@ def parse_arguments(arguments: str) -> Any:
         return json.loads(arguments)
     except (ValueError, RecursionError):
         return None
+
+
+###############################################################################
+# Wire: JSON in and out, server-sent events written and split
+###############################################################################
+
+#: Longest line of an event stream read (a provider's, an MCP server's), in bytes.
+MAX_LINE_BYTES = 1024 * 1024
+SSE_KEEPALIVE = b": keep-alive\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _json_default(value: Any) -> Any:
+    """JSON cannot carry bytes: they go as base64 text rather than being dropped."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default).encode
+_decode_json = json.JSONDecoder().decode
+_json_string = json.encoder.encode_basestring  # a str as a JSON string literal (C-accelerated)
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """JSON from a client, strictly: ValueError for NaN or Infinity (no provider accepts
+    them), a lone surrogate (not encodable as UTF-8) or nesting too deep to handle."""
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if ("\\ud" if isinstance(raw, str) else b"\\ud") in raw.lower():  # an escaped surrogate
+        try:
+            _encode_json(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff)") from None
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def compact_json(value: Any) -> str:
+    """JSON without spaces, with U+2028/2029 escaped (JavaScript line terminators)."""
+    return _encode_json(value).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def sse_json(value: Any) -> bytes:
+    return b"data: " + compact_json(value).encode() + b"\n\n"
+
+
+class SSEDecoder:
+    """Splits a server-sent event stream into the ``data`` of each event, in one pass.
+
+    Lines end at CR, LF or CRLF only (WHATWG "parsing an event stream"), never at U+2028 as
+    ``str.splitlines()`` and httpx ``aiter_lines()`` would (httpx-sse#34); a CRLF may straddle
+    two reads.  An unfinished line is kept as a list of pieces and joined once, when its end
+    arrives, so the work is linear in the input however it is cut (re-scanning a buffer on
+    every read took 112 s for one 64 MB line).  Comments and fields other than ``data`` are
+    dropped.  Raises ValueError when a line, or one event's data, passes ``max_line_bytes``.
+    """
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES):
+        self.max_line_bytes = max_line_bytes
+        self._line: list[bytes] = []  # pieces of the unfinished last line
+        self._line_bytes = 0
+        self._data: list[bytes] = []  # data lines of the unfinished event
+        self._data_bytes = 0
+        self._cr = False  # the last chunk ended with CR: a leading LF completes that CRLF
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of every event this chunk completes, multi-line data joined by LF."""
+        if not chunk:
+            return []
+        if self._cr:
+            self._cr = False
+            if chunk[0] == 10:
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._cr = chunk[-1] == 13
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        last = lines.pop()
+        limit = self.max_line_bytes
+        if not lines:  # no line ends here
+            self._line_bytes += len(last)
+            if self._line_bytes > limit:
+                raise ValueError(f"an SSE line is longer than {limit} bytes")
+            self._line.append(last)
+            return []
+        if self._line:
+            if self._line_bytes + len(lines[0]) > limit:
+                raise ValueError(f"an SSE line is longer than {limit} bytes")
+            self._line.append(lines[0])
+            lines[0] = b"".join(self._line)
+        if len(chunk) > limit and max(len(last), *map(len, lines)) > limit:
+            raise ValueError(f"an SSE line is longer than {limit} bytes")
+        self._line, self._line_bytes = ([last], len(last)) if last else ([], 0)
+        events, data = [], self._data
+        before = len(data)
+        for line in lines:
+            if not line:
+                if data:
+                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data = []
+            elif line[:5] == b"data:":
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line == b"data":
+                data.append(b"")
+        if not data:
+            self._data_bytes = 0
+        else:  # count what this chunk added to the unfinished event, once
+            added = data[before:] if data is self._data else data
+            self._data_bytes = (self._data_bytes if data is self._data else 0) + sum(map(len, added))
+            if self._data_bytes > limit:
+                raise ValueError(f"an SSE event's data is longer than {limit} bytes")
+        self._data = data
+        return events
+
+    def close(self) -> list[bytes]:
+        """The data of an event the stream ended without a blank line after (servers forget it)."""
+        tail = self.feed(b"\n\n") if self._line or self._data else []
+        self._cr = False
+        return tail
+
+
+async def sse_batches(chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_LINE_BYTES
+                      ) -> AsyncIterator[list[bytes]]:
+    """The data of the events completed by each chunk, for streams read through httpx;
+    a chunk that completes none still yields (empty), so a reader can check its deadline."""
+    decoder = SSEDecoder(max_line_bytes)
+    async for chunk in chunks:
+        yield decoder.feed(chunk)
+    if batch := decoder.close():
+        yield batch
 
 
 ###############################################################################
@@ -2450,7 +2587,7 @@ def read_mcp_config(path: str | os.PathLike) -> dict[str, dict]:
 
 
 ###############################################################################
-# Providers: OpenAI-compatible servers over httpx, and the offline echo model
+# Providers: OpenAI-compatible servers read by nodechat's own HTTP/1.1 client, the echo model
 ###############################################################################
 
 PASSTHROUGH_STATUSES = frozenset({400, 404, 409, 413, 422, 429})  # the caller's fault: keep them
@@ -2466,99 +2603,12 @@ class Provider(typing.Protocol):
     async def list_models(self, http: httpx.AsyncClient) -> list[str]: ...
 
 
-#: Longest SSE line, and longest response head (status line and headers), in bytes.
-MAX_LINE_BYTES = 1024 * 1024
+#: Longest response head (status line and headers), in bytes.
 MAX_HEADER_BYTES = 64 * 1024
 #: Decoded body bytes held for a slow reader before the socket stops being read.
 PAUSE_BYTES = 1024 * 1024
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)  # ChunkedDecoder's steps
-
-
-class SSEDecoder:
-    """Splits a server-sent event stream into the ``data`` of each event, in one pass.
-
-    Lines end at CR, LF or CRLF only (WHATWG "parsing an event stream"), never at U+2028 as
-    ``str.splitlines()`` and httpx ``aiter_lines()`` would (httpx-sse#34); a CRLF may straddle
-    two reads.  An unfinished line is kept as a list of pieces and joined once, when its end
-    arrives, so the work is linear in the input however it is cut (re-scanning a buffer on
-    every read took 112 s for one 64 MB line).  Comments and fields other than ``data`` are
-    dropped.  Raises ValueError when a line, or one event's data, passes ``max_line_bytes``.
-    """
-
-    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES):
-        self.max_line_bytes = max_line_bytes
-        self._line: list[bytes] = []  # pieces of the unfinished last line
-        self._line_bytes = 0
-        self._data: list[bytes] = []  # data lines of the unfinished event
-        self._data_bytes = 0
-        self._cr = False  # the last chunk ended with CR: a leading LF completes that CRLF
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """The data of every event this chunk completes, multi-line data joined by LF."""
-        if not chunk:
-            return []
-        if self._cr:
-            self._cr = False
-            if chunk[0] == 10:
-                chunk = chunk[1:]
-        if b"\r" in chunk:
-            self._cr = chunk[-1] == 13
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = chunk.split(b"\n")
-        last = lines.pop()
-        limit = self.max_line_bytes
-        if not lines:  # no line ends here
-            self._line_bytes += len(last)
-            if self._line_bytes > limit:
-                raise ValueError(f"an SSE line is longer than {limit} bytes")
-            self._line.append(last)
-            return []
-        if self._line:
-            if self._line_bytes + len(lines[0]) > limit:
-                raise ValueError(f"an SSE line is longer than {limit} bytes")
-            self._line.append(lines[0])
-            lines[0] = b"".join(self._line)
-        if len(chunk) > limit and max(len(last), *map(len, lines)) > limit:
-            raise ValueError(f"an SSE line is longer than {limit} bytes")
-        self._line, self._line_bytes = ([last], len(last)) if last else ([], 0)
-        events, data = [], self._data
-        before = len(data)
-        for line in lines:
-            if not line:
-                if data:
-                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
-                    data = []
-            elif line[:5] == b"data:":
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line == b"data":
-                data.append(b"")
-        if not data:
-            self._data_bytes = 0
-        else:  # count what this chunk added to the unfinished event, once
-            added = data[before:] if data is self._data else data
-            self._data_bytes = (self._data_bytes if data is self._data else 0) + sum(map(len, added))
-            if self._data_bytes > limit:
-                raise ValueError(f"an SSE event's data is longer than {limit} bytes")
-        self._data = data
-        return events
-
-    def close(self) -> list[bytes]:
-        """The data of an event the stream ended without a blank line after (servers forget it)."""
-        tail = self.feed(b"\n\n") if self._line or self._data else []
-        self._cr = False
-        return tail
-
-
-async def sse_batches(chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_LINE_BYTES
-                      ) -> AsyncIterator[list[bytes]]:
-    """The data of the events completed by each chunk, for streams read through httpx;
-    a chunk that completes none still yields (empty), so a reader can check its deadline."""
-    decoder = SSEDecoder(max_line_bytes)
-    async for chunk in chunks:
-        yield decoder.feed(chunk)
-    if batch := decoder.close():
-        yield batch
 
 
 class ChunkedDecoder:
@@ -3999,50 +4049,6 @@ def workflow_tool(workflow: Workflow, registry: WorkflowRegistry, agent: Agent,
 ###############################################################################
 # Encoders: one small class per protocol over the one event stream
 ###############################################################################
-
-SSE_KEEPALIVE = b": keep-alive\n\n"
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def _json_default(value: Any) -> Any:
-    """JSON cannot carry bytes: they go as base64 text rather than being dropped."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default).encode
-_decode_json = json.JSONDecoder().decode
-_json_string = json.encoder.encode_basestring  # a str as a JSON string literal (C-accelerated)
-
-
-def parse_json(raw: bytes | str) -> Any:
-    """JSON from a client, strictly: ValueError for NaN or Infinity (no provider accepts
-    them), a lone surrogate (not encodable as UTF-8) or nesting too deep to handle."""
-    try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    if ("\\ud" if isinstance(raw, str) else b"\\ud") in raw.lower():  # an escaped surrogate
-        try:
-            _encode_json(value).encode()
-        except UnicodeEncodeError:
-            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff)") from None
-    return value
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def compact_json(value: Any) -> str:
-    """JSON without spaces, with U+2028/2029 escaped (JavaScript line terminators)."""
-    return _encode_json(value).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-
-
-def sse_json(value: Any) -> bytes:
-    return b"data: " + compact_json(value).encode() + b"\n\n"
-
 
 OPENAI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool_calls",
                   "content_filter": "content_filter", "max_steps": "length"})
