@@ -4047,6 +4047,227 @@ def workflow_tool(workflow: Workflow, registry: WorkflowRegistry, agent: Agent,
 
 
 ###############################################################################
+# Requests: each protocol's body decoded into a Turn for the agent
+###############################################################################
+
+
+def openai_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool]) -> Turn:
+    """A ``/v1/chat/completions`` body: the history as sent, the client's own tools passed
+    through, every other field (temperature, max_tokens...) handed to the model unchanged."""
+    body = _openai_body(body)
+    check_messages(body["messages"], settings)
+    params = {k: v for k, v in body.items() if k not in ("model", "messages", "stream", "stream_options", "tools")}
+    if body.get("stream_options") is not None:
+        params["stream_options"] = body["stream_options"]
+    return Turn(messages=body["messages"], user_id=user_id, model=body.get("model"), tools=server_tools,
+                client_tools=body.get("tools") or [], params=params,
+                max_steps=settings.max_steps if server_tools else 1)
+
+
+def api_chat_turn(body: Any, user_id: str, settings: Settings, tools: list[Tool], ui_stream: bool) -> Turn:
+    """A ``/api/chat`` body (seed 003, or a ``useChat`` request): UIMessages, a conversation
+    (``conversationId``, or the AI SDK's chat ``id``), memory, the agent's tools."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise BadRequest("Missing messages", code="missing_messages")
+    check_messages(body["messages"], settings)
+    conversation_id = body.get("conversationId") or (body.get("id") if ui_stream else None)
+    if conversation_id is not None:
+        validate_id(conversation_id, "conversation id")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("model must be a string", code="invalid_model")
+    return Turn(messages=decode_ui_messages(body["messages"]), user_id=user_id, model=model,
+                tools=tools, conversation_id=conversation_id, remember=True,
+                system=settings.system_prompt, max_steps=settings.max_steps, capped=True,
+                regenerate=body.get("trigger") == "regenerate-message")
+
+
+def nodetool_turn(frame: dict, user_id: str, settings: Settings, tools: list[Tool], thread_id: str) -> Turn:
+    """A NodeTool ``/chat`` message: one user message continuing the thread."""
+    check_messages([frame], settings)
+    model = frame.get("model") if isinstance(frame.get("model"), str) else None
+    return Turn(messages=[nodetool_message(frame)], user_id=user_id, model=model, tools=tools,
+                conversation_id=thread_id, remember=True, system=settings.system_prompt,
+                max_steps=settings.max_steps, capped=True)
+
+
+def parts_content(parts: Iterable[Any]) -> str | list[dict]:
+    """OpenAI message content from a message's parts (AI SDK ``text``/``file`` parts,
+    NodeTool ``text``/``image_url`` parts): one string when they are all text."""
+    content: list[dict] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            content.append({"type": "text", "text": part["text"]})
+        elif kind == "file" and str(part.get("mediaType", "")).startswith("image/"):
+            content.append({"type": "image_url", "image_url": {"url": str(part.get("url", ""))}})
+        elif kind == "image_url":
+            image = part.get("image") or part.get("image_url") or {}
+            url = image.get("uri") or image.get("url") if isinstance(image, dict) else image
+            if url:
+                content.append({"type": "image_url", "image_url": {"url": str(url)}})
+    if all(p["type"] == "text" for p in content):
+        return "".join(p["text"] for p in content)
+    return content
+
+
+def check_messages(messages: list, settings: Settings) -> None:
+    """PayloadTooLarge past the message count or a message's size."""
+    if len(messages) > settings.max_messages:
+        raise PayloadTooLarge(f"{len(messages)} messages; at most {settings.max_messages} are accepted",
+                              code="too_many_messages")
+    for index, message in enumerate(messages):
+        content = message.get("content") or message.get("parts") if isinstance(message, dict) else message
+        size = len(content) if isinstance(content, str) else len(compact_json(content))
+        if size > settings.max_message_chars:
+            raise PayloadTooLarge(f"message {index} has {size} characters; at most "
+                                  f"{settings.max_message_chars} are accepted", code="message_too_large")
+
+
+def _openai_body(body: Any) -> dict:
+    """Check the parts of a chat.completions request that nodechat itself relies on."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_body")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{index}] must be an object with a 'role'",
+                             code="invalid_messages")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise BadRequest("'model' must be a string", code="invalid_model")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("'stream' must be a boolean", code="invalid_stream")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools)):
+        raise BadRequest("'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                         code="invalid_tools")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
+    return body
+
+
+def _wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
+    """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else the
+    body's ``trigger`` (before the body is read: the AI SDK's own User-Agent, if sent)."""
+    explicit = query.get("protocol") or headers.get("x-nodechat-stream")
+    if explicit in ("ui", "seed"):
+        return explicit == "ui"
+    if body is None:
+        return "ai-sdk/" in headers.get("user-agent", "")
+    return isinstance(body, dict) and "trigger" in body
+
+
+def nodetool_message(frame: dict) -> dict:
+    """A NodeTool chat message (content: a string or parts) as an OpenAI user message; its
+    ``id``, if any, is kept as ``ui_id`` so that a resend is not stored (or answered) twice."""
+    message = _nodetool_content(frame)
+    if isinstance(frame.get("id"), str) and frame["id"]:
+        message["ui_id"] = frame["id"]
+    return message
+
+
+def _nodetool_content(frame: dict) -> dict:
+    content = frame.get("content")
+    if isinstance(content, str):
+        return {"role": "user", "content": content}
+    if isinstance(content, dict):
+        content = [content]
+    if not isinstance(content, list):
+        raise BadRequest("content must be a string or a list of parts", code="invalid_message")
+    return {"role": "user", "content": parts_content(content)}
+
+
+
+
+UI_ROLES = frozenset({"user", "assistant", "system"})
+
+
+def decode_ui_messages(messages: list) -> list[dict]:
+    """OpenAI-shaped messages from AI SDK UIMessages; BadRequest("Invalid messages") otherwise.
+
+    v5 messages carry only ``parts``; v4 ones a ``content`` string (and maybe
+    ``toolInvocations``).  Each message's ``id`` is kept as ``ui_id`` so a resent history is
+    not stored twice.
+    """
+    decoded = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in UI_ROLES:
+            raise BadRequest("Invalid messages", code="invalid_messages")
+        role, content, parts = message["role"], message.get("content"), message.get("parts")
+        if isinstance(content, str) and not (isinstance(parts, list) and parts and role == "assistant"):
+            out = [{"role": role, "content": content}]
+            if role == "assistant" and isinstance(message.get("toolInvocations"), list):
+                out = _assistant_steps([[{"type": "tool-invocation", "toolInvocation": t}
+                                         for t in message["toolInvocations"]]], content)
+        elif isinstance(parts, list):
+            out = _from_parts(role, parts)
+        else:
+            raise BadRequest("Invalid messages", code="invalid_messages")
+        if isinstance(message.get("id"), str) and out:
+            out[0]["ui_id"] = message["id"]
+        decoded += out
+    return decoded
+
+
+def _from_parts(role: str, parts: list) -> list[dict]:
+    if not all(isinstance(p, dict) for p in parts):
+        raise BadRequest("Invalid messages", code="invalid_messages")
+    if role != "assistant":
+        return [{"role": role, "content": parts_content(parts)}]
+    steps: list[list[dict]] = [[]]
+    for part in parts:
+        if part.get("type") == "step-start" and steps[-1]:
+            steps.append([])
+        else:
+            steps[-1].append(part)
+    return _assistant_steps(steps)
+
+
+def _assistant_steps(steps: list[list[dict]], text: str = "") -> list[dict]:
+    """One assistant message per step, each followed by its tool results."""
+    out = []
+    for step in steps:
+        texts = [p["text"] for p in step if p.get("type") == "text" and isinstance(p.get("text"), str)]
+        calls, results = [], []
+        for part in step:
+            call = _ui_tool_part(part)
+            if call is None:
+                continue
+            call_id, name, args, output, error = call
+            calls.append(ToolCall(call_id, name, compact_json(args)))
+            if output is not None or error is not None:
+                results.append(ToolResult(call_id, name, error if error is not None else output,
+                                          is_error=error is not None))
+        if texts or calls or text:
+            out.append(assistant_message("".join(texts) or text, calls))
+            out += [tool_message(r) for r in results]
+            text = ""
+    return out
+
+
+def _ui_tool_part(part: dict) -> tuple | None:
+    """(id, name, input, output, error) of a v5 ``tool-*``/``dynamic-tool`` or v4 invocation part."""
+    kind = str(part.get("type", ""))
+    if kind == "tool-invocation" and isinstance(part.get("toolInvocation"), dict):
+        inv = part["toolInvocation"]
+        return (str(inv.get("toolCallId", "")), str(inv.get("toolName", "")), inv.get("args") or {},
+                inv.get("result") if inv.get("state") == "result" else None, None)
+    if kind == "dynamic-tool" or kind.startswith("tool-"):
+        name = part.get("toolName") if kind == "dynamic-tool" else kind[5:]
+        state = part.get("state")
+        return (str(part.get("toolCallId", "")), str(name), part.get("input") or {},
+                part.get("output") if state == "output-available" else None,
+                part.get("errorText") if state == "output-error" else None)
+    return None
+
+
+###############################################################################
 # Encoders: one small class per protocol over the one event stream
 ###############################################################################
 
@@ -4892,14 +5113,10 @@ class ChatSession:
                 await self.send(encoder.done(), binary)
 
     def _events(self, frame: dict, thread_id: str) -> AsyncIterator[Event]:
-        check_messages([frame], self.settings)
-        model = frame.get("model") if isinstance(frame.get("model"), str) else None
-        turn = Turn(messages=[nodetool_message(frame)], user_id=self.user_id, model=model,
-                    tools=self.app._offered(frame.get("tools")) + self._client_tools(),
-                    conversation_id=thread_id, remember=True, system=self.settings.system_prompt,
-                    max_steps=self.settings.max_steps, capped=True,
-                    on_title=lambda title: self.send({"type": "title_update", "thread_id": thread_id,
-                                                      "title": title}, self.binary))
+        turn = nodetool_turn(frame, self.user_id, self.settings,
+                             self.app._offered(frame.get("tools")) + self._client_tools(), thread_id)
+        turn.on_title = lambda title: self.send({"type": "title_update", "thread_id": thread_id,
+                                                 "title": title}, self.binary)
         if frame.get("workflow_id") is not None:
             return self._job(turn, str(frame["workflow_id"]))
         return self.app.run_turn(turn)
@@ -4957,133 +5174,6 @@ class ChatSession:
 
 def _unknown_ext(code: int, data: bytes) -> None:
     """MessagePack ext types we do not know (JS ``undefined`` from msgpackr) decode to None."""
-    return None
-
-
-def nodetool_message(frame: dict) -> dict:
-    """A NodeTool chat message (content: a string or parts) as an OpenAI user message; its
-    ``id``, if any, is kept as ``ui_id`` so that a resend is not stored (or answered) twice."""
-    message = _nodetool_content(frame)
-    if isinstance(frame.get("id"), str) and frame["id"]:
-        message["ui_id"] = frame["id"]
-    return message
-
-
-def _nodetool_content(frame: dict) -> dict:
-    content = frame.get("content")
-    if isinstance(content, str):
-        return {"role": "user", "content": content}
-    if isinstance(content, dict):
-        content = [content]
-    if not isinstance(content, list):
-        raise BadRequest("content must be a string or a list of parts", code="invalid_message")
-    parts = []
-    for part in content:
-        if not isinstance(part, dict):
-            continue
-        if part.get("type") == "text" and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
-        elif part.get("type") == "image_url":
-            image = part.get("image") or part.get("image_url") or {}
-            url = image.get("uri") or image.get("url") if isinstance(image, dict) else image
-            if url:
-                parts.append({"type": "image_url", "image_url": {"url": url}})
-    if all(p["type"] == "text" for p in parts):
-        return {"role": "user", "content": "".join(p["text"] for p in parts)}
-    return {"role": "user", "content": parts}
-
-
-###############################################################################
-# AI SDK messages: UIMessages (v4 ``content``, v5 ``parts``) to model messages
-###############################################################################
-
-UI_ROLES = frozenset({"user", "assistant", "system"})
-
-
-def decode_ui_messages(messages: list) -> list[dict]:
-    """OpenAI-shaped messages from AI SDK UIMessages; BadRequest("Invalid messages") otherwise.
-
-    v5 messages carry only ``parts``; v4 ones a ``content`` string (and maybe
-    ``toolInvocations``).  Each message's ``id`` is kept as ``ui_id`` so a resent history is
-    not stored twice.
-    """
-    decoded = []
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in UI_ROLES:
-            raise BadRequest("Invalid messages", code="invalid_messages")
-        role, content, parts = message["role"], message.get("content"), message.get("parts")
-        if isinstance(content, str) and not (isinstance(parts, list) and parts and role == "assistant"):
-            out = [{"role": role, "content": content}]
-            if role == "assistant" and isinstance(message.get("toolInvocations"), list):
-                out = _assistant_steps([[{"type": "tool-invocation", "toolInvocation": t}
-                                         for t in message["toolInvocations"]]], content)
-        elif isinstance(parts, list):
-            out = _from_parts(role, parts)
-        else:
-            raise BadRequest("Invalid messages", code="invalid_messages")
-        if isinstance(message.get("id"), str) and out:
-            out[0]["ui_id"] = message["id"]
-        decoded += out
-    return decoded
-
-
-def _from_parts(role: str, parts: list) -> list[dict]:
-    if not all(isinstance(p, dict) for p in parts):
-        raise BadRequest("Invalid messages", code="invalid_messages")
-    if role != "assistant":
-        content: list[dict] = []
-        for part in parts:
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
-                content.append({"type": "text", "text": part["text"]})
-            elif part.get("type") == "file" and str(part.get("mediaType", "")).startswith("image/"):
-                content.append({"type": "image_url", "image_url": {"url": part.get("url", "")}})
-        if all(p["type"] == "text" for p in content):
-            return [{"role": role, "content": "".join(p["text"] for p in content)}]
-        return [{"role": role, "content": content}]
-    steps: list[list[dict]] = [[]]
-    for part in parts:
-        if part.get("type") == "step-start" and steps[-1]:
-            steps.append([])
-        else:
-            steps[-1].append(part)
-    return _assistant_steps(steps)
-
-
-def _assistant_steps(steps: list[list[dict]], text: str = "") -> list[dict]:
-    """One assistant message per step, each followed by its tool results."""
-    out = []
-    for step in steps:
-        texts = [p["text"] for p in step if p.get("type") == "text" and isinstance(p.get("text"), str)]
-        calls, results = [], []
-        for part in step:
-            call = _ui_tool_part(part)
-            if call is None:
-                continue
-            call_id, name, args, output, error = call
-            calls.append(ToolCall(call_id, name, compact_json(args)))
-            if output is not None or error is not None:
-                results.append(ToolResult(call_id, name, error if error is not None else output,
-                                          is_error=error is not None))
-        if texts or calls or text:
-            out.append(assistant_message("".join(texts) or text, calls))
-            out += [tool_message(r) for r in results]
-            text = ""
-    return out
-
-
-def _ui_tool_part(part: dict) -> tuple | None:
-    """(id, name, input, output, error) of a v5 ``tool-*``/``dynamic-tool`` or v4 invocation part."""
-    kind = str(part.get("type", ""))
-    if kind == "tool-invocation" and isinstance(part.get("toolInvocation"), dict):
-        inv = part["toolInvocation"]
-        return (str(inv.get("toolCallId", "")), str(inv.get("toolName", "")), inv.get("args") or {},
-                inv.get("result") if inv.get("state") == "result" else None, None)
-    if kind == "dynamic-tool" or kind.startswith("tool-"):
-        name = part.get("toolName") if kind == "dynamic-tool" else kind[5:]
-        state = part.get("state")
-        return (str(part.get("toolCallId", "")), str(name), part.get("input") or {},
-                part.get("output") if state == "output-available" else None,
-                part.get("errorText") if state == "output-error" else None)
     return None
 
 
@@ -6136,20 +6226,12 @@ class NodeChat:
         return JSONResponse(found)
 
     async def chat_completions(self, request: Request) -> JSONResponse | SSEResponse:
-        body = _openai_body(request.json())
-        check_messages(body["messages"], self.settings)
-        model = body.get("model") or self.providers.default_model
-        self.providers.resolve(model)  # an unknown model is a 404 before anything streams
+        body = request.json()
         server_tools = self._offered(None) if self.settings.openai_server_tools else []
-        passthrough = {k: v for k, v in body.items()
-                       if k not in ("model", "messages", "stream", "stream_options", "tools")}
-        if body.get("stream_options") is not None:
-            passthrough["stream_options"] = body["stream_options"]
-        turn = Turn(messages=body["messages"], user_id=request.user_id, model=model,
-                    tools=server_tools, client_tools=body.get("tools") or [], params=passthrough,
-                    max_steps=self.settings.max_steps if server_tools else 1)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        encoder = OpenAIEncoder(model, include_usage)
+        turn = openai_turn(body, request.user_id, self.settings, server_tools)
+        turn.model = turn.model or self.providers.default_model
+        self.providers.resolve(turn.model)  # an unknown model is a 404 before anything streams
+        encoder = OpenAIEncoder(turn.model, bool((turn.params.get("stream_options") or {}).get("include_usage")))
         if body.get("stream", False):
             return SSEResponse(self.run_turn(turn), encoder, keepalive=self.settings.keepalive_seconds)
         return WaitedResponse(lambda: encoder.completion(self.run_turn(turn)))
@@ -6157,39 +6239,23 @@ class NodeChat:
     async def api_chat(self, request: Request) -> SSEResponse:
         body = request.json()
         ui_stream = _wants_ui_stream(request.query, request.headers, body)
+        style = "text" if ui_stream else None
         try:
-            turn, encoder, headers = self._api_chat_turn(request, body, ui_stream)
+            user = self._acting_user(request, body) if isinstance(body, dict) else request.user_id
+            turn = api_chat_turn(body, user, self.settings, self._offered(body.get("tools") if
+                                 isinstance(body, dict) else None), ui_stream)
+            self.providers.resolve(turn.model)
         except NodeChatError as err:
-            err.style = "text" if ui_stream else None
+            err.style = style
             raise
-        return SSEResponse(self.run_turn(turn), encoder, headers, "text" if ui_stream else None,
-                           self.settings.keepalive_seconds)
-
-    def _api_chat_turn(self, request: Request, body: Any, ui_stream: bool) -> tuple:
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) \
-                or not body["messages"]:
-            raise BadRequest("Missing messages", code="missing_messages")
-        check_messages(body["messages"], self.settings)
-        conversation_id = body.get("conversationId") or (body.get("id") if ui_stream else None)
-        if conversation_id is not None:
-            validate_id(conversation_id, "conversation id")
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise BadRequest("model must be a string", code="invalid_model")
-        self.providers.resolve(model)
-        turn = Turn(messages=decode_ui_messages(body["messages"]),
-                    user_id=self._acting_user(request, body), model=model,
-                    tools=self._offered(body.get("tools")), conversation_id=conversation_id,
-                    remember=True, system=self.settings.system_prompt,
-                    max_steps=self.settings.max_steps, capped=True,
-                    regenerate=body.get("trigger") == "regenerate-message")
-        headers = ((b"x-conversation-id", conversation_id.encode()),) if conversation_id else ()
+        cid = turn.conversation_id
+        headers = ((b"x-conversation-id", cid.encode()),) if cid else ()
         if ui_stream:
             encoder = UIStreamEncoder(t.name for t in self.tools if t.dynamic)
             headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
         else:
-            encoder = ChatSSEEncoder(conversation_id)
-        return turn, encoder, headers
+            encoder = ChatSSEEncoder(cid)
+        return SSEResponse(self.run_turn(turn), encoder, headers, style, self.settings.keepalive_seconds)
 
     async def generate_title(self, request: Request) -> JSONResponse:
         body = request.json()
@@ -6285,45 +6351,6 @@ class NodeChat:
         return allowed if names is None else [t for t in allowed if t.name in names]
 
 
-def check_messages(messages: list, settings: Settings) -> None:
-    """PayloadTooLarge past the message count or a message's size."""
-    if len(messages) > settings.max_messages:
-        raise PayloadTooLarge(f"{len(messages)} messages; at most {settings.max_messages} are accepted",
-                              code="too_many_messages")
-    for index, message in enumerate(messages):
-        content = message.get("content") or message.get("parts") if isinstance(message, dict) else message
-        size = len(content) if isinstance(content, str) else len(compact_json(content))
-        if size > settings.max_message_chars:
-            raise PayloadTooLarge(f"message {index} has {size} characters; at most "
-                                  f"{settings.max_message_chars} are accepted", code="message_too_large")
-
-
-def _openai_body(body: Any) -> dict:
-    """Check the parts of a chat.completions request that nodechat itself relies on."""
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_body")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(f"messages[{index}] must be an object with a 'role'",
-                             code="invalid_messages")
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise BadRequest("'model' must be a string", code="invalid_model")
-    if not isinstance(body.get("stream", False), bool):
-        raise BadRequest("'stream' must be a boolean", code="invalid_stream")
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(
-            isinstance(t, dict) and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools)):
-        raise BadRequest("'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}",
-                         code="invalid_tools")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
-    return body
-
-
 async def _style_from_small_body(receive: Receive, headers: Mapping[str, str]) -> str:
     """For an error before ``/api/chat`` read its body (401, 403): the AI SDK wants plain
     text and the seed's clients JSON, and only the body's ``trigger`` tells them apart.  A
@@ -6342,17 +6369,6 @@ async def _style_from_small_body(receive: Receive, headers: Mapping[str, str]) -
                         return "text" if _wants_ui_stream({}, headers, parse_json(b"".join(chunks))) else "api"
                     break
     return "api"
-
-
-def _wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
-    """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else the
-    body's ``trigger`` (before the body is read: the AI SDK's own User-Agent, if sent)."""
-    explicit = query.get("protocol") or headers.get("x-nodechat-stream")
-    if explicit in ("ui", "seed"):
-        return explicit == "ui"
-    if body is None:
-        return "ai-sdk/" in headers.get("user-agent", "")
-    return isinstance(body, dict) and "trigger" in body
 
 
 class ScrubSecrets(logging.Filter):

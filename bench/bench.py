@@ -1,10 +1,10 @@
 """Benchmark: nodechat as users run it, beside a naive Starlette+httpx proxy and the upstream alone.
 
-    python bench/bench.py                     # every point once (about 4 minutes)
-    python bench/bench.py --repeat 3          # medians of three runs of each point
-    python bench/bench.py --pure              # the pure-Python server (h11, asyncio, wsproto)
-    python bench/bench.py --storage --postgres  # also the stores (JSON files, PostgreSQL 15)
-    python bench/bench.py --quick             # a smoke run: every kind of point, briefly
+    python bench/bench.py                       # every point once (about 3 minutes)
+    python bench/bench.py --repeat 3            # medians of three runs of each point (about 8)
+    python bench/bench.py --pure                # on the pure-Python server (h11, asyncio, wsproto)
+    python bench/bench.py --storage --postgres  # also the stores, and 3 processes on PostgreSQL
+    python bench/bench.py --quick               # a smoke run: every kind of point, briefly
 
 What runs.  nodechat is started as the README runs it, ``python nodechat.py --port P
 --log-level warning``, which picks httptools, uvloop and websockets-sansio when installed (the
@@ -24,12 +24,15 @@ Each request asks the upstream for ``N`` chunks of 194 bytes (chunked SSE), pace
 seconds apart, through fields nodechat passes through on /v1 (``bench_chunks``...) or the
 last message's text on the agent paths ("bench N P").
 
-Points: the OpenAI path unpaced (1, 16, 64 streams x 20, 200 chunks); one event per read (64
-streams x 20 and 200 chunks, the upstream writing each chunk on its own and draining between
-them); /api/chat and /chat (1x20, 1x200, 16x20), /chat again with its data dir on /dev/shm
-(tmpfs: its fsyncs cost nothing); an upstream over TLS (a throwaway CA made at start, trusted by
-nodechat through SSL_CERT_FILE; 1x20 and 1x200); paced at 20 ms per chunk, 100 chunks per
-stream, scanning 64 to 1024 streams.
+Points: the OpenAI path unpaced (1, 16, 64 streams x 20, 200 chunks); "chunk per write", meant
+as one event per read (64 streams x 20 and 200 chunks, the upstream writing each chunk on its
+own, draining and yielding, ``await asyncio.sleep(0)``, between them: how many events one read
+of the server really carried is reported, counted from /proc/<pid>/io on uvloop); /api/chat
+and /chat (1x20, 1x200, 16x20), /chat again with its data dir on /dev/shm (tmpfs: its fsyncs
+cost nothing); an upstream over TLS (a throwaway CA made at start, trusted by nodechat through
+SSL_CERT_FILE; 1x20 and 1x200); paced at 20 ms per chunk, 100 chunks per stream, scanning 64
+to 1024 streams, the streams' starts spread over one request's length and only requests made
+while all streams run timed (each stream's middle one of three).
 
 Reported per point: requests/s, CPU ms per request of the server under test (from
 /proc/<pid>/stat), time to first content chunk (TTFC) p50/p99 and what the server adds to the
@@ -70,7 +73,7 @@ PG_BIN = os.environ.get("NODECHAT_PG_BIN", "/usr/lib/postgresql/15/bin")
 
 
 class Point(NamedTuple):
-    kind: str  # "" plain HTTP upstream, "one event per read", "TLS"
+    kind: str  # "" plain HTTP upstream, SPLIT (each chunk its own write), "TLS", "PostgreSQL"
     streams: int
     chunks: int
     pace: float = 0.0
@@ -80,12 +83,12 @@ PACE = 0.02
 PACED_CHUNKS = 100
 PACED_SCAN = (64, 256, 512, 1024)
 UNPACED = [Point("", s, c) for c in (20, 200) for s in (1, 16, 64)]
-SPLIT = "one event per read"
+SPLIT = "chunk per write"
 SPLIT_POINTS = [Point(SPLIT, 64, 20), Point(SPLIT, 64, 200)]
 AGENT_POINTS = [Point("", 1, 20), Point("", 1, 200), Point("", 16, 20)]
 TLS_POINTS = [Point("TLS", 1, 20), Point("TLS", 1, 200)]
 AGENT_TURN_CAP = 64  # NODECHAT_MAX_TURNS_PER_USER for the agent points: 16 turns of one user at once
-PG_POINT = Point("", 16, 20)
+PG_POINT = Point("PostgreSQL", 16, 20)
 PG_TURNS_PER_CONVERSATION = 10
 
 
@@ -357,7 +360,11 @@ async def load(ports: list[int], target: str, point: Point, duration: float,
                per_stream: int | None, tls: ssl.SSLContext | None = None) -> dict:
     """``point.streams`` clients spread over ``ports``, each making requests back to back on one
     kept-alive connection.  Targets: ``openai`` (/v1/chat/completions), ``sse`` (/api/chat),
-    ``sse-conversation`` (/api/chat continuing a stored conversation), ``ws`` (/chat)."""
+    ``sse-conversation`` (/api/chat continuing a stored conversation), ``ws`` (/chat).
+
+    Paced points: the streams start spread over one request's length (as requests arrive in
+    real traffic, never all at once), and only requests that are neither a stream's first nor
+    its last are timed, so that every timed request runs while all the others do."""
     openai = http_payload("/v1/chat/completions", {
         "model": "bench", "stream": True, "bench_chunks": point.chunks, "bench_pace": point.pace,
         "bench_split": point.kind == SPLIT, "messages": [prompt(point)]})
@@ -367,8 +374,8 @@ async def load(ports: list[int], target: str, point: Point, duration: float,
 
     async def worker(number: int) -> None:
         nonlocal done
-        if point.pace:  # real streams do not tick in lockstep: spread their starts over one interval
-            await asyncio.sleep(point.pace * number / point.streams)
+        if point.pace:
+            await asyncio.sleep(point.pace * point.chunks * number / point.streams)
         port = ports[number % len(ports)]
         tag = f"bench-{os.getpid()}-{number}-{uuid.uuid4().hex[:8]}"
         if target == "ws":
@@ -387,8 +394,9 @@ async def load(ports: list[int], target: str, point: Point, duration: float,
         while (per_stream is None and time.perf_counter() < deadline) or \
                 (per_stream is not None and count < per_stream):
             ttfc, chunk_gaps, _ = await request(count)
-            ttfcs.append(ttfc)
-            gaps.extend(chunk_gaps)
+            if not point.pace or 0 < count < per_stream - 1:
+                ttfcs.append(ttfc)
+                gaps.extend(chunk_gaps)
             done += 1
             count += 1
         writer.close()
@@ -419,6 +427,16 @@ async def hold_idle_websockets(port: int, count: int, pid: int) -> dict:
 def cpu_seconds(pid: int, children: bool = False) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (sum(int(f) for f in fields[11:15 if children else 13])) / TICKS
+
+
+def read_calls(pid: int) -> int:
+    """read(2) calls so far (/proc/<pid>/io syscr): uvloop reads sockets with read(2), asyncio
+    with recv(2), which is not counted."""
+    with contextlib.suppress(OSError):
+        for line in open(f"/proc/{pid}/io"):
+            if line.startswith("syscr:"):
+                return int(line.split()[1])
+    return 0
 
 
 def rss_mb(pid: int, key: str = "VmRSS") -> float:
@@ -508,12 +526,14 @@ def pct(values: list[float], q: float) -> float:
 def measure(ports: list[int], pids: list[int], target: str, point: Point, duration: float,
             per_stream: int | None = None, tls: ssl.SSLContext | None = None) -> dict:
     """One point: the load, and the CPU the processes ``pids`` spent on it."""
-    before = sum(cpu_seconds(pid) for pid in pids)
+    before, reads = sum(cpu_seconds(pid) for pid in pids), sum(read_calls(pid) for pid in pids)
     result = run_async(load(ports, target, point, duration, per_stream, tls))
     cpu = sum(cpu_seconds(pid) for pid in pids) - before
+    reads = sum(read_calls(pid) for pid in pids) - reads - result["requests"]  # less the requests' own
     return {"rps": result["requests"] / result["elapsed"], "cpu_ms": 1000 * cpu / result["requests"],
             "ttfc50": 1000 * pct(result["ttfc"], 0.5), "ttfc99": 1000 * pct(result["ttfc"], 0.99),
-            "gap99": 1000 * pct(result["gaps"], 0.99), "requests": result["requests"]}
+            "gap99": 1000 * pct(result["gaps"], 0.99), "requests": result["requests"],
+            "events_per_read": result["requests"] * (point.chunks + 3) / reads if reads > 0 else float("nan")}
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -531,30 +551,35 @@ class Bench:
         self.pg_storage: dict | None = None
         self.duration = 0.5 if args.quick else args.duration
         self.paced_chunks = 20 if args.quick else PACED_CHUNKS
-        self.paced_requests = 1 if args.quick else 2
+        self.paced_requests = 3  # the middle one is timed
         self.scan = PACED_SCAN[:2] if args.quick else PACED_SCAN
-        self.ca, cert, key = make_certificates(self.work)
-        self.client_tls = ssl.create_default_context(cafile=self.ca)
-        self.up_port, self.tls_port = free_port(), free_port()
-        self.upstreams = [self._upstream(self.up_port), self._upstream(self.tls_port, cert, key)]
-        self.env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{self.up_port}/v1", "NODECHAT_MODEL": "bench",
-                    "NODECHAT_TOKENS": "bench:bench",
-                    "NODECHAT_DATA_DIR": os.path.join(self.work, "data")}
         if args.pure:
             self.options = {"http": "h11", "loop": "asyncio", "ws": "wsproto"}
         else:
             sys.path.insert(0, ROOT)
             import nodechat
             self.options = nodechat.server_options()  # what python nodechat.py picks
+        self.ca, self.cert, self.key = make_certificates(self.work)
+        self.client_tls = ssl.create_default_context(cafile=self.ca)
+        self.up_port, self.tls_port = free_port(), free_port()
+        self.env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{self.up_port}/v1", "NODECHAT_MODEL": "bench",
+                    "NODECHAT_TOKENS": "bench:bench",
+                    "NODECHAT_DATA_DIR": os.path.join(self.work, "data")}
+        self.upstreams: list[subprocess.Popen] = []
 
-    def _upstream(self, port: int, cert: str | None = None, key: str | None = None) -> subprocess.Popen:
+    def start_upstreams(self) -> None:
+        """The fake upstream on plain HTTP and over TLS, both on core 0."""
+        self._upstream(self.up_port)
+        self._upstream(self.tls_port, self.cert, self.key)
+
+    def _upstream(self, port: int, cert: str | None = None, key: str | None = None) -> None:
         cmd = [sys.executable, __file__, "--serve-upstream", str(port)]
         if cert:
             cmd += ["--tls-cert", cert, "--tls-key", key]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.upstreams.append(proc)
         os.sched_setaffinity(proc.pid, {0})
         wait_for_port(port, proc)
-        return proc
 
     def paced(self, streams: int) -> Point:
         return Point("", streams, self.paced_chunks, PACE)
@@ -582,6 +607,7 @@ class Bench:
             server.stop()
 
     def run(self) -> None:
+        self.start_upstreams()
         self.measure_upstream()
         self.measure_naive()
         self.measure_openai_path()
@@ -663,10 +689,10 @@ class Bench:
     def measure_postgres_processes(self, cluster: PostgresCluster) -> None:
         """Three nodechat processes on one database, then one, at the same point."""
         env = {"NODECHAT_MAX_TURNS_PER_USER": str(AGENT_TURN_CAP)}
-        point = Point("PostgreSQL", *PG_POINT[1:])
         for count in (3, 1):
             env["NODECHAT_DATABASE_URL"] = cluster.create_database()
-            runs = self.results.setdefault(point, {}).setdefault(f"nodechat /api/chat x{count} processes", [])
+            name = f"nodechat /api/chat, {count} process{'es' if count > 1 else ''}"
+            runs = self.results.setdefault(PG_POINT, {}).setdefault(name, [])
             with contextlib.ExitStack() as stack:
                 nodes = [stack.enter_context(self.server(f"nodechat pg {n + 1} of {count}", self.nodechat, env))
                          for n in range(count)]
@@ -812,12 +838,27 @@ def report_fits(results: dict) -> None:
                 print(f"{name}: {fits[name, '', 1][0] / openai[0]:.2f}x the OpenAI path per event (1 stream)")
     disk, tmpfs = fits.get(("nodechat /chat ws", "", 1)), fits.get(("nodechat /chat ws tmpfs", "", 1))
     if disk and tmpfs:
-        print(f"/chat fixed cost per turn: {disk[1]:.2f} ms with its fsynced writes (data dir on disk), "
-              f"{tmpfs[1]:.2f} ms without (tmpfs)")
+        print(f"/chat fixed cost per turn: {disk[1]:.2f} ms with its two fsynced appends (data dir on disk; "
+              f"each append fsyncs the messages, the meta and a listing line), {tmpfs[1]:.2f} ms without (tmpfs)")
     tls, plain = fits.get(("nodechat", "TLS", 1)), openai
     if tls and plain:
         print(f"nodechat per event, 1 stream: {plain[0]:.1f} µs plain HTTP, {tls[0]:.1f} µs over TLS "
               f"(fixed {plain[1]:.2f} / {tls[1]:.2f} ms)")
+
+
+def report_reads(results: dict, loop: str) -> None:
+    """How many upstream events one read(2) of the server carried: what "chunk per write" got."""
+    if loop != "uvloop":
+        print("upstream events per read: not counted (asyncio reads sockets with recv(2), "
+              "which /proc/<pid>/io does not count)")
+        return
+    parts = []
+    for point in (Point("", 64, 200), Point(SPLIT, 64, 20), Point(SPLIT, 64, 200)):
+        found = [f"{name} {med(runs, 'events_per_read'):.1f}" for name, runs in results.get(point, {}).items()
+                 if name in ("naive", "nodechat")]
+        if found:
+            parts.append(f"{point_label(point)}: {', '.join(found)}")
+    print("upstream events per read(2) call of the server (about; /proc/<pid>/io): " + "; ".join(parts))
 
 
 def report_first_chunk(results: dict) -> None:
@@ -861,15 +902,16 @@ def report_processes(bench: Bench) -> None:
 
 
 def report_postgres_processes(results: dict) -> None:
-    point = results.get(Point("PostgreSQL", *PG_POINT[1:]))
+    point = results.get(PG_POINT)
     if not point:
         return
     print(f"\n/api/chat on PostgreSQL (fsync on), {PG_POINT.streams} streams x {PG_POINT.chunks} chunks, "
           f"each stream continuing a stored conversation for {PG_TURNS_PER_CONVERSATION} turns; "
           "every nodechat process on core 1, PostgreSQL on core 0:")
     for name, runs in point.items():
-        print(f"  {name}: {med(runs, 'rps'):.0f} turns/s, nodechat CPU {med(runs, 'cpu_ms'):.2f} ms/turn "
-              f"(all processes), PostgreSQL CPU {med(runs, 'pg_cpu_ms'):.2f} ms/turn, "
+        rps, cpu, pg = med(runs, "rps"), med(runs, "cpu_ms"), med(runs, "pg_cpu_ms")
+        print(f"  {name}: {rps:.0f} turns/s, nodechat CPU {cpu:.2f} ms/turn (all processes: core 1 "
+              f"{rps * cpu / 10:.0f}% busy), PostgreSQL CPU {pg:.2f} ms/turn ({rps * pg / 10:.0f}% of core 0), "
               f"TTFC p50 {med(runs, 'ttfc50'):.2f} ms, p99 {med(runs, 'ttfc99'):.2f} ms")
 
 
@@ -893,6 +935,7 @@ def report(bench: Bench) -> None:
           f"NODECHAT_MAX_TURNS_PER_USER={AGENT_TURN_CAP} (all streams are one user: up to 16 turns at once)")
     report_points(bench.results)
     report_fits(bench.results)
+    report_reads(bench.results, options["loop"])
     report_first_chunk(bench.results)
     report_paced(bench.results, bench.scan, bench.paced_chunks)
     report_processes(bench)
