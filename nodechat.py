@@ -713,6 +713,14 @@ def validate_id(value: Any, what: str = "id") -> str:
     return value
 
 
+def owned(meta: dict | None, user_id: str) -> dict:
+    """A conversation's meta when ``user_id`` owns it; NotFound otherwise, exactly as for an id
+    that does not exist, so that guessing ids reveals nothing."""
+    if meta is None or meta.get("user_id") != user_id:
+        raise NotFound("conversation not found", code="conversation_not_found")
+    return meta
+
+
 def now_iso() -> str:
     """UTC with microseconds, from one clock reading (so it never runs backwards at a second's
     turn); as text these sort in time order, which listings rely on."""
@@ -3680,8 +3688,7 @@ class Agent:
         if created:
             meta = await self.store.create_conversation(
                 cid, turn.user_id, fallback_title(_first_user_text(turn.messages)))
-        if meta.get("user_id") != turn.user_id:
-            raise NotFound("conversation not found", code="conversation_not_found")
+        owned(meta, turn.user_id)
         stored = [] if created else await self.store.load_messages(cid)
         if turn.regenerate:
             stored = await self._drop_answer(cid, stored, turn.messages)
@@ -3914,6 +3921,8 @@ def _last_user_text(messages: list[dict]) -> str:
 # Workflows: named jobs started by a message's workflow_id
 ###############################################################################
 
+TERMINAL_JOB_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
 
 class WorkflowError(Exception):
     """Raise from a workflow to fail its job with this message."""
@@ -3981,6 +3990,25 @@ class WorkflowRegistry:
 
     def __iter__(self):
         return iter(list(self._workflows.values()))
+
+    async def run_job(self, workflow_id: str, turn: Turn, agent: Agent, tools: ToolRegistry) -> AsyncIterator[Event]:
+        """A workflow started by a chat message: the message stored in its conversation, the
+        job's updates, then (on success only) the final message, stored."""
+        if workflow_id not in self._workflows:
+            raise NotFound(f"workflow {workflow_id!r} not found", code="workflow_not_found")
+        history, _ = await agent.open_conversation(turn)
+        job = Job(new_id("job"), workflow_id, turn.user_id, turn.conversation_id, agent, tools)
+        outcome = None
+        async for event in self.run(workflow_id, history[-1], history, job):
+            if type(event) is JobUpdate and event.status in TERMINAL_JOB_STATUSES:
+                outcome = event
+            yield event
+        if outcome is not None and outcome.status == "completed":
+            result = outcome.result
+            content = result if isinstance(result, str) else compact_json(result)
+            final = {"role": "assistant", "content": content, "workflow_id": workflow_id, "job_id": job.job_id}
+            for saved in await agent.store.append_messages(turn.conversation_id, [final]):
+                yield Saved(saved)
 
     async def run(self, name: str, message: dict, history: list[dict], job: Job) -> AsyncIterator[Event]:
         """``running``, progress and text, then exactly one ``completed``, ``failed`` or
@@ -4507,9 +4535,6 @@ class UIStreamEncoder:
         return frames + [sse_json({"type": "finish-step"})]
 
 
-TERMINAL_JOB_STATUSES = frozenset({"completed", "failed", "cancelled"})
-
-
 class WSEncoder:
     """NodeTool ``/chat`` messages: chunk, tool_call, tool_result, message, job_update, error.
 
@@ -4979,10 +5004,12 @@ class ChatSession:
     cancels everything the session started.
     """
 
-    def __init__(self, app: NodeChat, user_id: str, send: Send):
-        self.app = app
+    def __init__(self, user_id: str, send: Send, settings: Settings,
+                 run_turn: Callable[..., AsyncIterator[Event]], offered: Callable[[Any], list[Tool]]):
         self.user_id = user_id
-        self.settings = app.settings
+        self.settings = settings
+        self.run_turn = run_turn  # NodeChat.run_turn: the agent (or a workflow), capped per user
+        self.offered = offered  # NodeChat._offered: the server's tools a message may use
         self._send = send
         self._send_lock = asyncio.Lock()
         self.queue: asyncio.Queue = asyncio.Queue(self.settings.ws_queue_size)
@@ -5114,31 +5141,11 @@ class ChatSession:
 
     def _events(self, frame: dict, thread_id: str) -> AsyncIterator[Event]:
         turn = nodetool_turn(frame, self.user_id, self.settings,
-                             self.app._offered(frame.get("tools")) + self._client_tools(), thread_id)
+                             self.offered(frame.get("tools")) + self._client_tools(), thread_id)
         turn.on_title = lambda title: self.send({"type": "title_update", "thread_id": thread_id,
                                                  "title": title}, self.binary)
-        if frame.get("workflow_id") is not None:
-            return self._job(turn, str(frame["workflow_id"]))
-        return self.app.run_turn(turn)
-
-    async def _job(self, turn: Turn, workflow_id: str) -> AsyncIterator[Event]:
-        """A workflow as a job: its updates, then the stored final message (success only)."""
-        if workflow_id not in self.app.workflows:
-            raise NotFound(f"workflow {workflow_id!r} not found", code="workflow_not_found")
-        agent = self.app.agent
-        history, _ = await agent.open_conversation(turn)
-        job = Job(new_id("job"), workflow_id, self.user_id, turn.conversation_id, agent, self.app.tools)
-        outcome = None
-        async for event in self.app.workflows.run(workflow_id, history[-1], history, job):
-            if type(event) is JobUpdate and event.status in TERMINAL_JOB_STATUSES:
-                outcome = event
-            yield event
-        if outcome is not None and outcome.status == "completed":
-            result = outcome.result
-            content = result if isinstance(result, str) else compact_json(result)
-            final = {"role": "assistant", "content": content, "workflow_id": workflow_id, "job_id": job.job_id}
-            for saved in await agent.store.append_messages(turn.conversation_id, [final]):
-                yield Saved(saved)
+        workflow = frame.get("workflow_id")
+        return self.run_turn(turn, workflow_id=None if workflow is None else str(workflow))
 
     def _client_tools(self) -> list[Tool]:
         return [self._client_tool(spec) for spec in self.client_tools.values()]
@@ -6096,7 +6103,7 @@ class NodeChat:
             return
         if self._started is None or not self._started.done():
             await self.startup()
-        session = ChatSession(self, user, send)
+        session = ChatSession(user, send, self.settings, self.run_turn, self._offered)
         self.sessions.add(session)
         try:
             await session.run(receive)
@@ -6307,13 +6314,10 @@ class NodeChat:
 
     async def _own_conversation(self, request: Request) -> dict:
         conversation_id = validate_id(request.params["id"], "conversation id")
-        meta = await self.store.get_conversation(conversation_id)
-        if meta is None or meta.get("user_id") != request.user_id:
-            raise NotFound("conversation not found", code="conversation_not_found")
-        return meta
+        return owned(await self.store.get_conversation(conversation_id), request.user_id)
 
-    async def run_turn(self, turn: Turn) -> AsyncIterator[Event]:
-        """``agent.run(turn)``, with an end user's agent turns capped at
+    async def run_turn(self, turn: Turn, workflow_id: str | None = None) -> AsyncIterator[Event]:
+        """``agent.run(turn)`` (or the workflow's job), with an end user's turns capped at
         ``max_turns_per_user`` (429 beyond; ``/v1`` callers are services with one key and
         many requests: uncapped) and one turn at a time per conversation (409).
 
@@ -6330,7 +6334,8 @@ class NodeChat:
             self._turns[user] = self._turns.get(user, 0) + 1
         if cid is not None:
             self._busy.add(cid)
-        events = self.agent.run(turn)
+        events = self.workflows.run_job(workflow_id, turn, self.agent, self.tools) if workflow_id is not None \
+            else self.agent.run(turn)
         try:
             async for event in events:
                 yield event

@@ -1,7 +1,7 @@
 """Benchmark: nodechat as users run it, beside a naive Starlette+httpx proxy and the upstream alone.
 
-    python bench/bench.py                       # every point once (about 3 minutes)
-    python bench/bench.py --repeat 3            # medians of three runs of each point (about 8)
+    python bench/bench.py                       # every point once (3 to 4 minutes)
+    python bench/bench.py --repeat 3            # medians of three runs of each point (about 10)
     python bench/bench.py --pure                # on the pure-Python server (h11, asyncio, wsproto)
     python bench/bench.py --storage --postgres  # also the stores, and 3 processes on PostgreSQL
     python bench/bench.py --quick               # a smoke run: every kind of point, briefly
