@@ -5956,7 +5956,6 @@ class NodeChat:
 
     async def _start(self) -> None:
         try:
-            _httpx()  # import it now rather than in the first request
             configure_logging()
             scrub_server_logs()
             check = getattr(self.store, "check", None)
