@@ -88,14 +88,37 @@ def tool_calls(*calls: tuple[str, dict], say: str = ""):
     return frames
 
 
+def failing(status: int, body: dict, *headers):
+    """An upstream turn that answers ``status`` with a JSON body (and extra headers)."""
+    return ("error", status, body, *headers)
+
+
+def hang():
+    """An upstream turn that sends nothing until the client leaves."""
+    return ("hang",)
+
+
+def stall(frames):
+    """An upstream turn that sends ``frames``, then nothing until the client leaves."""
+    return ("stall", frames)
+
+
+def drip(frames, seconds: float):
+    """An upstream turn that pauses ``seconds`` after each frame."""
+    return ("slow", frames, seconds)
+
+
+def drop(frames):
+    """An upstream turn that sends ``frames``, then cuts the connection."""
+    return ("drop", frames)
+
+
 class FakeUpstream:
     """A raw-ASGI OpenAI-compatible server that plays scripted turns and records requests.
 
-    A turn is a list of SSE frames, or ``("error", status, body)``, ``("hang",)``,
-    ``("stall", frames)`` (frames, then nothing until the client leaves), ``("slow", frames,
-    seconds)`` (a pause after each frame) or ``("drop", frames)`` (frames, then the connection
-    is cut).  With no turn left it says "ok".  Title requests
-    get ``title_turn`` and are recorded apart, since they run beside the turn.
+    A turn is a list of SSE frames or one of ``failing()``, ``hang()``, ``stall()``,
+    ``drip()`` and ``drop()``.  With no turn left it says "ok".  Title requests get
+    ``title_turn`` and are recorded apart, since they run beside the turn.
     """
 
     def __init__(self, models=("fake-1", "fake-2")):
@@ -172,10 +195,7 @@ def serve(app, host="127.0.0.1", port=0, **config):
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
+    eventually(lambda: server.started, interval=0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://{host}:{port}"
@@ -201,6 +221,12 @@ def eventually(predicate, timeout: float = 10.0, interval: float = 0.02):
         assert time.monotonic() < deadline, f"not true within {timeout} s: {predicate}"
         time.sleep(interval)
     return value
+
+
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+    return False
 
 
 def free_port() -> int:
@@ -879,7 +905,7 @@ def test_three_processes_share_one_database(postgres, database_url, upstream, tm
         remembered = [r for r in upstream.requests if "tok-0 turn" in json.dumps(r["messages"][-1])]
         assert remembered and all("user0 likes oolong" in r["messages"][0]["content"] for r in remembered)
 
-        upstream.script(("stall", text("half")[:2]))  # kill -9 mid-turn: the others go on
+        upstream.script(stall(text("half")[:2]))  # kill -9 mid-turn: the others go on
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(api_chat, urls[1], {"messages": [user("doomed")], "conversationId": "c-kill"},
                                   token="tok-1")
@@ -1737,10 +1763,8 @@ def uvicorn_url():
                                            log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
+    eventually(lambda: server.started or not thread.is_alive(), TIMEOUT, interval=0.01)
+    assert server.started, "uvicorn did not start"
     port = server.servers[0].sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}/v1/chat/completions"
     server.should_exit = True
@@ -2001,7 +2025,7 @@ def test_streamed_completion_has_one_id_a_finish_reason_and_usage_on_request(liv
 
 def test_streamed_completion_ends_with_done(live, upstream):
     _, url = live()
-    with httpx.stream("POST", url + "/v1/chat/completions", headers={"Authorization": "Bearer tok-alice"},
+    with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH,
                       json={"model": "fake-1", "stream": True,
                             "messages": [{"role": "user", "content": "hi"}]}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -2100,7 +2124,7 @@ def test_errors_are_openai_exceptions(live, upstream):
 
 def test_error_bodies_for_bad_json_paths_and_methods(live):
     _, url = live()
-    auth = {"Authorization": "Bearer tok-alice"}
+    auth = AUTH
     bad = httpx.post(url + "/v1/chat/completions", content=b"{nope", headers=auth)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     typed = httpx.post(url + "/v1/chat/completions", headers=auth,
@@ -2122,8 +2146,8 @@ def test_unknown_model_is_404(tmp_path):
 
 def test_upstream_errors_name_the_provider_and_status(live, upstream):
     _, url = live()
-    upstream.script(("error", 500, {"error": {"message": "boom"}}),
-                    ("error", 429, {"error": {"message": "slow down"}}))
+    upstream.script(failing(500, {"error": {"message": "boom"}}),
+                    failing(429, {"error": {"message": "slow down"}}))
     with pytest.raises(openai.APIStatusError) as err:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 502
@@ -2134,7 +2158,7 @@ def test_upstream_errors_name_the_provider_and_status(live, upstream):
 
 def test_upstream_that_hangs_times_out(live, upstream):
     _, url = live(read_timeout=0.5)
-    upstream.script(("hang",), ("hang",))
+    upstream.script(hang(), hang())
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as err:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
@@ -2157,8 +2181,8 @@ def test_upstream_down_is_502(tmp_path):
 def test_upstream_dropping_mid_stream_sends_error_then_done(live, upstream):
     _, url = live()
     partial = text("partial", " answer")[:3]
-    upstream.script(("drop", partial), ("drop", partial))
-    with httpx.stream("POST", url + "/v1/chat/completions", headers={"Authorization": "Bearer tok-alice"},
+    upstream.script(drop(partial), drop(partial))
+    with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH,
                       json={"model": "fake-1", "stream": True,
                             "messages": [{"role": "user", "content": "x"}]}) as response:
         events = read_sse(response)
@@ -2292,13 +2316,13 @@ def test_memory_saved_in_one_conversation_is_known_in_the_next(live, upstream):
     api_chat(url, {"messages": [user("What drink do I like?")], "conversationId": "conv-2"})
     system = upstream.requests[-1]["messages"][0]
     assert system["role"] == "system" and "green tea" in system["content"]
-    memories = httpx.get(url + "/api/memories", headers={"Authorization": "Bearer tok-alice"}).json()
+    memories = httpx.get(url + "/api/memories", headers=AUTH).json()
     assert [m["content"] for m in memories["memories"]] == ["Favourite drink is green tea"]
     memory_id = memories["memories"][0]["id"]
     other = httpx.delete(url + f"/api/memories/{memory_id}", headers={"Authorization": "Bearer tok-bob"})
     assert other.status_code == 404
     assert httpx.get(url + "/api/memories", headers={"Authorization": "Bearer tok-bob"}).json() == {"memories": []}
-    gone = httpx.delete(url + f"/api/memories/{memory_id}", headers={"Authorization": "Bearer tok-alice"})
+    gone = httpx.delete(url + f"/api/memories/{memory_id}", headers=AUTH)
     assert gone.json() == {"deleted": True, "id": memory_id}
     upstream.script(text("?"))
     api_chat(url, {"messages": [user("What drink do I like?")]})
@@ -2329,7 +2353,7 @@ def test_history_continues_by_id_without_duplicates(live, upstream):
     third = {"id": "u3", "role": "user", "parts": [{"type": "text", "text": "Sure?"}]}
     assistant1 = {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "Hi Ann."}]}
     api_chat(url, {"messages": [first, assistant1, second, reply, third], "conversationId": "c-42"})
-    stored = httpx.get(url + "/api/conversations/c-42", headers={"Authorization": "Bearer tok-alice"}).json()
+    stored = httpx.get(url + "/api/conversations/c-42", headers=AUTH).json()
     assert [(m["role"], m["content"]) for m in stored["messages"]] == [
         ("user", "I am Ann"), ("assistant", "Hi Ann."), ("user", "Who am I?"),
         ("assistant", "You are Ann."), ("user", "Sure?"), ("assistant", "Still Ann.")]
@@ -2341,7 +2365,7 @@ def test_tool_calls_and_results_are_stored_with_the_conversation(live, upstream)
     chat.tools.add(lambda city: f"sunny in {city}", name="weather", description="Weather.")
     upstream.script(tool_calls(("weather", {"city": "Nice"})), text("Sunny."))
     api_chat(url, {"messages": [user("weather?")], "conversationId": "c-tools"})
-    stored = httpx.get(url + "/api/conversations/c-tools", headers={"Authorization": "Bearer tok-alice"}).json()
+    stored = httpx.get(url + "/api/conversations/c-tools", headers=AUTH).json()
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert stored["messages"][1]["tool_calls"][0]["function"]["name"] == "weather"
     assert stored["messages"][2]["content"] == "sunny in Nice"
@@ -2349,11 +2373,11 @@ def test_tool_calls_and_results_are_stored_with_the_conversation(live, upstream)
 
 def test_new_conversation_gets_a_title_from_the_model_or_the_message(live, upstream):
     _, url = live()
-    auth = {"Authorization": "Bearer tok-alice"}
+    auth = AUTH
     api_chat(url, {"messages": [user("Tell me all about oolong tea please")], "conversationId": "t-1"})
     eventually(lambda: httpx.get(url + "/api/conversations/t-1", headers=auth).json()["title"] == "Chat About Tea")
     assert upstream.title_requests[0]["messages"][1]["content"] == "Tell me all about oolong tea please"
-    upstream.title_turn = ("error", 500, {"error": {"message": "down"}})
+    upstream.title_turn = failing(500, {"error": {"message": "down"}})
     api_chat(url, {"messages": [user("Plan a trip to Kyoto in spring, please!")], "conversationId": "t-2"})
     eventually(lambda: len(upstream.title_requests) == 2)
     assert httpx.get(url + "/api/conversations/t-2", headers=auth).json()["title"] == "Plan a trip to Kyoto"
@@ -2382,7 +2406,7 @@ def test_ui_stream_errors_are_plain_text_for_the_ai_sdk(live, upstream):
 
 def test_a_slow_title_never_holds_the_answer_open(live, upstream):
     _, url = live()
-    upstream.title_turn = ("slow", text("Slow", " Title"), 0.4)  # 2.4 s in all
+    upstream.title_turn = drip(text("Slow", " Title"), 0.4)  # 2.4 s in all
     started = time.monotonic()
     _, events = api_chat(url, ui_request("a new chat", chat_id="slow-title"))
     assert events[-1] == "[DONE]" and time.monotonic() - started < 1.5
@@ -2461,7 +2485,7 @@ def test_keepalive_comments_during_a_long_tool_call(live, upstream):
         return "done"
 
     upstream.script(tool_calls(("slow", {})), text("ok"))
-    with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok-alice"},
+    with httpx.stream("POST", url + "/api/chat", headers=AUTH,
                       json={"messages": [user("x")]}) as response:
         lines = list(response.iter_lines())
     assert ": keep-alive" in lines
@@ -2470,7 +2494,7 @@ def test_keepalive_comments_during_a_long_tool_call(live, upstream):
 
 def test_a_slow_first_token_gets_keepalive_comments_on_v1(live, upstream):
     _, url = live(keepalive_seconds=0.3)
-    upstream.script(("slow", text("late"), 0.5))
+    upstream.script(drip(text("late"), 0.5))
     with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, timeout=10,
                       json={"model": "fake-1", "stream": True, "messages": [user("x")]}) as response:
         lines = [line for line in response.iter_lines() if line]
@@ -2480,23 +2504,20 @@ def test_a_slow_first_token_gets_keepalive_comments_on_v1(live, upstream):
 
 def test_client_disconnect_closes_the_upstream_request(live, upstream):
     _, url = live()
-    upstream.script(("stall", text("first")[:2]))
-    with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok-alice"},
+    upstream.script(stall(text("first")[:2]))
+    with httpx.stream("POST", url + "/api/chat", headers=AUTH,
                       json={"messages": [user("x")]}) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 break
-    deadline = time.monotonic() + 5
-    while upstream.disconnects < 1:
-        assert time.monotonic() < deadline, "the upstream request was left open"
-        time.sleep(0.02)
+    eventually(lambda: upstream.disconnects >= 1, 5)  # the upstream request was closed
 
 
 @pytest.mark.anyio
 async def test_http_disconnect_message_stops_the_stream(make_chat, upstream):
     """A hand-written receive(): TestClient sends no http.disconnect when a stream is left."""
     chat = make_chat()
-    upstream.script(("stall", text("first")[:2]))
+    upstream.script(stall(text("first")[:2]))
     body = json.dumps({"messages": [user("x")]}).encode()
     first_chunk, leave = asyncio.Event(), asyncio.Event()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
@@ -2597,13 +2618,13 @@ def test_ui_message_stream_for_a_stock_use_chat_request(live, upstream):
                      "text-start", "text-delta", "text-end", "finish-step", "finish"]
     assert events[6]["input"] == {"city": "Oslo"} and events[7]["output"] == {"sky": "clear"}
     assert events[-2]["finishReason"] == "stop"
-    stored = httpx.get(url + "/api/conversations/chat1", headers={"Authorization": "Bearer tok-alice"})
+    stored = httpx.get(url + "/api/conversations/chat1", headers=AUTH)
     assert stored.status_code == 200 and stored.json()["messages"][0]["content"] == "weather in Oslo?"
 
 
 def test_ui_stream_chosen_explicitly_and_failures_end_with_error_finish(live, upstream):
     _, url = live()
-    upstream.script(("drop", text("partial")[:2]))
+    upstream.script(drop(text("partial")[:2]))
     response, events = api_chat(url, {"messages": [user("x")]}, query="?protocol=ui")
     check_ui_stream(events)
     assert [e["type"] for e in events[-4:-1]] == ["error", "finish-step", "finish"]
@@ -3147,7 +3168,7 @@ async def test_workflow_offered_to_the_model_as_a_tool(live, upstream):
 @pytest.mark.anyio
 async def test_ws_stop_mid_stream_then_a_second_message(live, upstream):
     _, url = live()
-    upstream.script(("stall", text("partial answer")[:2]), text("second"))
+    upstream.script(stall(text("partial answer")[:2]), text("second"))
     async with ws_connect(url) as ws:
         await ws.send({"role": "user", "content": "one", "thread_id": "t-stop"})
         await ws.until(lambda m: m["type"] == "chunk" and m["content"])
@@ -3166,7 +3187,7 @@ async def test_ws_stop_mid_stream_then_a_second_message(live, upstream):
 @pytest.mark.anyio
 async def test_ws_message_during_a_turn_waits_its_turn(live, upstream):
     _, url = live()
-    upstream.script(("slow", text("first", " answer"), 0.05), text("second"))
+    upstream.script(drip(text("first", " answer"), 0.05), text("second"))
     async with ws_connect(url) as ws:
         await ws.send({"role": "user", "content": "one", "thread_id": "q1"})
         await ws.send({"role": "user", "content": "two", "thread_id": "q2"})
@@ -3275,7 +3296,7 @@ def test_query_tokens_are_scrubbed_from_server_logs(name):
 @pytest.mark.anyio
 async def test_ws_client_leaving_mid_turn_leaves_nothing_running(live, upstream):
     chat, url = live()
-    upstream.script(("stall", text("partial")[:2]))
+    upstream.script(stall(text("partial")[:2]))
     async with ws_connect(url) as ws:
         await ws.send({"role": "user", "content": "x"})
         await ws.until(lambda m: m["type"] == "chunk")
@@ -3290,7 +3311,7 @@ async def test_ws_client_leaving_mid_turn_leaves_nothing_running(live, upstream)
 async def test_ws_disconnect_cancels_every_task_it_started(make_chat, upstream):
     """In-process: after websocket.disconnect, no task of the session is left in the loop."""
     chat = make_chat()
-    upstream.script(("stall", text("partial")[:2]))
+    upstream.script(stall(text("partial")[:2]))
     inbox: asyncio.Queue = asyncio.Queue()
     sent: list[dict] = []
     first_chunk = asyncio.Event()
@@ -3356,14 +3377,8 @@ def mcp_http(tmp_path_factory):
     port = free_port()
     process = subprocess.Popen([sys.executable, str(script), str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, "MCP HTTP server did not start"
-            time.sleep(0.1)
+    eventually(lambda: process.poll() is not None or listening(port), 30, interval=0.1)
+    assert process.poll() is None, "MCP HTTP server did not start"
     yield f"http://127.0.0.1:{port}/mcp"
     process.terminate()
     process.wait(10)
@@ -3431,10 +3446,7 @@ def test_mcp_server_that_dies_is_restarted_on_next_use(live, upstream):
     chat, url = live(mcp_servers={"time": time_server()})
     first = chat.mcp.sessions["time"].transport.process
     first.kill()
-    deadline = time.monotonic() + 10
-    while chat.mcp.sessions["time"].transport.alive:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: not chat.mcp.sessions["time"].transport.alive)
     upstream.script(tool_calls(("get_current_time", {"timezone": "UTC"})), text("ok"))
     _, events = api_chat(url, {"messages": [user("time?")]})
     assert "isError" not in next(e for e in events if e["type"] == "tool-result")
@@ -3595,10 +3607,8 @@ def test_kill_9_during_writes_leaves_every_file_whole(tmp_path):
     script = writer_script(tmp_path)
     worker = subprocess.Popen([sys.executable, str(script), "k", "100000"])
     data = tmp_path / "data"
-    deadline = time.monotonic() + 20
-    while not (data / "memories" / "u.json").exists() or (data / "memories" / "u.json").stat().st_size < 2000:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: (data / "memories" / "u.json").exists()
+               and (data / "memories" / "u.json").stat().st_size >= 2000, 20)
     worker.kill()
     worker.wait(10)
     for path in data.rglob("*.json"):
@@ -3630,7 +3640,7 @@ def test_invalid_json_found_at_start_up_is_moved_aside(make_chat, tmp_path, capl
     memories.mkdir(parents=True)
     (memories / "alice.json").write_text('[{"id": "m1", "content": "half')
     with caplog.at_level(logging.WARNING, logger="nodechat"), serve(chat) as url:
-        listed = httpx.get(url + "/api/memories", headers={"Authorization": "Bearer tok-alice"}).json()
+        listed = httpx.get(url + "/api/memories", headers=AUTH).json()
     assert listed == {"memories": []}
     aside = list(memories.glob("alice.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text().startswith('[{"id": "m1"')
@@ -3641,7 +3651,7 @@ def test_invalid_json_found_at_start_up_is_moved_aside(make_chat, tmp_path, capl
                                  ".hidden", "a" * 129, "con%20v"])
 def test_path_traversal_ids_are_refused_with_400(live, bad):
     _, url = live()
-    auth = {"Authorization": "Bearer tok-alice"}
+    auth = AUTH
     assert httpx.get(url + f"/api/conversations/{bad}", headers=auth).status_code == 400
     assert httpx.delete(url + f"/api/memories/{bad}", headers=auth).status_code == 400
 
@@ -3678,8 +3688,8 @@ async def test_websocket_frame_size_limit(live, upstream):
 
 def test_concurrent_turns_per_user_are_limited(live, upstream):
     _, url = live(max_turns_per_user=1)
-    upstream.script(("stall", text("waiting")[:2]))
-    with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok-alice"},
+    upstream.script(stall(text("waiting")[:2]))
+    with httpx.stream("POST", url + "/api/chat", headers=AUTH,
                       json={"messages": [user("one")]}) as first:
         lines = first.iter_lines()  # kept: a collected iterator closes the connection
         next(line for line in lines if line.startswith("data: "))
@@ -3687,18 +3697,13 @@ def test_concurrent_turns_per_user_are_limited(live, upstream):
         assert response.status_code == 429 and "already running" in error["error"]
         response, _ = api_chat(url, {"messages": [user("bob's")]}, token="tok-bob")
         assert response.status_code == 200
-    deadline = time.monotonic() + 5
-    while True:  # the first turn is released once its client has gone
-        response, _ = api_chat(url, {"messages": [user("three")]})
-        if response.status_code == 200:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # the first turn is released once its client has gone
+    eventually(lambda: api_chat(url, {"messages": [user("three")]})[0].status_code == 200, 5)
 
 
 def test_slow_drip_malformed_events_and_retry_after(live, upstream):
     _, url = live(stream_timeout=0.5)
-    upstream.script(("slow", text(*"abcdefgh"), 0.15))
+    upstream.script(drip(text(*"abcdefgh"), 0.15))
     started = time.monotonic()
     with pytest.raises(openai.APIError, match="longer than 0.5"):
         list(client(url).chat.completions.create(model="fake-1", stream=True,
@@ -3708,12 +3713,12 @@ def test_slow_drip_malformed_events_and_retry_after(live, upstream):
     with pytest.raises(openai.APIStatusError) as err:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 502 and "malformed" in err.value.message
-    upstream.script(("error", 429, {"error": {"message": "slow down"}}, [(b"retry-after", b"7")]))
-    response = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer tok-alice"},
+    upstream.script(failing(429, {"error": {"message": "slow down"}}, [(b"retry-after", b"7")]))
+    response = httpx.post(url + "/v1/chat/completions", headers=AUTH,
                           json={"model": "fake-1", "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 429 and response.headers["retry-after"] == "7"
     assert "retry after 7 s" in response.json()["error"]["message"]
-    upstream.script(("error", 503, {"error": "overloaded"}, [(b"retry-after", b"3")]))
+    upstream.script(failing(503, {"error": "overloaded"}, [(b"retry-after", b"3")]))
     response, error = api_chat(url, {"messages": [user("x")]})
     assert response.status_code == 502 and "503" in error["error"] and response.headers["retry-after"] == "3"
 
@@ -3722,11 +3727,11 @@ def test_a_stream_cut_mid_tool_call_runs_no_tool(live, upstream):
     chat, url = live()
     ran = []
     chat.tools.add(lambda city: ran.append(city), name="weather", description="Weather.")
-    upstream.script(("drop", tool_calls(("weather", {"city": "Oslo"}))[:2]))
+    upstream.script(drop(tool_calls(("weather", {"city": "Oslo"}))[:2]))
     response, error = api_chat(url, {"messages": [user("weather?")]})
     assert response.status_code == 502 and f"provider {upstream.url}" in error["error"]
     assert ran == []
-    upstream.script(("drop", text("Let me check.")[:2] + tool_calls(("weather", {"city": "Oslo"}))[1:2]))
+    upstream.script(drop(text("Let me check.")[:2] + tool_calls(("weather", {"city": "Oslo"}))[1:2]))
     _, events = api_chat(url, {"messages": [user("weather?")]})  # cut after text: in-stream error
     assert [e["type"] for e in events] == ["text", "error"] and ran == []
     response, events = api_chat(url, {"messages": [user("still there?")]})
@@ -3736,17 +3741,14 @@ def test_a_stream_cut_mid_tool_call_runs_no_tool(live, upstream):
 def test_aborted_streams_leave_no_upstream_connection_in_use(live, upstream):
     chat, url = live()
     aborts = 2000
-    upstream.script(*[("stall", text("partial")[:2]) for _ in range(aborts)])
-    with httpx.Client(headers={"Authorization": "Bearer tok-alice"}) as http:
+    upstream.script(*[stall(text("partial")[:2]) for _ in range(aborts)])
+    with httpx.Client(headers=AUTH) as http:
         for n in range(aborts):
             path = "/v1/chat/completions" if n % 2 else "/api/chat"
             body = {"model": "fake-1", "stream": True, "messages": [{"role": "user", "content": "x"}]}
             with http.stream("POST", url + path, json=body) as response:
                 next(line for line in response.iter_lines() if line.startswith("data: "))
-    deadline = time.monotonic() + 10
-    while upstream.disconnects < aborts or upstream.open_streams:
-        assert time.monotonic() < deadline, f"{aborts - upstream.disconnects} upstream requests left open"
-        time.sleep(0.05)
+    eventually(lambda: upstream.disconnects >= aborts and not upstream.open_streams)  # none left open
     assert chat._upstream._open == 0  # every aborted stream's connection was closed, none leaked
 
 
@@ -3758,15 +3760,9 @@ def test_sigterm_lets_a_running_turn_finish_and_saves_it(tmp_path, upstream):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(url + "/healthz")
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline and server.poll() is None
-                time.sleep(0.05)
-        upstream.script(("slow", text("slow", " but", " whole"), 0.3))
+        eventually(lambda: server.poll() is not None or listening(port), 20)
+        assert server.poll() is None, "nodechat did not start"
+        upstream.script(drip(text("slow", " but", " whole"), 0.3))
         with httpx.stream("POST", url + "/api/chat", headers={"Authorization": "Bearer tok"},
                           json={"messages": [user("x")], "conversationId": "term"}, timeout=20) as response:
             lines = response.iter_lines()
@@ -3968,7 +3964,7 @@ def test_deleting_a_conversation_mid_turn_keeps_it_deleted(live, upstream):
     """The late append of a running turn must not recreate the conversation ownerless,
     for another user to adopt with the same id."""
     _, url = live()
-    upstream.script(("stall", text("the old secret")[:3]), text("bob's answer"))
+    upstream.script(stall(text("the old secret")[:3]), text("bob's answer"))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         turn = pool.submit(api_chat, url, {"messages": [user("hi")], "conversationId": "shared-id"})
         eventually(lambda: upstream.open_streams == 1)
@@ -4060,7 +4056,7 @@ def test_memory_cache_is_bounded(tmp_path):
 
 def test_identical_concurrent_submits_store_one_reply(live, upstream):
     _, url = live()
-    upstream.script(*[("slow", text("only", " once"), 0.2)] * 4)
+    upstream.script(*[drip(text("only", " once"), 0.2)] * 4)
     body = ui_request("hi", "conv-dup")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: api_chat(url, body), range(4)))
@@ -4170,7 +4166,7 @@ def test_malformed_upstream_chunks_are_502_naming_the_provider(live, upstream, f
 
 def test_upstream_error_bodies_never_repeat_the_provider_key(live, upstream):
     _, url = live()
-    upstream.script(("error", 401, {"error": {"message": "bad header 'Authorization: Bearer up-key' "
+    upstream.script(failing(401, {"error": {"message": "bad header 'Authorization: Bearer up-key' "
                                               "(key up-key, also sk-proj-abcdef123456)"}}))
     with pytest.raises(openai.APIStatusError) as caught:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
@@ -4180,7 +4176,7 @@ def test_upstream_error_bodies_never_repeat_the_provider_key(live, upstream):
 
 def test_stream_timeout_holds_against_an_upstream_sending_only_comments(live, upstream):
     _, url = live(stream_timeout=1)
-    upstream.script(("slow", [b": keep-alive\n\n"] * 200, 0.05))
+    upstream.script(drip([b": keep-alive\n\n"] * 200, 0.05))
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
@@ -4349,7 +4345,7 @@ def test_models_retrieve_and_unknown_model_lists_the_available(live, upstream, t
 
 def test_non_streaming_completion_cancels_upstream_when_the_client_leaves(live, upstream):
     _, url = live()
-    upstream.script(("hang",))
+    upstream.script(hang())
     with pytest.raises(openai.APITimeoutError):
         client(url, timeout=1).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
     eventually(lambda: upstream.disconnects == 1, timeout=5)
@@ -4585,7 +4581,7 @@ def test_page_shift_enter_makes_a_newline(site, upstream, open_page):
 def test_page_stop_aborts_the_turn_mid_stream(site, upstream, open_page):
     # nodechat frees the conversation a moment after the client leaves: the page retries a 409
     page = open_page(site().url, allow=("status of 409",))
-    upstream.script(("stall", text("Partial answer")[:2]))
+    upstream.script(stall(text("Partial answer")[:2]))
     send_message(page, "Tell me a long story")
     expect(answers(page).last).to_contain_text("Partial answer", timeout=WAIT_MS)
     stop = page.get_by_role("button", name="Stop")
@@ -4719,7 +4715,7 @@ def test_page_conversation_listed_with_title_reopened_continued_deleted(site, up
 
 
 def test_page_title_written_after_the_answer_reaches_the_list(site, upstream, open_page):
-    upstream.title_turn = ("slow", text("Slow Title"), 0.4)  # about two seconds
+    upstream.title_turn = drip(text("Slow Title"), 0.4)  # about two seconds
     page = open_page(site().url)
     send_message(page, "Hello")
     expect(answers(page).last).to_contain_text("ok", timeout=WAIT_MS)
@@ -4811,12 +4807,12 @@ def test_page_markdown_subset(site, open_page):
 
 def test_page_errors_are_readable(site, upstream, open_page):
     page = open_page(site().url, allow=("status of 502",))
-    upstream.script(("error", 500, {"error": {"message": "upstream exploded"}}))
+    upstream.script(failing(500, {"error": {"message": "upstream exploded"}}))
     send_message(page, "First")
     expect(answers(page).last.get_by_role("alert")).to_contain_text("Error 502", timeout=WAIT_MS)
     expect(answers(page).last.get_by_role("alert")).to_contain_text("upstream exploded", timeout=WAIT_MS)
 
-    upstream.script(("drop", text("Half")[:2]))  # an error inside the stream
+    upstream.script(drop(text("Half")[:2]))  # an error inside the stream
     send_message(page, "Second")
     expect(answers(page).last).to_contain_text("Half", timeout=WAIT_MS)
     expect(answers(page).last.get_by_role("alert")).to_be_visible(timeout=WAIT_MS)
@@ -4859,7 +4855,7 @@ def test_page_screenshot(site, upstream, open_page, scheme, tmp_path):
                     text("Got it, I'll remember that you like **green tea** without sugar.\n\n"
                          "A few to try:\n\n- *Sencha*: grassy and bright\n- *Longjing*: nutty, "
                          "smooth\n\nBrew at `80 °C` for about two minutes."),
-                    ("stall", text("Gyokuro is shade-grown, which makes it")[:2]))
+                    stall(text("Gyokuro is shade-grown, which makes it")[:2]))
     send_message(page, "I like green tea without sugar. Any suggestions?")
     card = answers(page).last.locator("details.tool")
     expect(card.locator(".state")).to_have_text("✓ done", timeout=WAIT_MS)
