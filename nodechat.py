@@ -34,6 +34,7 @@ import asyncio
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -551,8 +552,8 @@ def parse_arguments(arguments: str) -> Any:
     if not arguments:
         return {}
     try:
-        return json.loads(arguments)
-    except (ValueError, RecursionError):
+        return parse_json(arguments)
+    except ValueError:
         return None
 
 
@@ -582,10 +583,12 @@ def parse_json(raw: bytes | str) -> Any:
     """JSON from a client, strictly: ValueError for NaN or Infinity (no provider accepts
     them), a lone surrogate (not encodable as UTF-8) or nesting too deep to handle."""
     try:
+        if isinstance(raw, (bytes, bytearray)):
+            raw = raw.decode()  # strict UTF-8: json.loads would let encoded surrogates through
         value = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
-    if ("\\ud" if isinstance(raw, str) else b"\\ud") in raw.lower():  # an escaped surrogate
+    if "\\ud" in raw.lower():  # an escaped surrogate
         try:
             _encode_json(value).encode()
         except UnicodeEncodeError:
@@ -702,7 +705,9 @@ except ImportError:  # pragma: no cover - Windows: in-process safety only
     fcntl = None
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}")
+STORE_THREADS = 8
 WORD_PATTERN = re.compile(r"\w+")
+MAX_QUERY_CHARS, MAX_TERM_CHARS = 4096, 64  # what a memory search reads of its query
 
 
 def validate_id(value: Any, what: str = "id") -> str:
@@ -783,6 +788,7 @@ class JSONFileStore:
         self.root = Path(root)
         self.max_conversations = max_conversations_per_user
         self.max_memories = max_memories_per_user
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._memories_seen = LRU(cached_users)  # user -> _Cached(memories, MemoryIndex)
         self._listings_seen = LRU(cached_users)  # user -> _Cached({id: meta}, offset read)
 
@@ -1014,11 +1020,13 @@ class JSONFileStore:
             self._listings_seen.pop(user_id, None)
         return entry.value
 
-    @staticmethod
-    async def _run(fn: Callable, *args: Any) -> Any:
-        """File work in a thread; a full disk is 507 and a read-only one a clear 500."""
+    async def _run(self, fn: Callable, *args: Any) -> Any:
+        """File work in the store's own threads (tools' DNS lookups and HTML parsing in the
+        default pool never hold it up); a full disk is 507 and a read-only one a clear 500."""
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, "nodechat-store")
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InsufficientStorage("the data directory is full", code="storage_full") from exc
@@ -1099,7 +1107,8 @@ class MemoryIndex:
 
     def search(self, query: str, limit: int) -> list[dict]:
         scores: dict[int, float] = {}
-        for term in set(WORD_PATTERN.findall(query.lower())):
+        # a term's prefixes are tried one by one: past MAX_TERM_CHARS a word is no keyword
+        for term in {t for t in WORD_PATTERN.findall(query[:MAX_QUERY_CHARS].lower()) if len(t) <= MAX_TERM_CHARS}:
             exact = set(self.postings.get(term, ()))
             near: set[int] = set()
             if len(term) >= 4:
@@ -1923,6 +1932,8 @@ def memory_tools() -> list[Tool]:
         Args:
             content: The fact, as one short sentence.
         """
+        if len(content) > MAX_MEMORY_CHARS:  # every later conversation's context carries it
+            raise ValueError(f"a memory is one short fact: at most {MAX_MEMORY_CHARS} characters")
         return {"success": True, "memory": await context.store.add_memory(context.user_id, content)}
 
     async def searchMemory(query: str, context: ToolContext, limit: int = 10) -> dict:
@@ -1950,6 +1961,7 @@ def memory_tools() -> list[Tool]:
     return [tool(fn) for fn in (addMemory, searchMemory, getAllMemories, deleteMemory)]
 
 
+MAX_MEMORY_CHARS = 2000
 SEARCH_BACKENDS = types.MappingProxyType({"searxng": "", "brave": "https://api.search.brave.com/res/v1/web/search",
                    "tavily": "https://api.tavily.com/search"})
 FETCH_REDIRECTS = 5
@@ -3298,9 +3310,12 @@ class OpenAIProvider:
         self.base_url = base_url.rstrip("/")
         self.models = tuple(models)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.secrets = (api_key,)  # never repeated to clients, even when the upstream echoes it
         #: How errors and logs name it: by URL, which says where it really is.
-        self.label = self.base_url if name == "openai" else f"{name!r} at {self.base_url}"
+        # never repeated to clients or logs, even when the upstream echoes them back
+        parts = urlsplit(self.base_url)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
+        self.label = shown if name == "openai" else f"{name!r} at {shown}"
+        self.secrets = (api_key, parts.password or "", *(v for _, v in parse_qsl(parts.query)))
         self.stream_timeout = stream_timeout
 
     async def stream(self, body: dict, http: UpstreamClient | httpx.AsyncClient) -> AsyncIterator[Event]:
@@ -3323,7 +3338,8 @@ class OpenAIProvider:
                         yield event
             except (_StreamError, _StreamTimeout) as exc:  # "origin: what happened" -> this provider
                 kind = UpstreamTimeout if isinstance(exc, _StreamTimeout) else UpstreamError
-                raise kind(f"provider {self.label}: {exc.message.partition(': ')[2]}") from None
+                what = redact(exc.message.partition(": ")[2], self.secrets)
+                raise kind(f"provider {self.label}: {what}") from None
             return
         with self._errors():
             response = await http.send(http.build_request("POST", url, json=body, headers=self.headers),
@@ -3386,6 +3402,8 @@ class OpenAIProvider:
                         for part in delta.get("tool_calls") or ():
                             _assemble(calls, part)
                         reason = choice.get("finish_reason") or reason
+                        if not isinstance(reason, (str, type(None))):
+                            raise TypeError("finish_reason is not a string")
                 if pending:
                     yield pending_kind("".join(pending))
             except (AttributeError, TypeError, KeyError) as exc:  # a chunk of the wrong shape
@@ -3394,18 +3412,20 @@ class OpenAIProvider:
         if not done and reason is None:
             raise UpstreamError(f"provider {self.label} ended the stream before the answer was complete")
         for _, (call_id, name, arguments) in sorted(calls.items()):
-            yield ToolCall(call_id or new_id("call"), name, arguments)
+            yield ToolCall(call_id or new_id("call"), name, "".join(arguments))
         yield StepFinished(reason or "stop", usage)
 
     def _parse(self, data: bytes) -> dict:
         try:
-            chunk = _decode_json(data.decode())
+            chunk = parse_json(data)  # strict: no NaN, no lone surrogate, bounded depth
         except ValueError:
-            raise UpstreamError(f"provider {self.label} sent a malformed event: {data[:200]!r}") from None
+            raise UpstreamError(f"provider {self.label} sent a malformed event: "
+                                f"{redact(repr(data[:200]), self.secrets)}") from None
         if not isinstance(chunk, dict):
-            raise UpstreamError(f"provider {self.label} sent a non-object event: {data[:200]!r}")
+            raise UpstreamError(f"provider {self.label} sent a non-object event: "
+                                f"{redact(repr(data[:200]), self.secrets)}")
         if "error" in chunk:
-            raise UpstreamError(f"provider {self.label}: {redact(_error_text(chunk), self.secrets)}")
+            raise UpstreamError(f"provider {self.label}: {redact(_error_text(chunk), self.secrets)[:1000]}")
         return chunk
 
     @contextlib.contextmanager
@@ -3430,7 +3450,7 @@ class OpenAIProvider:
             detail = raw.decode(errors="replace")[:500].strip() or reason
         retry_after = headers.get("retry-after")
         wait = f" (retry after {retry_after} s)" if retry_after else ""
-        detail = redact(detail, self.secrets)
+        detail = redact(detail, self.secrets)[:1000]
         error = UpstreamError(f"provider {self.label} returned HTTP {status}: {detail}{wait}",
                               code=f"upstream_{status}")
         error.retry_after = retry_after
@@ -3463,15 +3483,20 @@ def _upstream_json(body: dict) -> bytes:
         raise BadRequest(f"the request to the model cannot be encoded: {exc}", code="invalid_body") from None
 
 
-def _assemble(calls: dict[int, list[str]], part: dict) -> None:
-    """Merge one ``delta.tool_calls`` entry into the call at its index."""
+def _assemble(calls: dict[int, list], part: dict) -> None:
+    """Merge one ``delta.tool_calls`` entry into the call at its index (arguments kept as
+    pieces, joined once: appending to a growing string would be quadratic)."""
     index = part.get("index", len(calls))
-    entry = calls.setdefault(index, ["", "", ""])
+    entry = calls.setdefault(index, ["", "", []])
     function = part.get("function") or {}
-    entry[0] = part.get("id") or entry[0]
-    if function.get("name") and not entry[1]:  # some servers repeat the name in every delta
-        entry[1] = function["name"]
-    entry[2] += function.get("arguments") or ""
+    call_id, name, arguments = part.get("id"), function.get("name"), function.get("arguments")
+    if not isinstance(index, int) or not all(isinstance(v, (str, type(None))) for v in (call_id, name, arguments)):
+        raise TypeError("a tool call's index, id, name or arguments has the wrong type")
+    entry[0] = call_id or entry[0]
+    if name and not entry[1]:  # some servers repeat the name in every delta
+        entry[1] = name
+    if arguments:
+        entry[2].append(arguments)
 
 
 SECRET_PATTERN = re.compile(r"(?i)(bearer\s+|\bsk-)[A-Za-z0-9._~+/=-]{4,}")
@@ -3487,13 +3512,12 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def _error_text(payload: Any) -> str:
+    """An upstream error's message, whole (redact it, then cut it: cut first and a key at
+    the edge would leak its start)."""
     if isinstance(payload, dict):
         error = payload.get("error", payload.get("detail", payload))
-        if isinstance(error, dict):
-            return str(error.get("message") or error)[:1000]
-        return str(error)[:1000]
-    return str(payload)[:1000]
-
+        return str(error.get("message") or error) if isinstance(error, dict) else str(error)
+    return str(payload)
 
 class OfflineProvider:
     """The built-in ``echo`` model: replies with the last user message, word by word.
@@ -3649,7 +3673,7 @@ class Agent:
 
     async def run(self, turn: Turn) -> AsyncIterator[Event]:
         provider, model = self.providers.resolve(turn.model)
-        history, created = turn.messages, False
+        history, created = turn.messages, None
         if turn.conversation_id:
             history, created = await self.open_conversation(turn)
         system = await self._system_prompt(turn, history)
@@ -3658,16 +3682,19 @@ class Agent:
         async for event in self._steps(turn, provider, model, messages):
             yield event
         if created:  # after the answer, never holding its stream, never competing with it
-            self._spawn(self._make_title(turn, _first_user_text(history)))
+            self._spawn(self._make_title(turn, _first_user_text(history), created))
 
     def _spawn(self, work: Awaitable) -> None:
         task = asyncio.ensure_future(work)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _make_title(self, turn: Turn, text: str) -> None:
+    async def _make_title(self, turn: Turn, text: str, created_at: str) -> None:
         title = await self.title(text, turn.model)
         try:
+            meta = await self.store.get_conversation(turn.conversation_id)
+            if not meta or meta.get("user_id") != turn.user_id or meta.get("created_at") != created_at:
+                return  # deleted meanwhile (and perhaps the id taken again): not this title's
             await self.store.update_conversation(turn.conversation_id, title=title)
         except NodeChatError as exc:  # deleted or damaged meanwhile: no title to keep
             log.warning("cannot store the title of %s: %s", turn.conversation_id, exc.message)
@@ -3675,7 +3702,7 @@ class Agent:
         if turn.on_title is not None:
             await turn.on_title(title)
 
-    async def open_conversation(self, turn: Turn) -> tuple[list[dict], bool]:
+    async def open_conversation(self, turn: Turn) -> tuple[list[dict], str | None]:
         """Load (or create) the conversation and store the turn's new messages.
 
         The client may send only its new message or the whole history: what is already
@@ -3701,7 +3728,7 @@ class Agent:
         saved = await self.store.append_messages(cid, new_messages(stored, turn.messages))
         if asked and at is None and all(m.get("ui_id") != asked for m in saved):
             raise Conflict("this message is already being answered", code="already_answered")
-        return stored + saved, created
+        return stored + saved, meta["created_at"] if created else None
 
     async def _drop_answer(self, cid: str, stored: list[dict], incoming: list[dict]) -> list[dict]:
         """Forget the stored answer (and its tool messages) to the message being regenerated:
@@ -4986,10 +5013,13 @@ def host_allowed(host: str, allowed: Iterable[str]) -> bool:
     return False
 
 
-def same_origin(origin: str, host: str) -> bool:
-    """True when a browser's ``Origin`` names the very host (and port) the request went to."""
-    scheme, _, rest = origin.partition("://")
-    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+def same_origin(origin: str, host: str, scheme: str = "http") -> bool:
+    """True when a browser's ``Origin`` names the very scheme, host and port the request
+    went to (a WebSocket's ``ws``/``wss`` count as ``http``/``https``)."""
+    origin_scheme, _, rest = origin.partition("://")
+    if origin_scheme.lower() != {"ws": "http", "wss": "https"}.get(scheme, scheme):
+        return False
+    default = {"http": ":80", "https": ":443"}.get(origin_scheme.lower(), "")
     rest, host = rest.lower(), host.strip().lower()
     return bool(rest) and (rest == host or rest + default == host or rest == host + default)
 
@@ -5859,7 +5889,7 @@ class NodeChat:
         self.agent = Agent(self.providers, self.store, self.http, self.settings, self.upstream)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
         self._turns: dict[str, int] = {}  # user -> agent turns running now
-        self._busy: set[str] = set()  # conversations with a turn running now
+        self._busy: set[tuple[str, str]] = set()  # (user, conversation) with a turn running now
         self._http_client = http_client  # a host's own client: used for everything
         self._httpx_client: httpx.AsyncClient | None = None
         self._upstream: UpstreamClient | None = None
@@ -5969,6 +5999,10 @@ class NodeChat:
         if self.open:
             log.warning("no tokens configured (NODECHAT_TOKENS): anyone who can reach this server "
                         "is a user; browsers are held to loopback Host names and same-origin pages")
+            for rule in {"null", "*"} & set(self.settings.cors_origins):
+                log.warning("cors_origins has %r on a server with no tokens: any web page (%s) can "
+                            "use it as you", rule, "every sandboxed iframe sends Origin: null"
+                            if rule == "null" else "any origin")
 
     async def _check_models(self) -> None:
         """Say where each provider is and which model serves by default, and catch the usual
@@ -5976,7 +6010,7 @@ class NodeChat:
         serves, a base URL without ``/v1``, no model at all (then the provider's first)."""
         providers = self.providers
         for provider in providers:
-            log.info("provider %s: %s", provider.name, getattr(provider, "base_url", "built in"))
+            log.info("provider %s: %s", provider.name, getattr(provider, "label", "built in"))
         if self.settings.offline:
             if self.settings.model and self.settings.model != OFFLINE_MODEL:
                 log.warning("model %r is served by no provider: none is configured (set OPENAI_API_KEY "
@@ -5991,7 +6025,7 @@ class NodeChat:
             log.warning("cannot list the models of %s: %s", getattr(providers.default, "label", ""),
                         getattr(exc, "message", "timed out"))
             return
-        base_url = getattr(providers.default, "base_url", "")
+        base_url = getattr(providers.default, "label", "")
         if not names and base_url and not base_url.rstrip("/").endswith("/v1"):
             log.warning("%s lists no models: OpenAI-compatible servers usually answer under /v1 "
                         "(try %s/v1)", base_url, base_url.rstrip("/"))
@@ -6049,7 +6083,7 @@ class NodeChat:
 
         request = None
         try:
-            self._check_browser(headers)
+            self._check_browser(scope, headers)
             if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:
                 await JSONResponse(None, 204)(send, receive)
                 return
@@ -6090,7 +6124,7 @@ class NodeChat:
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         token = bearer_token(headers) or query.get("api_key") or query.get("token")
         try:
-            self._check_browser(headers)
+            self._check_browser(scope, headers)
             user = await self._identify(scope, token)
             reason = None if user else "Missing authentication" if token is None else "Invalid authentication"
         except Forbidden as err:
@@ -6142,24 +6176,26 @@ class NodeChat:
         """True when anyone who reaches the server is a user: no tokens, no ``authenticate``."""
         return not self.settings.tokens and self._authenticate is None
 
-    def _check_browser(self, headers: Mapping[str, str]) -> None:
+    def _check_browser(self, scope: Scope, headers: Mapping[str, str]) -> None:
         """Refuse what a web page could make a browser send.
 
         A Host that is not allowed is DNS rebinding (an open server answers loopback names
-        only); on an open server, an ``Origin`` that is neither this server nor listed in
-        ``cors_origins`` is a cross-site request, refused as Jupyter and MCP's local servers do.
-        """
+        only).  An ``Origin`` that is neither this server nor listed in ``cors_origins`` is a
+        cross-site request: refused on an open server, as Jupyter and MCP's local servers do,
+        and for every WebSocket (browsers apply no CORS to them, and a host's ``authenticate``
+        may read a cookie)."""
         host = headers.get("host", "")
         if not host_allowed(host, self._allowed_hosts):
             raise Forbidden(f"Host {host[:80]!r} is not allowed here; add it to allowed_hosts "
                             "(NODECHAT_ALLOWED_HOSTS)", code="host_not_allowed")
         origin = headers.get("origin")
-        if origin and self.open and not self._origin_allowed(origin, host):
+        if origin and (self.open or scope["type"] == "websocket") and \
+                not self._origin_allowed(origin, host, scope.get("scheme", "http")):
             raise Forbidden(f"cross-origin request from {origin[:80]!r} refused; add the origin to "
                             "cors_origins (NODECHAT_CORS_ORIGINS)", code="origin_not_allowed")
 
-    def _origin_allowed(self, origin: str, host: str) -> bool:
-        return same_origin(origin, host) or cors_rule(origin, self.settings.cors_origins) is not None
+    def _origin_allowed(self, origin: str, host: str, scheme: str) -> bool:
+        return same_origin(origin, host, scheme) or cors_rule(origin, self.settings.cors_origins) is not None
 
     async def _user(self, scope: Scope, headers: Mapping[str, str], method: str, path: str) -> str:
         """The caller's user id from the headers alone, or Unauthorized.
@@ -6175,11 +6211,11 @@ class NodeChat:
         user = await self._identify(scope, token)
         if not user:
             raise Unauthorized("Unauthorized", code="invalid_api_key")
-        if via_cookie:
+        if via_cookie or self._authenticate is not None:  # a host's check may read its cookie
             origin = headers.get("origin")
             rule = cors_rule(origin, self.settings.cors_origins) if origin else None
-            if origin and not same_origin(origin, headers.get("host", "")) and \
-                    (rule is None or rule in CORS_NO_CREDENTIALS):
+            if origin and not same_origin(origin, headers.get("host", ""), scope.get("scheme", "http")) \
+                    and (rule is None or rule in CORS_NO_CREDENTIALS):
                 raise Forbidden(f"cookie sent from {origin[:80]!r}, an origin not allowed with "
                                 "credentials", code="origin_not_allowed")
             media = headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -6326,13 +6362,14 @@ class NodeChat:
         if capped and self._turns.get(user, 0) >= self.settings.max_turns_per_user:
             raise TooManyRequests(f"{self.settings.max_turns_per_user} turns are already running for "
                                   "this user; try again when one ends", code="too_many_turns")
-        if cid is not None and cid in self._busy:
+        busy = (user, cid)  # per user: another user's id says nothing about this one
+        if cid is not None and busy in self._busy:
             raise Conflict("a turn is already running in this conversation; wait for it or stop it",
                            code="conversation_busy")
         if capped:
             self._turns[user] = self._turns.get(user, 0) + 1
         if cid is not None:
-            self._busy.add(cid)
+            self._busy.add(busy)
         events = self.workflows.run_job(workflow_id, turn, self.agent, self.tools) if workflow_id is not None \
             else self.agent.run(turn)
         try:
@@ -6343,7 +6380,7 @@ class NodeChat:
                 self._turns[user] -= 1
                 if not self._turns[user]:
                     del self._turns[user]
-            self._busy.discard(cid)
+            self._busy.discard(busy)
             await events.aclose()
 
     def _offered(self, names: Any) -> list[Tool]:

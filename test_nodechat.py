@@ -4250,6 +4250,85 @@ def test_mcp_list_changed_bursts_replace_the_tool_set_once(live, upstream, hosti
     assert lists <= 4  # the start, then one or two refreshes for 2,000 notifications
 
 
+def test_a_huge_word_in_a_memory_search_costs_nothing():
+    """Each prefix of a term is tried: one 1,000,000-letter word once stalled storage 150 s."""
+    index = nodechat.MemoryIndex([{"id": "m1", "content": "likes green tea"}])
+    started = time.perf_counter()
+    assert index.search("tea " + "a" * 1_000_000, 5)[0]["id"] == "m1"
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_hosts_own_authenticate_gets_the_cookie_rules(make_chat, upstream):
+    """A host's authenticate() may read its session cookie: cross-site requests are refused."""
+    chat = make_chat(tokens={})
+    chat._authenticate = lambda scope: "alice" if b"session=ok" in dict(scope["headers"]).get(b"cookie", b"") else None
+    with serve(chat) as url:
+        cookie = {"Cookie": "session=ok"}
+        evil = httpx.post(url + "/api/chat", content=json.dumps({"messages": [user("hi")]}),
+                          headers={**cookie, "Origin": "https://evil.example", "Content-Type": "text/plain"})
+        assert evil.status_code == 403 and upstream.requests == []
+
+        async def websocket() -> int:
+            async with websockets.connect(url.replace("http", "ws") + "/chat", origin="https://evil.example",
+                                          additional_headers=cookie) as ws:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 5)
+            return ws.close_code
+
+        assert asyncio.run(websocket()) == 1008
+        assert api_chat(url, {"messages": [user("hi")]}, token=None, **cookie)[0].status_code == 200
+
+
+@pytest.mark.parametrize("frame", [b"data: key=up-key-secret-123\n\n", b'data: ["Bearer up-key-secret-123"]\n\n'])
+def test_malformed_events_never_repeat_the_key(live, upstream, frame):
+    _, url = live(api_key="up-key-secret-123")
+    upstream.script([frame, b"data: [DONE]\n\n"])
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502 and "secret-123" not in caught.value.message
+
+
+def test_credentials_in_the_base_url_stay_out_of_errors(live, upstream):
+    base = upstream.url.replace("http://", "http://proxyuser:hunter2pass@") + "?key=QUERYSECRET123"
+    _, url = live(base_url=base)
+    upstream.script(failing(500, {"error": {"message": "boom"}}))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
+    assert "hunter2pass" not in caught.value.message and "QUERYSECRET123" not in caught.value.message
+
+
+@pytest.mark.parametrize("part", [{"index": "0", "id": "c", "function": {"name": "f"}},
+                                  {"index": 0, "id": {"x": 1}, "function": {"name": "f"}}])
+def test_tool_calls_of_the_wrong_type_are_502(live, upstream, part):
+    _, url = live()
+    upstream.script([chunk({"tool_calls": [part]}), chunk({}, "tool_calls"), b"data: [DONE]\n\n"])
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502 and "malformed chunk" in caught.value.message
+
+
+def test_tool_arguments_in_many_small_deltas_are_joined_in_linear_time():
+    calls: dict = {}
+    started = time.perf_counter()
+    for _ in range(200_000):
+        nodechat._assemble(calls, {"index": 0, "function": {"arguments": "abcd"}})
+    assert time.perf_counter() - started < 2 and len("".join(calls[0][2])) == 800_000
+
+
+def test_raw_surrogate_bytes_are_a_400(live, upstream):
+    _, url = live()
+    body = b'{"messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}'
+    response = httpx.post(url + "/api/chat", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400 and upstream.requests == []
+
+
+def test_same_origin_means_the_same_scheme_too():
+    assert nodechat.same_origin("http://127.0.0.1:8000", "127.0.0.1:8000", "http")
+    assert nodechat.same_origin("http://127.0.0.1:8000", "127.0.0.1:8000", "ws")
+    assert not nodechat.same_origin("https://127.0.0.1:8000", "127.0.0.1:8000", "http")
+    assert not nodechat.same_origin("foo://127.0.0.1:8000", "127.0.0.1:8000", "http")
+
+
 ###############################################################################
 # App: mounting, instances, lifespan, CLI
 ###############################################################################
