@@ -856,6 +856,33 @@ async def test_copy_json_store_copies_everything_once(tmp_path, pg_store):
     assert await pg_store.append_messages("c005", [{"role": "user", "content": "x", "ui_id": "u5"}]) == []
 
 
+def test_copy_store_command_moves_a_data_dir_into_postgresql(tmp_path, database_url):
+    source = nodechat.JSONFileStore(tmp_path / "data")
+
+    async def fill():
+        await source.create_conversation("c1", "alice", "Tea")
+        await source.append_messages("c1", [{"role": "user", "content": "hi", "ui_id": "u1"}])
+        await source.add_memory("alice", "likes oolong")
+
+    asyncio.run(fill())
+    command = [sys.executable, nodechat.__file__, "copy-store", "--from", str(tmp_path / "data"), "--to", database_url]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert first.returncode == again.returncode == 0, first.stderr
+    assert "1 conversations, 1 messages, 1 memories (3 rows new" in first.stdout
+    assert "(0 rows new" in again.stdout
+
+    async def read():
+        store = nodechat.PostgresStore(database_url)
+        try:
+            return await store.load_messages("c1"), await store.list_memories("alice")
+        finally:
+            await store.aclose()
+
+    messages, memories = asyncio.run(read())
+    assert [m["content"] for m in messages] == ["hi"] and memories[0]["content"] == "likes oolong"
+
+
 @contextlib.contextmanager
 def nodechat_processes(count: int, env: dict, tmp_path: Path):
     """``count`` ``python nodechat.py`` processes on free ports; yields their URLs."""
