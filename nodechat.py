@@ -4562,68 +4562,6 @@ class UIStreamEncoder:
         return frames + [sse_json({"type": "finish-step"})]
 
 
-class WSEncoder:
-    """NodeTool ``/chat`` messages: chunk, tool_call, tool_result, message, job_update, error.
-
-    Every message carries the turn's ``thread_id``.  A turn ends with exactly one
-    ``{"type": "chunk", "content": "", "done": true}``; a workflow's comes right after its
-    terminal ``job_update``, before the final message.
-    """
-
-    def __init__(self, thread_id: str | None, client_tools: Iterable[str] = ()):
-        self.thread_id = thread_id
-        self.client_tools = frozenset(client_tools)
-        self.done_sent = False
-
-    def encode(self, event: Event) -> list[dict]:
-        match event:
-            case TextDelta(text=text):
-                return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
-                                           "done": False})]
-            case ReasoningDelta(text=text):
-                return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
-                                           "done": False, "thinking": True})]
-            case ToolCall(id=call_id, name=name):
-                args = event.args
-                return [self._with_thread({"type": "tool_call", "tool_call_id": call_id, "name": name,
-                                           "args": event.arguments if args is None else args,
-                                           "client_tool": name in self.client_tools})]
-            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
-                message = {"type": "tool_result", "tool_call_id": call_id, "name": name, "result": result}
-                return [self._with_thread({**message, "error": str(result)} if is_error else message)]
-            case Saved(message=message):
-                return [self._with_thread({**message, "type": "message"})]
-            case JobUpdate():
-                update = {"type": "job_update", "job_id": event.job_id, "workflow_id": event.workflow_id,
-                          "status": event.status}
-                for key in ("result", "error", "message", "progress"):
-                    if getattr(event, key) is not None:
-                        update[key] = getattr(event, key)
-                frames = [self._with_thread(update)]
-                return frames + [self.done()] if event.status in TERMINAL_JOB_STATUSES else frames
-        return []
-
-    def done(self) -> dict:
-        self.done_sent = True
-        return self._with_thread({"type": "chunk", "content": "", "done": True})
-
-    def error(self, err: NodeChatError) -> dict:
-        """NodeTool clients read either ``message`` or ``error``: both carry the text."""
-        return self._with_thread({"type": "error", "message": err.message, "error": err.message,
-                                  "code": err.code})
-
-    def _with_thread(self, message: dict) -> dict:
-        message["thread_id"] = self.thread_id
-        return message
-
-
-def ws_message(value: dict, binary: bool) -> Message:
-    """The ASGI send message: MessagePack bytes or JSON text, matching how the client spoke."""
-    if binary:
-        return {"type": "websocket.send", "bytes": msgpack.packb(value, use_bin_type=True, default=str)}
-    return {"type": "websocket.send", "text": _encode_json(value)}
-
-
 ###############################################################################
 # ASGI: requests, responses, streaming, routing
 ###############################################################################
@@ -5024,6 +4962,79 @@ def same_origin(origin: str, host: str, scheme: str = "http") -> bool:
     return bool(rest) and (rest == host or rest + default == host or rest == host + default)
 
 
+###############################################################################
+# /chat WebSocket: NodeTool's protocol, a session per connection
+###############################################################################
+
+
+class WSEncoder:
+    """NodeTool ``/chat`` messages: chunk, tool_call, tool_result, message, job_update, error.
+
+    Every message carries the turn's ``thread_id``.  A turn ends with exactly one
+    ``{"type": "chunk", "content": "", "done": true}``; a workflow's comes right after its
+    terminal ``job_update``, before the final message.
+    """
+
+    def __init__(self, thread_id: str | None, client_tools: Iterable[str] = ()):
+        self.thread_id = thread_id
+        self.client_tools = frozenset(client_tools)
+        self.done_sent = False
+
+    def encode(self, event: Event) -> list[dict]:
+        match event:
+            case TextDelta(text=text):
+                return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
+                                           "done": False})]
+            case ReasoningDelta(text=text):
+                return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
+                                           "done": False, "thinking": True})]
+            case ToolCall(id=call_id, name=name):
+                args = event.args
+                return [self._with_thread({"type": "tool_call", "tool_call_id": call_id, "name": name,
+                                           "args": event.arguments if args is None else args,
+                                           "client_tool": name in self.client_tools})]
+            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
+                message = {"type": "tool_result", "tool_call_id": call_id, "name": name, "result": result}
+                return [self._with_thread({**message, "error": str(result)} if is_error else message)]
+            case Saved(message=message):
+                return [self._with_thread({**message, "type": "message"})]
+            case JobUpdate():
+                update = {"type": "job_update", "job_id": event.job_id, "workflow_id": event.workflow_id,
+                          "status": event.status}
+                for key in ("result", "error", "message", "progress"):
+                    if getattr(event, key) is not None:
+                        update[key] = getattr(event, key)
+                frames = [self._with_thread(update)]
+                return frames + self.end() if event.status in TERMINAL_JOB_STATUSES else frames
+        return []
+
+    def start(self) -> list[dict]:
+        return []
+
+    def end(self) -> list[dict]:
+        """The turn's one done chunk (none if a workflow's terminal update already sent it)."""
+        if self.done_sent:
+            return []
+        self.done_sent = True
+        return [self._with_thread({"type": "chunk", "content": "", "done": True})]
+
+    def error(self, err: NodeChatError) -> list[dict]:
+        """NodeTool clients read either ``message`` or ``error``: both carry the text."""
+        return [self._with_thread({"type": "error", "message": err.message, "error": err.message,
+                                   "code": err.code})]
+
+    def _with_thread(self, message: dict) -> dict:
+        message["thread_id"] = self.thread_id
+        return message
+
+
+def ws_message(value: dict, binary: bool) -> Message:
+    """The ASGI send message: MessagePack bytes or JSON text, matching how the client spoke."""
+    if binary:
+        return {"type": "websocket.send", "bytes": msgpack.packb(value, use_bin_type=True, default=str)}
+    return {"type": "websocket.send", "text": _encode_json(value)}
+
+
 class ChatSession:
     """One ``/chat`` WebSocket connection.
 
@@ -5164,10 +5175,11 @@ class ChatSession:
                 for message in encoder.encode(event):
                     await self.send(message, binary)
         except Exception as exc:
-            await self.send(encoder.error(client_error(exc)), binary)
+            for message in encoder.error(client_error(exc)):
+                await self.send(message, binary)
         finally:
-            if not encoder.done_sent:
-                await self.send(encoder.done(), binary)
+            for message in encoder.end():
+                await self.send(message, binary)
 
     def _events(self, frame: dict, thread_id: str) -> AsyncIterator[Event]:
         turn = nodetool_turn(frame, self.user_id, self.settings,
@@ -5206,7 +5218,8 @@ class ChatSession:
             await self.send({"type": "ping", "ts": time.time()}, self.binary)
 
     async def _error(self, text: str, binary: bool, code: str, thread_id: str | None = None) -> None:
-        await self.send(WSEncoder(thread_id).error(BadRequest(text, code=code)), binary)
+        for message in WSEncoder(thread_id).error(BadRequest(text, code=code)):
+            await self.send(message, binary)
 
 
 def _unknown_ext(code: int, data: bytes) -> None:
