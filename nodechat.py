@@ -4821,19 +4821,20 @@ async def watch_disconnect(receive: Receive, task: asyncio.Task) -> bool:
 
 
 ROUTES = (
-    # method, path, handler, error style ("openai" bodies or {"error": text}), needs auth
-    ("GET", "/", "chat_page", "api", False),
-    ("GET", "/healthz", "healthz", "api", False),
-    ("GET", "/v1/models", "list_models", "openai", True),
-    ("GET", "/v1/models/{id}", "retrieve_model", "openai", True),
-    ("POST", "/v1/chat/completions", "chat_completions", "openai", True),
-    ("POST", "/api/chat", "api_chat", "api", True),
-    ("POST", "/api/generate-title", "generate_title", "api", True),
-    ("GET", "/api/conversations", "list_conversations", "api", True),
-    ("GET", "/api/conversations/{id}", "get_conversation", "api", True),
-    ("DELETE", "/api/conversations/{id}", "delete_conversation", "api", True),
-    ("GET", "/api/memories", "list_memories", "api", True),
-    ("DELETE", "/api/memories/{id}", "delete_memory", "api", True),
+    # method, path, handler, error style ("openai" bodies or {"error": text}), who may call
+    # ("anyone"; "token": a bearer token; "session": a bearer token or the session cookie)
+    ("GET", "/", "chat_page", "api", "anyone"),
+    ("GET", "/healthz", "healthz", "api", "anyone"),
+    ("GET", "/v1/models", "list_models", "openai", "token"),
+    ("GET", "/v1/models/{id}", "retrieve_model", "openai", "token"),
+    ("POST", "/v1/chat/completions", "chat_completions", "openai", "token"),
+    ("POST", "/api/chat", "api_chat", "api", "session"),
+    ("POST", "/api/generate-title", "generate_title", "api", "session"),
+    ("GET", "/api/conversations", "list_conversations", "api", "session"),
+    ("GET", "/api/conversations/{id}", "get_conversation", "api", "session"),
+    ("DELETE", "/api/conversations/{id}", "delete_conversation", "api", "session"),
+    ("GET", "/api/memories", "list_memories", "api", "session"),
+    ("DELETE", "/api/memories/{id}", "delete_memory", "api", "session"),
 )
 WS_ROUTES = ("/chat", "/ws/chat")
 
@@ -4844,7 +4845,7 @@ class Route:
     pattern: re.Pattern
     handler: str
     style: str
-    auth: bool
+    auth: str  # "anyone", "token" or "session"
 
 
 def compile_routes(table: Iterable[tuple]) -> tuple[Route, ...]:
@@ -6104,7 +6105,7 @@ class NodeChat:
                 raise MethodNotAllowed("Method Not Allowed") if allowed else NotFound("Not Found")
             if self._started is None or not self._started.done():
                 await self.startup()
-            user = await self._user(scope, headers, method, path) if route.auth else None
+            user = await self._user(scope, headers, method, route) if route.auth != "anyone" else None
             request = await read_request(scope, receive, self.settings.max_body_bytes,
                                          self.settings.body_timeout, headers)
             request = dataclasses.replace(request, params=params, user_id=user)
@@ -6210,17 +6211,22 @@ class NodeChat:
     def _origin_allowed(self, origin: str, host: str, scheme: str) -> bool:
         return same_origin(origin, host, scheme) or cors_rule(origin, self.settings.cors_origins) is not None
 
-    async def _user(self, scope: Scope, headers: Mapping[str, str], method: str, path: str) -> str:
+    def credentials(self, headers: Mapping[str, str], route: Route) -> tuple[str | None, bool]:
+        """The token a request carries, and whether it came in the session cookie (which
+        counts only on ``session`` routes)."""
+        token = bearer_token(headers)
+        if token is None and route.auth == "session":
+            token = request_cookies(headers).get(self.settings.cookie_name)
+            return token, token is not None
+        return token, False
+
+    async def _user(self, scope: Scope, headers: Mapping[str, str], method: str, route: Route) -> str:
         """The caller's user id from the headers alone, or Unauthorized.
 
-        A session cookie counts on ``/api/`` only, and a cookie is sent by the browser to
-        any page's requests: so a cookie-authenticated call must come from this server or an
-        origin listed with credentials, and a POST must be ``application/json`` (which a
-        cross-site form cannot send)."""
-        token, via_cookie = bearer_token(headers), False
-        if token is None and path.startswith("/api/"):
-            token = request_cookies(headers).get(self.settings.cookie_name)
-            via_cookie = token is not None
+        A cookie is sent by the browser with any page's requests: so a cookie-authenticated
+        call must come from this server or an origin listed with credentials, and a POST
+        must be ``application/json`` (which a cross-site form cannot send)."""
+        token, via_cookie = self.credentials(headers, route)
         user = await self._identify(scope, token)
         if not user:
             raise Unauthorized("Unauthorized", code="invalid_api_key")
