@@ -4660,26 +4660,23 @@ class JSONResponse:
             await send({"type": "http.response.start", "status": 204, "headers": list(self.headers)})
             await send({"type": "http.response.body", "body": b""})
             return
-        payload = compact_json(self.body).encode()
-        await send({"type": "http.response.start", "status": self.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-            *self.headers]})
-        await send({"type": "http.response.body", "body": payload})
+        await TextResponse(compact_json(self.body), self.status, self.headers, b"application/json")(send, receive)
 
 
 @dataclass
 class TextResponse:
-    """A plain-text body with a status."""
+    """A whole text body with a status (plain text unless told otherwise)."""
 
     text: str
     status: int = 200
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    content_type: bytes = b"text/plain; charset=utf-8"
 
     async def __call__(self, send: Send, receive: Receive) -> None:
         payload = self.text.encode()
         await send({"type": "http.response.start", "status": self.status, "headers": [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(payload)).encode()), *self.headers]})
+            (b"content-type", self.content_type), (b"content-length", str(len(payload)).encode()),
+            *self.headers]})
         await send({"type": "http.response.body", "body": payload})
 
 

@@ -257,11 +257,14 @@ AUTH = {"Authorization": "Bearer tok-alice"}
 
 
 @pytest.fixture
-def make_chat(tmp_path, upstream):
-    """NodeChat factory over the fake upstream; the environment never leaks in."""
+def make_chat(tmp_path, request):
+    """NodeChat factory; the fake upstream starts only for a chat that points at no other
+    provider, and the environment never leaks in."""
     def make(**settings):
-        defaults = dict(base_url=upstream.url, api_key="up-key", model="fake-1",
-                        tokens=TOKENS, data_dir=str(tmp_path / "data"), environ={})
+        defaults = dict(api_key="up-key", model="fake-1", tokens=TOKENS, data_dir=str(tmp_path / "data"),
+                        environ={})
+        if "base_url" not in settings:
+            defaults["base_url"] = request.getfixturevalue("upstream").url
         return NodeChat(**{**defaults, **settings})
     return make
 
@@ -3991,20 +3994,20 @@ def test_deleting_a_conversation_mid_turn_keeps_it_deleted(live, upstream):
     """The late append of a running turn must not recreate the conversation ownerless,
     for another user to adopt with the same id."""
     _, url = live()
-    upstream.script(stall(text("the old secret")[:3]), text("bob's answer"))
+    upstream.script(drip(text("the old", " secret"), 0.4), text("bob's answer"))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         turn = pool.submit(api_chat, url, {"messages": [user("hi")], "conversationId": "shared-id"})
         eventually(lambda: upstream.open_streams == 1)
         assert httpx.delete(url + "/api/conversations/shared-id", headers=AUTH).status_code == 200
-        upstream.disconnects = 0
-        eventually(lambda: httpx.get(url + "/api/conversations/shared-id", headers=AUTH).status_code == 404)
+        _, late = turn.result(timeout=20)  # the answer ends, and its append is refused
+    assert late[-1] == {"type": "error", "error": "conversation not found", "id": late[-1]["id"]}
+    assert httpx.get(url + "/api/conversations/shared-id", headers=AUTH).status_code == 404
     response, events = api_chat(url, {"messages": [user("hello")], "conversationId": "shared-id"},
                                 token="tok-bob")
     assert response.status_code == 200
     stored = httpx.get(url + "/api/conversations/shared-id", headers={"Authorization": "Bearer tok-bob"}).json()
     assert [m["content"] for m in stored["messages"]] == ["hello", "bob's answer"]
     assert "old secret" not in json.dumps(stored)
-    turn.cancel()
 
 
 def test_a_torn_owner_file_makes_the_id_unavailable_never_new(live, upstream, tmp_path):
