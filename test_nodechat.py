@@ -312,6 +312,15 @@ def test_settings_errors_name_the_key():
         Settings.from_sources({"modle": "x"}, environ={})
 
 
+def test_every_setting_has_an_environment_variable():
+    settings = Settings.from_sources(environ={"NODECHAT_MAX_TURNS_PER_USER": "99", "NODECHAT_FETCH_TOOL": "off",
+                                              "NODECHAT_ALLOWED_HOSTS": "a.example, b", "NODECHAT_BODY_TIMEOUT": "2.5"})
+    assert (settings.max_turns_per_user, settings.fetch_tool, settings.allowed_hosts, settings.body_timeout) == \
+        (99, False, ("a.example", "b"), 2.5)
+    with pytest.raises(ValueError, match="NODECHAT_MAX_STEPS: 'x' is not a valid int"):
+        Settings.from_sources(environ={"NODECHAT_MAX_STEPS": "x"})
+
+
 def test_openai_env_makes_the_default_provider():
     settings = Settings.from_sources(environ={"OPENAI_API_KEY": "sk-x"})
     assert settings.providers[0].base_url == "https://api.openai.com/v1"
@@ -3729,6 +3738,17 @@ def test_concurrent_turns_per_user_are_limited(live, upstream):
         assert response.status_code == 200
     # the first turn is released once its client has gone
     eventually(lambda: api_chat(url, {"messages": [user("three")]})[0].status_code == 200, 5)
+
+
+def test_v1_callers_are_not_under_the_per_user_turn_cap(live, upstream):
+    """A backend calls /v1 with one key and many requests at once (the cap is for end users)."""
+    _, url = live(max_turns_per_user=1)
+    upstream.script(drip(text("a", "b"), 0.3), drip(text("c", "d"), 0.3))
+    body = {"model": "fake-1", "messages": [user("x")]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH,
+                                                      timeout=20), range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
 
 
 def test_slow_drip_malformed_events_and_retry_after(live, upstream):
