@@ -3296,6 +3296,63 @@ class _Connection(asyncio.Protocol):
         self._schedule(deadline)
 
 
+class UpstreamClients:
+    """One app instance's HTTP clients, each opened on first use (mounts run no lifespan):
+    nodechat's own :class:`UpstreamClient` for chat-completions streams, httpx for the rest
+    and for streams too when a host passes its own ``http_client``, a proxy is set in the
+    environment, or ``upstream_client = "httpx"``."""
+
+    def __init__(self, settings: Settings, host_client: httpx.AsyncClient | None = None):
+        self.settings = settings
+        self._host_client = host_client
+        self._httpx: httpx.AsyncClient | None = None
+        self._stream: UpstreamClient | None = None
+        self._ssl: ssl.SSLContext | None = None
+
+    def http(self) -> httpx.AsyncClient:
+        if self._host_client is not None:
+            return self._host_client
+        if self._httpx is None:
+            httpx, s = _httpx(), self.settings
+            self._httpx = httpx.AsyncClient(
+                verify=self._ssl_context(),
+                timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout),
+                limits=httpx.Limits(max_connections=s.max_upstream_connections, keepalive_expiry=30.0))
+        return self._httpx
+
+    def stream_client(self) -> UpstreamClient | httpx.AsyncClient:
+        s = self.settings
+        if self._host_client is not None or s.upstream_client == "httpx" or _proxy_configured():
+            return self.http()
+        if self._stream is None:
+            self._stream = UpstreamClient(
+                connect_timeout=s.connect_timeout, read_timeout=s.read_timeout,
+                pool_timeout=s.connect_timeout, max_connections=s.max_upstream_connections,
+                keepalive_expiry=30.0, max_line_bytes=s.max_upstream_line_bytes,
+                ssl_context=self._ssl_context, error=_StreamError, timeout=_StreamTimeout)
+        return self._stream
+
+    async def aclose(self) -> None:
+        """Close what was opened here (a host's own client is the host's to close)."""
+        client, self._httpx = self._httpx, None
+        if client is not None:
+            await client.aclose()
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """httpx's verified context (certifi, or ``SSL_CERT_FILE``), made once for both clients."""
+        self._ssl = self._ssl or _httpx().create_ssl_context()
+        return self._ssl
+
+
+def _proxy_configured() -> bool:
+    """An HTTP proxy in the environment: only httpx knows how to go through one."""
+    import urllib.request
+
+    return bool({"http", "https", "all"} & set(urllib.request.getproxies_environment()))
+
+
 class OpenAIProvider:
     """Any server that speaks OpenAI's ``/chat/completions`` (OpenAI, Ollama, vLLM, llama.cpp...).
 
@@ -5901,10 +5958,7 @@ class NodeChat:
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
         self._turns: dict[str, int] = {}  # user -> agent turns running now
         self._busy: set[tuple[str, str]] = set()  # (user, conversation) with a turn running now
-        self._http_client = http_client  # a host's own client: used for everything
-        self._httpx_client: httpx.AsyncClient | None = None
-        self._upstream: UpstreamClient | None = None
-        self._ssl: ssl.SSLContext | None = None
+        self.clients = UpstreamClients(self.settings, http_client)
         self._authenticate = authenticate
         self._routes = compile_routes(ROUTES)
         self._allowed_hosts = self.settings.allowed_hosts or (LOOPBACK_NAMES if self.open else ("*",))
@@ -5947,36 +6001,12 @@ class NodeChat:
         return register(name) if callable(name) else register
 
     def http(self) -> httpx.AsyncClient:
-        """The instance's httpx client (opened on first use: mounts run no lifespan), for
-        everything but the chat-completions stream: ``/models``, web search, fetch, MCP."""
-        if self._http_client is not None:
-            return self._http_client
-        if self._httpx_client is None:
-            httpx, s = _httpx(), self.settings
-            self._httpx_client = httpx.AsyncClient(
-                verify=self._ssl_context(),
-                timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout),
-                limits=httpx.Limits(max_connections=s.max_upstream_connections, keepalive_expiry=30.0))
-        return self._httpx_client
+        """The instance's httpx client: ``/models``, web search, fetch, MCP over HTTP."""
+        return self.clients.http()
 
     def upstream(self) -> UpstreamClient | httpx.AsyncClient:
-        """The client for chat-completions streams: nodechat's own, unless httpx must do it
-        (a host's own ``http_client``, a proxy in the environment, ``upstream_client = "httpx"``)."""
-        s = self.settings
-        if self._http_client is not None or s.upstream_client == "httpx" or _proxy_configured():
-            return self.http()
-        if self._upstream is None:
-            self._upstream = UpstreamClient(
-                connect_timeout=s.connect_timeout, read_timeout=s.read_timeout,
-                pool_timeout=s.connect_timeout, max_connections=s.max_upstream_connections,
-                keepalive_expiry=30.0, max_line_bytes=s.max_upstream_line_bytes,
-                ssl_context=self._ssl_context, error=_StreamError, timeout=_StreamTimeout)
-        return self._upstream
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        """httpx's verified context (certifi), made once and shared by both clients."""
-        self._ssl = self._ssl or _httpx().create_ssl_context()
-        return self._ssl
+        """The client that reads chat-completions streams (see :class:`UpstreamClients`)."""
+        return self.clients.stream_client()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None):
@@ -6057,11 +6087,7 @@ class NodeChat:
         if isinstance(self.store, PostgresStore):  # a host's own store is the host's
             await self.store.aclose()
         self._started = None
-        client, self._httpx_client = self._httpx_client, None
-        if client is not None:
-            await client.aclose()
-        if self._upstream is not None:
-            await self._upstream.aclose()
+        await self.clients.aclose()
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -6473,13 +6499,6 @@ def scrub_server_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, ScrubSecrets) for f in logger.filters):
             logger.addFilter(ScrubSecrets())
-
-
-def _proxy_configured() -> bool:
-    """An HTTP proxy in the environment: only httpx knows how to go through one."""
-    import urllib.request
-
-    return bool({"http", "https", "all"} & set(urllib.request.getproxies_environment()))
 
 
 def create_app(**settings: Any) -> NodeChat:

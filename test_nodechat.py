@@ -3799,7 +3799,7 @@ def test_aborted_streams_leave_no_upstream_connection_in_use(live, upstream):
             with http.stream("POST", url + path, json=body) as response:
                 next(line for line in response.iter_lines() if line.startswith("data: "))
     eventually(lambda: upstream.disconnects >= aborts and not upstream.open_streams)  # none left open
-    assert chat._upstream._open == 0  # every aborted stream's connection was closed, none leaked
+    assert chat.clients._stream._open == 0  # every aborted stream's connection was closed, none leaked
 
 
 def test_sigterm_lets_a_running_turn_finish_and_saves_it(tmp_path, upstream):
@@ -4404,9 +4404,9 @@ def test_host_lifespan_closes_the_upstream_pool(make_chat):
     with serve(host) as url:
         client(url + "/ai").models.list()
         client(url + "/ai").chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
-        http, stream_client = chat._httpx_client, chat._upstream
+        http, stream_client = chat.clients._httpx, chat.clients._stream
         assert not http.is_closed and stream_client._open == 1  # one idle keep-alive connection
-    assert chat._httpx_client is None and http.is_closed and stream_client._open == 0
+    assert chat.clients._httpx is None and http.is_closed and stream_client._open == 0
 
 
 def test_two_instances_share_nothing(tmp_path, upstream):
