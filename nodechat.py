@@ -6162,7 +6162,7 @@ class NodeChat:
         token = bearer_token(headers) or query.get("api_key") or query.get("token")
         try:
             self._check_browser(scope, headers)
-            user = await self._identify(scope, token)
+            user = await self.identify(scope, token)
             reason = None if user else "Missing authentication" if token is None else "Invalid authentication"
         except Forbidden as err:
             user, reason = None, err.message
@@ -6250,7 +6250,7 @@ class NodeChat:
         call must come from this server or an origin listed with credentials, and a POST
         must be ``application/json`` (which a cross-site form cannot send)."""
         token, via_cookie = self.credentials(headers, route)
-        user = await self._identify(scope, token)
+        user = await self.identify(scope, token)
         if not user:
             raise Unauthorized("Unauthorized", code="invalid_api_key")
         if via_cookie or self._authenticate is not None:  # a host's check may read its cookie
@@ -6266,7 +6266,7 @@ class NodeChat:
                                  "application/json", code="unsupported_media_type", status=415)
         return user
 
-    async def _identify(self, scope: Scope, token: str | None) -> str | None:
+    async def identify(self, scope: Scope, token: str | None) -> str | None:
         """The host's ``authenticate(scope)``, else the token table (open when it is empty)."""
         if self._authenticate is not None:
             user = self._authenticate(scope)
