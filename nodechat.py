@@ -6347,8 +6347,7 @@ class NodeChat:
         message = body.get("message")
         if isinstance(message, dict):  # a UIMessage: v5 parts or v4 content
             parts = message.get("parts") if isinstance(message.get("parts"), list) else []
-            text = "".join(p.get("text", "") for p in parts if isinstance(p, dict)
-                           and p.get("type") == "text" and isinstance(p.get("text"), str))
+            text = message_text({"content": parts_content(parts)})
             text = text or (message["content"] if isinstance(message.get("content"), str) else "")
         else:
             text = message if isinstance(message, str) else ""
