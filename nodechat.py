@@ -23,9 +23,12 @@ Settings come from keyword arguments, else a TOML file (``--config`` or ``NODECH
 else the environment (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, and ``NODECHAT_<NAME>`` for every
 setting); see :class:`Settings` and the README.  ``GET /`` is a small chat page.
 
+Scale out with ``NODECHAT_DATABASE_URL=postgresql://...`` (the ``postgres`` extra): any number
+of processes on any number of machines share one PostgreSQL.
+
 Sections, in the order data flows: Settings, Errors, Events, Wire, Store (JSON files and
-PostgreSQL), Tools, MCP, Providers, Agent, Workflows, Encoders, ASGI (and the /chat WebSocket),
-AI SDK messages, Chat page, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
+PostgreSQL), Tools, MCP, Providers, Agent, Workflows, Requests, Encoders, ASGI, /chat
+WebSocket, Chat page, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 """
 
 from __future__ import annotations
