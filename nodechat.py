@@ -699,7 +699,7 @@ async def sse_batches(chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_LI
 
 
 ###############################################################################
-# Store: conversations and memories as JSON files
+# Store: conversations and memories, as JSON files or in PostgreSQL
 ###############################################################################
 
 try:  # POSIX file locks serialise writers across worker processes
