@@ -2027,18 +2027,23 @@ def test_offline_model_serves_with_no_configuration(tmp_path):
         assert [m.id for m in api.models.list()] == ["echo"]
 
 
-def test_completion_not_streamed_by_default_and_parameters_reach_upstream(live, upstream):
+def test_completion_is_not_streamed_by_default(live, upstream):
     _, url = live()
     upstream.script(text("Hel", "lo"))
-    reply = client(url).chat.completions.create(
-        model="fake-1", messages=[{"role": "user", "content": "hi"}], temperature=0.3,
-        max_tokens=50, stop=["\n\n"], response_format={"type": "json_object"}, seed=7,
-        tool_choice="none", extra_body={"top_k": 5, "max_completion_tokens": 40})
+    reply = client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
     assert reply.object == "chat.completion"
     assert reply.id.startswith("chatcmpl-")
     assert reply.choices[0].message.content == "Hello"
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.total_tokens == 10
+
+
+def test_request_parameters_reach_the_upstream_unchanged(live, upstream):
+    _, url = live()
+    client(url).chat.completions.create(
+        model="fake-1", messages=[{"role": "user", "content": "hi"}], temperature=0.3,
+        max_tokens=50, stop=["\n\n"], response_format={"type": "json_object"}, seed=7,
+        tool_choice="none", extra_body={"top_k": 5, "max_completion_tokens": 40})
     sent = upstream.requests[0]
     for key, value in {"temperature": 0.3, "max_tokens": 50, "stop": ["\n\n"], "seed": 7,
                        "response_format": {"type": "json_object"}, "tool_choice": "none",
@@ -3751,7 +3756,7 @@ def test_v1_callers_are_not_under_the_per_user_turn_cap(live, upstream):
     assert [a.status_code for a in answers] == [200, 200]
 
 
-def test_slow_drip_malformed_events_and_retry_after(live, upstream):
+def test_a_slow_drip_is_cut_at_stream_timeout(live, upstream):
     _, url = live(stream_timeout=0.5)
     upstream.script(drip(text(*"abcdefgh"), 0.15))
     started = time.monotonic()
@@ -3759,10 +3764,18 @@ def test_slow_drip_malformed_events_and_retry_after(live, upstream):
         list(client(url).chat.completions.create(model="fake-1", stream=True,
                                                  messages=[{"role": "user", "content": "x"}]))
     assert time.monotonic() - started < 3
+
+
+def test_an_event_that_is_not_json_is_502(live, upstream):
+    _, url = live()
     upstream.script([b"data: {not json\n\n"])
     with pytest.raises(openai.APIStatusError) as err:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 502 and "malformed" in err.value.message
+
+
+def test_the_upstreams_retry_after_is_passed_on(live, upstream):
+    _, url = live()
     upstream.script(failing(429, {"error": {"message": "slow down"}}, [(b"retry-after", b"7")]))
     response = httpx.post(url + "/v1/chat/completions", headers=AUTH,
                           json={"model": "fake-1", "messages": [{"role": "user", "content": "x"}]})
