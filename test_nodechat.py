@@ -3508,14 +3508,20 @@ def test_mcp_servers_that_fail_to_start_are_skipped(live, upstream, tmp_path):
     assert response.status_code == 200 and events[-1]["type"] == "finish"
 
 
-def test_mcp_name_clashes_are_prefixed_and_shutdown_stops_servers(make_chat, upstream):
+def test_mcp_name_clashes_are_prefixed_with_the_server(make_chat):
     chat = make_chat(mcp_servers={"time": time_server(), "clock": time_server()})
-    with serve(chat) as url:
+    with serve(chat):
         names = set(chat.tools.names())
-        processes = [s.transport.process for s in chat.mcp.sessions.values()]
-        assert {"get_current_time", "clock_get_current_time"} <= names or \
-            {"get_current_time", "time_get_current_time"} <= names
+    assert {"get_current_time", "clock_get_current_time"} <= names or \
+        {"get_current_time", "time_get_current_time"} <= names
+
+
+def test_shutdown_stops_every_mcp_server(make_chat):
+    chat = make_chat(mcp_servers={"time": time_server()})
+    with serve(chat) as url:
         httpx.get(url + "/healthz")
+        processes = [s.transport.process for s in chat.mcp.sessions.values()]
+        assert processes and all(p.returncode is None for p in processes)
     assert all(p.returncode is not None for p in processes)
 
 
@@ -3705,13 +3711,17 @@ def test_user_ids_from_tokens_must_be_safe_file_names():
         Settings.from_sources({"tokens": {"t": "../../root"}}, environ={})
 
 
-def test_limits_on_messages_and_tool_results(live, upstream):
-    chat, url = live(max_messages=3, max_message_chars=100, max_tool_result_chars=50)
+def test_limits_on_messages_are_413(live, upstream):
+    _, url = live(max_messages=3, max_message_chars=100)
     with pytest.raises(openai.APIStatusError) as err:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}] * 4)
     assert err.value.status_code == 413 and err.value.body["code"] == "too_many_messages"
     response, error = api_chat(url, {"messages": [user("y" * 101)]})
     assert response.status_code == 413 and "at most 100" in error["error"]
+
+
+def test_the_model_reads_a_cut_tool_result_the_client_all_of_it(live, upstream):
+    chat, url = live(max_tool_result_chars=50)
     chat.tools.add(lambda: "z" * 500, name="big", description="Big.")
     upstream.script(tool_calls(("big", {})), text("ok"))
     _, events = api_chat(url, {"messages": [user("big")]})
@@ -4568,10 +4578,13 @@ def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
     assert "WARNING:  nodechat: /chat refused (1008): cross-origin request" in err
 
 
-def test_cli_version_and_environment_in_help(capsys):
+def test_cli_version(capsys):
     with pytest.raises(SystemExit):
         nodechat.main(["--version"])
     assert capsys.readouterr().out.strip() == f"nodechat {nodechat.__version__}"
+
+
+def test_cli_help_lists_the_environment(capsys):
     with pytest.raises(SystemExit):
         nodechat.main(["--help"])
     out = capsys.readouterr().out
