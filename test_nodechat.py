@@ -2472,7 +2472,8 @@ async def test_ws_clients_hear_of_the_title_after_the_done_chunk(live, upstream)
         assert message == {"type": "title_update", "thread_id": "t-ws", "title": "Chat About Tea"}
 
 
-def test_api_chat_auth_by_bearer_or_cookie_and_seed_errors(live, upstream):
+def test_api_chat_auth_by_bearer_or_cookie(live, upstream):
+    """seed 003: 401 {"error": "Unauthorized"} when authentication fails."""
     _, url = live()
     body = {"messages": [user("hi")]}
     response, error = api_chat(url, body, token=None)
@@ -2481,6 +2482,12 @@ def test_api_chat_auth_by_bearer_or_cookie_and_seed_errors(live, upstream):
     assert response.status_code == 401
     response, events = api_chat(url, body, token=None, Cookie="theme=dark; nodechat_session=tok-bob")
     assert response.status_code == 200 and events[-1]["type"] == "finish"
+
+
+def test_api_chat_bad_bodies_get_the_seeds_errors(live, upstream):
+    """seed 003: 400 "Missing messages" / "Invalid messages"."""
+    _, url = live()
+    body = {"messages": [user("hi")]}
     for bad, message in (({}, "Missing messages"), ({"messages": []}, "Missing messages"),
                          ({"messages": "hi"}, "Missing messages"),
                          ({"messages": [{"role": "robot", "content": "x"}]}, "Invalid messages"),
@@ -2666,18 +2673,24 @@ def test_ui_message_stream_for_a_stock_use_chat_request(live, upstream):
     assert stored.status_code == 200 and stored.json()["messages"][0]["content"] == "weather in Oslo?"
 
 
-def test_ui_stream_chosen_explicitly_and_failures_end_with_error_finish(live, upstream):
+def test_ui_stream_failures_end_with_an_error_finish(live, upstream):
     _, url = live()
     upstream.script(drop(text("partial")[:2]))
     response, events = api_chat(url, {"messages": [user("x")]}, query="?protocol=ui")
     check_ui_stream(events)
     assert [e["type"] for e in events[-4:-1]] == ["error", "finish-step", "finish"]
     assert events[-2]["finishReason"] == "error" and upstream.url in events[-4]["errorText"]
-    _, seed = api_chat(url, ui_request("x"), **{"X-Nodechat-Stream": "seed"})
-    assert seed[-1]["type"] == "finish"  # explicit wins over trigger
     upstream.script(*[tool_calls(("nothing", {})) for _ in range(3)])
     _, limited = api_chat(url, ui_request("x", chat_id="c9"), query="?protocol=ui")
     check_ui_stream(limited)
+
+
+def test_an_explicit_stream_shape_wins_over_trigger(live, upstream):
+    _, url = live()
+    _, seed = api_chat(url, ui_request("x"), **{"X-Nodechat-Stream": "seed"})
+    assert seed[-1]["type"] == "finish"
+    _, ui = api_chat(url, {"messages": [user("x")]}, query="?protocol=ui")
+    assert ui[0]["type"] == "start" and ui[-1] == "[DONE]"
 
 
 def test_ui_stream_tool_errors_are_tool_output_error(live, upstream):
