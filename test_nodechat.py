@@ -3606,26 +3606,35 @@ async def test_fetch_allows_a_public_address_literal():
     await nodechat.check_public_url("https://93.184.216.34/page")  # checked only, not fetched
 
 
-def test_fetch_tool_reads_pages_and_refuses_the_servers_own_network(make_chat, upstream):
-    async def page(request):
-        return HTMLResponse("<html><head><title>Tea</title><style>p{}</style></head><body>"
-                            "<script>alert(1)</script><h1>Green tea</h1><p>Brew at 80&deg;C.</p></body></html>")
+TEA_PAGE = Starlette(routes=[
+    Route("/tea", lambda r: HTMLResponse("<html><head><title>Tea</title><style>p{}</style></head><body>"
+                                         "<script>alert(1)</script><h1>Green tea</h1><p>Brew at 80&deg;C.</p>"
+                                         "</body></html>")),
+    Route("/go", lambda r: RedirectResponse("/tea"))])
 
-    site = Starlette(routes=[Route("/tea", page), Route("/go", lambda r: RedirectResponse("/tea"))])
-    with serve(site) as site_url:
-        chat = make_chat()
-        upstream.script(tool_calls(("fetchUrl", {"url": site_url + "/tea"})), text("ok"))
-        with serve(chat) as url:
-            _, events = api_chat(url, {"messages": [user("read it")]})
-        refused = next(e for e in events if e["type"] == "tool-result")
-        assert refused["isError"] and "not a public address" in refused["result"]
-        chat = make_chat(allow_private_fetch=True)
-        upstream.script(tool_calls(("fetchUrl", {"url": site_url + "/go"})), text("ok"))
-        with serve(chat) as url:
-            _, events = api_chat(url, {"messages": [user("read it")]})
-        page_text = next(e for e in events if e["type"] == "tool-result")["result"]
-        assert page_text["title"] == "Tea" and page_text["url"] == site_url + "/tea"
-        assert page_text["text"] == "Green tea\nBrew at 80°C."
+
+def fetch_result(url: str, upstream, page: str):
+    upstream.script(tool_calls(("fetchUrl", {"url": page})), text("ok"))
+    _, events = api_chat(url, {"messages": [user("read it")]})
+    return next(e for e in events if e["type"] == "tool-result")
+
+
+def test_fetch_tool_refuses_the_servers_own_network(live, upstream):
+    _, url = live()
+    with serve(TEA_PAGE) as site_url:
+        refused = fetch_result(url, upstream, site_url + "/tea")
+    assert refused["isError"] and "not a public address" in refused["result"]
+
+
+def test_fetch_tool_reads_a_page_as_text_following_redirects(live, upstream):
+    _, url = live(allow_private_fetch=True)
+    with serve(TEA_PAGE) as site_url:
+        page = fetch_result(url, upstream, site_url + "/go")["result"]
+    assert page["title"] == "Tea" and page["url"] == site_url + "/tea"
+    assert page["text"] == "Green tea\nBrew at 80°C."
+
+
+def test_fetch_tool_can_be_turned_off(make_chat):
     assert "fetchUrl" not in make_chat(fetch_tool=False).tools
 
 
