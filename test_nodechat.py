@@ -4020,8 +4020,9 @@ def test_fetch_connects_to_the_address_it_checked(make_chat, upstream, monkeypat
     assert second == "ValueError: refusing to fetch rebind.test: not a public address"
 
 
-def test_fetch_is_bounded_in_bytes_and_time_and_keeps_the_loop_free(make_chat, upstream):
-    async def drip(request):
+def test_a_fetch_is_bounded_in_time(live, upstream):
+    """A server sending one byte a second once held a turn 45 s and more."""
+    async def one_byte_a_second(request):
         async def body():
             for _ in range(30):
                 yield b"x"
@@ -4029,28 +4030,28 @@ def test_fetch_is_bounded_in_bytes_and_time_and_keeps_the_loop_free(make_chat, u
         from starlette.responses import StreamingResponse
         return StreamingResponse(body(), media_type="text/plain")
 
+    _, url = live(allow_private_fetch=True, fetch_timeout=2)
+    with serve(Starlette(routes=[Route("/drip", one_byte_a_second)])) as site_url:
+        started = time.monotonic()
+        dripped = fetch_result(url, upstream, site_url + "/drip")
+    assert time.monotonic() - started < 6
+    assert dripped["isError"] and "longer than 2 s" in dripped["result"]
+
+
+def test_a_huge_page_is_cut_and_parsed_off_the_event_loop(live, upstream):
+    """A 2 MB page parsed on the loop once froze every client about 5 s."""
     huge = "<html><body>" + "<div><b>tea</b> <i>leaf</i></div>" * 200_000 + "</body></html>"  # 6.8 MB
-    site = Starlette(routes=[Route("/drip", drip), Route("/huge", lambda r: HTMLResponse(huge))])
-    with serve(site) as site_url:
-        upstream.script(tool_calls(("fetchUrl", {"url": site_url + "/drip"})), text("ok"),
-                        tool_calls(("fetchUrl", {"url": site_url + "/huge"})), text("ok"))
-        with serve(make_chat(allow_private_fetch=True, fetch_timeout=2)) as url:
-            started = time.monotonic()
-            _, events = api_chat(url, {"messages": [user("read it")]})
-            assert time.monotonic() - started < 6
-            dripped = next(e for e in events if e["type"] == "tool-result")
-            assert dripped["isError"] and "longer than 2 s" in dripped["result"]
-        with serve(make_chat(allow_private_fetch=True)) as url:
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                turn = pool.submit(api_chat, url, {"messages": [user("read it")]})
-                slowest = 0.0
-                while not turn.done():
-                    started = time.monotonic()
-                    assert httpx.get(url + "/healthz", timeout=10).status_code == 200
-                    slowest = max(slowest, time.monotonic() - started)
-                    time.sleep(0.02)
-                _, events = turn.result()
-    page = next(e for e in events if e["type"] == "tool-result")["result"]
+    _, url = live(allow_private_fetch=True)
+    with serve(Starlette(routes=[Route("/huge", lambda r: HTMLResponse(huge))])) as site_url:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            turn = pool.submit(fetch_result, url, upstream, site_url + "/huge")
+            slowest = 0.0
+            while not turn.done():
+                started = time.monotonic()
+                assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+                slowest = max(slowest, time.monotonic() - started)
+                time.sleep(0.02)
+            page = turn.result()["result"]
     assert page["truncated"] and page["text"].startswith("tea leaf"), page
     assert slowest < 1.0, f"the event loop stalled {slowest:.2f} s"
 
