@@ -4894,6 +4894,7 @@ ROUTES = (
     ("DELETE", "/api/memories/{id}", "delete_memory", "api", "session"),
 )
 WS_ROUTES = ("/chat", "/ws/chat")
+PATH_STYLES = (("/v1/", "openai"),)  # the error style of a path no route matches (404)
 
 
 @dataclass(frozen=True)
@@ -6108,7 +6109,7 @@ class NodeChat:
         caller never gets to make the server hold a body in memory."""
         path, method = route_path(scope), scope["method"]
         route, params, allowed = match_route(self._routes, method, path)
-        style = route.style if route else ("openai" if path.startswith("/v1/") else "api")
+        style = route.style if route else next((s for p, s in PATH_STYLES if path.startswith(p)), "api")
         headers = scope_headers(scope)
         if route and route.handler == "api_chat" and _wants_ui_stream(
                 dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))), headers):
