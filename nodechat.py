@@ -588,10 +588,10 @@ def parse_json(raw: bytes | str) -> Any:
     try:
         if isinstance(raw, (bytes, bytearray)):
             raw = raw.decode()  # strict UTF-8: json.loads would let encoded surrogates through
-        value = json.loads(raw, parse_constant=_refuse_constant)
+        value = _decode_strict(raw)
     except RecursionError:
         raise ValueError("nested too deeply") from None
-    if "\\ud" in raw.lower():  # an escaped surrogate
+    if "\\u" in raw and SURROGATE_ESCAPE.search(raw):  # only then: this runs on every upstream event
         try:
             _encode_json(value).encode()
         except UnicodeEncodeError:
@@ -601,6 +601,11 @@ def parse_json(raw: bytes | str) -> Any:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# one decoder, made once: json.loads with keyword arguments builds a new one per call
+_decode_strict = json.JSONDecoder(parse_constant=_refuse_constant).decode
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def compact_json(value: Any) -> str:
