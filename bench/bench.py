@@ -552,7 +552,7 @@ class Bench:
         self.duration = 0.5 if args.quick else args.duration
         self.paced_chunks = 20 if args.quick else PACED_CHUNKS
         self.paced_requests = 3  # the middle one is timed
-        self.scan = PACED_SCAN[:2] if args.quick else PACED_SCAN
+        self.scan = args.scan or (PACED_SCAN[:2] if args.quick else PACED_SCAN)
         if args.pure:
             self.options = {"http": "h11", "loop": "asyncio", "ws": "wsproto"}
         else:
@@ -587,6 +587,8 @@ class Bench:
     def run_points(self, name: str, ports: list[int], pids: list[int], target: str,
                    points: list[Point], tls: ssl.SSLContext | None = None) -> None:
         for point in points:
+            if self.args.paced_only and not point.pace:
+                continue
             runs = self.results.setdefault(point, {}).setdefault(name, [])
             for _ in range(self.args.repeat):
                 runs.append(measure(ports, pids, target, point, self.duration,
@@ -608,12 +610,12 @@ class Bench:
 
     def run(self) -> None:
         self.start_upstreams()
-        self.measure_upstream()
-        self.measure_naive()
-        self.measure_openai_path()
-        self.measure_tls()
-        self.measure_agent()
-        self.measure_idle_websockets()
+        parts = {"upstream": self.measure_upstream, "naive": self.measure_naive,
+                 "openai": self.measure_openai_path, "tls": self.measure_tls,
+                 "agent": self.measure_agent, "idle": self.measure_idle_websockets}
+        for name, part in parts.items():
+            if not self.args.only or name in self.args.only or name == "upstream":
+                part()
         if self.args.postgres:
             self.measure_postgres()
 
@@ -1076,6 +1078,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--postgres", action="store_true",
                         help="also PostgresStore's figures, and /api/chat through three nodechat processes "
                              f"on one PostgreSQL vs one (needs {PG_BIN})")
+    parser.add_argument("--only", type=lambda v: set(v.split(",")), default=set(),
+                        help="only these parts besides the upstream alone, comma-separated: "
+                             "naive, openai, tls, agent, idle (and with --paced-only, paced points only)")
+    parser.add_argument("--paced-only", action="store_true", help="only the paced scan")
+    parser.add_argument("--scan", type=lambda v: tuple(map(int, v.split(","))),
+                        help=f"paced stream counts to try (default {','.join(map(str, PACED_SCAN))})")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tls-cert", help=argparse.SUPPRESS)
     parser.add_argument("--tls-key", help=argparse.SUPPRESS)
