@@ -2675,6 +2675,12 @@ class ChunkedDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """The body bytes in ``data``."""
+        if self._step == _SIZE and not self._buffer:  # a paced stream's read: exactly one chunk
+            eol = data.find(b"\r\n", 0, 18)
+            if eol > 0 and not data[:eol].strip(_HEX_DIGITS):
+                end = eol + 2 + int(data[:eol], 16)
+                if end > eol + 2 and len(data) == end + 2 and data[end:] == b"\r\n":
+                    return data[eol + 2:end]
         if self.done:
             self.extra += data
             return b""
@@ -4888,11 +4894,12 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
 
 class SSEWriter:
     """Writes an event stream's frames, and a comment line after ``keepalive`` seconds of
-    silence (one timer task, as sse-starlette's ping), starting the response if need be.
+    silence (as sse-starlette's ping), starting the response if need be.
 
-    Two writers meet only when the ping waits on a slow client: ``_busy`` is set while a
-    send is under way, and the other writer waits for ``_idle``.  No lock: taking one on every
-    frame cost more than encoding the frame.
+    The silence is watched by one timer, not a task: a task per response cost a creation and
+    a cancellation on every request.  Two writers meet only when a ping waits on a slow
+    client: ``_busy`` is set while a send is under way, and the other writer waits for
+    ``_idle``.  No lock: taking one on every frame cost more than encoding the frame.
     """
 
     def __init__(self, send: Send, headers: Iterable[tuple[bytes, bytes]], keepalive: float):
@@ -4901,17 +4908,19 @@ class SSEWriter:
         self.last = time.monotonic()
         self._busy = False
         self._idle: asyncio.Future | None = None
-        self._pinger = asyncio.create_task(self._ping())
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(keepalive, self._silence)
+        self._ping: asyncio.Task | None = None
 
     async def write(self, body: bytes, more: bool = True) -> None:
         while self._busy:
             if self._idle is None:
-                self._idle = asyncio.get_running_loop().create_future()
+                self._idle = self._loop.create_future()
             await asyncio.shield(self._idle)
         self._busy = True
         try:
             if not more:
-                self._pinger.cancel()
+                self.close()
             if not self.started:
                 self.started = True
                 await self.send({"type": "http.response.start", "status": 200,
@@ -4925,14 +4934,26 @@ class SSEWriter:
                 idle.set_result(None)
 
     def close(self) -> None:
-        self._pinger.cancel()
+        """No more pings (the stream is ending, or has ended)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._ping is not None and self._ping is not asyncio.current_task():
+            self._ping.cancel()
 
-    async def _ping(self) -> None:
+    def _silence(self) -> None:
+        silent = time.monotonic() - self.last
+        if silent < self.keepalive:
+            wait = self.keepalive - silent
+        else:  # unless a send is stuck on a slow client: then look again later
+            wait = self.keepalive
+            if not self._busy and (self._ping is None or self._ping.done()):
+                self._ping = asyncio.ensure_future(self._send_ping())
+        self._timer = self._loop.call_later(wait, self._silence)
+
+    async def _send_ping(self) -> None:
         try:
-            while True:
-                await asyncio.sleep(max(0.0, self.last + self.keepalive - time.monotonic()))
-                if time.monotonic() - self.last >= self.keepalive:
-                    await self.write(SSE_KEEPALIVE)
+            await self.write(SSE_KEEPALIVE)
         except OSError:  # the client is gone; the stream's own task sees the disconnect
             return
 
