@@ -3085,12 +3085,11 @@ class _Connection(asyncio.Protocol):
                 raise self.exc
             await self.wait()
 
-    async def wait(self) -> None:
-        self.waiter = self.loop.create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
+    def wait(self) -> asyncio.Future:
+        """A future that the next read, the end or a failure completes (a plain future, no
+        coroutine: this is awaited once per read)."""
+        self.waiter = waiter = self.loop.create_future()
+        return waiter
 
     def decode_events(self) -> None:
         """From now on decode the body as SSE, starting with what arrived already."""
@@ -3469,19 +3468,6 @@ class OpenAIProvider:
             except (ValueError, AttributeError, KeyError, TypeError):
                 raise UpstreamError(f"provider {self.label} answered /models with no model list") from None
 
-    def _parse(self, data: bytes) -> dict:
-        try:
-            chunk = parse_json(data)  # strict: no NaN, no lone surrogate, bounded depth
-        except ValueError:
-            raise UpstreamError(f"provider {self.label} sent a malformed event: "
-                                f"{redact(repr(data[:200]), self.secrets)}") from None
-        if not isinstance(chunk, dict):
-            raise UpstreamError(f"provider {self.label} sent a non-object event: "
-                                f"{redact(repr(data[:200]), self.secrets)}")
-        if "error" in chunk:
-            raise UpstreamError(f"provider {self.label}: {redact(_error_text(chunk), self.secrets)[:1000]}")
-        return chunk
-
     @contextlib.contextmanager
     def _errors(self):
         """Wrap httpx's errors (and the SSE decoder's) once, where they arrive, naming this
@@ -3519,12 +3505,12 @@ class CompletionChunks:
 
     The deltas of one batch are merged into one event: a burst of fifty chunks costs one
     encode and one send downstream instead of fifty.  Tool-call deltas are assembled and come
-    out whole from ``close()``, before the StepFinished.  A chunk of the wrong shape is an
-    UpstreamError naming the provider.
+    out whole from ``close()``, before the StepFinished.  A malformed chunk, or an ``error``
+    in the stream, is an UpstreamError naming the provider (its secrets redacted).
     """
 
     def __init__(self, provider: OpenAIProvider):
-        self.provider = provider
+        self.label, self.secrets = provider.label, provider.secrets
         self.calls: dict[int, list] = {}  # index -> [id, name, argument pieces]
         self.reason: str | None = None
         self.usage: dict | None = None
@@ -3534,27 +3520,37 @@ class CompletionChunks:
         events: list[Event] = []
         pending: list[str] = []
         pending_kind: type = TextDelta
-        try:
-            for data in batch:
-                if self.done or data == b"[DONE]":
-                    self.done = True
-                    continue
-                chunk = self.provider._parse(data)
+        for data in batch:
+            if self.done or data == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                chunk = parse_json(data)  # strict: no NaN, no lone surrogate, bounded depth
+            except ValueError:
+                raise UpstreamError(f"provider {self.label} sent a malformed event: "
+                                    f"{redact(repr(data[:200]), self.secrets)}") from None
+            if type(chunk) is not dict:
+                raise UpstreamError(f"provider {self.label} sent a non-object event: "
+                                    f"{redact(repr(data[:200]), self.secrets)}")
+            if "error" in chunk:
+                raise UpstreamError(f"provider {self.label}: {redact(_error_text(chunk), self.secrets)[:1000]}")
+            try:
                 usage = chunk.get("usage")
-                if usage is not None and isinstance(usage, dict):
+                if usage is not None and type(usage) is dict:
                     self.usage = usage
                 for choice in chunk.get("choices") or ():
                     if choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta") or {}
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if reasoning:
-                        if pending and pending_kind is not ReasoningDelta:
-                            events.append(pending_kind("".join(pending)))
-                            pending = []
-                        pending_kind = ReasoningDelta
-                        pending.append(reasoning)
                     text = delta.get("content")
+                    if "reasoning_content" in delta or "reasoning" in delta:
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                        if reasoning:
+                            if pending and pending_kind is not ReasoningDelta:
+                                events.append(pending_kind("".join(pending)))
+                                pending = []
+                            pending_kind = ReasoningDelta
+                            pending.append(reasoning)
                     if text:
                         if pending and pending_kind is not TextDelta:
                             events.append(pending_kind("".join(pending)))
@@ -3566,21 +3562,24 @@ class CompletionChunks:
                             _assemble(self.calls, part)
                     reason = choice.get("finish_reason")
                     if reason is not None:
-                        if not isinstance(reason, str):
+                        if type(reason) is not str:
                             raise TypeError("finish_reason is not a string")
                         self.reason = reason or self.reason
-            if pending:
+            except (AttributeError, TypeError, KeyError) as exc:  # a chunk of the wrong shape
+                raise UpstreamError(f"provider {self.label} sent a malformed chunk "
+                                    f"({type(exc).__name__}: {exc})") from None
+        if pending:
+            try:
                 events.append(pending_kind("".join(pending)))
-        except (AttributeError, TypeError, KeyError) as exc:
-            raise UpstreamError(f"provider {self.provider.label} sent a malformed chunk "
-                                f"({type(exc).__name__}: {exc})") from None
+            except TypeError as exc:  # a delta that is not a string
+                raise UpstreamError(f"provider {self.label} sent a malformed chunk "
+                                    f"(TypeError: {exc})") from None
         return events
 
     def close(self) -> list[Event]:
         """The assembled tool calls and the StepFinished, once the stream has ended."""
         if not self.done and self.reason is None:
-            raise UpstreamError(f"provider {self.provider.label} ended the stream before the answer "
-                                "was complete")
+            raise UpstreamError(f"provider {self.label} ended the stream before the answer was complete")
         calls = [ToolCall(call_id or new_id("call"), name, "".join(arguments))
                  for _, (call_id, name, arguments) in sorted(self.calls.items())]
         return [*calls, StepFinished(self.reason or "stop", self.usage)]
@@ -6215,10 +6214,10 @@ class NodeChat:
         send = self._with_cors(headers, method, send)
         started = False
 
-        async def tracking_send(message: Message) -> None:
+        def tracking_send(message: Message) -> Awaitable[None]:  # no coroutine of its own per frame
             nonlocal started
             started = True
-            await send(message)
+            return send(message)
 
         request = None
         try:
