@@ -4607,6 +4607,35 @@ def test_cli_version(capsys):
     assert capsys.readouterr().out.strip() == f"nodechat {nodechat.__version__}"
 
 
+@pytest.mark.parametrize("options", [[], ["-X", "dev"]], ids=["plain", "with-options"])
+def test_python_nodechat_py_serves_from_the_file_it_was_given(tmp_path, options):
+    """A plain `python nodechat.py` replaces itself (same pid) with a process that imports
+    that very file, so the script's syntax tree is not kept for the server's life; another
+    nodechat on the path is never picked up.  With interpreter options it runs as a script."""
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "nodechat.py").write_text("raise SystemExit('the wrong nodechat')\n")
+    env = {**os.environ, "PYTHONPATH": str(decoy), "NODECHAT_DATA_DIR": str(tmp_path / "data")}
+    version = subprocess.run([sys.executable, *options, nodechat.__file__, "--version"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip() == f"nodechat {nodechat.__version__}", version.stderr
+    port = free_port()
+    server = subprocess.Popen([sys.executable, *options, nodechat.__file__, "--port", str(port),
+                               "--log-level", "warning"], env=env)
+    try:
+        eventually(lambda: server.poll() is not None or listening(port), 20)
+        assert server.poll() is None, "nodechat did not start"
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+        if options:
+            assert command[1:4] == [b"-X", b"dev", nodechat.__file__.encode()]
+        else:
+            assert command[1] == b"-c" and b"import nodechat" in command[2]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def test_cli_help_lists_the_environment(capsys):
     with pytest.raises(SystemExit):
         nodechat.main(["--help"])
