@@ -4891,32 +4891,61 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
         await events.aclose()
 
 
+class SendGuard:
+    """One send at a time on a connection, for the rare moment two tasks meet there (a ping
+    or a title while a frame waits on a slow client).
+
+    An ``asyncio.Lock`` does this with three coroutine calls per frame, which cost more than
+    encoding the frame; here an uncontended send costs a flag::
+
+        if guard.busy:
+            await guard.wait()
+        guard.busy = True
+        try:
+            await send(message)
+        finally:
+            guard.release()
+    """
+
+    def __init__(self):
+        self.busy = False
+        self._idle: asyncio.Future | None = None
+
+    async def wait(self) -> None:
+        while self.busy:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)  # one waiter's cancellation is not the others'
+
+    def release(self) -> None:
+        self.busy = False
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.set_result(None)
+
+
 class SSEWriter:
     """Writes an event stream's frames, and a comment line after ``keepalive`` seconds of
     silence (as sse-starlette's ping), starting the response if need be.
 
     The silence is watched by one timer, not a task: a task per response cost a creation and
-    a cancellation on every request.  Two writers meet only when a ping waits on a slow
-    client: ``_busy`` is set while a send is under way, and the other writer waits for
-    ``_idle``.  No lock: taking one on every frame cost more than encoding the frame.
+    a cancellation on every request.  A ping and a frame never send at once (``SendGuard``).
     """
 
     def __init__(self, send: Send, headers: Iterable[tuple[bytes, bytes]], keepalive: float):
         self.send, self.headers, self.keepalive = send, list(headers), keepalive
         self.started = False
         self.last = time.monotonic()
-        self._busy = False
-        self._idle: asyncio.Future | None = None
+        self._guard = SendGuard()
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(keepalive, self._silence)
         self._ping: asyncio.Task | None = None
 
     async def write(self, body: bytes, more: bool = True) -> None:
-        while self._busy:
-            if self._idle is None:
-                self._idle = self._loop.create_future()
-            await asyncio.shield(self._idle)
-        self._busy = True
+        guard = self._guard
+        if guard.busy:
+            await guard.wait()
+        guard.busy = True
         try:
             if not more:
                 self.close()
@@ -4927,10 +4956,7 @@ class SSEWriter:
             await self.send({"type": "http.response.body", "body": body, "more_body": more})
             self.last = time.monotonic()
         finally:
-            self._busy = False
-            idle, self._idle = self._idle, None
-            if idle is not None:
-                idle.set_result(None)
+            guard.release()
 
     def close(self) -> None:
         """No more pings (the stream is ending, or has ended)."""
@@ -4946,7 +4972,7 @@ class SSEWriter:
             wait = self.keepalive - silent
         else:  # unless a send is stuck on a slow client: then look again later
             wait = self.keepalive
-            if not self._busy and (self._ping is None or self._ping.done()):
+            if not self._guard.busy and (self._ping is None or self._ping.done()):
                 self._ping = asyncio.ensure_future(self._send_ping())
         self._timer = self._loop.call_later(wait, self._silence)
 
@@ -5208,7 +5234,7 @@ class ChatSession:
         self.run_turn = run_turn  # NodeChat.run_turn: the agent (or a workflow), capped per user
         self.offered = offered  # NodeChat._offered: the server's tools a message may use
         self._send = send
-        self._send_lock = asyncio.Lock()
+        self._guard = SendGuard()
         self.queue: asyncio.Queue = asyncio.Queue(self.settings.ws_queue_size)
         self.client_tools: dict[str, dict] = {}
         self.waiting: dict[str, asyncio.Future] = {}
@@ -5244,9 +5270,15 @@ class ChatSession:
     async def send(self, value: dict, binary: bool) -> None:
         if self.closed:
             return
+        guard = self._guard
         try:
-            async with self._send_lock:
+            if guard.busy:
+                await guard.wait()
+            guard.busy = True
+            try:
                 await self._send(ws_message(value, binary))
+            finally:
+                guard.release()
         except OSError:  # the client is gone; the receive loop will see the disconnect
             self.closed = True
 
