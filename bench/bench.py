@@ -28,8 +28,9 @@ Points: the OpenAI path unpaced (1, 16, 64 streams x 20, 200 chunks); "chunk per
 as one event per read (64 streams x 20 and 200 chunks, the upstream writing each chunk on its
 own, draining and yielding, ``await asyncio.sleep(0)``, between them: how many events one read
 of the server really carried is reported, counted from /proc/<pid>/io on uvloop); /api/chat
-and /chat (1x20, 1x200, 16x20), /chat again with its data dir on /dev/shm (tmpfs: its fsyncs
-cost nothing); an upstream over TLS (a throwaway CA made at start, trusted by nodechat through
+and /chat (1x20, 1x200, 16x20; each /chat stream starts a new thread every 10 turns, so its
+history stays the length of a real conversation), /chat again with its data dir on /dev/shm
+(tmpfs: its fsyncs cost nothing); an upstream over TLS (a throwaway CA made at start, trusted by nodechat through
 SSL_CERT_FILE; 1x20 and 1x200); paced at 20 ms per chunk, 100 chunks per stream, scanning 64
 to 1024 streams, the streams' starts spread over one request's length and only requests made
 while all streams run timed (each stream's middle one of three).
@@ -89,7 +90,7 @@ AGENT_POINTS = [Point("", 1, 20), Point("", 1, 200), Point("", 16, 20)]
 TLS_POINTS = [Point("TLS", 1, 20), Point("TLS", 1, 200)]
 AGENT_TURN_CAP = 64  # NODECHAT_MAX_TURNS_PER_USER for the agent points: 16 turns of one user at once
 PG_POINT = Point("PostgreSQL", 16, 20)
-PG_TURNS_PER_CONVERSATION = 10
+TURNS_PER_CONVERSATION = 10
 
 
 def run_async(coro, loop: str = "uvloop"):
@@ -379,15 +380,15 @@ async def load(ports: list[int], target: str, point: Point, duration: float,
         port = ports[number % len(ports)]
         tag = f"bench-{os.getpid()}-{number}-{uuid.uuid4().hex[:8]}"
         if target == "ws":
-            reader, writer = await ws_open(port)
-            thread = ws_frame(json.dumps({**prompt(point), "thread_id": tag}).encode())
-            request = lambda count: ws_turn(reader, writer, thread)
+            reader, writer = await ws_open(port)  # a new thread every few turns, as people chat
+            request = lambda count: ws_turn(reader, writer, ws_frame(json.dumps(
+                {**prompt(point), "thread_id": f"{tag}-{count // TURNS_PER_CONVERSATION}"}).encode()))
         else:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20, ssl=tls)
             if target == "sse-conversation":  # a new conversation every few turns
                 request = lambda count: one_request(reader, writer, http_payload("/api/chat", {
                     "messages": [prompt(point)],
-                    "conversationId": f"{tag}-{count // PG_TURNS_PER_CONVERSATION}"}))
+                    "conversationId": f"{tag}-{count // TURNS_PER_CONVERSATION}"}))
             else:
                 request = lambda count: one_request(reader, writer, openai if target == "openai" else sse)
         count = 0
@@ -908,7 +909,7 @@ def report_postgres_processes(results: dict) -> None:
     if not point:
         return
     print(f"\n/api/chat on PostgreSQL (fsync on), {PG_POINT.streams} streams x {PG_POINT.chunks} chunks, "
-          f"each stream continuing a stored conversation for {PG_TURNS_PER_CONVERSATION} turns; "
+          f"each stream continuing a stored conversation for {TURNS_PER_CONVERSATION} turns; "
           "every nodechat process on core 1, PostgreSQL on core 0:")
     for name, runs in point.items():
         rps, cpu, pg = med(runs, "rps"), med(runs, "cpu_ms"), med(runs, "pg_cpu_ms")
