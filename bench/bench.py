@@ -82,7 +82,7 @@ class Point(NamedTuple):
 
 PACE = 0.02
 PACED_CHUNKS = 100
-PACED_SCAN = (64, 256, 512, 1024)
+PACED_SCAN = (64, 256, 384, 512, 768, 1024)
 UNPACED = [Point("", s, c) for c in (20, 200) for s in (1, 16, 64)]
 SPLIT = "chunk per write"
 SPLIT_POINTS = [Point(SPLIT, 64, 20), Point(SPLIT, 64, 200)]
