@@ -41,13 +41,25 @@ import sys
 # which a server's never does: 12 MB for this file, a quarter of the idle server (54.8 MB
 # against 40.8 MB).  An import frees the tree once compiled, and reuses the .pyc after the
 # first run.  Here, before the rest of the module runs, the exec costs only the compile (90 ms
-# of start-up).  With interpreter options, under a debugger or on Windows the script runs as is.
+# of start-up).  The new process loads this very file by path (whatever its name, wherever a
+# symlink points) with ``sys.path`` as a script gets it: its directory first, never the
+# working directory.  With interpreter options, under a debugger, on Windows, or if the exec
+# fails, the script runs as is.
 if (__name__ == "__main__" and os.name == "posix" and sys.gettrace() is None and not sys.flags.inspect
         and getattr(sys, "orig_argv", [])[1:2] == sys.argv[:1] and os.path.isfile(sys.argv[0])):
-    _script = os.path.abspath(sys.argv[0])
-    os.execv(sys.executable, [
-        sys.executable, "-c", "import sys; sys.path.insert(0, %r); sys.argv[0] = %r; import nodechat; "
-        "nodechat.main()" % (os.path.dirname(_script), _script), *sys.argv[1:]])
+    _script = os.path.realpath(sys.argv[0])
+    _bootstrap = (
+        "import importlib.util, sys\n"
+        "if not sys.flags.safe_path: sys.path[0] = %r\n"
+        "spec = importlib.util.spec_from_file_location('nodechat', %r)\n"
+        "module = sys.modules['nodechat'] = importlib.util.module_from_spec(spec)\n"
+        "sys.argv[0] = %r\n"
+        "spec.loader.exec_module(module)\n"
+        "module.main()\n" % (os.path.dirname(_script), _script, sys.argv[0]))
+    try:
+        os.execv(sys.executable, [sys.executable, "-c", _bootstrap, *sys.argv[1:]])
+    except OSError:  # no usable sys.executable (an embedded interpreter): run as a script
+        pass
 
 import asyncio
 import base64
@@ -3575,10 +3587,10 @@ class CompletionChunks:
                         for part in delta["tool_calls"] or ():
                             _assemble(self.calls, part)
                     reason = choice.get("finish_reason")
-                    if reason is not None:
+                    if reason:  # null, "" (and other empty values) say nothing yet
                         if type(reason) is not str:
                             raise TypeError("finish_reason is not a string")
-                        self.reason = reason or self.reason
+                        self.reason = reason
             except (AttributeError, TypeError, KeyError) as exc:  # a chunk of the wrong shape
                 raise UpstreamError(f"provider {self.label} sent a malformed chunk "
                                     f"({type(exc).__name__}: {exc})") from None
@@ -6702,7 +6714,7 @@ def _release_free_memory() -> None:
         import ctypes
 
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+    except (ImportError, OSError, AttributeError):  # no ctypes, or not glibc: nothing to give back
         pass
 
 

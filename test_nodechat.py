@@ -4610,27 +4610,33 @@ def test_cli_version(capsys):
 @pytest.mark.parametrize("options", [[], ["-X", "dev"]], ids=["plain", "with-options"])
 def test_python_nodechat_py_serves_from_the_file_it_was_given(tmp_path, options):
     """A plain `python nodechat.py` replaces itself (same pid) with a process that imports
-    that very file, so the script's syntax tree is not kept for the server's life; another
-    nodechat on the path is never picked up.  With interpreter options it runs as a script."""
-    decoy = tmp_path / "decoy"
-    decoy.mkdir()
+    that very file by path, so the script's syntax tree is not kept for the server's life:
+    under another name too, never another nodechat on the path, and never a module from the
+    working directory.  With interpreter options it runs as a script."""
+    decoy, app, cwd = tmp_path / "decoy", tmp_path / "app", tmp_path / "cwd"
+    for folder in (decoy, app, cwd):
+        folder.mkdir()
     (decoy / "nodechat.py").write_text("raise SystemExit('the wrong nodechat')\n")
+    (cwd / "json.py").write_text("raise SystemExit('json.py from the working directory')\n")
+    copy = app / "chat.py"  # a copy dropped into a project under its own name
+    copy.write_text(Path(nodechat.__file__).read_text().replace(
+        f'__version__ = "{nodechat.__version__}"', '__version__ = "copied"'))
     env = {**os.environ, "PYTHONPATH": str(decoy), "NODECHAT_DATA_DIR": str(tmp_path / "data")}
-    version = subprocess.run([sys.executable, *options, nodechat.__file__, "--version"], env=env,
+    version = subprocess.run([sys.executable, *options, str(copy), "--version"], env=env, cwd=cwd,
                              capture_output=True, text=True, timeout=60)
-    assert version.stdout.strip() == f"nodechat {nodechat.__version__}", version.stderr
+    assert version.stdout.strip() == "nodechat copied", version.stderr
     port = free_port()
-    server = subprocess.Popen([sys.executable, *options, nodechat.__file__, "--port", str(port),
-                               "--log-level", "warning"], env=env)
+    server = subprocess.Popen([sys.executable, *options, str(copy), "--port", str(port),
+                               "--log-level", "warning"], env=env, cwd=cwd)
     try:
         eventually(lambda: server.poll() is not None or listening(port), 20)
         assert server.poll() is None, "nodechat did not start"
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
         if options:
-            assert command[1:4] == [b"-X", b"dev", nodechat.__file__.encode()]
+            assert command[1:4] == [b"-X", b"dev", str(copy).encode()]
         else:
-            assert command[1] == b"-c" and b"import nodechat" in command[2]
+            assert command[1] == b"-c" and str(copy).encode() in command[2]
     finally:
         server.terminate()
         server.wait(30)
