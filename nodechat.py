@@ -26,9 +26,10 @@ setting); see :class:`Settings` and the README.  ``GET /`` is a small chat page.
 Scale out with ``NODECHAT_DATABASE_URL=postgresql://...`` (the ``postgres`` extra): any number
 of processes on any number of machines share one PostgreSQL.
 
-Sections, in the order data flows: Settings, Errors, Events, Wire, Store (JSON files and
-PostgreSQL), Tools, MCP, Providers, Agent, Workflows, Requests, Encoders, ASGI, /chat
-WebSocket, Chat page, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
+Sections, each using only those above it: Settings, Errors, Events, Wire, Store (JSON files;
+PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Agent, Workflows, HTTP server, one
+section per protocol (OpenAI ``/v1``, ``/api/chat``, the ``/chat`` WebSocket), Chat page, App,
+CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Use the tools you are give
 ###############################################################################
 # Settings: keyword arguments, then a TOML file, then the environment
 ###############################################################################
+
 
 ENV_KEYS = types.MappingProxyType({
     "OPENAI_BASE_URL": "base_url",
@@ -487,8 +489,9 @@ class InsufficientStorage(NodeChatError):
 
 
 ###############################################################################
-# Events: what the agent yields and every encoder understands
+# Events: what the agent yields and every protocol encodes
 ###############################################################################
+
 # Frozen and final: the agent's hot path compares exact types (``type(event) is TextDelta``).
 
 
@@ -587,8 +590,9 @@ def parse_arguments(arguments: str) -> Any:
 
 
 ###############################################################################
-# Wire: JSON in and out, server-sent events written and split
+# Wire: JSON, server-sent events and HTTP/1.1 framing; bytes in, values out, no I/O
 ###############################################################################
+
 
 #: Longest line of an event stream read (a provider's, an MCP server's), in bytes.
 MAX_LINE_BYTES = 1024 * 1024
@@ -745,14 +749,115 @@ async def sse_batches(chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_LI
         yield batch
 
 
+#: Longest response head (status line and headers), in bytes.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+_SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)  # ChunkedDecoder's steps
+
+
+class ChunkedDecoder:
+    """Decodes a ``Transfer-Encoding: chunked`` body (RFC 9112 section 7.1) as it arrives.
+
+    ``feed`` returns the body bytes a read carries, in one call however many chunks it
+    holds; chunk extensions and trailers are read and dropped.  Afterwards ``done`` is true
+    and ``extra`` holds any bytes that followed the body.  Raises ValueError on a malformed
+    chunk, or a size line or trailer section longer than ``max_line_bytes``.
+    """
+
+    def __init__(self, max_line_bytes: int = MAX_HEADER_BYTES):
+        self.max_line_bytes = max_line_bytes
+        self.done = False
+        self.extra = b""
+        self._buffer = b""  # an unfinished size line, CRLF or trailer line: short
+        self._size = 0  # bytes of chunk data still to come
+        self._trailer_bytes = 0
+        self._step = _SIZE
+
+    def feed(self, data: bytes) -> bytes:
+        """The body bytes in ``data``."""
+        if self._step == _SIZE and not self._buffer:  # a paced stream's read: exactly one chunk
+            eol = data.find(b"\r\n", 0, 18)
+            if eol > 0 and not data[:eol].strip(_HEX_DIGITS):
+                end = eol + 2 + int(data[:eol], 16)
+                if end > eol + 2 and len(data) == end + 2 and data[end:] == b"\r\n":
+                    return data[eol + 2:end]
+        if self.done:
+            self.extra += data
+            return b""
+        if self._buffer:
+            data, self._buffer = self._buffer + data, b""
+        out, pos, end, step, limit = [], 0, len(data), self._step, self.max_line_bytes
+        while pos < end:
+            if step == _SIZE:
+                eol = data.find(b"\r\n", pos, pos + limit + 2)
+                if eol < 0:
+                    if end - pos > limit:
+                        raise ValueError(f"chunk size line longer than {limit} bytes")
+                    break
+                size = _chunk_size(data[pos:eol])
+                pos = eol + 2
+                if not size:
+                    step = _TRAILER
+                elif pos + size + 2 <= end:  # the whole chunk is here: the usual case
+                    if data[pos + size:pos + size + 2] != b"\r\n":
+                        raise ValueError("malformed chunk: no CRLF after the chunk data")
+                    out.append(data[pos:pos + size])
+                    pos += size + 2
+                else:
+                    step, self._size = _DATA, size
+            elif step == _DATA:
+                take = min(self._size, end - pos)
+                out.append(data[pos:pos + take])
+                pos += take
+                self._size -= take
+                if self._size:
+                    break
+                step = _CRLF
+            elif step == _CRLF:
+                if end - pos < 2:
+                    break
+                if data[pos:pos + 2] != b"\r\n":
+                    raise ValueError("malformed chunk: no CRLF after the chunk data")
+                pos, step = pos + 2, _SIZE
+            else:  # trailer fields, read and dropped, up to an empty line
+                eol = data.find(b"\r\n", pos, pos + limit + 2)
+                if eol < 0:
+                    if end - pos > limit:
+                        raise ValueError(f"chunked trailers longer than {limit} bytes")
+                    break
+                if eol == pos:
+                    self.done, self.extra, step, pos = True, data[pos + 2:], _DONE, end
+                    break
+                self._trailer_bytes += eol + 2 - pos
+                if self._trailer_bytes > limit:
+                    raise ValueError(f"chunked trailers longer than {limit} bytes")
+                pos = eol + 2
+        self._step = step
+        if pos < end:
+            self._buffer = data[pos:]
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _chunk_size(line: bytes) -> int:
+    # chunk-size [ BWS ";" chunk-ext ]: hex digits only (int() would take "0x", "+", "_")
+    size = line if b";" not in line else line.partition(b";")[0].rstrip(b" \t")
+    if not size or size.strip(_HEX_DIGITS) or len(size) > 16:
+        raise ValueError(f"malformed chunk size line {line[:40]!r}")
+    return int(size, 16)
+
+
 ###############################################################################
-# Store: conversations and memories, as JSON files or in PostgreSQL
+# Store: the contract, and conversations and memories as JSON files
 ###############################################################################
+
 
 try:  # POSIX file locks serialise writers across worker processes
     import fcntl
 except ImportError:  # pragma: no cover - Windows: in-process safety only
     fcntl = None
+
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}")
 STORE_THREADS = 8
@@ -810,6 +915,55 @@ class Store(typing.Protocol):
     async def list_memories(self, user_id: str) -> list[dict]: ...
     async def delete_memory(self, user_id: str, memory_id: str) -> bool: ...
     async def search_memories(self, user_id: str, query: str, limit: int = 10) -> list[dict]: ...
+
+
+def rank_memories(memories: list[dict], query: str, limit: int) -> list[dict]:
+    """Memories ranked by keyword relevance to ``query``, best first (see :class:`MemoryIndex`)."""
+    return MemoryIndex(memories).search(query, limit)
+
+
+class MemoryIndex:
+    """Memories ready for keyword search: which memories hold each word.
+
+    A query word matches a memory word when equal, or when one is a prefix of the other and
+    both have four letters or more ("coffee" finds "coffees"; "tea" does not find "teacher").
+    Scores are tf-idf-like: rarer words weigh more, prefix matches 0.6 of an exact one.
+    ``total`` is how many memories the user has when ``memories`` holds only candidates
+    (PostgresStore), so that the weights, and so the ranking, match a search over all of them.
+    """
+
+    def __init__(self, memories: list[dict], total: int | None = None):
+        self.memories = memories
+        self.total = len(memories) if total is None else total
+        self.postings: dict[str, list[int]] = {}
+        for index, memory in enumerate(memories):
+            for word in set(WORD_PATTERN.findall(str(memory.get("content", "")).lower())):
+                self.postings.setdefault(word, []).append(index)
+        self.vocabulary = sorted(self.postings)  # words that start with a term sit together
+
+    def search(self, query: str, limit: int) -> list[dict]:
+        scores: dict[int, float] = {}
+        # a term's prefixes are tried one by one: past MAX_TERM_CHARS a word is no keyword
+        for term in {t for t in WORD_PATTERN.findall(query[:MAX_QUERY_CHARS].lower()) if len(t) <= MAX_TERM_CHARS}:
+            exact = set(self.postings.get(term, ()))
+            near: set[int] = set()
+            if len(term) >= 4:
+                at = bisect.bisect_right(self.vocabulary, term)
+                while at < len(self.vocabulary) and self.vocabulary[at].startswith(term):
+                    near.update(self.postings[self.vocabulary[at]])
+                    at += 1
+                for size in range(4, len(term)):  # the memory's word is a prefix of the term
+                    near.update(self.postings.get(term[:size], ()))
+            near -= exact
+            if not exact and not near:
+                continue
+            weight = math.log(1 + self.total / (1 + len(exact) + len(near)))
+            for index in exact:
+                scores[index] = scores.get(index, 0.0) + weight
+            for index in near:
+                scores[index] = scores.get(index, 0.0) + 0.6 * weight
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], -item[0]))[:limit]
+        return [{**self.memories[index], "score": round(score, 3)} for index, score in ranked]
 
 
 @dataclass
@@ -1131,56 +1285,6 @@ def _file_key(path: Path) -> tuple | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def rank_memories(memories: list[dict], query: str, limit: int) -> list[dict]:
-    """Memories ranked by keyword relevance to ``query``, best first (see :class:`MemoryIndex`)."""
-    return MemoryIndex(memories).search(query, limit)
-
-
-class MemoryIndex:
-    """Memories ready for keyword search: which memories hold each word.
-
-    A query word matches a memory word when equal, or when one is a prefix of the other and
-    both have four letters or more ("coffee" finds "coffees"; "tea" does not find "teacher").
-    Scores are tf-idf-like: rarer words weigh more, prefix matches 0.6 of an exact one.
-    ``total`` is how many memories the user has when ``memories`` holds only candidates
-    (PostgresStore), so that the weights, and so the ranking, match a search over all of them.
-    """
-
-    def __init__(self, memories: list[dict], total: int | None = None):
-        self.memories = memories
-        self.total = len(memories) if total is None else total
-        self.postings: dict[str, list[int]] = {}
-        for index, memory in enumerate(memories):
-            for word in set(WORD_PATTERN.findall(str(memory.get("content", "")).lower())):
-                self.postings.setdefault(word, []).append(index)
-        self.vocabulary = sorted(self.postings)  # words that start with a term sit together
-
-    def search(self, query: str, limit: int) -> list[dict]:
-        scores: dict[int, float] = {}
-        # a term's prefixes are tried one by one: past MAX_TERM_CHARS a word is no keyword
-        for term in {t for t in WORD_PATTERN.findall(query[:MAX_QUERY_CHARS].lower()) if len(t) <= MAX_TERM_CHARS}:
-            exact = set(self.postings.get(term, ()))
-            near: set[int] = set()
-            if len(term) >= 4:
-                at = bisect.bisect_right(self.vocabulary, term)
-                while at < len(self.vocabulary) and self.vocabulary[at].startswith(term):
-                    near.update(self.postings[self.vocabulary[at]])
-                    at += 1
-                for size in range(4, len(term)):  # the memory's word is a prefix of the term
-                    near.update(self.postings.get(term[:size], ()))
-            near -= exact
-            if not exact and not near:
-                continue
-            weight = math.log(1 + self.total / (1 + len(exact) + len(near)))
-            for index in exact:
-                scores[index] = scores.get(index, 0.0) + weight
-            for index in near:
-                scores[index] = scores.get(index, 0.0) + 0.6 * weight
-        ranked = sorted(scores.items(), key=lambda item: (-item[1], -item[0]))[:limit]
-        return [{**self.memories[index], "score": round(score, 3)} for index, score in ranked]
-
-
-
 def _lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
@@ -1306,6 +1410,9 @@ def _parse_lines(raw: bytes, path: Path) -> list[dict]:
     return records
 
 
+###############################################################################
+# Store: PostgreSQL, for several processes on several machines
+###############################################################################
 
 
 DB_CONNECT_TIMEOUT_SECONDS = 10  # connecting, or waiting for a free pooled connection
@@ -1790,9 +1897,18 @@ def _source_lines(path: Path) -> tuple[list[dict], int]:
 # Tools: a dict-based registry, schemas from type hints, built-in memory tools
 ###############################################################################
 
+
 TOOL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what OpenAI-style APIs accept
 JSON_TYPES = types.MappingProxyType({str: "string", int: "integer", float: "number", bool: "boolean",
               list: "array", tuple: "array", dict: "object", type(None): "null"})
+
+
+MAX_MEMORY_CHARS = 2000
+SEARCH_BACKENDS = types.MappingProxyType({"searxng": "", "brave": "https://api.search.brave.com/res/v1/web/search",
+                   "tavily": "https://api.tavily.com/search"})
+FETCH_REDIRECTS = 5
+IPV6_EMBEDDING_V4 = ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")  # the last 32 bits are IPv4
+IPV6_NEVER_PUBLIC = ("64:ff9b:1::/48", "fec0::/10")
 
 
 @dataclass
@@ -2011,14 +2127,6 @@ def memory_tools() -> list[Tool]:
     return [tool(fn) for fn in (addMemory, searchMemory, getAllMemories, deleteMemory)]
 
 
-MAX_MEMORY_CHARS = 2000
-SEARCH_BACKENDS = types.MappingProxyType({"searxng": "", "brave": "https://api.search.brave.com/res/v1/web/search",
-                   "tavily": "https://api.tavily.com/search"})
-FETCH_REDIRECTS = 5
-IPV6_EMBEDDING_V4 = ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")  # the last 32 bits are IPv4
-IPV6_NEVER_PUBLIC = ("64:ff9b:1::/48", "fec0::/10")
-
-
 def web_search_tool(settings: Settings) -> Tool | None:
     """``webSearch`` over the configured backend; None (no tool) when none is configured."""
     backend = settings.search_provider.lower()
@@ -2218,6 +2326,7 @@ def html_to_text(html: str) -> tuple[str, str]:
 ###############################################################################
 # MCP: tools from Model Context Protocol servers (stdio and Streamable HTTP)
 ###############################################################################
+
 
 MCP_PROTOCOL_VERSION = "2025-11-25"
 MCP_ACCEPTED_VERSIONS = frozenset({"2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"})
@@ -2657,119 +2766,12 @@ def read_mcp_config(path: str | os.PathLike) -> dict[str, dict]:
 
 
 ###############################################################################
-# Providers: OpenAI-compatible servers read by nodechat's own HTTP/1.1 client, the echo model
+# Upstream HTTP client: nodechat's own HTTP/1.1 client for the token stream
 ###############################################################################
 
-PASSTHROUGH_STATUSES = frozenset({400, 404, 409, 413, 422, 429})  # the caller's fault: keep them
 
-
-class Provider(typing.Protocol):
-    """A model source.  ``stream`` yields TextDelta, ReasoningDelta, ToolCall, then StepFinished."""
-
-    name: str
-    models: tuple[str, ...]
-
-    def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]: ...
-    async def list_models(self, http: httpx.AsyncClient) -> list[str]: ...
-
-
-#: Longest response head (status line and headers), in bytes.
-MAX_HEADER_BYTES = 64 * 1024
 #: Decoded body bytes held for a slow reader before the socket stops being read.
 PAUSE_BYTES = 1024 * 1024
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-_SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)  # ChunkedDecoder's steps
-
-
-class ChunkedDecoder:
-    """Decodes a ``Transfer-Encoding: chunked`` body (RFC 9112 section 7.1) as it arrives.
-
-    ``feed`` returns the body bytes a read carries, in one call however many chunks it
-    holds; chunk extensions and trailers are read and dropped.  Afterwards ``done`` is true
-    and ``extra`` holds any bytes that followed the body.  Raises ValueError on a malformed
-    chunk, or a size line or trailer section longer than ``max_line_bytes``.
-    """
-
-    def __init__(self, max_line_bytes: int = MAX_HEADER_BYTES):
-        self.max_line_bytes = max_line_bytes
-        self.done = False
-        self.extra = b""
-        self._buffer = b""  # an unfinished size line, CRLF or trailer line: short
-        self._size = 0  # bytes of chunk data still to come
-        self._trailer_bytes = 0
-        self._step = _SIZE
-
-    def feed(self, data: bytes) -> bytes:
-        """The body bytes in ``data``."""
-        if self._step == _SIZE and not self._buffer:  # a paced stream's read: exactly one chunk
-            eol = data.find(b"\r\n", 0, 18)
-            if eol > 0 and not data[:eol].strip(_HEX_DIGITS):
-                end = eol + 2 + int(data[:eol], 16)
-                if end > eol + 2 and len(data) == end + 2 and data[end:] == b"\r\n":
-                    return data[eol + 2:end]
-        if self.done:
-            self.extra += data
-            return b""
-        if self._buffer:
-            data, self._buffer = self._buffer + data, b""
-        out, pos, end, step, limit = [], 0, len(data), self._step, self.max_line_bytes
-        while pos < end:
-            if step == _SIZE:
-                eol = data.find(b"\r\n", pos, pos + limit + 2)
-                if eol < 0:
-                    if end - pos > limit:
-                        raise ValueError(f"chunk size line longer than {limit} bytes")
-                    break
-                size = _chunk_size(data[pos:eol])
-                pos = eol + 2
-                if not size:
-                    step = _TRAILER
-                elif pos + size + 2 <= end:  # the whole chunk is here: the usual case
-                    if data[pos + size:pos + size + 2] != b"\r\n":
-                        raise ValueError("malformed chunk: no CRLF after the chunk data")
-                    out.append(data[pos:pos + size])
-                    pos += size + 2
-                else:
-                    step, self._size = _DATA, size
-            elif step == _DATA:
-                take = min(self._size, end - pos)
-                out.append(data[pos:pos + take])
-                pos += take
-                self._size -= take
-                if self._size:
-                    break
-                step = _CRLF
-            elif step == _CRLF:
-                if end - pos < 2:
-                    break
-                if data[pos:pos + 2] != b"\r\n":
-                    raise ValueError("malformed chunk: no CRLF after the chunk data")
-                pos, step = pos + 2, _SIZE
-            else:  # trailer fields, read and dropped, up to an empty line
-                eol = data.find(b"\r\n", pos, pos + limit + 2)
-                if eol < 0:
-                    if end - pos > limit:
-                        raise ValueError(f"chunked trailers longer than {limit} bytes")
-                    break
-                if eol == pos:
-                    self.done, self.extra, step, pos = True, data[pos + 2:], _DONE, end
-                    break
-                self._trailer_bytes += eol + 2 - pos
-                if self._trailer_bytes > limit:
-                    raise ValueError(f"chunked trailers longer than {limit} bytes")
-                pos = eol + 2
-        self._step = step
-        if pos < end:
-            self._buffer = data[pos:]
-        return out[0] if len(out) == 1 else b"".join(out)
-
-
-def _chunk_size(line: bytes) -> int:
-    # chunk-size [ BWS ";" chunk-ext ]: hex digits only (int() would take "0x", "+", "_")
-    size = line if b";" not in line else line.partition(b";")[0].rstrip(b" \t")
-    if not size or size.strip(_HEX_DIGITS) or len(size) > 16:
-        raise ValueError(f"malformed chunk size line {line[:40]!r}")
-    return int(size, 16)
 
 
 class UpstreamClient:
@@ -3352,6 +3354,14 @@ class _Connection(asyncio.Protocol):
         self._schedule(deadline)
 
 
+class _StreamError(UpstreamError):
+    """Raised by the UpstreamClient; the provider renames it after itself."""
+
+
+class _StreamTimeout(UpstreamTimeout):
+    """Raised by the UpstreamClient; the provider renames it after itself."""
+
+
 class UpstreamClients:
     """One app instance's HTTP clients, each opened on first use (mounts run no lifespan):
     nodechat's own :class:`UpstreamClient` for chat-completions streams, httpx for the rest
@@ -3409,6 +3419,24 @@ def _proxy_configured() -> bool:
     import urllib.request
 
     return bool({"http", "https", "all"} & set(urllib.request.getproxies_environment()))
+
+
+###############################################################################
+# Providers: OpenAI-compatible servers and the built-in echo model
+###############################################################################
+
+
+PASSTHROUGH_STATUSES = frozenset({400, 404, 409, 413, 422, 429})  # the caller's fault: keep them
+
+
+class Provider(typing.Protocol):
+    """A model source.  ``stream`` yields TextDelta, ReasoningDelta, ToolCall, then StepFinished."""
+
+    name: str
+    models: tuple[str, ...]
+
+    def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]: ...
+    async def list_models(self, http: httpx.AsyncClient) -> list[str]: ...
 
 
 class OpenAIProvider:
@@ -3611,14 +3639,6 @@ class CompletionChunks:
         return [*calls, StepFinished(self.reason or "stop", self.usage)]
 
 
-class _StreamError(UpstreamError):
-    """Raised by the UpstreamClient; the provider renames it after itself."""
-
-
-class _StreamTimeout(UpstreamTimeout):
-    """Raised by the UpstreamClient; the provider renames it after itself."""
-
-
 async def _read_some(response: httpx.Response, limit: int) -> bytes:
     raw = b""
     async for piece in response.aiter_bytes():
@@ -3776,6 +3796,7 @@ def message_text(message: dict) -> str:
 # Agent: the one loop behind every endpoint
 ###############################################################################
 
+
 TITLE_PROMPT = ("Generate a very short title (max 5 words) for this chat based on the user's "
                 "first message. Return ONLY the title, no quotes or punctuation.")
 TITLE_MAX_TOKENS = 24  # a title is five words; a small model left alone wrote 1,378 tokens
@@ -3804,6 +3825,41 @@ class Turn:
     regenerate: bool = False  # answer the last user message again, dropping its stored answer
     capped: bool = False  # counts against max_turns_per_user (end users' agent turns)
     on_title: Callable[[str], Awaitable[None]] | None = None  # told the title once it is made
+
+
+def parts_content(parts: Iterable[Any]) -> str | list[dict]:
+    """OpenAI message content from a message's parts (AI SDK ``text``/``file`` parts,
+    NodeTool ``text``/``image_url`` parts): one string when they are all text."""
+    content: list[dict] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            content.append({"type": "text", "text": part["text"]})
+        elif kind == "file" and str(part.get("mediaType", "")).startswith("image/"):
+            content.append({"type": "image_url", "image_url": {"url": str(part.get("url", ""))}})
+        elif kind == "image_url":
+            image = part.get("image") or part.get("image_url") or {}
+            url = image.get("uri") or image.get("url") if isinstance(image, dict) else image
+            if url:
+                content.append({"type": "image_url", "image_url": {"url": str(url)}})
+    if all(p["type"] == "text" for p in content):
+        return "".join(p["text"] for p in content)
+    return content
+
+
+def check_messages(messages: list, settings: Settings) -> None:
+    """PayloadTooLarge past the message count or a message's size."""
+    if len(messages) > settings.max_messages:
+        raise PayloadTooLarge(f"{len(messages)} messages; at most {settings.max_messages} are accepted",
+                              code="too_many_messages")
+    for index, message in enumerate(messages):
+        content = message.get("content") or message.get("parts") if isinstance(message, dict) else message
+        size = len(content) if isinstance(content, str) else len(compact_json(content))
+        if size > settings.max_message_chars:
+            raise PayloadTooLarge(f"message {index} has {size} characters; at most "
+                                  f"{settings.max_message_chars} are accepted", code="message_too_large")
 
 
 class Agent:
@@ -4100,6 +4156,7 @@ def _last_user_text(messages: list[dict]) -> str:
 # Workflows: named jobs started by a message's workflow_id
 ###############################################################################
 
+
 TERMINAL_JOB_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -4254,469 +4311,9 @@ def workflow_tool(workflow: Workflow, registry: WorkflowRegistry, agent: Agent,
 
 
 ###############################################################################
-# Requests: each protocol's body decoded into a Turn for the agent
+# HTTP server: requests, responses, streaming, routing, and who may call
 ###############################################################################
 
-
-def openai_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool]) -> Turn:
-    """A ``/v1/chat/completions`` body: the history as sent, the client's own tools passed
-    through, every other field (temperature, max_tokens...) handed to the model unchanged."""
-    body = _openai_body(body)
-    check_messages(body["messages"], settings)
-    params = {k: v for k, v in body.items() if k not in ("model", "messages", "stream", "stream_options", "tools")}
-    if body.get("stream_options") is not None:
-        params["stream_options"] = body["stream_options"]
-    return Turn(messages=body["messages"], user_id=user_id, model=body.get("model"), tools=server_tools,
-                client_tools=body.get("tools") or [], params=params,
-                max_steps=settings.max_steps if server_tools else 1)
-
-
-def api_chat_turn(body: Any, user_id: str, settings: Settings, tools: list[Tool], ui_stream: bool) -> Turn:
-    """A ``/api/chat`` body (seed 003, or a ``useChat`` request): UIMessages, a conversation
-    (``conversationId``, or the AI SDK's chat ``id``), memory, the agent's tools."""
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
-        raise BadRequest("Missing messages", code="missing_messages")
-    check_messages(body["messages"], settings)
-    conversation_id = body.get("conversationId") or (body.get("id") if ui_stream else None)
-    if conversation_id is not None:
-        validate_id(conversation_id, "conversation id")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("model must be a string", code="invalid_model")
-    return Turn(messages=decode_ui_messages(body["messages"]), user_id=user_id, model=model,
-                tools=tools, conversation_id=conversation_id, remember=True,
-                system=settings.system_prompt, max_steps=settings.max_steps, capped=True,
-                regenerate=body.get("trigger") == "regenerate-message")
-
-
-def nodetool_turn(frame: dict, user_id: str, settings: Settings, tools: list[Tool], thread_id: str) -> Turn:
-    """A NodeTool ``/chat`` message: one user message continuing the thread."""
-    check_messages([frame], settings)
-    model = frame.get("model") if isinstance(frame.get("model"), str) else None
-    return Turn(messages=[nodetool_message(frame)], user_id=user_id, model=model, tools=tools,
-                conversation_id=thread_id, remember=True, system=settings.system_prompt,
-                max_steps=settings.max_steps, capped=True)
-
-
-def parts_content(parts: Iterable[Any]) -> str | list[dict]:
-    """OpenAI message content from a message's parts (AI SDK ``text``/``file`` parts,
-    NodeTool ``text``/``image_url`` parts): one string when they are all text."""
-    content: list[dict] = []
-    for part in parts:
-        if not isinstance(part, dict):
-            continue
-        kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
-            content.append({"type": "text", "text": part["text"]})
-        elif kind == "file" and str(part.get("mediaType", "")).startswith("image/"):
-            content.append({"type": "image_url", "image_url": {"url": str(part.get("url", ""))}})
-        elif kind == "image_url":
-            image = part.get("image") or part.get("image_url") or {}
-            url = image.get("uri") or image.get("url") if isinstance(image, dict) else image
-            if url:
-                content.append({"type": "image_url", "image_url": {"url": str(url)}})
-    if all(p["type"] == "text" for p in content):
-        return "".join(p["text"] for p in content)
-    return content
-
-
-def check_messages(messages: list, settings: Settings) -> None:
-    """PayloadTooLarge past the message count or a message's size."""
-    if len(messages) > settings.max_messages:
-        raise PayloadTooLarge(f"{len(messages)} messages; at most {settings.max_messages} are accepted",
-                              code="too_many_messages")
-    for index, message in enumerate(messages):
-        content = message.get("content") or message.get("parts") if isinstance(message, dict) else message
-        size = len(content) if isinstance(content, str) else len(compact_json(content))
-        if size > settings.max_message_chars:
-            raise PayloadTooLarge(f"message {index} has {size} characters; at most "
-                                  f"{settings.max_message_chars} are accepted", code="message_too_large")
-
-
-def _openai_body(body: Any) -> dict:
-    """Check the parts of a chat.completions request that nodechat itself relies on."""
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_body")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(f"messages[{index}] must be an object with a 'role'",
-                             code="invalid_messages")
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise BadRequest("'model' must be a string", code="invalid_model")
-    if not isinstance(body.get("stream", False), bool):
-        raise BadRequest("'stream' must be a boolean", code="invalid_stream")
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(
-            isinstance(t, dict) and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools)):
-        raise BadRequest("'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}",
-                         code="invalid_tools")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
-    return body
-
-
-def _wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
-    """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else the
-    body's ``trigger`` (before the body is read: the AI SDK's own User-Agent, if sent)."""
-    explicit = query.get("protocol") or headers.get("x-nodechat-stream")
-    if explicit in ("ui", "seed"):
-        return explicit == "ui"
-    if body is None:
-        return "ai-sdk/" in headers.get("user-agent", "")
-    return isinstance(body, dict) and "trigger" in body
-
-
-def nodetool_message(frame: dict) -> dict:
-    """A NodeTool chat message (content: a string or parts) as an OpenAI user message; its
-    ``id``, if any, is kept as ``ui_id`` so that a resend is not stored (or answered) twice."""
-    message = _nodetool_content(frame)
-    if isinstance(frame.get("id"), str) and frame["id"]:
-        message["ui_id"] = frame["id"]
-    return message
-
-
-def _nodetool_content(frame: dict) -> dict:
-    content = frame.get("content")
-    if isinstance(content, str):
-        return {"role": "user", "content": content}
-    if isinstance(content, dict):
-        content = [content]
-    if not isinstance(content, list):
-        raise BadRequest("content must be a string or a list of parts", code="invalid_message")
-    return {"role": "user", "content": parts_content(content)}
-
-
-
-
-UI_ROLES = frozenset({"user", "assistant", "system"})
-
-
-def decode_ui_messages(messages: list) -> list[dict]:
-    """OpenAI-shaped messages from AI SDK UIMessages; BadRequest("Invalid messages") otherwise.
-
-    v5 messages carry only ``parts``; v4 ones a ``content`` string (and maybe
-    ``toolInvocations``).  Each message's ``id`` is kept as ``ui_id`` so a resent history is
-    not stored twice.
-    """
-    decoded = []
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in UI_ROLES:
-            raise BadRequest("Invalid messages", code="invalid_messages")
-        role, content, parts = message["role"], message.get("content"), message.get("parts")
-        if isinstance(content, str) and not (isinstance(parts, list) and parts and role == "assistant"):
-            out = [{"role": role, "content": content}]
-            if role == "assistant" and isinstance(message.get("toolInvocations"), list):
-                out = _assistant_steps([[{"type": "tool-invocation", "toolInvocation": t}
-                                         for t in message["toolInvocations"]]], content)
-        elif isinstance(parts, list):
-            out = _from_parts(role, parts)
-        else:
-            raise BadRequest("Invalid messages", code="invalid_messages")
-        if isinstance(message.get("id"), str) and out:
-            out[0]["ui_id"] = message["id"]
-        decoded += out
-    return decoded
-
-
-def _from_parts(role: str, parts: list) -> list[dict]:
-    if not all(isinstance(p, dict) for p in parts):
-        raise BadRequest("Invalid messages", code="invalid_messages")
-    if role != "assistant":
-        return [{"role": role, "content": parts_content(parts)}]
-    steps: list[list[dict]] = [[]]
-    for part in parts:
-        if part.get("type") == "step-start" and steps[-1]:
-            steps.append([])
-        else:
-            steps[-1].append(part)
-    return _assistant_steps(steps)
-
-
-def _assistant_steps(steps: list[list[dict]], text: str = "") -> list[dict]:
-    """One assistant message per step, each followed by its tool results."""
-    out = []
-    for step in steps:
-        texts = [p["text"] for p in step if p.get("type") == "text" and isinstance(p.get("text"), str)]
-        calls, results = [], []
-        for part in step:
-            call = _ui_tool_part(part)
-            if call is None:
-                continue
-            call_id, name, args, output, error = call
-            calls.append(ToolCall(call_id, name, compact_json(args)))
-            if output is not None or error is not None:
-                results.append(ToolResult(call_id, name, error if error is not None else output,
-                                          is_error=error is not None))
-        if texts or calls or text:
-            out.append(assistant_message("".join(texts) or text, calls))
-            out += [tool_message(r) for r in results]
-            text = ""
-    return out
-
-
-def _ui_tool_part(part: dict) -> tuple | None:
-    """(id, name, input, output, error) of a v5 ``tool-*``/``dynamic-tool`` or v4 invocation part."""
-    kind = str(part.get("type", ""))
-    if kind == "tool-invocation" and isinstance(part.get("toolInvocation"), dict):
-        inv = part["toolInvocation"]
-        return (str(inv.get("toolCallId", "")), str(inv.get("toolName", "")), inv.get("args") or {},
-                inv.get("result") if inv.get("state") == "result" else None, None)
-    if kind == "dynamic-tool" or kind.startswith("tool-"):
-        name = part.get("toolName") if kind == "dynamic-tool" else kind[5:]
-        state = part.get("state")
-        return (str(part.get("toolCallId", "")), str(name), part.get("input") or {},
-                part.get("output") if state == "output-available" else None,
-                part.get("errorText") if state == "output-error" else None)
-    return None
-
-
-###############################################################################
-# Encoders: one small class per protocol over the one event stream
-###############################################################################
-
-OPENAI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool_calls",
-                  "content_filter": "content_filter", "max_steps": "length"})
-
-
-class OpenAIEncoder:
-    """``chat.completion.chunk`` SSE frames, and the ``chat.completion`` body when not streaming.
-
-    One ``id`` and ``created`` per response; each chunk is a fixed head and tail around the
-    only part that changes, the delta.
-    """
-
-    def __init__(self, model: str, include_usage: bool = False, id: str | None = None,
-                 created: int | None = None):
-        self.id = id or "chatcmpl-" + uuid.uuid4().hex
-        self.created = int(time.time()) if created is None else created
-        self.model = model
-        self.include_usage = include_usage
-        self._calls = 0
-        self._head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
-                      '"choices":[{"index":0,"delta":' % (
-                          compact_json(self.id), self.created, compact_json(model))).encode()
-        self._text_head = self._head + b'{"content":'
-        self._text_tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-
-    def start(self) -> list[bytes]:
-        return [self._chunk({"role": "assistant", "content": ""})]
-
-    def encode(self, event: Event) -> list[bytes]:
-        match event:
-            case TextDelta(text=text):  # the hot path: one string to quote, the rest fixed
-                quoted = _json_string(text).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-                return [self._text_head + quoted.encode() + self._text_tail]
-            case ReasoningDelta(text=text):
-                return [self._chunk({"reasoning_content": text})]
-            case ToolCall(client_side=True):
-                self._calls += 1
-                return [self._chunk({"tool_calls": [self._tool_call(event, self._calls - 1)]})]
-            case Finished(reason=reason, usage=usage):
-                frames = [self._chunk({}, OPENAI_REASONS.get(reason, "stop"))]
-                if self.include_usage:
-                    frames.append(sse_json({**self._base("chat.completion.chunk"), "choices": [],
-                                            "usage": _usage(usage)}))
-                return frames
-        return []
-
-    def end(self) -> list[bytes]:
-        return [SSE_DONE]
-
-    def error(self, err: NodeChatError) -> list[bytes]:
-        return [sse_json(openai_error_body(err)), SSE_DONE]
-
-    async def completion(self, events: AsyncIterator[Event]) -> dict:
-        """Collect a whole turn into one ``chat.completion``."""
-        text, reasoning, calls, reason, usage = [], [], [], "stop", None
-        async for event in events:
-            match event:
-                case TextDelta(text=piece):
-                    text.append(piece)
-                case ReasoningDelta(text=piece):
-                    reasoning.append(piece)
-                case ToolCall(client_side=True):
-                    calls.append(self._tool_call(event, len(calls)))
-                case Finished(reason=reason_, usage=usage):
-                    reason = OPENAI_REASONS.get(reason_, "stop")
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
-        if reasoning:
-            message["reasoning_content"] = "".join(reasoning)
-        if calls:
-            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-        return {**self._base("chat.completion"), "choices": [choice], "usage": _usage(usage)}
-
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
-        tail = ',"logprobs":null,"finish_reason":%s}]}\n\n' % (
-            '"%s"' % finish_reason if finish_reason else "null")
-        return self._head + compact_json(delta).encode() + tail.encode()
-
-    def _base(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def _tool_call(call: ToolCall, index: int) -> dict:
-        return {"index": index, "id": call.id, "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def _usage(usage: dict | None) -> dict:
-    usage = usage or {}
-    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": usage.get("total_tokens", prompt + completion)}
-
-
-def openai_error_body(err: NodeChatError) -> dict:
-    return {"error": {"message": err.message, "type": err.kind, "param": None, "code": err.code}}
-
-
-class ChatSSEEncoder:
-    """``/api/chat`` events in the seed's shape: text, reasoning, tool-call, tool-result, finish.
-
-    Readers split the body on newlines and ``JSON.parse`` each ``data:`` line (seed 003), so
-    every frame is one line of JSON and there is no ``[DONE]`` marker.
-    """
-
-    def __init__(self, conversation_id: str | None = None, message_id: str | None = None):
-        self.message_id = message_id or new_id("msg")
-        self.conversation_id = conversation_id
-
-    def start(self) -> list[bytes]:
-        return []
-
-    def encode(self, event: Event) -> list[bytes]:
-        match event:
-            case TextDelta(text=text):
-                return [sse_json({"type": "text", "content": text, "id": self.message_id})]
-            case ReasoningDelta(text=text):
-                return [sse_json({"type": "reasoning", "content": text, "id": self.message_id})]
-            case ToolCall(id=call_id, name=name):
-                args = event.args
-                return [sse_json({"type": "tool-call", "toolCallId": call_id, "toolName": name,
-                                  "args": event.arguments if args is None else args})]
-            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
-                frame = {"type": "tool-result", "toolCallId": call_id, "toolName": name,
-                         "result": result}
-                return [sse_json({**frame, "isError": True} if is_error else frame)]
-            case Finished(reason=reason, usage=usage):
-                frame = {"type": "finish", "id": self.message_id, "reason": reason,
-                         "usage": _usage(usage)}
-                if self.conversation_id:
-                    frame["conversationId"] = self.conversation_id
-                return [sse_json(frame)]
-        return []
-
-    def end(self) -> list[bytes]:
-        return []
-
-    def error(self, err: NodeChatError) -> list[bytes]:
-        return [sse_json({"type": "error", "error": err.message, "id": self.message_id})]
-
-
-UI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool-calls",
-              "content_filter": "content-filter", "max_steps": "tool-calls"})
-
-
-class UIStreamEncoder:
-    """The AI SDK v5 UI message stream that a stock ``useChat`` reads with no adapter.
-
-    The client validates each chunk strictly: only the protocol's keys, no nulls, and a
-    delta only after its ``*-start``; so text and reasoning parts are opened and closed here.
-    """
-
-    headers = (("x-vercel-ai-ui-message-stream", "v1"),)
-
-    def __init__(self, dynamic_tools: Iterable[str] = (), message_id: str | None = None):
-        self.message_id = message_id or str(uuid.uuid4())
-        self.dynamic = frozenset(dynamic_tools)
-        self._parts = itertools.count()  # part ids only need to differ within one message
-        self._step = False
-        self._bad_input: set[str] = set()
-        self._part: tuple[str, str] | None = None  # ("text" | "reasoning", id) while open
-
-    def start(self) -> list[bytes]:
-        return [sse_json({"type": "start", "messageId": self.message_id})]
-
-    def encode(self, event: Event) -> list[bytes]:
-        match event:
-            case TextDelta(text=text):
-                return self._delta("text", text)
-            case ReasoningDelta(text=text):
-                return self._delta("reasoning", text)
-            case ToolCall(id=call_id, name=name):
-                extra = {"dynamic": True} if name in self.dynamic else {}
-                frames = self._open_step() + self._close_part() + [
-                    sse_json({"type": "tool-input-start", "toolCallId": call_id, "toolName": name, **extra})]
-                args = event.args
-                if args is None:  # what the protocol has for input the model got wrong
-                    self._bad_input.add(call_id)
-                    return frames + [sse_json({
-                        "type": "tool-input-error", "toolCallId": call_id, "toolName": name,
-                        "input": event.arguments, "errorText": "the arguments are not valid JSON", **extra})]
-                return frames + [sse_json({"type": "tool-input-available", "toolCallId": call_id,
-                                           "toolName": name, "input": args, **extra})]
-            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
-                extra = {"dynamic": True} if name in self.dynamic else {}
-                if call_id in self._bad_input:  # the input error already ended this call
-                    return []
-                if is_error:
-                    return [sse_json({"type": "tool-output-error", "toolCallId": call_id,
-                                      "errorText": str(result), **extra})]
-                return [sse_json({"type": "tool-output-available", "toolCallId": call_id,
-                                  "output": result, **extra})]
-            case StepFinished():
-                return self._close_step()
-            case Finished(reason=reason):
-                return self._close_step() + [
-                    sse_json({"type": "finish", "finishReason": UI_REASONS.get(reason, "other")})]
-        return []
-
-    def end(self) -> list[bytes]:
-        return [SSE_DONE]
-
-    def error(self, err: NodeChatError) -> list[bytes]:
-        frames = self._close_part() + [sse_json({"type": "error", "errorText": err.message})]
-        return frames + self._close_step() + [sse_json({"type": "finish", "finishReason": "error"}),
-                                              SSE_DONE]
-
-    def _delta(self, kind: str, text: str) -> list[bytes]:
-        frames = self._open_step()
-        if self._part is None or self._part[0] != kind:
-            frames += self._close_part()
-            self._part = (kind, f"{kind}-{next(self._parts)}")
-            frames.append(sse_json({"type": f"{kind}-start", "id": self._part[1]}))
-        frames.append(sse_json({"type": f"{kind}-delta", "id": self._part[1], "delta": text}))
-        return frames
-
-    def _open_step(self) -> list[bytes]:
-        if self._step:
-            return []
-        self._step = True
-        return [sse_json({"type": "start-step"})]
-
-    def _close_part(self) -> list[bytes]:
-        if self._part is None:
-            return []
-        kind, part_id = self._part
-        self._part = None
-        return [sse_json({"type": f"{kind}-end", "id": part_id})]
-
-    def _close_step(self) -> list[bytes]:
-        if not self._step:
-            return []
-        frames = self._close_part()
-        self._step = False
-        return frames + [sse_json({"type": "finish-step"})]
-
-
-###############################################################################
-# ASGI: requests, responses, streaming, routing
-###############################################################################
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -5171,8 +4768,453 @@ def same_origin(origin: str, host: str, scheme: str = "http") -> bool:
 
 
 ###############################################################################
-# /chat WebSocket: NodeTool's protocol, a session per connection
+# Protocol: OpenAI /v1 (chat completions and models)
 ###############################################################################
+
+
+def openai_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool]) -> Turn:
+    """A ``/v1/chat/completions`` body: the history as sent, the client's own tools passed
+    through, every other field (temperature, max_tokens...) handed to the model unchanged."""
+    body = _openai_body(body)
+    check_messages(body["messages"], settings)
+    params = {k: v for k, v in body.items() if k not in ("model", "messages", "stream", "stream_options", "tools")}
+    if body.get("stream_options") is not None:
+        params["stream_options"] = body["stream_options"]
+    return Turn(messages=body["messages"], user_id=user_id, model=body.get("model"), tools=server_tools,
+                client_tools=body.get("tools") or [], params=params,
+                max_steps=settings.max_steps if server_tools else 1)
+
+
+def _openai_body(body: Any) -> dict:
+    """Check the parts of a chat.completions request that nodechat itself relies on."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_body")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{index}] must be an object with a 'role'",
+                             code="invalid_messages")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise BadRequest("'model' must be a string", code="invalid_model")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("'stream' must be a boolean", code="invalid_stream")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools)):
+        raise BadRequest("'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                         code="invalid_tools")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
+    return body
+
+
+OPENAI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool_calls",
+                  "content_filter": "content_filter", "max_steps": "length"})
+
+
+class OpenAIEncoder:
+    """``chat.completion.chunk`` SSE frames, and the ``chat.completion`` body when not streaming.
+
+    One ``id`` and ``created`` per response; each chunk is a fixed head and tail around the
+    only part that changes, the delta.
+    """
+
+    def __init__(self, model: str, include_usage: bool = False, id: str | None = None,
+                 created: int | None = None):
+        self.id = id or "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time()) if created is None else created
+        self.model = model
+        self.include_usage = include_usage
+        self._calls = 0
+        self._head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
+                      '"choices":[{"index":0,"delta":' % (
+                          compact_json(self.id), self.created, compact_json(model))).encode()
+        self._text_head = self._head + b'{"content":'
+        self._text_tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def start(self) -> list[bytes]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):  # the hot path: one string to quote, the rest fixed
+                quoted = _json_string(text).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+                return [self._text_head + quoted.encode() + self._text_tail]
+            case ReasoningDelta(text=text):
+                return [self._chunk({"reasoning_content": text})]
+            case ToolCall(client_side=True):
+                self._calls += 1
+                return [self._chunk({"tool_calls": [self._tool_call(event, self._calls - 1)]})]
+            case Finished(reason=reason, usage=usage):
+                frames = [self._chunk({}, OPENAI_REASONS.get(reason, "stop"))]
+                if self.include_usage:
+                    frames.append(sse_json({**self._base("chat.completion.chunk"), "choices": [],
+                                            "usage": _usage(usage)}))
+                return frames
+        return []
+
+    def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        return [sse_json(openai_error_body(err)), SSE_DONE]
+
+    async def completion(self, events: AsyncIterator[Event]) -> dict:
+        """Collect a whole turn into one ``chat.completion``."""
+        text, reasoning, calls, reason, usage = [], [], [], "stop", None
+        async for event in events:
+            match event:
+                case TextDelta(text=piece):
+                    text.append(piece)
+                case ReasoningDelta(text=piece):
+                    reasoning.append(piece)
+                case ToolCall(client_side=True):
+                    calls.append(self._tool_call(event, len(calls)))
+                case Finished(reason=reason_, usage=usage):
+                    reason = OPENAI_REASONS.get(reason_, "stop")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+        return {**self._base("chat.completion"), "choices": [choice], "usage": _usage(usage)}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
+        tail = ',"logprobs":null,"finish_reason":%s}]}\n\n' % (
+            '"%s"' % finish_reason if finish_reason else "null")
+        return self._head + compact_json(delta).encode() + tail.encode()
+
+    def _base(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def _tool_call(call: ToolCall, index: int) -> dict:
+        return {"index": index, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _usage(usage: dict | None) -> dict:
+    usage = usage or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": usage.get("total_tokens", prompt + completion)}
+
+
+def openai_error_body(err: NodeChatError) -> dict:
+    return {"error": {"message": err.message, "type": err.kind, "param": None, "code": err.code}}
+
+
+###############################################################################
+# Protocol: /api/chat (the seed's SSE and the AI SDK UI stream), conversations, memories
+###############################################################################
+
+
+def api_chat_turn(body: Any, user_id: str, settings: Settings, tools: list[Tool], ui_stream: bool) -> Turn:
+    """A ``/api/chat`` body (seed 003, or a ``useChat`` request): UIMessages, a conversation
+    (``conversationId``, or the AI SDK's chat ``id``), memory, the agent's tools."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise BadRequest("Missing messages", code="missing_messages")
+    check_messages(body["messages"], settings)
+    conversation_id = body.get("conversationId") or (body.get("id") if ui_stream else None)
+    if conversation_id is not None:
+        validate_id(conversation_id, "conversation id")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("model must be a string", code="invalid_model")
+    return Turn(messages=decode_ui_messages(body["messages"]), user_id=user_id, model=model,
+                tools=tools, conversation_id=conversation_id, remember=True,
+                system=settings.system_prompt, max_steps=settings.max_steps, capped=True,
+                regenerate=body.get("trigger") == "regenerate-message")
+
+
+def _wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
+    """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else the
+    body's ``trigger`` (before the body is read: the AI SDK's own User-Agent, if sent)."""
+    explicit = query.get("protocol") or headers.get("x-nodechat-stream")
+    if explicit in ("ui", "seed"):
+        return explicit == "ui"
+    if body is None:
+        return "ai-sdk/" in headers.get("user-agent", "")
+    return isinstance(body, dict) and "trigger" in body
+
+
+UI_ROLES = frozenset({"user", "assistant", "system"})
+
+
+def decode_ui_messages(messages: list) -> list[dict]:
+    """OpenAI-shaped messages from AI SDK UIMessages; BadRequest("Invalid messages") otherwise.
+
+    v5 messages carry only ``parts``; v4 ones a ``content`` string (and maybe
+    ``toolInvocations``).  Each message's ``id`` is kept as ``ui_id`` so a resent history is
+    not stored twice.
+    """
+    decoded = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in UI_ROLES:
+            raise BadRequest("Invalid messages", code="invalid_messages")
+        role, content, parts = message["role"], message.get("content"), message.get("parts")
+        if isinstance(content, str) and not (isinstance(parts, list) and parts and role == "assistant"):
+            out = [{"role": role, "content": content}]
+            if role == "assistant" and isinstance(message.get("toolInvocations"), list):
+                out = _assistant_steps([[{"type": "tool-invocation", "toolInvocation": t}
+                                         for t in message["toolInvocations"]]], content)
+        elif isinstance(parts, list):
+            out = _from_parts(role, parts)
+        else:
+            raise BadRequest("Invalid messages", code="invalid_messages")
+        if isinstance(message.get("id"), str) and out:
+            out[0]["ui_id"] = message["id"]
+        decoded += out
+    return decoded
+
+
+def _from_parts(role: str, parts: list) -> list[dict]:
+    if not all(isinstance(p, dict) for p in parts):
+        raise BadRequest("Invalid messages", code="invalid_messages")
+    if role != "assistant":
+        return [{"role": role, "content": parts_content(parts)}]
+    steps: list[list[dict]] = [[]]
+    for part in parts:
+        if part.get("type") == "step-start" and steps[-1]:
+            steps.append([])
+        else:
+            steps[-1].append(part)
+    return _assistant_steps(steps)
+
+
+def _assistant_steps(steps: list[list[dict]], text: str = "") -> list[dict]:
+    """One assistant message per step, each followed by its tool results."""
+    out = []
+    for step in steps:
+        texts = [p["text"] for p in step if p.get("type") == "text" and isinstance(p.get("text"), str)]
+        calls, results = [], []
+        for part in step:
+            call = _ui_tool_part(part)
+            if call is None:
+                continue
+            call_id, name, args, output, error = call
+            calls.append(ToolCall(call_id, name, compact_json(args)))
+            if output is not None or error is not None:
+                results.append(ToolResult(call_id, name, error if error is not None else output,
+                                          is_error=error is not None))
+        if texts or calls or text:
+            out.append(assistant_message("".join(texts) or text, calls))
+            out += [tool_message(r) for r in results]
+            text = ""
+    return out
+
+
+def _ui_tool_part(part: dict) -> tuple | None:
+    """(id, name, input, output, error) of a v5 ``tool-*``/``dynamic-tool`` or v4 invocation part."""
+    kind = str(part.get("type", ""))
+    if kind == "tool-invocation" and isinstance(part.get("toolInvocation"), dict):
+        inv = part["toolInvocation"]
+        return (str(inv.get("toolCallId", "")), str(inv.get("toolName", "")), inv.get("args") or {},
+                inv.get("result") if inv.get("state") == "result" else None, None)
+    if kind == "dynamic-tool" or kind.startswith("tool-"):
+        name = part.get("toolName") if kind == "dynamic-tool" else kind[5:]
+        state = part.get("state")
+        return (str(part.get("toolCallId", "")), str(name), part.get("input") or {},
+                part.get("output") if state == "output-available" else None,
+                part.get("errorText") if state == "output-error" else None)
+    return None
+
+
+class ChatSSEEncoder:
+    """``/api/chat`` events in the seed's shape: text, reasoning, tool-call, tool-result, finish.
+
+    Readers split the body on newlines and ``JSON.parse`` each ``data:`` line (seed 003), so
+    every frame is one line of JSON and there is no ``[DONE]`` marker.
+    """
+
+    def __init__(self, conversation_id: str | None = None, message_id: str | None = None):
+        self.message_id = message_id or new_id("msg")
+        self.conversation_id = conversation_id
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):
+                return [sse_json({"type": "text", "content": text, "id": self.message_id})]
+            case ReasoningDelta(text=text):
+                return [sse_json({"type": "reasoning", "content": text, "id": self.message_id})]
+            case ToolCall(id=call_id, name=name):
+                args = event.args
+                return [sse_json({"type": "tool-call", "toolCallId": call_id, "toolName": name,
+                                  "args": event.arguments if args is None else args})]
+            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
+                frame = {"type": "tool-result", "toolCallId": call_id, "toolName": name,
+                         "result": result}
+                return [sse_json({**frame, "isError": True} if is_error else frame)]
+            case Finished(reason=reason, usage=usage):
+                frame = {"type": "finish", "id": self.message_id, "reason": reason,
+                         "usage": _usage(usage)}
+                if self.conversation_id:
+                    frame["conversationId"] = self.conversation_id
+                return [sse_json(frame)]
+        return []
+
+    def end(self) -> list[bytes]:
+        return []
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        return [sse_json({"type": "error", "error": err.message, "id": self.message_id})]
+
+
+UI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool-calls",
+              "content_filter": "content-filter", "max_steps": "tool-calls"})
+
+
+class UIStreamEncoder:
+    """The AI SDK v5 UI message stream that a stock ``useChat`` reads with no adapter.
+
+    The client validates each chunk strictly: only the protocol's keys, no nulls, and a
+    delta only after its ``*-start``; so text and reasoning parts are opened and closed here.
+    """
+
+    headers = (("x-vercel-ai-ui-message-stream", "v1"),)
+
+    def __init__(self, dynamic_tools: Iterable[str] = (), message_id: str | None = None):
+        self.message_id = message_id or str(uuid.uuid4())
+        self.dynamic = frozenset(dynamic_tools)
+        self._parts = itertools.count()  # part ids only need to differ within one message
+        self._step = False
+        self._bad_input: set[str] = set()
+        self._part: tuple[str, str] | None = None  # ("text" | "reasoning", id) while open
+
+    def start(self) -> list[bytes]:
+        return [sse_json({"type": "start", "messageId": self.message_id})]
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):
+                return self._delta("text", text)
+            case ReasoningDelta(text=text):
+                return self._delta("reasoning", text)
+            case ToolCall(id=call_id, name=name):
+                extra = {"dynamic": True} if name in self.dynamic else {}
+                frames = self._open_step() + self._close_part() + [
+                    sse_json({"type": "tool-input-start", "toolCallId": call_id, "toolName": name, **extra})]
+                args = event.args
+                if args is None:  # what the protocol has for input the model got wrong
+                    self._bad_input.add(call_id)
+                    return frames + [sse_json({
+                        "type": "tool-input-error", "toolCallId": call_id, "toolName": name,
+                        "input": event.arguments, "errorText": "the arguments are not valid JSON", **extra})]
+                return frames + [sse_json({"type": "tool-input-available", "toolCallId": call_id,
+                                           "toolName": name, "input": args, **extra})]
+            case ToolResult(id=call_id, name=name, result=result, is_error=is_error):
+                extra = {"dynamic": True} if name in self.dynamic else {}
+                if call_id in self._bad_input:  # the input error already ended this call
+                    return []
+                if is_error:
+                    return [sse_json({"type": "tool-output-error", "toolCallId": call_id,
+                                      "errorText": str(result), **extra})]
+                return [sse_json({"type": "tool-output-available", "toolCallId": call_id,
+                                  "output": result, **extra})]
+            case StepFinished():
+                return self._close_step()
+            case Finished(reason=reason):
+                return self._close_step() + [
+                    sse_json({"type": "finish", "finishReason": UI_REASONS.get(reason, "other")})]
+        return []
+
+    def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        frames = self._close_part() + [sse_json({"type": "error", "errorText": err.message})]
+        return frames + self._close_step() + [sse_json({"type": "finish", "finishReason": "error"}),
+                                              SSE_DONE]
+
+    def _delta(self, kind: str, text: str) -> list[bytes]:
+        frames = self._open_step()
+        if self._part is None or self._part[0] != kind:
+            frames += self._close_part()
+            self._part = (kind, f"{kind}-{next(self._parts)}")
+            frames.append(sse_json({"type": f"{kind}-start", "id": self._part[1]}))
+        frames.append(sse_json({"type": f"{kind}-delta", "id": self._part[1], "delta": text}))
+        return frames
+
+    def _open_step(self) -> list[bytes]:
+        if self._step:
+            return []
+        self._step = True
+        return [sse_json({"type": "start-step"})]
+
+    def _close_part(self) -> list[bytes]:
+        if self._part is None:
+            return []
+        kind, part_id = self._part
+        self._part = None
+        return [sse_json({"type": f"{kind}-end", "id": part_id})]
+
+    def _close_step(self) -> list[bytes]:
+        if not self._step:
+            return []
+        frames = self._close_part()
+        self._step = False
+        return frames + [sse_json({"type": "finish-step"})]
+
+
+async def _style_from_small_body(receive: Receive, headers: Mapping[str, str]) -> str:
+    """For an error before ``/api/chat`` read its body (401, 403): the AI SDK wants plain
+    text and the seed's clients JSON, and only the body's ``trigger`` tells them apart.  A
+    small body that is already on its way is worth a look; a large or slow one is not."""
+    if int(headers.get("content-length") or 0) > 64 * 1024:
+        return "api"
+    chunks, size = [], 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            while size <= 64 * 1024:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if not message.get("more_body"):
+                    with contextlib.suppress(ValueError):
+                        return "text" if _wants_ui_stream({}, headers, parse_json(b"".join(chunks))) else "api"
+                    break
+    return "api"
+
+
+###############################################################################
+# Protocol: /chat WebSocket (NodeTool's messages, MessagePack or JSON)
+###############################################################################
+
+
+def nodetool_turn(frame: dict, user_id: str, settings: Settings, tools: list[Tool], thread_id: str) -> Turn:
+    """A NodeTool ``/chat`` message: one user message continuing the thread."""
+    check_messages([frame], settings)
+    model = frame.get("model") if isinstance(frame.get("model"), str) else None
+    return Turn(messages=[nodetool_message(frame)], user_id=user_id, model=model, tools=tools,
+                conversation_id=thread_id, remember=True, system=settings.system_prompt,
+                max_steps=settings.max_steps, capped=True)
+
+
+def nodetool_message(frame: dict) -> dict:
+    """A NodeTool chat message (content: a string or parts) as an OpenAI user message; its
+    ``id``, if any, is kept as ``ui_id`` so that a resend is not stored (or answered) twice."""
+    message = _nodetool_content(frame)
+    if isinstance(frame.get("id"), str) and frame["id"]:
+        message["ui_id"] = frame["id"]
+    return message
+
+
+def _nodetool_content(frame: dict) -> dict:
+    content = frame.get("content")
+    if isinstance(content, str):
+        return {"role": "user", "content": content}
+    if isinstance(content, dict):
+        content = [content]
+    if not isinstance(content, list):
+        raise BadRequest("content must be a string or a list of parts", code="invalid_message")
+    return {"role": "user", "content": parts_content(content)}
 
 
 class WSEncoder:
@@ -5444,6 +5486,7 @@ def _unknown_ext(code: int, data: bytes) -> None:
 ###############################################################################
 # Chat page: the built-in UI at GET /, one string served under a strict CSP
 ###############################################################################
+
 
 # Plain HTML, CSS and JavaScript: no framework, no build step, no request leaves the server.
 # Every URL is relative to the page, so it works mounted under a prefix.  Model output is
@@ -6592,26 +6635,6 @@ class NodeChat:
         return allowed if names is None else [t for t in allowed if t.name in names]
 
 
-async def _style_from_small_body(receive: Receive, headers: Mapping[str, str]) -> str:
-    """For an error before ``/api/chat`` read its body (401, 403): the AI SDK wants plain
-    text and the seed's clients JSON, and only the body's ``trigger`` tells them apart.  A
-    small body that is already on its way is worth a look; a large or slow one is not."""
-    if int(headers.get("content-length") or 0) > 64 * 1024:
-        return "api"
-    chunks, size = [], 0
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(1.0):
-            while size <= 64 * 1024:
-                message = await receive()
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if not message.get("more_body"):
-                    with contextlib.suppress(ValueError):
-                        return "text" if _wants_ui_stream({}, headers, parse_json(b"".join(chunks))) else "api"
-                    break
-    return "api"
-
-
 class ScrubSecrets(logging.Filter):
     """Blank ``api_key``/``token`` query values in log lines (uvicorn logs WebSocket paths),
     however the name is percent-encoded (``api%5Fkey``, ``%61pi_key``, ``tok%65n``)."""
@@ -6667,6 +6690,7 @@ def create_app(**settings: Any) -> NodeChat:
 ###############################################################################
 # CLI: python nodechat.py
 ###############################################################################
+
 
 def main(argv: list[str] | None = None) -> None:
     """Serve nodechat with uvicorn: ``python nodechat.py --port 8000``."""
