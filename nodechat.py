@@ -79,7 +79,6 @@ import json
 import logging
 import math
 import re
-import secrets
 import socket
 import ssl
 import time
@@ -424,14 +423,16 @@ class NodeChatError(Exception):
     status = 500
     kind = "server_error"
     retry_after: str | None = None  # an upstream's Retry-After, passed on
-    style: str | None = None  # "text": the request wants a plain-text error body
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 retry_after: str | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
         if status is not None:
             self.status = status
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class BadRequest(NodeChatError):
@@ -452,6 +453,10 @@ class NotFound(NodeChatError):
 
 class MethodNotAllowed(NodeChatError):
     status, kind = 405, "invalid_request_error"
+
+    def __init__(self, message: str, *, allow: Iterable[str] = (), **options: Any):
+        super().__init__(message, **options)
+        self.allow = tuple(sorted(set(allow)))  # the methods the path does take (``Allow``)
 
 
 class RequestTimeout(NodeChatError):
@@ -3545,12 +3550,9 @@ class OpenAIProvider:
         retry_after = headers.get("retry-after")
         wait = f" (retry after {retry_after} s)" if retry_after else ""
         detail = redact(detail, self.secrets)[:1000]
-        error = UpstreamError(f"provider {self.label} returned HTTP {status}: {detail}{wait}",
-                              code=f"upstream_{status}")
-        error.retry_after = retry_after
-        if status in PASSTHROUGH_STATUSES:
-            error.status = status
-        return error
+        return UpstreamError(f"provider {self.label} returned HTTP {status}: {detail}{wait}",
+                             code=f"upstream_{status}", retry_after=retry_after,
+                             status=status if status in PASSTHROUGH_STATUSES else None)
 
 
 class CompletionChunks:
@@ -3860,6 +3862,43 @@ def check_messages(messages: list, settings: Settings) -> None:
         if size > settings.max_message_chars:
             raise PayloadTooLarge(f"message {index} has {size} characters; at most "
                                   f"{settings.max_message_chars} are accepted", code="message_too_large")
+
+
+class TurnGate:
+    """The rules a turn passes before it runs: an end user's turns capped at
+    ``max_turns_per_user`` at once (429 beyond; ``/v1`` callers are services with one key
+    and many requests: uncapped), and one turn at a time per conversation (409).
+
+    It counts the turns of this process (see the README's "What stays per process")."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._turns: dict[str, int] = {}  # user -> capped turns running now
+        self._busy: set[tuple[str, str | None]] = set()  # (user, conversation) with a turn running now
+
+    def enter(self, turn: Turn) -> None:
+        """Admit the turn, or raise TooManyRequests or Conflict; ``leave`` it when it ends."""
+        user, busy = turn.user_id, (turn.user_id, turn.conversation_id)
+        limit = self.settings.max_turns_per_user
+        if turn.capped and self._turns.get(user, 0) >= limit:
+            raise TooManyRequests(f"{limit} turns are already running for this user; try again "
+                                  "when one ends", code="too_many_turns")
+        # per user: another user's conversation id says nothing about this one
+        if turn.conversation_id is not None and busy in self._busy:
+            raise Conflict("a turn is already running in this conversation; wait for it or stop it",
+                           code="conversation_busy")
+        if turn.capped:
+            self._turns[user] = self._turns.get(user, 0) + 1
+        if turn.conversation_id is not None:
+            self._busy.add(busy)
+
+    def leave(self, turn: Turn) -> None:
+        user = turn.user_id
+        if turn.capped:
+            self._turns[user] -= 1
+            if not self._turns[user]:
+                del self._turns[user]
+        self._busy.discard((user, turn.conversation_id))
 
 
 class Agent:
@@ -4327,13 +4366,16 @@ SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"),
 
 @dataclass(frozen=True)
 class Request:
-    """An HTTP request read whole (within the size limit), with its path inside the app."""
+    """An HTTP request read whole (within the size limit), with its path inside the app.
+
+    ``body`` is None only in the request an error format is given when the failure came
+    before the body was read (a 401, a 404)."""
 
     method: str
     path: str
     headers: dict[str, str]
     query: dict[str, str]
-    body: bytes
+    body: bytes | None
     scope: Scope
     params: dict[str, str] = field(default_factory=dict)
     user_id: str | None = None
@@ -4366,11 +4408,16 @@ def scope_headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
 
-async def read_request(scope: Scope, receive: Receive, limit: int, timeout: float,
-                       headers: dict[str, str] | None = None) -> Request:
+def request_head(scope: Scope, headers: dict[str, str], params: dict[str, str] | None = None,
+                 body: bytes | None = None, user_id: str | None = None) -> Request:
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    return Request(scope.get("method", "GET"), route_path(scope), headers, query, body, scope,
+                   params or {}, user_id)
+
+
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int, timeout: float) -> bytes:
     """The only body reader: PayloadTooLarge past ``limit`` bytes, RequestTimeout when the
     whole body has not arrived within ``timeout`` seconds (a client that never finishes)."""
-    headers = scope_headers(scope) if headers is None else headers
     if int(headers.get("content-length") or 0) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes", code="body_too_large")
     chunks, size = [], 0
@@ -4391,9 +4438,7 @@ async def read_request(scope: Scope, receive: Receive, limit: int, timeout: floa
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout:g} s",
                              code="body_timeout") from None
-    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-    return Request(scope.get("method", "GET"), route_path(scope), headers, query,
-                   b"".join(chunks), scope)
+    return b"".join(chunks)
 
 
 @dataclass
@@ -4458,15 +4503,10 @@ class SSEResponse:
     events: AsyncIterator[Event]
     encoder: Any
     headers: tuple[tuple[bytes, bytes], ...] = ()
-    error_style: str | None = None  # for an error before the stream starts
     keepalive: float = 15.0
 
-    async def __call__(self, send: Send, receive: Receive) -> None:
-        try:
-            await stream_sse(send, receive, self.events, self.encoder, self.headers, self.keepalive)
-        except NodeChatError as err:
-            err.style = err.style or self.error_style
-            raise
+    def __call__(self, send: Send, receive: Receive) -> Awaitable[None]:
+        return stream_sse(send, receive, self.events, self.encoder, self.headers, self.keepalive)
 
 
 async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event], encoder: Any,
@@ -4623,65 +4663,72 @@ async def watch_disconnect(receive: Receive, task: asyncio.Task) -> bool:
     return True
 
 
-ROUTES = (
-    # method, path, handler, error style ("openai" bodies or {"error": text}), who may call
-    # ("anyone"; "token": a bearer token; "session": a bearer token or the session cookie)
-    ("GET", "/", "chat_page", "api", "anyone"),
-    ("GET", "/healthz", "healthz", "api", "anyone"),
-    ("GET", "/v1/models", "list_models", "openai", "token"),
-    ("GET", "/v1/models/{id}", "retrieve_model", "openai", "token"),
-    ("POST", "/v1/chat/completions", "chat_completions", "openai", "token"),
-    ("POST", "/api/chat", "api_chat", "api", "session"),
-    ("POST", "/api/generate-title", "generate_title", "api", "session"),
-    ("GET", "/api/conversations", "list_conversations", "api", "session"),
-    ("GET", "/api/conversations/{id}", "get_conversation", "api", "session"),
-    ("DELETE", "/api/conversations/{id}", "delete_conversation", "api", "session"),
-    ("GET", "/api/memories", "list_memories", "api", "session"),
-    ("DELETE", "/api/memories/{id}", "delete_memory", "api", "session"),
-)
-WS_ROUTES = ("/chat", "/ws/chat")
-PATH_STYLES = (("/v1/", "openai"),)  # the error style of a path no route matches (404)
+ErrorFormat = Callable[[NodeChatError, Request], Any]  # the error, the request -> a response
 
 
 @dataclass(frozen=True)
 class Route:
     method: str
     pattern: re.Pattern
-    handler: str
-    style: str
-    auth: str  # "anyone", "token" or "session"
+    handler: Callable[[Any, Request], Awaitable[Any]]  # (the app, the request) -> a response
+    auth: str  # "anyone"; "token": a bearer token; "session": a bearer token or the session cookie
+    errors: ErrorFormat  # the protocol's error body, for whatever fails before the response starts
 
 
-def compile_routes(table: Iterable[tuple]) -> tuple[Route, ...]:
+@dataclass(frozen=True)
+class Routes:
+    """One protocol's routes and its error format, which also answers for a path under
+    ``prefix`` that no route matches.  Each entry is ``(method, path, handler, auth)``, or
+    with a fifth item, the route's own error format."""
+
+    prefix: str
+    errors: ErrorFormat
+    table: tuple[tuple, ...]
+
+
+class Router:
+    """Matches a method and path to a route, built per app from the protocols' ``Routes``."""
+
+    def __init__(self, *groups: Routes):
+        self.routes = tuple(Route(method, compile_path(path), handler, auth, errors[0] if errors else group.errors)
+                            for group in groups for method, path, handler, auth, *errors in group.table)
+        self.prefixes = sorted(((g.prefix, g.errors) for g in groups), key=lambda p: -len(p[0]))
+
+    def match(self, method: str, path: str) -> tuple[Route | None, dict, list[str]]:
+        """The route and its params; or None with the methods the path allows (404 vs 405)."""
+        allowed = []
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found:
+                if route.method == method or (method == "HEAD" and route.method == "GET"):
+                    return route, found.groupdict(), []
+                allowed.append(route.method)
+        return None, {}, allowed
+
+    def errors_for(self, path: str) -> ErrorFormat:
+        """The error format of a path no route takes: its protocol's, by prefix."""
+        return next((errors for prefix, errors in self.prefixes if path.startswith(prefix)), json_error)
+
+
+def compile_path(path: str) -> re.Pattern:
     """``{name}`` path parameters become named regex groups.  A parameter takes the rest of
     the path, slashes included, so an id like ``../x`` reaches validation (400), not a 404."""
-    return tuple(Route(method, re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>.+)", path) + "$"),
-                       handler, style, auth) for method, path, handler, style, auth in table)
+    return re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>.+)", path) + "$")
 
 
-def match_route(routes: tuple[Route, ...], method: str, path: str) -> tuple[Route | None, dict, list[str]]:
-    """The route and its params; or None with the methods the path allows (404 vs 405)."""
-    allowed = []
-    for route in routes:
-        found = route.pattern.match(path)
-        if found:
-            if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route, found.groupdict(), []
-            allowed.append(route.method)
-    return None, {}, allowed
-
-
-def error_response(err: NodeChatError, style: str) -> JSONResponse | TextResponse:
-    """The protocol's error body: OpenAI's envelope for /v1, plain text for an AI SDK UI
-    stream request (the AI SDK shows the response text as the error), ``{"error": text}``
-    elsewhere."""
+def error_headers(err: NodeChatError) -> tuple[tuple[bytes, bytes], ...]:
+    """What every protocol's error response carries besides its body."""
     headers = ((b"www-authenticate", b"Bearer"),) if err.status == 401 else ()
     if err.retry_after:
         headers += ((b"retry-after", err.retry_after.encode("latin-1")),)
-    if (err.style or style) == "text":
-        return TextResponse(err.message, err.status, headers)
-    body = openai_error_body(err) if style == "openai" else {"error": err.message}
-    return JSONResponse(body, err.status, headers)
+    if isinstance(err, MethodNotAllowed):
+        headers += ((b"allow", ", ".join(err.allow).encode()),)
+    return headers
+
+
+def json_error(err: NodeChatError, request: Request | None = None) -> JSONResponse:
+    """``{"error": text}``: the error body of the chat page, ``/healthz`` and ``/api/*``."""
+    return JSONResponse({"error": err.message}, err.status, error_headers(err))
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -4765,6 +4812,109 @@ def same_origin(origin: str, host: str, scheme: str = "http") -> bool:
     default = {"http": ":80", "https": ":443"}.get(origin_scheme.lower(), "")
     rest, host = rest.lower(), host.strip().lower()
     return bool(rest) and (rest == host or rest + default == host or rest == host + default)
+
+
+class Gate:
+    """Who may call, decided on the headers alone, before any body is read: an unknown
+    caller never gets to make the server hold a body in memory.
+
+    The Host and Origin rules keep web pages from driving the server (DNS rebinding,
+    cross-site requests), CORS answers the browsers that are allowed, and the caller's user
+    comes from a bearer token, the session cookie or the host's ``authenticate(scope)``.
+    """
+
+    def __init__(self, settings: Settings, authenticate: Callable[[Scope], Any] | None = None):
+        self.settings = settings
+        self.authenticate = authenticate
+        self.allowed_hosts = settings.allowed_hosts or (LOOPBACK_NAMES if self.open else ("*",))
+
+    @property
+    def open(self) -> bool:
+        """True when anyone who reaches the server is a user: no tokens, no ``authenticate``."""
+        return not self.settings.tokens and self.authenticate is None
+
+    def with_cors(self, headers: Mapping[str, str], method: str, send: Send) -> Send:
+        """``send`` with the Access-Control headers an allowed origin gets (if any)."""
+        origin = headers.get("origin")
+        extra = cors_headers(origin, self.settings.cors_origins, method == "OPTIONS") if origin else []
+        if not extra:
+            return send
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        return send_with_cors
+
+    def check_browser(self, scope: Scope, headers: Mapping[str, str]) -> None:
+        """Refuse what a web page could make a browser send.
+
+        A Host that is not allowed is DNS rebinding (an open server answers loopback names
+        only).  An ``Origin`` that is neither this server nor listed in ``cors_origins`` is a
+        cross-site request: refused on an open server, as Jupyter and MCP's local servers do,
+        and for every WebSocket (browsers apply no CORS to them, and a host's ``authenticate``
+        may read a cookie)."""
+        host = headers.get("host", "")
+        if not host_allowed(host, self.allowed_hosts):
+            raise Forbidden(f"Host {host[:80]!r} is not allowed here; add it to allowed_hosts "
+                            "(NODECHAT_ALLOWED_HOSTS)", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin and (self.open or scope["type"] == "websocket") and \
+                not self._origin_allowed(origin, host, scope.get("scheme", "http")):
+            raise Forbidden(f"cross-origin request from {origin[:80]!r} refused; add the origin to "
+                            "cors_origins (NODECHAT_CORS_ORIGINS)", code="origin_not_allowed")
+
+    def _origin_allowed(self, origin: str, host: str, scheme: str) -> bool:
+        return same_origin(origin, host, scheme) or cors_rule(origin, self.settings.cors_origins) is not None
+
+    def credentials(self, headers: Mapping[str, str], auth: str) -> tuple[str | None, bool]:
+        """The token a request carries, and whether it came in the session cookie (which
+        counts only on ``session`` routes)."""
+        token = bearer_token(headers)
+        if token is None and auth == "session":
+            token = request_cookies(headers).get(self.settings.cookie_name)
+            return token, token is not None
+        return token, False
+
+    async def user(self, scope: Scope, headers: Mapping[str, str], method: str, auth: str) -> str:
+        """The caller's user id from the headers alone, or Unauthorized.
+
+        A cookie is sent by the browser with any page's requests: so a cookie-authenticated
+        call must come from this server or an origin listed with credentials, and a POST
+        must be ``application/json`` (which a cross-site form cannot send)."""
+        token, via_cookie = self.credentials(headers, auth)
+        user = await self.identify(scope, token)
+        if not user:
+            raise Unauthorized("Unauthorized", code="invalid_api_key")
+        if via_cookie or self.authenticate is not None:  # a host's check may read its cookie
+            origin = headers.get("origin")
+            rule = cors_rule(origin, self.settings.cors_origins) if origin else None
+            if origin and not same_origin(origin, headers.get("host", ""), scope.get("scheme", "http")) \
+                    and (rule is None or rule in CORS_NO_CREDENTIALS):
+                raise Forbidden(f"cookie sent from {origin[:80]!r}, an origin not allowed with "
+                                "credentials", code="origin_not_allowed")
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if method == "POST" and media != "application/json":
+                raise BadRequest("a request authenticated by cookie must send Content-Type: "
+                                 "application/json", code="unsupported_media_type", status=415)
+        return user
+
+    async def identify(self, scope: Scope, token: str | None) -> str | None:
+        """The host's ``authenticate(scope)``, else the token table (open when it is empty)."""
+        if self.authenticate is not None:
+            user = self.authenticate(scope)
+            user = await user if inspect.isawaitable(user) else user
+            return str(user) if user else None
+        if not self.settings.tokens:
+            return "local"
+        return lookup_token(self.settings.tokens, token)
+
+    def is_internal(self, headers: Mapping[str, str]) -> bool:
+        """True for a caller that may act for other users: one with an internal token, or
+        anyone on an open server."""
+        token = bearer_token(headers) or request_cookies(headers).get(self.settings.cookie_name)
+        return self.open or lookup_token({t: t for t in self.settings.internal_tokens}, token) is not None
 
 
 ###############################################################################
@@ -4908,6 +5058,43 @@ def openai_error_body(err: NodeChatError) -> dict:
     return {"error": {"message": err.message, "type": err.kind, "param": None, "code": err.code}}
 
 
+def openai_errors(err: NodeChatError, request: Request | None = None) -> JSONResponse:
+    """OpenAI's error envelope, which the ``openai`` clients turn into their exceptions."""
+    return JSONResponse(openai_error_body(err), err.status, error_headers(err))
+
+
+async def list_models(chat: NodeChat, request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": await chat.providers.list_models(chat.http())})
+
+
+async def retrieve_model(chat: NodeChat, request: Request) -> JSONResponse:
+    models = await chat.providers.list_models(chat.http())
+    found = next((m for m in models if m["id"] == request.params["id"]), None)
+    if found is None:
+        raise NotFound(f"The model '{request.params['id'][:100]}' does not exist; available: "
+                       f"{', '.join(m['id'] for m in models[:20]) or 'none'}", code="model_not_found")
+    return JSONResponse(found)
+
+
+async def chat_completions(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
+    body = request.json()
+    server_tools = chat.tools_for(None) if chat.settings.openai_server_tools else []
+    turn = openai_turn(body, request.user_id, chat.settings, server_tools)
+    turn.model = turn.model or chat.providers.default_model
+    chat.providers.resolve(turn.model)  # an unknown model is a 404 before anything streams
+    encoder = OpenAIEncoder(turn.model, bool((turn.params.get("stream_options") or {}).get("include_usage")))
+    if body.get("stream", False):
+        return SSEResponse(chat.run_turn(turn), encoder, keepalive=chat.settings.keepalive_seconds)
+    return WaitedResponse(lambda: encoder.completion(chat.run_turn(turn)))
+
+
+OPENAI_ROUTES = Routes("/v1/", openai_errors, (
+    ("GET", "/v1/models", list_models, "token"),
+    ("GET", "/v1/models/{id}", retrieve_model, "token"),
+    ("POST", "/v1/chat/completions", chat_completions, "token"),
+))
+
+
 ###############################################################################
 # Protocol: /api/chat (the seed's SSE and the AI SDK UI stream), conversations, memories
 ###############################################################################
@@ -4931,15 +5118,25 @@ def api_chat_turn(body: Any, user_id: str, settings: Settings, tools: list[Tool]
                 regenerate=body.get("trigger") == "regenerate-message")
 
 
-def _wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
+def wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
     """AI SDK UI message stream or the seed's events: ``?protocol=`` / header, else the
     body's ``trigger`` (before the body is read: the AI SDK's own User-Agent, if sent)."""
-    explicit = query.get("protocol") or headers.get("x-nodechat-stream")
-    if explicit in ("ui", "seed"):
-        return explicit == "ui"
+    explicit = stream_choice(query, headers)
+    if explicit is not None:
+        return explicit
     if body is None:
-        return "ai-sdk/" in headers.get("user-agent", "")
+        return ai_sdk_agent(headers)
     return isinstance(body, dict) and "trigger" in body
+
+
+def stream_choice(query: Mapping[str, str], headers: Mapping[str, str]) -> bool | None:
+    """The client's explicit choice, if any: ``?protocol=ui|seed`` or ``X-Nodechat-Stream``."""
+    explicit = query.get("protocol") or headers.get("x-nodechat-stream")
+    return explicit == "ui" if explicit in ("ui", "seed") else None
+
+
+def ai_sdk_agent(headers: Mapping[str, str]) -> bool:
+    return "ai-sdk/" in headers.get("user-agent", "")
 
 
 UI_ROLES = frozenset({"user", "assistant", "system"})
@@ -5163,24 +5360,151 @@ class UIStreamEncoder:
         return frames + [sse_json({"type": "finish-step"})]
 
 
-async def _style_from_small_body(receive: Receive, headers: Mapping[str, str]) -> str:
-    """For an error before ``/api/chat`` read its body (401, 403): the AI SDK wants plain
-    text and the seed's clients JSON, and only the body's ``trigger`` tells them apart.  A
-    small body that is already on its way is worth a look; a large or slow one is not."""
-    if int(headers.get("content-length") or 0) > 64 * 1024:
-        return "api"
-    chunks, size = [], 0
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(1.0):
-            while size <= 64 * 1024:
-                message = await receive()
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if not message.get("more_body"):
-                    with contextlib.suppress(ValueError):
-                        return "text" if _wants_ui_stream({}, headers, parse_json(b"".join(chunks))) else "api"
-                    break
-    return "api"
+def api_chat_errors(err: NodeChatError, request: Request) -> Any:
+    """``POST /api/chat``'s error body, in the shape its stream would have had: plain text
+    for the AI SDK (which shows the response text as the error), ``{"error": text}`` for the
+    seed's clients.  Before the body is read (401, 403) and with nothing else to go by, a
+    small body already on its way is worth a look (:class:`SmallBodyErrorResponse`)."""
+    body = None
+    if request.body is not None:
+        with contextlib.suppress(NodeChatError):
+            body = request.json()
+    elif stream_choice(request.query, request.headers) is None and not ai_sdk_agent(request.headers):
+        return SmallBodyErrorResponse(err, request.headers)
+    return text_error(err) if wants_ui_stream(request.query, request.headers, body) else json_error(err)
+
+
+def text_error(err: NodeChatError) -> TextResponse:
+    return TextResponse(err.message, err.status, error_headers(err))
+
+
+@dataclass
+class SmallBodyErrorResponse:
+    """An error for ``/api/chat`` in the shape its unread body's ``trigger`` asks for.  A
+    large or slow body is not waited for: it gets ``{"error": text}``."""
+
+    err: NodeChatError
+    headers: Mapping[str, str]
+    max_bytes: int = 64 * 1024
+    seconds: float = 1.0
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        body = await self._peek(receive)
+        ui = body is not None and wants_ui_stream({}, self.headers, body)
+        await (text_error(self.err) if ui else json_error(self.err))(send, receive)
+
+    async def _peek(self, receive: Receive) -> Any:
+        if int(self.headers.get("content-length") or 0) > self.max_bytes:
+            return None
+        chunks, size = [], 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.seconds):
+                while size <= self.max_bytes:
+                    message = await receive()
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if not message.get("more_body"):
+                        with contextlib.suppress(ValueError):
+                            return parse_json(b"".join(chunks))
+                        break
+        return None
+
+
+async def api_chat(chat: NodeChat, request: Request) -> SSEResponse:
+    body = request.json()
+    ui_stream = wants_ui_stream(request.query, request.headers, body)
+    user = acting_user(chat, request, body) if isinstance(body, dict) else request.user_id
+    tools = chat.tools_for(body.get("tools") if isinstance(body, dict) else None)
+    turn = api_chat_turn(body, user, chat.settings, tools, ui_stream)
+    chat.providers.resolve(turn.model)
+    cid = turn.conversation_id
+    headers = ((b"x-conversation-id", cid.encode()),) if cid else ()
+    if ui_stream:
+        encoder = UIStreamEncoder(t.name for t in chat.tools if t.dynamic)
+        headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
+    else:
+        encoder = ChatSSEEncoder(cid)
+    return SSEResponse(chat.run_turn(turn), encoder, headers, chat.settings.keepalive_seconds)
+
+
+def acting_user(chat: NodeChat, request: Request, body: dict) -> str:
+    """``userId`` in the body counts only for internal tokens (or an open server)."""
+    claimed = body.get("userId")
+    if not isinstance(claimed, str) or not claimed or claimed == request.user_id:
+        return request.user_id
+    if chat.gate.is_internal(request.headers):
+        return validate_id(claimed, "user id")
+    log.info("ignoring userId in the body of a caller that is not internal")
+    return request.user_id
+
+
+async def generate_title(chat: NodeChat, request: Request) -> JSONResponse:
+    body = request.json()
+    body = body if isinstance(body, dict) else {}
+    message = body.get("message")
+    if isinstance(message, dict):  # a UIMessage: v5 parts or v4 content
+        parts = message.get("parts") if isinstance(message.get("parts"), list) else []
+        text = message_text({"content": parts_content(parts)})
+        text = text or (message["content"] if isinstance(message.get("content"), str) else "")
+    else:
+        text = message if isinstance(message, str) else ""
+    if not text.strip():  # as the AI SDK apps do: no text, no model call
+        return JSONResponse({"data": "New Chat"})
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    return JSONResponse({"data": await chat.agent.title(text, model)})
+
+
+async def list_conversations(chat: NodeChat, request: Request) -> JSONResponse:
+    """Newest first, ``limit`` (1-1000, default 100) a page; the next page is
+    ``?before=<updated_at of the last one>`` while ``has_more``."""
+    try:
+        limit = int(request.query.get("limit", 100))
+    except ValueError:
+        raise BadRequest("limit must be a whole number", code="invalid_limit") from None
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be between 1 and 1000", code="invalid_limit")
+    page = await chat.store.list_conversations(request.user_id, limit + 1,
+                                               request.query.get("before") or None)
+    return JSONResponse({"conversations": page[:limit], "has_more": len(page) > limit})
+
+
+async def get_conversation(chat: NodeChat, request: Request) -> JSONResponse:
+    meta = await own_conversation(chat, request)
+    messages = await chat.store.load_messages(meta["id"])
+    return JSONResponse({**meta, "messages": messages})
+
+
+async def delete_conversation(chat: NodeChat, request: Request) -> JSONResponse:
+    meta = await own_conversation(chat, request)
+    await chat.store.delete_conversation(meta["id"])
+    return JSONResponse({"deleted": True, "id": meta["id"]})
+
+
+async def own_conversation(chat: NodeChat, request: Request) -> dict:
+    conversation_id = validate_id(request.params["id"], "conversation id")
+    return owned(await chat.store.get_conversation(conversation_id), request.user_id)
+
+
+async def list_memories(chat: NodeChat, request: Request) -> JSONResponse:
+    return JSONResponse({"memories": await chat.store.list_memories(request.user_id)})
+
+
+async def delete_memory(chat: NodeChat, request: Request) -> JSONResponse:
+    memory_id = validate_id(request.params["id"], "memory id")
+    if not await chat.store.delete_memory(request.user_id, memory_id):
+        raise NotFound("memory not found", code="memory_not_found")
+    return JSONResponse({"deleted": True, "id": memory_id})
+
+
+API_CHAT_ROUTES = Routes("/api/", json_error, (
+    ("POST", "/api/chat", api_chat, "session", api_chat_errors),
+    ("POST", "/api/generate-title", generate_title, "session"),
+    ("GET", "/api/conversations", list_conversations, "session"),
+    ("GET", "/api/conversations/{id}", get_conversation, "session"),
+    ("DELETE", "/api/conversations/{id}", delete_conversation, "session"),
+    ("GET", "/api/memories", list_memories, "session"),
+    ("DELETE", "/api/memories/{id}", delete_memory, "session"),
+))
 
 
 ###############################################################################
@@ -5300,7 +5624,7 @@ class ChatSession:
         self.user_id = user_id
         self.settings = settings
         self.run_turn = run_turn  # NodeChat.run_turn: the agent (or a workflow), capped per user
-        self.offered = offered  # NodeChat._offered: the server's tools a message may use
+        self.offered = offered  # NodeChat.tools_for: the server's tools a message may use
         self._send = send
         self._guard = SendGuard()
         self.queue: asyncio.Queue = asyncio.Queue(self.settings.ws_queue_size)
@@ -5481,6 +5805,40 @@ class ChatSession:
 def _unknown_ext(code: int, data: bytes) -> None:
     """MessagePack ext types we do not know (JS ``undefined`` from msgpackr) decode to None."""
     return None
+
+
+WS_ROUTES = ("/chat", "/ws/chat")
+
+
+async def chat_websocket(chat: NodeChat, scope: Scope, receive: Receive, send: Send) -> None:
+    """``/chat``: a bad or missing token, Host or Origin is accepted, then closed with
+    1008 and a reason, so clients see why (a close before accept is only an HTTP 403)."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    if route_path(scope) not in WS_ROUTES:
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    headers = scope_headers(scope)
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    token = bearer_token(headers) or query.get("api_key") or query.get("token")
+    try:
+        chat.gate.check_browser(scope, headers)
+        user = await chat.gate.identify(scope, token)
+        reason = None if user else "Missing authentication" if token is None else "Invalid authentication"
+    except Forbidden as err:
+        user, reason = None, err.message
+    await send({"type": "websocket.accept"})
+    if user is None:
+        log.warning("/chat refused (1008): %s", reason)
+        await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+        return
+    await chat.ensure_started()
+    session = ChatSession(user, send, chat.settings, chat.run_turn, chat.tools_for)
+    chat.sessions.add(session)
+    try:
+        await session.run(receive)
+    finally:
+        chat.sessions.discard(session)
 
 
 ###############################################################################
@@ -6118,9 +6476,27 @@ class ChatPageResponse:
         await send({"type": "http.response.body", "body": CHAT_PAGE_BYTES})
 
 
+async def chat_page(chat: NodeChat, request: Request) -> ChatPageResponse:
+    if not chat.settings.ui:
+        raise NotFound("Not Found")
+    return ChatPageResponse()
+
+
+CHAT_PAGE_ROUTES = Routes("/", json_error, (("GET", "/", chat_page, "anyone"),))
+
+
 ###############################################################################
 # App: the NodeChat object is the ASGI application
 ###############################################################################
+
+
+async def healthz(chat: NodeChat, request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+#: Every HTTP route, by protocol; each app compiles its own :class:`Router`.
+ROUTES = (CHAT_PAGE_ROUTES, Routes("/healthz", json_error, (("GET", "/healthz", healthz, "anyone"),)),
+          OPENAI_ROUTES, API_CHAT_ROUTES)
 
 
 class NodeChat:
@@ -6157,13 +6533,11 @@ class NodeChat:
         self._started: asyncio.Task | None = None
         self.workflows = WorkflowRegistry()
         self.agent = Agent(self.providers, self.store, self.http, self.settings, self.upstream)
+        self.turn_gate = TurnGate(self.settings)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
-        self._turns: dict[str, int] = {}  # user -> agent turns running now
-        self._busy: set[tuple[str, str]] = set()  # (user, conversation) with a turn running now
         self.clients = UpstreamClients(self.settings, http_client)
-        self._authenticate = authenticate
-        self._routes = compile_routes(ROUTES)
-        self._allowed_hosts = self.settings.allowed_hosts or (LOOPBACK_NAMES if self.open else ("*",))
+        self.gate = Gate(self.settings, authenticate)
+        self.router = Router(*ROUTES)
 
     # -- public helpers ------------------------------------------------------------------------
 
@@ -6291,6 +6665,16 @@ class NodeChat:
         self._started = None
         await self.clients.aclose()
 
+    @property
+    def open(self) -> bool:
+        """True when anyone who reaches the server is a user: no tokens, no ``authenticate``."""
+        return self.gate.open
+
+    async def ensure_started(self) -> None:
+        """Start on the first request if no lifespan did (a mounted app gets none)."""
+        if self._started is None or not self._started.done():
+            await self.startup()
+
     # -- ASGI ----------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -6298,21 +6682,17 @@ class NodeChat:
         if kind == "http":
             await self._handle_http(scope, receive, send)
         elif kind == "websocket":
-            await self._handle_websocket(scope, receive, send)
+            await chat_websocket(self, scope, receive, send)
         elif kind == "lifespan":
             await self._handle_lifespan(receive, send)
 
     async def _handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Host and Origin, then auth from the headers, and only then the body: an unknown
-        caller never gets to make the server hold a body in memory."""
+        """The gate on the headers, then the body, then the route's handler.  Whatever fails
+        before the response starts is answered in the route's (the protocol's) error format."""
         path, method = route_path(scope), scope["method"]
-        route, params, allowed = match_route(self._routes, method, path)
-        style = route.style if route else next((s for p, s in PATH_STYLES if path.startswith(p)), "api")
+        route, params, allowed = self.router.match(method, path)
         headers = scope_headers(scope)
-        if route and route.handler == "api_chat" and _wants_ui_stream(
-                dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))), headers):
-            style = "text"
-        send = self._with_cors(headers, method, send)
+        send = self.gate.with_cors(headers, method, send)
         started = False
 
         def tracking_send(message: Message) -> Awaitable[None]:  # no coroutine of its own per frame
@@ -6320,67 +6700,27 @@ class NodeChat:
             started = True
             return send(message)
 
-        request = None
+        body = None
         try:
-            self._check_browser(scope, headers)
+            self.gate.check_browser(scope, headers)
             if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:
                 await JSONResponse(None, 204)(send, receive)
                 return
             if route is None:
-                raise MethodNotAllowed("Method Not Allowed") if allowed else NotFound("Not Found")
-            if self._started is None or not self._started.done():
-                await self.startup()
-            user = await self._user(scope, headers, method, route) if route.auth != "anyone" else None
-            request = await read_request(scope, receive, self.settings.max_body_bytes,
-                                         self.settings.body_timeout, headers)
-            request = dataclasses.replace(request, params=params, user_id=user)
-            response = await getattr(self, route.handler)(request)
+                raise MethodNotAllowed("Method Not Allowed", allow=allowed) if allowed else NotFound("Not Found")
+            await self.ensure_started()
+            user = await self.gate.user(scope, headers, method, route.auth) if route.auth != "anyone" else None
+            body = await read_body(receive, headers, self.settings.max_body_bytes, self.settings.body_timeout)
+            response = await route.handler(self, request_head(scope, headers, params, body, user))
             await response(tracking_send, receive)
-        except NodeChatError as err:
-            if started:
-                raise
-            if request is None and style == "api" and route and route.handler == "api_chat":
-                style = await _style_from_small_body(receive, headers)
-            response = error_response(err, style)
-            if isinstance(err, MethodNotAllowed):
-                response.headers += ((b"allow", ", ".join(sorted(set(allowed))).encode()),)
-            await response(send, receive)
         except Exception as exc:
-            if not started:
-                await error_response(client_error(exc), style)(send, receive)
-            else:
+            if started:
+                if isinstance(exc, NodeChatError):
+                    raise
                 log.exception("%s %s failed after the response started", method, path)
-
-    async def _handle_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """``/chat``: a bad or missing token, Host or Origin is accepted, then closed with
-        1008 and a reason, so clients see why (a close before accept is only an HTTP 403)."""
-        if (await receive())["type"] != "websocket.connect":
-            return
-        if route_path(scope) not in WS_ROUTES:
-            await send({"type": "websocket.close", "code": 1000})
-            return
-        headers = scope_headers(scope)
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        token = bearer_token(headers) or query.get("api_key") or query.get("token")
-        try:
-            self._check_browser(scope, headers)
-            user = await self.identify(scope, token)
-            reason = None if user else "Missing authentication" if token is None else "Invalid authentication"
-        except Forbidden as err:
-            user, reason = None, err.message
-        await send({"type": "websocket.accept"})
-        if user is None:
-            log.warning("/chat refused (1008): %s", reason)
-            await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
-            return
-        if self._started is None or not self._started.done():
-            await self.startup()
-        session = ChatSession(user, send, self.settings, self.run_turn, self._offered)
-        self.sessions.add(session)
-        try:
-            await session.run(receive)
-        finally:
-            self.sessions.discard(session)
+                return
+            errors = route.errors if route else self.router.errors_for(path)
+            await errors(client_error(exc), request_head(scope, headers, params, body))(send, receive)
 
     async def _handle_lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -6397,236 +6737,23 @@ class NodeChat:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _with_cors(self, headers: Mapping[str, str], method: str, send: Send) -> Send:
-        origin = headers.get("origin")
-        extra = cors_headers(origin, self.settings.cors_origins, method == "OPTIONS") if origin else []
-        if not extra:
-            return send
-
-        async def send_with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
-            await send(message)
-
-        return send_with_cors
-
-    @property
-    def open(self) -> bool:
-        """True when anyone who reaches the server is a user: no tokens, no ``authenticate``."""
-        return not self.settings.tokens and self._authenticate is None
-
-    def _check_browser(self, scope: Scope, headers: Mapping[str, str]) -> None:
-        """Refuse what a web page could make a browser send.
-
-        A Host that is not allowed is DNS rebinding (an open server answers loopback names
-        only).  An ``Origin`` that is neither this server nor listed in ``cors_origins`` is a
-        cross-site request: refused on an open server, as Jupyter and MCP's local servers do,
-        and for every WebSocket (browsers apply no CORS to them, and a host's ``authenticate``
-        may read a cookie)."""
-        host = headers.get("host", "")
-        if not host_allowed(host, self._allowed_hosts):
-            raise Forbidden(f"Host {host[:80]!r} is not allowed here; add it to allowed_hosts "
-                            "(NODECHAT_ALLOWED_HOSTS)", code="host_not_allowed")
-        origin = headers.get("origin")
-        if origin and (self.open or scope["type"] == "websocket") and \
-                not self._origin_allowed(origin, host, scope.get("scheme", "http")):
-            raise Forbidden(f"cross-origin request from {origin[:80]!r} refused; add the origin to "
-                            "cors_origins (NODECHAT_CORS_ORIGINS)", code="origin_not_allowed")
-
-    def _origin_allowed(self, origin: str, host: str, scheme: str) -> bool:
-        return same_origin(origin, host, scheme) or cors_rule(origin, self.settings.cors_origins) is not None
-
-    def credentials(self, headers: Mapping[str, str], route: Route) -> tuple[str | None, bool]:
-        """The token a request carries, and whether it came in the session cookie (which
-        counts only on ``session`` routes)."""
-        token = bearer_token(headers)
-        if token is None and route.auth == "session":
-            token = request_cookies(headers).get(self.settings.cookie_name)
-            return token, token is not None
-        return token, False
-
-    async def _user(self, scope: Scope, headers: Mapping[str, str], method: str, route: Route) -> str:
-        """The caller's user id from the headers alone, or Unauthorized.
-
-        A cookie is sent by the browser with any page's requests: so a cookie-authenticated
-        call must come from this server or an origin listed with credentials, and a POST
-        must be ``application/json`` (which a cross-site form cannot send)."""
-        token, via_cookie = self.credentials(headers, route)
-        user = await self.identify(scope, token)
-        if not user:
-            raise Unauthorized("Unauthorized", code="invalid_api_key")
-        if via_cookie or self._authenticate is not None:  # a host's check may read its cookie
-            origin = headers.get("origin")
-            rule = cors_rule(origin, self.settings.cors_origins) if origin else None
-            if origin and not same_origin(origin, headers.get("host", ""), scope.get("scheme", "http")) \
-                    and (rule is None or rule in CORS_NO_CREDENTIALS):
-                raise Forbidden(f"cookie sent from {origin[:80]!r}, an origin not allowed with "
-                                "credentials", code="origin_not_allowed")
-            media = headers.get("content-type", "").partition(";")[0].strip().lower()
-            if method == "POST" and media != "application/json":
-                raise BadRequest("a request authenticated by cookie must send Content-Type: "
-                                 "application/json", code="unsupported_media_type", status=415)
-        return user
-
-    async def identify(self, scope: Scope, token: str | None) -> str | None:
-        """The host's ``authenticate(scope)``, else the token table (open when it is empty)."""
-        if self._authenticate is not None:
-            user = self._authenticate(scope)
-            user = await user if inspect.isawaitable(user) else user
-            return str(user) if user else None
-        if not self.settings.tokens:
-            return "local"
-        return lookup_token(self.settings.tokens, token)
-
-    def _acting_user(self, request: Request, body: dict) -> str:
-        """``userId`` in the body counts only for internal tokens (or an open server)."""
-        claimed = body.get("userId")
-        if not isinstance(claimed, str) or not claimed or claimed == request.user_id:
-            return request.user_id
-        token = bearer_token(request.headers) or request.cookies.get(self.settings.cookie_name)
-        internal = lookup_token({t: t for t in self.settings.internal_tokens}, token)
-        if internal or (not self.settings.tokens and self._authenticate is None):
-            return validate_id(claimed, "user id")
-        log.info("ignoring userId in the body of a caller that is not internal")
-        return request.user_id
-
-    # -- handlers: Request in, response object out --------------------------------------------
-
-    async def chat_page(self, request: Request) -> ChatPageResponse:
-        if not self.settings.ui:
-            raise NotFound("Not Found")
-        return ChatPageResponse()
-
-    async def healthz(self, request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "version": __version__})
-
-    async def list_models(self, request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": await self.providers.list_models(self.http())})
-
-    async def retrieve_model(self, request: Request) -> JSONResponse:
-        models = await self.providers.list_models(self.http())
-        found = next((m for m in models if m["id"] == request.params["id"]), None)
-        if found is None:
-            raise NotFound(f"The model '{request.params['id'][:100]}' does not exist; available: "
-                           f"{', '.join(m['id'] for m in models[:20]) or 'none'}", code="model_not_found")
-        return JSONResponse(found)
-
-    async def chat_completions(self, request: Request) -> JSONResponse | SSEResponse:
-        body = request.json()
-        server_tools = self._offered(None) if self.settings.openai_server_tools else []
-        turn = openai_turn(body, request.user_id, self.settings, server_tools)
-        turn.model = turn.model or self.providers.default_model
-        self.providers.resolve(turn.model)  # an unknown model is a 404 before anything streams
-        encoder = OpenAIEncoder(turn.model, bool((turn.params.get("stream_options") or {}).get("include_usage")))
-        if body.get("stream", False):
-            return SSEResponse(self.run_turn(turn), encoder, keepalive=self.settings.keepalive_seconds)
-        return WaitedResponse(lambda: encoder.completion(self.run_turn(turn)))
-
-    async def api_chat(self, request: Request) -> SSEResponse:
-        body = request.json()
-        ui_stream = _wants_ui_stream(request.query, request.headers, body)
-        style = "text" if ui_stream else None
-        try:
-            user = self._acting_user(request, body) if isinstance(body, dict) else request.user_id
-            turn = api_chat_turn(body, user, self.settings, self._offered(body.get("tools") if
-                                 isinstance(body, dict) else None), ui_stream)
-            self.providers.resolve(turn.model)
-        except NodeChatError as err:
-            err.style = style
-            raise
-        cid = turn.conversation_id
-        headers = ((b"x-conversation-id", cid.encode()),) if cid else ()
-        if ui_stream:
-            encoder = UIStreamEncoder(t.name for t in self.tools if t.dynamic)
-            headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
-        else:
-            encoder = ChatSSEEncoder(cid)
-        return SSEResponse(self.run_turn(turn), encoder, headers, style, self.settings.keepalive_seconds)
-
-    async def generate_title(self, request: Request) -> JSONResponse:
-        body = request.json()
-        body = body if isinstance(body, dict) else {}
-        message = body.get("message")
-        if isinstance(message, dict):  # a UIMessage: v5 parts or v4 content
-            parts = message.get("parts") if isinstance(message.get("parts"), list) else []
-            text = message_text({"content": parts_content(parts)})
-            text = text or (message["content"] if isinstance(message.get("content"), str) else "")
-        else:
-            text = message if isinstance(message, str) else ""
-        if not text.strip():  # as the AI SDK apps do: no text, no model call
-            return JSONResponse({"data": "New Chat"})
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        return JSONResponse({"data": await self.agent.title(text, model)})
-
-    async def list_conversations(self, request: Request) -> JSONResponse:
-        """Newest first, ``limit`` (1-1000, default 100) a page; the next page is
-        ``?before=<updated_at of the last one>`` while ``has_more``."""
-        try:
-            limit = int(request.query.get("limit", 100))
-        except ValueError:
-            raise BadRequest("limit must be a whole number", code="invalid_limit") from None
-        if not 1 <= limit <= 1000:
-            raise BadRequest("limit must be between 1 and 1000", code="invalid_limit")
-        page = await self.store.list_conversations(request.user_id, limit + 1,
-                                                   request.query.get("before") or None)
-        return JSONResponse({"conversations": page[:limit], "has_more": len(page) > limit})
-
-    async def get_conversation(self, request: Request) -> JSONResponse:
-        meta = await self._own_conversation(request)
-        messages = await self.store.load_messages(meta["id"])
-        return JSONResponse({**meta, "messages": messages})
-
-    async def delete_conversation(self, request: Request) -> JSONResponse:
-        meta = await self._own_conversation(request)
-        await self.store.delete_conversation(meta["id"])
-        return JSONResponse({"deleted": True, "id": meta["id"]})
-
-    async def list_memories(self, request: Request) -> JSONResponse:
-        return JSONResponse({"memories": await self.store.list_memories(request.user_id)})
-
-    async def delete_memory(self, request: Request) -> JSONResponse:
-        memory_id = validate_id(request.params["id"], "memory id")
-        if not await self.store.delete_memory(request.user_id, memory_id):
-            raise NotFound("memory not found", code="memory_not_found")
-        return JSONResponse({"deleted": True, "id": memory_id})
-
-    async def _own_conversation(self, request: Request) -> dict:
-        conversation_id = validate_id(request.params["id"], "conversation id")
-        return owned(await self.store.get_conversation(conversation_id), request.user_id)
+    # -- turns ---------------------------------------------------------------------------------
 
     async def run_turn(self, turn: Turn, workflow_id: str | None = None) -> AsyncIterator[Event]:
-        """``agent.run(turn)`` (or the workflow's job), with an end user's turns capped at
-        ``max_turns_per_user`` (429 beyond; ``/v1`` callers are services with one key and
-        many requests: uncapped) and one turn at a time per conversation (409).
+        """``agent.run(turn)`` (or the workflow's job) once the :class:`TurnGate` admits it.
 
-        The checks run on the first event, so an SSE response still gets a proper error."""
-        user, cid = turn.user_id, turn.conversation_id
-        capped = turn.capped
-        if capped and self._turns.get(user, 0) >= self.settings.max_turns_per_user:
-            raise TooManyRequests(f"{self.settings.max_turns_per_user} turns are already running for "
-                                  "this user; try again when one ends", code="too_many_turns")
-        busy = (user, cid)  # per user: another user's id says nothing about this one
-        if cid is not None and busy in self._busy:
-            raise Conflict("a turn is already running in this conversation; wait for it or stop it",
-                           code="conversation_busy")
-        if capped:
-            self._turns[user] = self._turns.get(user, 0) + 1
-        if cid is not None:
-            self._busy.add(busy)
+        The gate is checked on the first event, so an SSE response still gets a proper error."""
+        self.turn_gate.enter(turn)
         events = self.workflows.run_job(workflow_id, turn, self.agent, self.tools) if workflow_id is not None \
             else self.agent.run(turn)
         try:
             async for event in events:
                 yield event
         finally:
-            if capped:
-                self._turns[user] -= 1
-                if not self._turns[user]:
-                    del self._turns[user]
-            self._busy.discard(busy)
+            self.turn_gate.leave(turn)
             await events.aclose()
 
-    def _offered(self, names: Any) -> list[Tool]:
+    def tools_for(self, names: Any) -> list[Tool]:
         """The tools a request may use: the operator's (``tools`` setting, else every tool
         that needs no approval), narrowed by the request's own list of names."""
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
