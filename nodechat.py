@@ -853,6 +853,160 @@ def _chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
+def post_request(url: str, body: bytes, headers: Mapping[str, str]) -> tuple[tuple, str, bytes]:
+    """A POST of ``body`` to ``url`` as bytes to write: ``((scheme, host, port), origin, bytes)``.
+
+    ``headers`` go out as given, after ``Host``, ``Content-Length`` and ``Accept-Encoding:
+    identity``.  ValueError names what is wrong: not an http(s) URL, a header that would
+    smuggle a line, one that is not Latin-1."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise ValueError(f"{url}: not an http:// or https:// URL")
+    host = parts.netloc.rpartition("@")[2]
+    origin = f"{parts.scheme}://{host}"
+    lines = [f"POST {parts.path or '/'}{'?' if parts.query else ''}{parts.query} HTTP/1.1",
+             f"Host: {host}", f"Content-Length: {len(body)}", "Accept-Encoding: identity"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise ValueError(f"{origin}: header {name!r} holds a line break or colon")
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    try:
+        head = "\r\n".join(lines).encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{origin}: request headers must be Latin-1 ({exc})") from None
+    return (parts.scheme, parts.hostname, port), origin, head + body
+
+
+class ResponseReader:
+    """Reads one HTTP/1.1 response (RFC 9112) from a connection's bytes as they arrive.
+
+    ``feed(data)`` returns the body bytes ``data`` carries.  Once the head is complete
+    (``head_done``; interim 1xx responses are skipped) ``status``, ``reason`` and ``headers``
+    (lower-case names) are set; ``done`` turns true at the end of the body, however it is
+    framed: chunked, by length, or by ``eof()``, the connection's close.  Then ``reusable``
+    says whether the connection may carry another request.  Raises ValueError on a malformed
+    response, and from ``eof()`` when the close cut it short.
+    """
+
+    def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES):
+        self.max_header_bytes = max_header_bytes
+        self.status, self.reason, self.headers = 0, "", {}
+        self.head_done = self.done = False
+        self.reusable = True
+        self._head = bytearray()  # the head while it arrives
+        self._chunks: ChunkedDecoder | None = None
+        self._remaining = 0  # body bytes still to come, for a Content-Length body
+        self._read = self._read_head  # what the next bytes are: head, then the body's framing
+
+    def feed(self, data: bytes) -> bytes:
+        """The body bytes in ``data`` (none while the head arrives)."""
+        return self._read(data)
+
+    def eof(self) -> None:
+        """The connection closed: the end of a body that runs to the close, else ValueError."""
+        if self._read == self._read_to_close:
+            self._end()
+        elif not self.done:
+            raise ValueError(f"connection closed {self.where}")
+
+    @property
+    def where(self) -> str:
+        return "mid-body" if self.head_done else "before the response"
+
+    def _read_head(self, data: bytes) -> bytes:
+        head, limit = self._head, self.max_header_bytes
+        start = max(0, len(head) - 3)
+        head += data
+        while True:
+            end = head.find(b"\r\n\r\n", start)
+            if end < 0 and len(head) <= limit:
+                return b""
+            if end < 0 or end > limit:
+                raise ValueError(f"response headers longer than {limit} bytes")
+            self._parse_status_and_headers(bytes(head[:end]))
+            del head[:end + 4]
+            if not 100 <= self.status < 200:
+                break
+            if self.status == 101:
+                raise ValueError("unexpected 101 Switching Protocols")
+            start = 0  # an interim response (100 Continue, 103 Early Hints): the real one follows
+        self._begin_body()
+        self.head_done, self._head = True, bytearray()
+        return self._read(bytes(head)) if head else b""
+
+    def _parse_status_and_headers(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            raise ValueError(f"malformed status line {lines[0][:100]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name[-1] in b" \t" or name[0] in b" \t":
+                raise ValueError(f"malformed header line {line[:100]!r}")
+            key, value = name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        self.status, self.reason, self.headers = int(code), reason.decode("latin-1"), headers
+        options = headers.get("connection", "").lower()
+        self.reusable = "close" not in options if version == b"HTTP/1.1" else "keep-alive" in options
+
+    def _begin_body(self) -> None:
+        """Choose how the body ends (RFC 9112 section 6.3)."""
+        headers = self.headers
+        if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+            raise ValueError(f"unrequested content-encoding {headers['content-encoding']!r}")
+        codings, length = headers.get("transfer-encoding"), headers.get("content-length")
+        if self.status in (204, 304):
+            self._end()
+        elif codings is not None:
+            if [c.strip() for c in codings.lower().split(",")] != ["chunked"]:
+                raise ValueError(f"unsupported transfer-encoding {codings!r}")
+            self.reusable = self.reusable and length is None  # both: a smuggling smell
+            self._chunks, self._read = ChunkedDecoder(self.max_header_bytes), self._read_chunked
+        elif length is not None:
+            values = {v.strip() for v in length.split(",")}
+            if len(values) != 1 or not (value := values.pop()).isdigit():
+                raise ValueError(f"malformed content-length {length!r}")
+            self._remaining, self._read = int(value), self._read_length
+            if not self._remaining:
+                self._end()
+        else:
+            self.reusable, self._read = False, self._read_to_close
+
+    def _read_chunked(self, data: bytes) -> bytes:
+        chunks = self._chunks
+        body = chunks.feed(data)
+        if chunks.done:
+            self.reusable = self.reusable and not chunks.extra
+            self._end()
+        return body
+
+    def _read_length(self, data: bytes) -> bytes:
+        if len(data) < self._remaining:
+            self._remaining -= len(data)
+            return data
+        if len(data) > self._remaining:
+            self.reusable, data = False, data[:self._remaining]
+        self._end()
+        return data
+
+    def _read_to_close(self, data: bytes) -> bytes:
+        return data
+
+    def _read_past_end(self, data: bytes) -> bytes:
+        self.reusable = False  # bytes after the response: never reuse the connection
+        return b""
+
+    def _end(self) -> None:
+        self.done, self._read = True, self._read_past_end
+
+
 ###############################################################################
 # Store: the contract, and conversations and memories as JSON files
 ###############################################################################
@@ -2850,7 +3004,10 @@ class UpstreamClient:
     async def _exchange(self, url: str, body: bytes, headers: Mapping[str, str],
                         total_timeout: float | None = None) -> _Connection:
         """Send the request and wait for the response head, retrying once on a stale connection."""
-        key, origin, request = self._request(url, body, headers)
+        try:
+            key, origin, request = post_request(url, body, headers)
+        except ValueError as exc:
+            raise self.error(str(exc)) from None
         self._bind()
         deadline = math.inf if total_timeout is None else self._loop.time() + total_timeout
         retried = False
@@ -2859,7 +3016,7 @@ class UpstreamClient:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key, origin)
-            conn.start(request, reused, deadline, total_timeout)
+            conn.send_request(request, reused, deadline, total_timeout)
             try:
                 await conn.response_head()
                 return conn
@@ -2869,29 +3026,6 @@ class UpstreamClient:
                 if retried or exc is not conn.exc or not conn.stale:
                     raise
                 retried = True
-
-    def _request(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple:
-        parts = urlsplit(url)
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            port = None
-        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-            raise self.error(f"{url}: not an http:// or https:// URL")
-        host = parts.netloc.rpartition("@")[2]
-        origin = f"{parts.scheme}://{host}"
-        lines = [f"POST {parts.path or '/'}{'?' if parts.query else ''}{parts.query} HTTP/1.1",
-                 f"Host: {host}", f"Content-Length: {len(body)}", "Accept-Encoding: identity"]
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
-                raise self.error(f"{origin}: header {name!r} holds a line break or colon")
-            lines.append(f"{name}: {value}")
-        lines.append("\r\n")
-        try:
-            head = "\r\n".join(lines).encode("latin-1")
-        except UnicodeEncodeError as exc:
-            raise self.error(f"{origin}: request headers must be Latin-1 ({exc})") from None
-        return (parts.scheme, parts.hostname, port), origin, head + body
 
     # -- the pool ------------------------------------------------------------------------------
 
@@ -2915,7 +3049,7 @@ class UpstreamClient:
                 conn = idle.pop()
                 # past its expiry a server may close it any moment (its timer may run late)
                 expired = self._loop.time() - conn.idle_since >= self.keepalive_expiry
-                conn.idle_since = None
+                conn.state = READY
                 if conn.usable() and not expired:
                     return conn
                 conn.close()
@@ -2925,7 +3059,7 @@ class UpstreamClient:
             for other in self._idle.values():  # full: close the oldest idle connection elsewhere
                 if other:
                     conn = other.pop(0)
-                    conn.counted = False  # its slot is ours now
+                    conn.holds_slot = False  # its slot is ours now
                     conn.close()
                     return None
             conn = await self._wait_for_slot(key, origin, deadline)
@@ -2968,17 +3102,17 @@ class UpstreamClient:
                 reason = os.strerror(exc.errno) if (exc.errno or 0) > 0 else str(exc)
                 raise self.error(f"{origin}: cannot connect: {reason}") from exc
             raise
-        conn.counted = True  # not before: a connection lost while connecting was never counted
-        if conn.closed:
-            self._discard(conn)
+        conn.holds_slot = True  # not before: a connection lost while connecting never held one
+        if conn.state is CLOSED:
+            self._discard(conn, was_idle=False)
             raise self.error(f"{origin}: connection closed as it opened")
         return conn
 
     def _release(self, conn: _Connection) -> None:
         """Hand a fully read connection to a waiter, or keep it idle."""
-        conn.busy = False
-        if conn.closed:  # its slot went back when it closed
+        if conn.state is CLOSED:  # its slot went back when it closed
             return
+        conn.state = READY
         if conn.loop is not self._loop:
             return conn.close()
         while self._waiters:
@@ -2986,7 +3120,7 @@ class UpstreamClient:
             if waiter.done():
                 continue
             if key != conn.key:  # its slot is worth more than it
-                conn.counted = False
+                conn.holds_slot = False
                 conn.close()
                 conn = None
             return waiter.set_result(conn)
@@ -3006,12 +3140,12 @@ class UpstreamClient:
                 return waiter.set_result(None)
         self._open -= 1
 
-    def _discard(self, conn: _Connection) -> None:
+    def _discard(self, conn: _Connection, was_idle: bool) -> None:
         """Give back the slot of a closed connection, once."""
-        if not conn.counted or conn.loop is not self._loop:
+        if not conn.holds_slot or conn.loop is not self._loop:
             return
-        conn.counted = False
-        if conn.idle_since is not None:
+        conn.holds_slot = False
+        if was_idle:
             idle = self._idle.get(conn.key)
             if idle and conn in idle:
                 idle.remove(conn)
@@ -3034,12 +3168,13 @@ class UpstreamResponse:
 
     async def __aenter__(self) -> UpstreamResponse:
         self._conn = conn = await self._client._exchange(*self._request)
-        self.status, self.reason, self.headers = conn.status, conn.reason, conn.headers
+        reader = conn.reader
+        self.status, self.reason, self.headers = reader.status, reader.reason, reader.headers
         return self
 
     async def __aexit__(self, kind, exc, tb) -> None:
         conn = self._conn
-        if kind is None and conn.done and conn.reusable and not conn.closed:
+        if kind is None and conn.reader.done and conn.reader.reusable and conn.state is not CLOSED:
             self._client._release(conn)
         else:
             conn.close()
@@ -3052,12 +3187,12 @@ class UpstreamResponse:
             if conn.events:
                 batch, conn.events, conn.buffered = conn.events, [], 0
                 if conn.paused:
-                    conn.taken()
+                    conn.consumed()
                 yield batch
-            elif conn.done:
-                return
             elif conn.exc is not None:
                 raise conn.exc
+            elif conn.reader.done:
+                return
             else:
                 await conn.wait()
 
@@ -3069,51 +3204,60 @@ class UpstreamResponse:
                 pieces += conn.raw
                 size += sum(map(len, conn.raw))
                 conn.raw = []
-                conn.taken()
-            if conn.done or (limit is not None and size >= limit):
+                conn.consumed()
+            if conn.reader.done or (limit is not None and size >= limit):
                 return b"".join(pieces)[:limit]
             if conn.exc is not None:
                 raise conn.exc
             await conn.wait()
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; parses each response as its bytes arrive.
+# A connection's life: READY (open, no request on it) -> ACTIVE (a request is on it, until its
+# reader leaves) -> IDLE (parked in the pool) -> ACTIVE ... -> CLOSED, from any state.
+READY, ACTIVE, IDLE, CLOSED = "ready", "active", "idle", "closed"
 
-    One timer per connection watches it (``_watch``): while a response is expected it fires
-    ``read_timeout`` after the last read, while idle ``keepalive_expiry`` after it was parked.
-    Reads only record their time; the timer re-arms itself from that when it fires.
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: a :class:`ResponseReader` per response behind a thin
+    ``asyncio.Protocol``, with the pool's slot, flow control and one watchdog timer.
+
+    The timer (``_watch``) fires ``read_timeout`` after the last read while a response is
+    expected, and ``keepalive_expiry`` after the connection was parked while idle.  Reads only
+    record their time; the timer re-arms itself from that when it fires.
     """
 
     def __init__(self, client: UpstreamClient, key: tuple, origin: str):
         self.client, self.key, self.origin, self.loop = client, key, origin, client._loop
         self.transport: asyncio.Transport | None = None
-        self.counted = False  # holds one of the client's max_connections slots
-        self.closed = False
-        self.busy = False  # a request is on it and the reader has not left
-        self.idle_since: float | None = None  # set while parked in the pool
+        self.state = READY
+        self.holds_slot = False  # holds one of the client's max_connections slots
+        self.idle_since = 0.0  # when it was parked, while IDLE
         self.timer: asyncio.TimerHandle | None = None
         self.last_read = 0.0
         self.waiter: asyncio.Future | None = None
-        self.head: bytearray | None = None  # the response head while it arrives
-        self.on_body = self._unexpected
-        self.done, self.reusable, self.exc = False, True, None
-
-    def start(self, request: bytes, reused: bool, deadline: float = math.inf,
-              total_timeout: float | None = None) -> None:
-        """Send a request, resetting the state of the previous response."""
-        self.busy, self.reused, self.received, self.stale = True, reused, False, False
-        self.deadline, self.total_timeout = deadline, total_timeout
-        self.head, self.status, self.reason, self.headers = bytearray(), 0, "", {}
-        self.chunks, self.remaining, self.sse = None, 0, None
+        # the current (or last) request's: its response, as bytes or SSE data, and how it failed
+        self.reader: ResponseReader | None = None
+        self.sse: SSEDecoder | None = None
         self.raw, self.events, self.buffered, self.paused = [], [], 0, False
-        self.done, self.exc = False, None
+        self.exc: BaseException | None = None
+        self.reused = self.received = self.stale = False  # stale: closed by the server as we sent
+        self.deadline, self.total_timeout = math.inf, None
+
+    def send_request(self, request: bytes, reused: bool, deadline: float = math.inf,
+                     total_timeout: float | None = None) -> None:
+        """Send a request, with a new reader for its response."""
+        self.state, self.reused, self.received, self.stale = ACTIVE, reused, False, False
+        self.deadline, self.total_timeout = deadline, total_timeout
+        self.reader = ResponseReader(self.client.max_header_bytes)
+        self.sse = None
+        self.raw, self.events, self.buffered, self.paused = [], [], 0, False
+        self.exc = None
         self.last_read = now = self.loop.time()
         self._schedule(min(now + self.client.read_timeout, deadline))
         self.transport.write(request)
 
     async def response_head(self) -> None:
-        while self.head is not None:
+        while not self.reader.head_done:
             if self.exc is not None:
                 raise self.exc
             await self.wait()
@@ -3132,46 +3276,45 @@ class _Connection(asyncio.Protocol):
             try:
                 for piece in raw:
                     self.events += self.sse.feed(piece)
-                if self.done:
+                if self.reader.done:
                     self.events += self.sse.close()
             except ValueError as exc:
-                self.done = False
                 self.fail(self.client.error(f"{self.origin}: {exc}"))
                 self.transport.abort()
 
-    def taken(self) -> None:
+    def consumed(self) -> None:
         """The reader took what was buffered: read the socket again if it was paused."""
         self.buffered = 0
         if self.paused:
             self.paused = False
             self.last_read = self.loop.time()
-            if not self.closed:
+            if self.state is not CLOSED:
                 self.transport.resume_reading()
 
     def usable(self) -> bool:
-        return not self.closed and self.reusable and not self.transport.is_closing()
+        return self.state is not CLOSED and self.reader.reusable and not self.transport.is_closing()
 
     def park(self, now: float) -> None:
-        self.idle_since = now
+        self.state, self.idle_since = IDLE, now
         self._schedule(now + self.client.keepalive_expiry)
 
     def close(self) -> None:
         """Close for good (now, if a response is unfinished) and give back the pool slot."""
-        self.busy = False
-        if not self.closed:
-            self.closed = True
+        if self.state is not CLOSED:
+            was_idle, self.state = self.state is IDLE, CLOSED
             if self.timer is not None:
                 self.timer.cancel()
-            if self.done:
+            if self.reader is not None and self.reader.done:
                 self.transport.close()
             else:
                 self.transport.abort()
-        self.client._discard(self)
+            self.client._discard(self, was_idle)
 
     def fail(self, exc: BaseException) -> None:
-        if self.exc is None and not self.done:
+        """The response failed: its reader gets ``exc``."""
+        if self.exc is None:
             self.exc = exc
-        self.reusable = False
+        self.reader.reusable = False
         self._wake()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
@@ -3182,12 +3325,21 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
         self.received = True
+        reader = self.reader
+        if self.state is not ACTIVE or reader.done:  # bytes after the response, or while idle
+            if self.state is IDLE:
+                return self.close()
+            if reader is not None:
+                reader.reusable = False  # never reuse it
+            return
         try:
-            if self.head is not None:
-                data = self._parse_head(data)
-                if not data:
-                    return
-            self.on_body(data)
+            body = reader.feed(data)
+            if body:
+                self._deliver(body)
+            if reader.done:
+                self._finish()
+            elif not body:
+                self._wake()  # perhaps the head is complete
         except ValueError as exc:
             self.fail(self.client.error(f"{self.origin}: {exc}"))
             self.transport.abort()
@@ -3195,110 +3347,21 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        was_closed, self.closed = self.closed, True
-        self.client._discard(self)
-        if was_closed or not self.busy or self.done:
+        state, self.state = self.state, CLOSED
+        if state is not CLOSED:
+            self.client._discard(self, state is IDLE)
+        if state is not ACTIVE or self.reader.done:
             return
-        if self.on_body == self._close_body and exc is None:
-            try:
-                return self._finish()  # a body without a length ends when the connection does
-            except ValueError as error:
-                return self.fail(self.client.error(f"{self.origin}: {error}"))
-        self.stale = self.reused and not self.received
-        what = "before the response" if self.head is not None else "mid-body"
-        self.fail(self.client.error(f"{self.origin}: connection closed {what}"
-                                    + (f" ({exc})" if exc else "")))
-
-    # -- parsing -------------------------------------------------------------------------------
-
-    def _parse_head(self, data: bytes) -> bytes:
-        """Collect the response head; return the body bytes after it (1xx responses skipped)."""
-        head, limit = self.head, self.client.max_header_bytes
-        start = max(0, len(head) - 3)
-        head += data
-        while True:
-            end = head.find(b"\r\n\r\n", start)
-            if end < 0 and len(head) <= limit:
-                return b""
-            if end < 0 or end > limit:
-                raise ValueError(f"response headers longer than {limit} bytes")
-            self._parse_status_and_headers(bytes(head[:end]))
-            del head[:end + 4]
-            if not 100 <= self.status < 200:
-                break
-            if self.status == 101:
-                raise ValueError("unexpected 101 Switching Protocols")
-            start = 0  # an interim response (100 Continue, 103 Early Hints): the real one follows
-        self._begin_body()
-        self.head = None
-        self._wake()
-        return bytes(head)
-
-    def _parse_status_and_headers(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
-            raise ValueError(f"malformed status line {lines[0][:100]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1] in b" \t" or name[0] in b" \t":
-                raise ValueError(f"malformed header line {line[:100]!r}")
-            key, value = name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self.status, self.reason, self.headers = int(code), reason.decode("latin-1"), headers
-        options = headers.get("connection", "").lower()
-        self.reusable = "close" not in options if version == b"HTTP/1.1" else "keep-alive" in options
-
-    def _begin_body(self) -> None:
-        """Choose how the body ends (RFC 9112 section 6.3)."""
-        headers = self.headers
-        if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-            raise ValueError(f"unrequested content-encoding {headers['content-encoding']!r}")
-        codings, length = headers.get("transfer-encoding"), headers.get("content-length")
-        if self.status in (204, 304):
+        try:
+            if exc is not None:  # a reset ends nothing, not even a body that runs to the close
+                raise ValueError(f"connection closed {self.reader.where} ({exc})")
+            self.reader.eof()
             self._finish()
-        elif codings is not None:
-            if [c.strip() for c in codings.lower().split(",")] != ["chunked"]:
-                raise ValueError(f"unsupported transfer-encoding {codings!r}")
-            self.reusable = self.reusable and length is None  # both: a smuggling smell
-            self.chunks, self.on_body = ChunkedDecoder(self.client.max_header_bytes), self._chunked_body
-        elif length is not None:
-            values = {v.strip() for v in length.split(",")}
-            if len(values) != 1 or not (value := values.pop()).isdigit():
-                raise ValueError(f"malformed content-length {length!r}")
-            self.remaining, self.on_body = int(value), self._length_body
-            if not self.remaining:
-                self._finish()
-        else:
-            self.reusable, self.on_body = False, self._close_body
+        except ValueError as error:
+            self.stale = self.reused and not self.received
+            self.fail(self.client.error(f"{self.origin}: {error}"))
 
-    def _chunked_body(self, data: bytes) -> None:
-        chunks = self.chunks
-        body = chunks.feed(data)
-        if body:
-            self._deliver(body)
-        if chunks.done:
-            self.reusable = self.reusable and not chunks.extra
-            self._finish()
-
-    def _length_body(self, data: bytes) -> None:
-        if len(data) < self.remaining:
-            self.remaining -= len(data)
-            return self._deliver(data)
-        if len(data) > self.remaining:
-            self.reusable, data = False, data[:self.remaining]
-        self._deliver(data)
-        self._finish()
-
-    def _close_body(self, data: bytes) -> None:
-        self._deliver(data)
-
-    def _unexpected(self, data: bytes) -> None:
-        self.reusable = False  # bytes after the response, or while idle: never reuse
-        if self.idle_since is not None:
-            self.close()
+    # -- the body, to its reader ---------------------------------------------------------------
 
     def _deliver(self, body: bytes) -> None:
         if self.sse is not None:
@@ -3318,10 +3381,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _finish(self) -> None:
-        self.on_body = self._unexpected
         if self.sse is not None:
             self.events += self.sse.close()
-        self.done = True
         self._wake()
 
     def _wake(self) -> None:
@@ -3341,17 +3402,18 @@ class _Connection(asyncio.Protocol):
     def _watch(self) -> None:
         self.timer = None
         now, client = self.loop.time(), self.client
-        if self.idle_since is not None:
+        expecting = self.state is ACTIVE and not self.reader.done and self.exc is None
+        if self.state is IDLE:
             deadline = self.idle_since + client.keepalive_expiry
             if now >= deadline:
                 return self.close()
-        elif self.busy and not self.done and self.exc is None and now >= self.deadline:
+        elif expecting and now >= self.deadline:
             self.fail(client.timeout(f"{self.origin}: the answer took longer than {self.total_timeout:g} s"))
             return self.transport.abort()
-        elif self.busy and not self.done and not self.paused and self.exc is None:
+        elif expecting and not self.paused:
             deadline = min(self.last_read + client.read_timeout, self.deadline)
             if now >= self.last_read + client.read_timeout:
-                what = "no response" if self.head is not None else "no data mid-body"
+                what = "no response" if not self.reader.head_done else "no data mid-body"
                 self.fail(client.timeout(f"{self.origin}: {what} for {client.read_timeout:g} s"))
                 return self.transport.abort()
         else:
@@ -4408,7 +4470,7 @@ def scope_headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
 
-def request_head(scope: Scope, headers: dict[str, str], params: dict[str, str] | None = None,
+def build_request(scope: Scope, headers: dict[str, str], params: dict[str, str] | None = None,
                  body: bytes | None = None, user_id: str | None = None) -> Request:
     query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
     return Request(scope.get("method", "GET"), route_path(scope), headers, query, body, scope,
@@ -6711,7 +6773,7 @@ class NodeChat:
             await self.ensure_started()
             user = await self.gate.user(scope, headers, method, route.auth) if route.auth != "anyone" else None
             body = await read_body(receive, headers, self.settings.max_body_bytes, self.settings.body_timeout)
-            response = await route.handler(self, request_head(scope, headers, params, body, user))
+            response = await route.handler(self, build_request(scope, headers, params, body, user))
             await response(tracking_send, receive)
         except Exception as exc:
             if started:
@@ -6720,7 +6782,7 @@ class NodeChat:
                 log.exception("%s %s failed after the response started", method, path)
                 return
             errors = route.errors if route else self.router.errors_for(path)
-            await errors(client_error(exc), request_head(scope, headers, params, body))(send, receive)
+            await errors(client_error(exc), build_request(scope, headers, params, body))(send, receive)
 
     async def _handle_lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -1200,6 +1200,79 @@ def test_chunked_decoder_refuses_malformed_framing(wire, message):
                 decoder.feed(piece)
 
 
+def read_response(pieces: list[bytes], close: bool = False) -> tuple[nodechat.ResponseReader, bytes]:
+    reader = nodechat.ResponseReader()
+    body = b"".join(reader.feed(piece) for piece in pieces if not reader.done)
+    if close:
+        reader.eof()
+    return reader, body
+
+
+def test_response_reader_matches_body_under_random_reads():
+    """Chunked, length and close-delimited bodies, after interim 1xx heads, cut anywhere."""
+    rng = random.Random(11)
+    for case in range(2000):
+        body = bytes(rng.choice(b"ab\r\n0:") for _ in range(rng.randint(0, 2000)))
+        framing = rng.choice(("chunked", "length", "close"))
+        interim = rng.choice((b"", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"))
+        head = {"chunked": b"transfer-encoding: chunked\r\n", "length": b"content-length: %d\r\n" % len(body),
+                "close": b""}[framing]
+        wire = (interim + b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-a:  spaced  \r\n" + head
+                + b"\r\n" + (encode_chunked(body, rng) if framing == "chunked" else body))
+        reader, out = read_response(random_cuts(wire, rng), close=framing == "close")
+        assert (out, reader.done, reader.status, reader.reason) == (body, True, 200, "OK"), (case, framing)
+        assert reader.headers["x-a"] == "spaced" and reader.headers["content-type"] == "text/event-stream"
+        assert reader.reusable is (framing != "close"), (case, framing)
+
+
+@pytest.mark.parametrize("wire, reusable", [
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", False),
+    (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", False),
+    (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1", False),  # bytes after the body
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nX", False),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    (b"HTTP/1.1 204 No Content\r\n\r\nstray", False),
+])
+def test_response_reader_says_when_the_connection_may_be_reused(wire, reusable):
+    reader, _ = read_response([wire])
+    assert reader.done and reader.reusable is reusable
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"HTTP/2 200 OK\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "malformed header line"),
+    (b"HTTP/1.1 200 OK\r\nname : value\r\n\r\n", "malformed header line"),
+    (b"HTTP/1.1 200 OK\r\n" + b"x: y\r\n" * 20000, "response headers longer than 65536 bytes"),
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected 101"),
+    (b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\n\r\n", "unrequested content-encoding"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", "unsupported transfer-encoding"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\n", "malformed content-length"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "malformed content-length"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "malformed chunk size line"),
+])
+def test_response_reader_refuses_malformed_responses(wire, message):
+    for pieces in ([wire], [wire[i:i + 1] for i in range(len(wire))]):
+        with pytest.raises(ValueError, match=message):
+            read_response(pieces)
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"", "connection closed before the response"),
+    (b"HTTP/1.1 200 OK\r\ncontent-", "connection closed before the response"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", "connection closed mid-body"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", "connection closed mid-body"),
+])
+def test_response_reader_knows_a_close_that_cuts_the_response_short(wire, message):
+    reader, _ = read_response([wire])
+    with pytest.raises(ValueError, match=message):
+        reader.eof()
+    assert not reader.done
+
+
 ###############################################################################
 # Real servers on loopback
 ###############################################################################
