@@ -28,6 +28,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -4674,6 +4675,45 @@ def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
     assert "WARNING:  nodechat: /chat refused (1008): cross-origin request" in err
 
 
+def test_offline_start_says_how_to_use_a_real_model(tmp_path):
+    """A newcomer's first `python nodechat.py` (no key, no config) is told how to leave echo."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NODECHAT_"))}
+    process = subprocess.Popen([sys.executable, Path(nodechat.__file__), "--port", str(port)],
+                               env={**env, "NODECHAT_DATA_DIR": str(tmp_path)}, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    try:
+        eventually(lambda: process.poll() is not None or listening(port), 20)
+        assert process.poll() is None, "nodechat did not start"
+    finally:
+        process.terminate()
+        err = process.communicate(timeout=30)[1]
+    hint = next((line for line in err.splitlines() if "for a real model" in line), "")
+    assert "OPENAI_API_KEY" in hint and "OPENAI_BASE_URL" in hint and "--config" in hint, err
+
+
+def test_nodechat_logs_reach_a_host_that_configures_logging_later():
+    """The handler nodechat gives itself at start-up (under `uvicorn --factory` nobody
+    configures logging) leaves propagation alone: a host that sets up the root logger later
+    (Sentry, structlog) gets nodechat's records, and nothing prints twice."""
+    program = textwrap.dedent("""
+        import logging, nodechat
+        nodechat.configure_logging()
+        nodechat.log.warning("before the host")
+        records = []
+        class Host(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger().addHandler(Host())
+        nodechat.log.warning("seen by the host")
+        print(records)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(nodechat.__file__).parent)})
+    assert done.stdout.strip() == "['seen by the host']", done.stderr
+    assert "nodechat: before the host" in done.stderr and "seen by the host" not in done.stderr
+
+
 def test_cli_version(capsys):
     with pytest.raises(SystemExit):
         nodechat.main(["--version"])
@@ -4709,7 +4749,8 @@ def test_python_nodechat_py_serves_from_the_file_it_was_given(tmp_path, options)
         if options:
             assert command[1:4] == [b"-X", b"dev", str(copy).encode()]
         else:
-            assert command[1] == b"-c" and str(copy).encode() in command[2]
+            # ps shows which file serves: the -c program starts with its path
+            assert command[1] == b"-c" and command[2].startswith(f"# {os.path.realpath(copy)!r}\n".encode())
     finally:
         server.terminate()
         server.wait(30)
