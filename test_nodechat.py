@@ -1,8 +1,21 @@
 """nodechat's tests, in the module's order: pure pieces first, then real clients over sockets.
 
 Every server here is real: nodechat under uvicorn on a free loopback port, driven by the
-official ``openai`` client, ``websockets`` and plain httpx; upstreams are either the scripted
-``FakeUpstream`` below or llama.cpp's own server with a real small model.
+official ``openai`` client, ``websockets``, plain httpx, the AI SDK under node and headless
+Chromium; upstreams are either the scripted ``FakeUpstream`` below or llama.cpp's own server
+with a real small model.
+
+Module section -> where its tests are:
+
+    Settings, Store, Tools, MCP           their own sections
+    Wire                                  "Wire" (SSEDecoder, ChunkedDecoder, ResponseReader, fuzzed)
+    Upstream HTTP client                  "Upstream HTTP client" (loopback servers, TLS, loops)
+    Providers, Agent, Workflows           through the protocols: OpenAI /v1 (routing, upstream
+                                          errors), /api/chat (steps, tools, memory, titles),
+                                          /chat (workflows, client tools)
+    HTTP server (Gate, limits)            "Limits, faults and security", and each protocol's errors
+    Protocol: /v1, /api/chat, /chat      "Encoders" (exact bytes), then one section per protocol
+    Chat page, App, CLI                   their own sections
 """
 
 from __future__ import annotations
@@ -49,7 +62,7 @@ from nodechat import BadRequest, Forbidden, NodeChat, NotFound, Settings, StoreU
 
 
 ###############################################################################
-# Helpers: a scripted OpenAI-compatible upstream, a live server, an SSE reader
+# Helpers: a scripted OpenAI-compatible upstream, a live server, readers for each protocol
 ###############################################################################
 
 
@@ -287,6 +300,50 @@ def client(url: str, token: str = "tok-alice", **options) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=token, max_retries=0, **options)
 
 
+def api_chat(url: str, body: dict, token: str | None = "tok-alice", query: str = "",
+             **headers) -> tuple[httpx.Response, list]:
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    with httpx.stream("POST", url + "/api/chat" + query, json=body, headers=headers,
+                      timeout=30) as response:
+        response.read()
+    if response.status_code == 200:
+        return response, read_sse(response)
+    plain = response.headers["content-type"].startswith("text/plain")  # AI SDK requests
+    return response, response.text if plain else response.json()
+
+
+def user(content: str, **extra) -> dict:
+    return {"role": "user", "content": content, **extra}
+
+
+def ui_request(text_: str, chat_id: str = "chat1", **extra) -> dict:
+    return {"id": chat_id, "trigger": "submit-message", **extra,
+            "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": text_}]}]}
+
+
+TIMEOUT = 10.0  # every test's bound on waiting
+BOTH_LOOPS = pytest.mark.parametrize("anyio_backend", ["asyncio", "uvloop"], indirect=True)
+
+
+class Upstream502(Exception):
+    pass
+
+
+class Upstream504(Exception):
+    pass
+
+
+def make_client(**options) -> nodechat.UpstreamClient:
+    return nodechat.UpstreamClient(**{"error": Upstream502, "timeout": Upstream504, **options})
+
+
+async def until_true(predicate, what: str = "condition") -> None:
+    """Poll a condition the code under test exposes no event for (bounded by the test's timeout)."""
+    while not predicate():
+        await asyncio.sleep(0.002)
+
+
 ###############################################################################
 # Settings
 ###############################################################################
@@ -330,8 +387,286 @@ def test_openai_env_makes_the_default_provider():
 
 
 ###############################################################################
-# Store and tools: pure pieces
+# Wire: SSE, chunked framing and HTTP/1.1 responses, fuzzed under random read boundaries
 ###############################################################################
+
+
+@pytest.mark.anyio
+async def test_sse_lines_end_at_cr_lf_only_not_at_u2028():
+    async def reads():
+        yield b'data: {"a": "x\xe2\x80\xa8y"}\r'  # U+2028 inside JSON, CRLF split over reads
+        yield b'\n\r\ndata: 2\rdata: 3\r\r: comment\n\ndata: [DONE]\n\n'
+
+    found = [d async for batch in nodechat.sse_batches(reads()) for d in batch]
+    assert found == ['{"a": "x\u2028y"}'.encode(), b"2\n3", b"[DONE]"]
+
+
+def reference_events(stream: bytes) -> list[bytes]:
+    """WHATWG "parsing an event stream" over the whole input at once, data fields only.
+
+    The tail is treated as ``nodechat.SSEDecoder.close()`` does: as if the stream ended with a blank line.
+    """
+    events, data = [], []
+    for line in re.split(rb"\r\n|\r|\n", stream + b"\n\n")[:-1]:
+        if not line:
+            if data:
+                events.append(b"\n".join(data))
+            data = []
+        elif not line.startswith(b":"):
+            field, colon, value = line.partition(b":")
+            if colon and value.startswith(b" "):
+                value = value[1:]
+            if field == b"data":
+                data.append(value)
+    return events
+
+
+PAYLOADS = [b"", b"x", b" leading space", b'{"a":"\xe2\x80\xa8 and \xe2\x80\xa9"}', b"\x0b\x0c\x1c\x1d\x1e",
+            b"\xc2\x85 next line", b"a:b: c", b"[DONE]", b'{"choices":[{"delta":{"content":"tok "}}]}']
+LINES = [b"data: %s", b"data:%s", b"data", b"data:", b"data: ", b": comment %s", b":", b"event: message",
+         b"id: 7", b"retry: 100", b"dat: %s", b"data : %s", b"Data: %s", b"", b"", b""]
+
+
+def random_stream(rng: random.Random) -> bytes:
+    out = []
+    for _ in range(rng.randint(0, 40)):
+        line = rng.choice(LINES)
+        if b"%s" in line:
+            line = line % rng.choice(PAYLOADS)
+        out.append(line + rng.choice((b"\n", b"\r", b"\r\n")))
+    if rng.random() < 0.3:  # ends mid-line or mid-event
+        out.append(b"data: tail" if rng.random() < 0.5 else b"data: x\n")
+    return b"".join(out)
+
+
+def random_cuts(data: bytes, rng: random.Random) -> list[bytes]:
+    if rng.random() < 0.1:
+        return [data[i:i + 1] for i in range(len(data))]
+    cuts = sorted(rng.randint(0, len(data)) for _ in range(rng.randint(0, 12)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+def decode_all(pieces: list[bytes], **options) -> list[bytes]:
+    decoder = nodechat.SSEDecoder(**options)
+    events = [event for piece in pieces for event in decoder.feed(piece)]
+    return events + decoder.close()
+
+
+def test_sse_decoder_matches_reference_under_random_reads():
+    rng = random.Random(11)
+    for case in range(3000):
+        stream = random_stream(rng)
+        pieces = random_cuts(stream, rng)
+        expected = reference_events(stream)
+        assert decode_all(pieces) == expected, (case, pieces)
+        # limits exactly at the longest line and event are no error, however the reads fall
+        tight = max([1, *map(len, re.split(rb"\r\n|\r|\n", stream)), *map(len, expected)])
+        assert decode_all(pieces, max_line_bytes=tight) == expected, (case, pieces)
+
+
+@pytest.mark.parametrize("stream, expected", [
+    (b"data: a\n\n", [b"a"]),
+    (b"data:a\r\rdata: b\r\n\r\n", [b"a", b"b"]),
+    (b"data: one\ndata:two\n\n", [b"one\ntwo"]),
+    (b": keep-alive\n\nevent: x\nid: 1\ndata: y\n\n", [b"y"]),
+    (b"data\n\ndata:\n\n", [b"", b""]),
+    (b'data: {"t":"\xe2\x80\xa8"}\n\n', [b'{"t":"\xe2\x80\xa8"}']),  # httpx-sse#34: U+2028 is no line end
+    (b"data: [DONE]", [b"[DONE]"]),  # a missing final blank line is forgiven
+])
+def test_sse_decoder_examples(stream, expected):
+    assert decode_all([stream]) == expected
+
+
+def test_sse_crlf_straddling_two_reads_is_one_line_end():
+    decoder = nodechat.SSEDecoder()
+    assert decoder.feed(b"data: a\r") == []
+    assert decoder.feed(b"\n") == []  # the LF completes the CRLF: no blank line yet
+    assert decoder.feed(b"\r\n") == [b"a"]
+
+
+def test_sse_line_longer_than_limit_is_refused_however_it_arrives():
+    line = b"data: " + b"x" * 94  # 100 bytes
+    assert decode_all([line + b"\n\n"], max_line_bytes=100) == [b"x" * 94]
+    rng = random.Random(3)
+    for _ in range(200):
+        pieces = random_cuts(b"data: ok\n\n" + line + b"y\n\n", rng)
+        with pytest.raises(ValueError, match="SSE line is longer than 100 bytes"):
+            decode_all(pieces, max_line_bytes=100)
+
+
+def test_sse_event_data_longer_than_limit_is_refused():
+    with pytest.raises(ValueError, match="event's data is longer than 100 bytes"):
+        decode_all([b"data: 0123456789\n" * 12], max_line_bytes=100)
+    decoder = nodechat.SSEDecoder(max_line_bytes=100)
+    with pytest.raises(ValueError, match="event's data"):
+        for _ in range(12):
+            decoder.feed(b"data: 0123456789\n")
+    decoder, line = nodechat.SSEDecoder(max_line_bytes=100), b"data: " + b"x" * 60 + b"\n"
+    for _ in range(10):  # many events just under the limit, each line its own read
+        assert decoder.feed(line) == [] and decoder.feed(b"\n") == [b"x" * 60]
+
+
+def test_sse_decoder_is_linear_in_one_huge_line():
+    """Today's nodechat.sse_batches took 112 s for one 64 MB line arriving in 64 KiB reads."""
+    decoder, piece = nodechat.SSEDecoder(max_line_bytes=128 << 20), b"x" * (64 << 10)
+    started = time.perf_counter()
+    assert decoder.feed(b"data: ") == []
+    for _ in range(1024):
+        assert decoder.feed(piece) == []
+    assert decoder.feed(b"\n\n") == [piece * 1024]
+    assert time.perf_counter() - started < 3.0
+
+
+@BOTH_LOOPS
+@pytest.mark.anyio
+async def test_sse_batches_serves_the_httpx_path():
+    async def chunks():
+        for piece in (b"data: a\n\nda", b"ta: b\r", b"\n\r\ndata: c"):
+            yield piece
+
+    async with asyncio.timeout(TIMEOUT):
+        # one batch per read, even an empty one (the reader checks its deadline), then the tail
+        assert [batch async for batch in nodechat.sse_batches(chunks())] == [[b"a"], [], [b"b"], [b"c"]]
+
+
+EXTENSIONS = [b"", b";a", b";a=b", b' ; name="v;x" ', b";x=1;y=2", b"\t;q"]
+TRAILERS = [b"", b"x-checksum: 1\r\n", b"a: 1\r\nb: two words\r\n"]
+
+
+def encode_chunked(body: bytes, rng: random.Random) -> bytes:
+    out, pos = [], 0
+    while pos < len(body):
+        size = min(rng.choice((1, 2, 3, 7, 50, 194, 1000, 5000)), len(body) - pos)
+        digits = format(size, rng.choice("xX")).encode()
+        out.append(b"0" * rng.randint(0, 2) + digits + rng.choice(EXTENSIONS) + b"\r\n"
+                   + body[pos:pos + size] + b"\r\n")
+        pos += size
+    out.append(b"0" * rng.randint(1, 2) + rng.choice(EXTENSIONS) + b"\r\n" + rng.choice(TRAILERS) + b"\r\n")
+    return b"".join(out)
+
+
+def test_chunked_decoder_matches_body_under_random_reads():
+    rng = random.Random(7)
+    for case in range(2000):
+        body = bytes(rng.choice(b"ab\r\n0;") for _ in range(rng.randint(0, 3000)))
+        extra = rng.choice((b"", b"HTTP/1.1 200 OK\r\n"))
+        pieces = random_cuts(encode_chunked(body, rng) + extra, rng)
+        decoder = nodechat.ChunkedDecoder()
+        out = b"".join(decoder.feed(piece) for piece in pieces)
+        assert (out, decoder.done, decoder.extra) == (body, True, extra), (case, pieces)
+
+
+def test_chunked_then_sse_matches_reference_under_random_reads():
+    rng = random.Random(5)
+    for case in range(1000):
+        stream = random_stream(rng)
+        pieces = random_cuts(encode_chunked(stream, rng), rng)
+        chunks, decoder = nodechat.ChunkedDecoder(), nodechat.SSEDecoder()
+        events = [event for piece in pieces for event in decoder.feed(chunks.feed(piece))]
+        assert chunks.done and events + decoder.close() == reference_events(stream), case
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"zz\r\n", "malformed chunk size line"),
+    (b"0x5\r\nhello\r\n", "malformed chunk size line"),
+    (b"+5\r\nhello\r\n", "malformed chunk size line"),
+    (b" 5\r\nhello\r\n", "malformed chunk size line"),
+    (b"5_0\r\n", "malformed chunk size line"),
+    (b"\r\n", "malformed chunk size line"),
+    (b"5\nhello\r\n0\r\n\r\n", "malformed chunk size line"),
+    (b"5\r\nhelloXY", "no CRLF after the chunk data"),
+    (b"1" * 70000, "longer than 65536 bytes"),
+    (b"0\r\n" + b"x: y\r\n" * 20000, "trailers longer than"),
+])
+def test_chunked_decoder_refuses_malformed_framing(wire, message):
+    for pieces in ([wire], [wire[i:i + 1] for i in range(min(len(wire), 200))] + [wire[200:]]):
+        decoder = nodechat.ChunkedDecoder()
+        with pytest.raises(ValueError, match=message):
+            for piece in pieces:
+                decoder.feed(piece)
+
+
+def read_response(pieces: list[bytes], close: bool = False) -> tuple[nodechat.ResponseReader, bytes]:
+    reader = nodechat.ResponseReader()
+    body = b"".join(reader.feed(piece) for piece in pieces if not reader.done)
+    if close:
+        reader.eof()
+    return reader, body
+
+
+def test_response_reader_matches_body_under_random_reads():
+    """Chunked, length and close-delimited bodies, after interim 1xx heads, cut anywhere."""
+    rng = random.Random(11)
+    for case in range(2000):
+        body = bytes(rng.choice(b"ab\r\n0:") for _ in range(rng.randint(0, 2000)))
+        framing = rng.choice(("chunked", "length", "close"))
+        interim = rng.choice((b"", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"))
+        head = {"chunked": b"transfer-encoding: chunked\r\n", "length": b"content-length: %d\r\n" % len(body),
+                "close": b""}[framing]
+        wire = (interim + b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-a:  spaced  \r\n" + head
+                + b"\r\n" + (encode_chunked(body, rng) if framing == "chunked" else body))
+        reader, out = read_response(random_cuts(wire, rng), close=framing == "close")
+        assert (out, reader.done, reader.status, reader.reason) == (body, True, 200, "OK"), (case, framing)
+        assert reader.headers["x-a"] == "spaced" and reader.headers["content-type"] == "text/event-stream"
+        assert reader.reusable is (framing != "close"), (case, framing)
+
+
+@pytest.mark.parametrize("wire, reusable", [
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", False),
+    (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", False),
+    (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1", False),  # bytes after the body
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nX", False),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    (b"HTTP/1.1 204 No Content\r\n\r\nstray", False),
+])
+def test_response_reader_says_when_the_connection_may_be_reused(wire, reusable):
+    reader, _ = read_response([wire])
+    assert reader.done and reader.reusable is reusable
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"HTTP/2 200 OK\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "malformed header line"),
+    (b"HTTP/1.1 200 OK\r\nname : value\r\n\r\n", "malformed header line"),
+    (b"HTTP/1.1 200 OK\r\n" + b"x: y\r\n" * 20000, "response headers longer than 65536 bytes"),
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected 101"),
+    (b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\n\r\n", "unrequested content-encoding"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", "unsupported transfer-encoding"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\n", "malformed content-length"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "malformed content-length"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "malformed chunk size line"),
+])
+def test_response_reader_refuses_malformed_responses(wire, message):
+    for pieces in ([wire], [wire[i:i + 1] for i in range(len(wire))]):
+        with pytest.raises(ValueError, match=message):
+            read_response(pieces)
+
+
+@pytest.mark.parametrize("wire, message", [
+    (b"", "connection closed before the response"),
+    (b"HTTP/1.1 200 OK\r\ncontent-", "connection closed before the response"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", "connection closed mid-body"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", "connection closed mid-body"),
+])
+def test_response_reader_knows_a_close_that_cuts_the_response_short(wire, message):
+    reader, _ = read_response([wire])
+    with pytest.raises(ValueError, match=message):
+        reader.eof()
+    assert not reader.done
+
+
+###############################################################################
+# Store: both stores (JSON files and PostgreSQL) pass the same behaviour tests
+###############################################################################
+
+
+# Every database is real: a throwaway PostgreSQL cluster (``TempCluster``) per session in a temp
+# dir on a free loopback port, a fresh database per test.  Without the server binaries these
+# tests skip, except under CI=true, where they fail.
 
 
 def test_memories_rank_by_keywords_not_substrings():
@@ -352,72 +687,6 @@ def test_ids_that_become_file_names_are_refused(bad):
     with pytest.raises(nodechat.BadRequest):
         nodechat.validate_id(bad)
 
-
-def test_tool_schema_from_type_hints_and_docstring():
-    from typing import Literal, Optional
-
-    def search(query: str, limit: int = 5, exact: bool = False, score: float | None = None,
-               sort: Literal["new", "top"] = "top", tags: list[str] = None, extra: Optional[dict] = None,
-               context: nodechat.ToolContext = None) -> list:
-        """Search the notes.
-
-        Args:
-            query: Words to look for.
-            limit: Most results.
-        """
-
-    made = nodechat.tool(search)
-    assert made.name == "search" and made.description == "Search the notes."
-    assert made.context_param == "context"
-    props = made.parameters["properties"]
-    assert made.parameters["required"] == ["query"]
-    assert props["query"] == {"type": "string", "description": "Words to look for."}
-    assert props["limit"] == {"type": "integer", "description": "Most results.", "default": 5}
-    assert props["exact"]["type"] == "boolean" and props["score"]["type"] == "number"
-    assert props["sort"] == {"type": "string", "enum": ["new", "top"], "default": "top"}
-    assert props["tags"]["items"] == {"type": "string"} and props["extra"]["type"] == "object"
-    assert "context" not in props
-
-
-def test_tool_registry_adds_removes_and_narrows():
-    registry = nodechat.ToolRegistry()
-    registry.add(lambda x: x, name="echo_tool", description="Echo.")
-
-    @nodechat.tool(needs_approval=True)
-    def shell(command: str) -> str:
-        """Run a command."""
-
-    registry.add(shell)
-    assert [t.name for t in registry.select()] == ["echo_tool"]  # approval tools only by name
-    assert [t.name for t in registry.select(["shell"])] == ["shell"]
-    assert registry.schemas(["echo_tool"])[0]["function"]["name"] == "echo_tool"
-    registry.remove("echo_tool")
-    assert "echo_tool" not in registry and len(registry) == 1
-    with pytest.raises(ValueError):
-        nodechat.tool(lambda: None, name="bad name!")
-
-
-###############################################################################
-# Providers: SSE parsing
-###############################################################################
-
-
-@pytest.mark.anyio
-async def test_sse_lines_end_at_cr_lf_only_not_at_u2028():
-    async def reads():
-        yield b'data: {"a": "x\xe2\x80\xa8y"}\r'  # U+2028 inside JSON, CRLF split over reads
-        yield b'\n\r\ndata: 2\rdata: 3\r\r: comment\n\ndata: [DONE]\n\n'
-
-    found = [d async for batch in nodechat.sse_batches(reads()) for d in batch]
-    assert found == ['{"a": "x\u2028y"}'.encode(), b"2\n3", b"[DONE]"]
-
-
-###############################################################################
-# Store: both stores (JSON files and PostgreSQL) pass the same behaviour tests
-###############################################################################
-# Every database is real: a throwaway PostgreSQL cluster (``TempCluster``) per session in a temp
-# dir on a free loopback port, a fresh database per test.  Without the server binaries these
-# tests skip, except under CI=true, where they fail.
 
 PG_BIN = Path(os.environ.get("NODECHAT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")  # now_iso(): UTC, microseconds
@@ -981,302 +1250,379 @@ def test_database_outage_is_503_in_each_protocol_and_recovers(postgres, database
         response, events = api_chat(url, {"messages": [user("after")], "conversationId": "c-out"})
         assert response.status_code == 200 and events[-1]["type"] == "finish"
 
+# -- JSON files: several processes, crashes, damaged files --
+
+
+STORE_WRITER = """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+import nodechat
+
+async def main(worker, count):
+    store = nodechat.JSONFileStore({data!r})
+    await store.create_conversation("shared", "u")
+    for n in range(count):
+        await store.append_messages("shared", [{{"role": "user", "content": f"{{worker}}-{{n}}"}}])
+        await store.add_memory("u", f"fact {{worker}}-{{n}}")
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def writer_script(tmp_path: Path) -> Path:
+    script = tmp_path / "writer.py"
+    script.write_text(STORE_WRITER.format(root=str(Path(nodechat.__file__).parent), data=str(tmp_path / "data")))
+    return script
+
+
+def test_two_processes_writing_one_user_lose_nothing(tmp_path):
+    script = writer_script(tmp_path)
+    workers = [subprocess.Popen([sys.executable, str(script), name, "60"]) for name in ("a", "b")]
+    assert [w.wait(60) for w in workers] == [0, 0]
+    store = nodechat.JSONFileStore(tmp_path / "data")
+    messages = asyncio.run(store.load_messages("shared"))
+    memories = asyncio.run(store.list_memories("u"))
+    assert sorted(m["content"] for m in messages) == sorted(f"{w}-{n}" for w in "ab" for n in range(60))
+    assert len({m["id"] for m in memories}) == 120
+
+
+def test_kill_9_during_writes_leaves_every_file_whole(tmp_path):
+    script = writer_script(tmp_path)
+    worker = subprocess.Popen([sys.executable, str(script), "k", "100000"])
+    data = tmp_path / "data"
+    eventually(lambda: (data / "memories" / "u.json").exists()
+               and (data / "memories" / "u.json").stat().st_size >= 2000, 20)
+    worker.kill()
+    worker.wait(10)
+    for path in data.rglob("*.json"):
+        json.loads(path.read_text())  # old or new, never torn
+    lines = (data / "conversations" / "shared.jsonl").read_bytes().splitlines()
+    assert all(json.loads(line) for line in lines[:-1])
+    store = nodechat.JSONFileStore(data)
+    assert len(asyncio.run(store.load_messages("shared"))) >= len(lines) - 1
+    assert not list(data.rglob("*.corrupt-*"))
+
+
+def test_a_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog):
+    store = nodechat.JSONFileStore(tmp_path)
+    asyncio.run(store.create_conversation("c1", "u"))
+    asyncio.run(store.append_messages("c1", [{"role": "user", "content": "whole"}]))
+    path = tmp_path / "conversations" / "c1.jsonl"
+    with path.open("ab") as fh:
+        fh.write(b'{"role": "assistant", "cont')  # a crash mid-write
+    with caplog.at_level(logging.WARNING, logger="nodechat"):
+        assert [m["content"] for m in asyncio.run(store.load_messages("c1"))] == ["whole"]
+    assert "torn" in caplog.text
+    asyncio.run(store.append_messages("c1", [{"role": "user", "content": "after"}]))
+    assert [m["content"] for m in asyncio.run(store.load_messages("c1"))] == ["whole", "after"]
+
+
+def test_invalid_json_found_at_start_up_is_moved_aside(make_chat, tmp_path, caplog):
+    chat = make_chat()
+    memories = Path(chat.settings.data_dir) / "memories"
+    memories.mkdir(parents=True)
+    (memories / "alice.json").write_text('[{"id": "m1", "content": "half')
+    with caplog.at_level(logging.WARNING, logger="nodechat"), serve(chat) as url:
+        listed = httpx.get(url + "/api/memories", headers=AUTH).json()
+    assert listed == {"memories": []}
+    aside = list(memories.glob("alice.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text().startswith('[{"id": "m1"')
+    assert "moved aside" in caplog.text
+
 
 ###############################################################################
-# Providers: nodechat's own HTTP/1.1 client, fuzzed, then over real sockets
+# Tools: schemas from type hints, the registry, web search and fetch
 ###############################################################################
 
-TIMEOUT = 10.0  # every test's bound on waiting
-BOTH_LOOPS = pytest.mark.parametrize("anyio_backend", ["asyncio", "uvloop"], indirect=True)
+
+def test_tool_schema_from_type_hints_and_docstring():
+    from typing import Literal, Optional
+
+    def search(query: str, limit: int = 5, exact: bool = False, score: float | None = None,
+               sort: Literal["new", "top"] = "top", tags: list[str] = None, extra: Optional[dict] = None,
+               context: nodechat.ToolContext = None) -> list:
+        """Search the notes.
+
+        Args:
+            query: Words to look for.
+            limit: Most results.
+        """
+
+    made = nodechat.tool(search)
+    assert made.name == "search" and made.description == "Search the notes."
+    assert made.context_param == "context"
+    props = made.parameters["properties"]
+    assert made.parameters["required"] == ["query"]
+    assert props["query"] == {"type": "string", "description": "Words to look for."}
+    assert props["limit"] == {"type": "integer", "description": "Most results.", "default": 5}
+    assert props["exact"]["type"] == "boolean" and props["score"]["type"] == "number"
+    assert props["sort"] == {"type": "string", "enum": ["new", "top"], "default": "top"}
+    assert props["tags"]["items"] == {"type": "string"} and props["extra"]["type"] == "object"
+    assert "context" not in props
 
 
-class Upstream502(Exception):
-    pass
+def test_tool_registry_adds_removes_and_narrows():
+    registry = nodechat.ToolRegistry()
+    registry.add(lambda x: x, name="echo_tool", description="Echo.")
+
+    @nodechat.tool(needs_approval=True)
+    def shell(command: str) -> str:
+        """Run a command."""
+
+    registry.add(shell)
+    assert [t.name for t in registry.select()] == ["echo_tool"]  # approval tools only by name
+    assert [t.name for t in registry.select(["shell"])] == ["shell"]
+    assert registry.schemas(["echo_tool"])[0]["function"]["name"] == "echo_tool"
+    registry.remove("echo_tool")
+    assert "echo_tool" not in registry and len(registry) == 1
+    with pytest.raises(ValueError):
+        nodechat.tool(lambda: None, name="bad name!")
 
 
-class Upstream504(Exception):
-    pass
+def test_web_search_is_offered_only_when_configured(make_chat, upstream):
+    seen = []
+
+    async def searxng(request):
+        seen.append(dict(request.query_params))
+        return JSONResponse({"results": [{"title": "Tea", "url": "https://tea.example", "content": "All about tea"},
+                                         {"title": "Cha", "url": "https://cha.example", "content": "More"}]})
+
+    async def brave(request):
+        seen.append(request.headers["x-subscription-token"])
+        return JSONResponse({"web": {"results": [{"title": "B", "url": "https://b.example", "description": "b"}]}})
+
+    search = Starlette(routes=[Route("/search", searxng), Route("/brave", brave)])
+    assert "webSearch" not in make_chat().tools
+    with serve(search) as search_url:
+        chat = make_chat(search_provider="searxng", search_url=search_url)
+        upstream.script(tool_calls(("webSearch", {"query": "green tea", "limit": 1})), text("ok"))
+        with serve(chat) as url:
+            _, events = api_chat(url, {"messages": [user("search")]})
+        assert next(e for e in events if e["type"] == "tool-result")["result"] == {
+            "results": [{"title": "Tea", "url": "https://tea.example", "snippet": "All about tea"}]}
+        assert seen[0] == {"q": "green tea", "format": "json"}
+        chat = make_chat(environ={"NODECHAT_SEARCH": "brave", "BRAVE_API_KEY": "bk"},
+                         search_url=search_url + "/brave")
+        upstream.script(tool_calls(("webSearch", {"query": "x"})), text("ok"))
+        with serve(chat) as url:
+            _, events = api_chat(url, {"messages": [user("search")]})
+        assert next(e for e in events if e["type"] == "tool-result")["result"]["results"][0]["title"] == "B"
+        assert seen[-1] == "bk"
 
 
-def make_client(**options) -> nodechat.UpstreamClient:
-    return nodechat.UpstreamClient(**{"error": Upstream502, "timeout": Upstream504, **options})
-
-
-async def until_true(predicate, what: str = "condition") -> None:
-    """Poll a condition the code under test exposes no event for (bounded by the test's timeout)."""
-    while not predicate():
-        await asyncio.sleep(0.002)
-
-
-###############################################################################
-# SSE decoder: fuzzed against the WHATWG algorithm run on the whole stream
-###############################################################################
-
-def reference_events(stream: bytes) -> list[bytes]:
-    """WHATWG "parsing an event stream" over the whole input at once, data fields only.
-
-    The tail is treated as ``nodechat.SSEDecoder.close()`` does: as if the stream ended with a blank line.
-    """
-    events, data = [], []
-    for line in re.split(rb"\r\n|\r|\n", stream + b"\n\n")[:-1]:
-        if not line:
-            if data:
-                events.append(b"\n".join(data))
-            data = []
-        elif not line.startswith(b":"):
-            field, colon, value = line.partition(b":")
-            if colon and value.startswith(b" "):
-                value = value[1:]
-            if field == b"data":
-                data.append(value)
-    return events
-
-
-PAYLOADS = [b"", b"x", b" leading space", b'{"a":"\xe2\x80\xa8 and \xe2\x80\xa9"}', b"\x0b\x0c\x1c\x1d\x1e",
-            b"\xc2\x85 next line", b"a:b: c", b"[DONE]", b'{"choices":[{"delta":{"content":"tok "}}]}']
-LINES = [b"data: %s", b"data:%s", b"data", b"data:", b"data: ", b": comment %s", b":", b"event: message",
-         b"id: 7", b"retry: 100", b"dat: %s", b"data : %s", b"Data: %s", b"", b"", b""]
-
-
-def random_stream(rng: random.Random) -> bytes:
-    out = []
-    for _ in range(rng.randint(0, 40)):
-        line = rng.choice(LINES)
-        if b"%s" in line:
-            line = line % rng.choice(PAYLOADS)
-        out.append(line + rng.choice((b"\n", b"\r", b"\r\n")))
-    if rng.random() < 0.3:  # ends mid-line or mid-event
-        out.append(b"data: tail" if rng.random() < 0.5 else b"data: x\n")
-    return b"".join(out)
-
-
-def random_cuts(data: bytes, rng: random.Random) -> list[bytes]:
-    if rng.random() < 0.1:
-        return [data[i:i + 1] for i in range(len(data))]
-    cuts = sorted(rng.randint(0, len(data)) for _ in range(rng.randint(0, 12)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-
-
-def decode_all(pieces: list[bytes], **options) -> list[bytes]:
-    decoder = nodechat.SSEDecoder(**options)
-    events = [event for piece in pieces for event in decoder.feed(piece)]
-    return events + decoder.close()
-
-
-def test_sse_decoder_matches_reference_under_random_reads():
-    rng = random.Random(11)
-    for case in range(3000):
-        stream = random_stream(rng)
-        pieces = random_cuts(stream, rng)
-        expected = reference_events(stream)
-        assert decode_all(pieces) == expected, (case, pieces)
-        # limits exactly at the longest line and event are no error, however the reads fall
-        tight = max([1, *map(len, re.split(rb"\r\n|\r|\n", stream)), *map(len, expected)])
-        assert decode_all(pieces, max_line_bytes=tight) == expected, (case, pieces)
-
-
-@pytest.mark.parametrize("stream, expected", [
-    (b"data: a\n\n", [b"a"]),
-    (b"data:a\r\rdata: b\r\n\r\n", [b"a", b"b"]),
-    (b"data: one\ndata:two\n\n", [b"one\ntwo"]),
-    (b": keep-alive\n\nevent: x\nid: 1\ndata: y\n\n", [b"y"]),
-    (b"data\n\ndata:\n\n", [b"", b""]),
-    (b'data: {"t":"\xe2\x80\xa8"}\n\n', [b'{"t":"\xe2\x80\xa8"}']),  # httpx-sse#34: U+2028 is no line end
-    (b"data: [DONE]", [b"[DONE]"]),  # a missing final blank line is forgiven
-])
-def test_sse_decoder_examples(stream, expected):
-    assert decode_all([stream]) == expected
-
-
-def test_sse_crlf_straddling_two_reads_is_one_line_end():
-    decoder = nodechat.SSEDecoder()
-    assert decoder.feed(b"data: a\r") == []
-    assert decoder.feed(b"\n") == []  # the LF completes the CRLF: no blank line yet
-    assert decoder.feed(b"\r\n") == [b"a"]
-
-
-def test_sse_line_longer_than_limit_is_refused_however_it_arrives():
-    line = b"data: " + b"x" * 94  # 100 bytes
-    assert decode_all([line + b"\n\n"], max_line_bytes=100) == [b"x" * 94]
-    rng = random.Random(3)
-    for _ in range(200):
-        pieces = random_cuts(b"data: ok\n\n" + line + b"y\n\n", rng)
-        with pytest.raises(ValueError, match="SSE line is longer than 100 bytes"):
-            decode_all(pieces, max_line_bytes=100)
-
-
-def test_sse_event_data_longer_than_limit_is_refused():
-    with pytest.raises(ValueError, match="event's data is longer than 100 bytes"):
-        decode_all([b"data: 0123456789\n" * 12], max_line_bytes=100)
-    decoder = nodechat.SSEDecoder(max_line_bytes=100)
-    with pytest.raises(ValueError, match="event's data"):
-        for _ in range(12):
-            decoder.feed(b"data: 0123456789\n")
-    decoder, line = nodechat.SSEDecoder(max_line_bytes=100), b"data: " + b"x" * 60 + b"\n"
-    for _ in range(10):  # many events just under the limit, each line its own read
-        assert decoder.feed(line) == [] and decoder.feed(b"\n") == [b"x" * 60]
-
-
-def test_sse_decoder_is_linear_in_one_huge_line():
-    """Today's nodechat.sse_batches took 112 s for one 64 MB line arriving in 64 KiB reads."""
-    decoder, piece = nodechat.SSEDecoder(max_line_bytes=128 << 20), b"x" * (64 << 10)
-    started = time.perf_counter()
-    assert decoder.feed(b"data: ") == []
-    for _ in range(1024):
-        assert decoder.feed(piece) == []
-    assert decoder.feed(b"\n\n") == [piece * 1024]
-    assert time.perf_counter() - started < 3.0
-
-
-@BOTH_LOOPS
 @pytest.mark.anyio
-async def test_sse_batches_serves_the_httpx_path():
-    async def chunks():
-        for piece in (b"data: a\n\nda", b"ta: b\r", b"\n\r\ndata: c"):
-            yield piece
-
-    async with asyncio.timeout(TIMEOUT):
-        # one batch per read, even an empty one (the reader checks its deadline), then the tail
-        assert [batch async for batch in nodechat.sse_batches(chunks())] == [[b"a"], [], [b"b"], [b"c"]]
-
-
-###############################################################################
-# Chunked decoder: fuzzed against bodies encoded with extensions and trailers
-###############################################################################
-
-EXTENSIONS = [b"", b";a", b";a=b", b' ; name="v;x" ', b";x=1;y=2", b"\t;q"]
-TRAILERS = [b"", b"x-checksum: 1\r\n", b"a: 1\r\nb: two words\r\n"]
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x", "http://127.0.0.1:8000/",
+                                 "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data",
+                                 "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://localhost/",
+                                 "http://0.0.0.0/", "http://[64:ff9b::a9fe:a9fe]/",
+                                 "http://[64:ff9b:1::808:808]/", "http://[2002:7f00:1::]/",
+                                 "http://[::127.0.0.1]/", "http://[::ffff:0:127.0.0.1]/",
+                                 "http://[fec0::1]/"])
+async def test_fetch_refuses_other_schemes_and_private_addresses(url):
+    with pytest.raises(ValueError):
+        await nodechat.check_public_url(url)
 
 
-def encode_chunked(body: bytes, rng: random.Random) -> bytes:
-    out, pos = [], 0
-    while pos < len(body):
-        size = min(rng.choice((1, 2, 3, 7, 50, 194, 1000, 5000)), len(body) - pos)
-        digits = format(size, rng.choice("xX")).encode()
-        out.append(b"0" * rng.randint(0, 2) + digits + rng.choice(EXTENSIONS) + b"\r\n"
-                   + body[pos:pos + size] + b"\r\n")
-        pos += size
-    out.append(b"0" * rng.randint(1, 2) + rng.choice(EXTENSIONS) + b"\r\n" + rng.choice(TRAILERS) + b"\r\n")
-    return b"".join(out)
+@pytest.mark.anyio
+async def test_fetch_allows_a_public_address_literal():
+    await nodechat.check_public_url("https://93.184.216.34/page")  # checked only, not fetched
 
 
-def test_chunked_decoder_matches_body_under_random_reads():
-    rng = random.Random(7)
-    for case in range(2000):
-        body = bytes(rng.choice(b"ab\r\n0;") for _ in range(rng.randint(0, 3000)))
-        extra = rng.choice((b"", b"HTTP/1.1 200 OK\r\n"))
-        pieces = random_cuts(encode_chunked(body, rng) + extra, rng)
-        decoder = nodechat.ChunkedDecoder()
-        out = b"".join(decoder.feed(piece) for piece in pieces)
-        assert (out, decoder.done, decoder.extra) == (body, True, extra), (case, pieces)
+TEA_PAGE = Starlette(routes=[
+    Route("/tea", lambda r: HTMLResponse("<html><head><title>Tea</title><style>p{}</style></head><body>"
+                                         "<script>alert(1)</script><h1>Green tea</h1><p>Brew at 80&deg;C.</p>"
+                                         "</body></html>")),
+    Route("/go", lambda r: RedirectResponse("/tea"))])
 
 
-def test_chunked_then_sse_matches_reference_under_random_reads():
-    rng = random.Random(5)
-    for case in range(1000):
-        stream = random_stream(rng)
-        pieces = random_cuts(encode_chunked(stream, rng), rng)
-        chunks, decoder = nodechat.ChunkedDecoder(), nodechat.SSEDecoder()
-        events = [event for piece in pieces for event in decoder.feed(chunks.feed(piece))]
-        assert chunks.done and events + decoder.close() == reference_events(stream), case
+def fetch_result(url: str, upstream, page: str):
+    upstream.script(tool_calls(("fetchUrl", {"url": page})), text("ok"))
+    _, events = api_chat(url, {"messages": [user("read it")]})
+    return next(e for e in events if e["type"] == "tool-result")
 
 
-@pytest.mark.parametrize("wire, message", [
-    (b"zz\r\n", "malformed chunk size line"),
-    (b"0x5\r\nhello\r\n", "malformed chunk size line"),
-    (b"+5\r\nhello\r\n", "malformed chunk size line"),
-    (b" 5\r\nhello\r\n", "malformed chunk size line"),
-    (b"5_0\r\n", "malformed chunk size line"),
-    (b"\r\n", "malformed chunk size line"),
-    (b"5\nhello\r\n0\r\n\r\n", "malformed chunk size line"),
-    (b"5\r\nhelloXY", "no CRLF after the chunk data"),
-    (b"1" * 70000, "longer than 65536 bytes"),
-    (b"0\r\n" + b"x: y\r\n" * 20000, "trailers longer than"),
-])
-def test_chunked_decoder_refuses_malformed_framing(wire, message):
-    for pieces in ([wire], [wire[i:i + 1] for i in range(min(len(wire), 200))] + [wire[200:]]):
-        decoder = nodechat.ChunkedDecoder()
-        with pytest.raises(ValueError, match=message):
-            for piece in pieces:
-                decoder.feed(piece)
+def test_fetch_tool_refuses_the_servers_own_network(live, upstream):
+    _, url = live()
+    with serve(TEA_PAGE) as site_url:
+        refused = fetch_result(url, upstream, site_url + "/tea")
+    assert refused["isError"] and "not a public address" in refused["result"]
 
 
-def read_response(pieces: list[bytes], close: bool = False) -> tuple[nodechat.ResponseReader, bytes]:
-    reader = nodechat.ResponseReader()
-    body = b"".join(reader.feed(piece) for piece in pieces if not reader.done)
-    if close:
-        reader.eof()
-    return reader, body
+def test_fetch_tool_reads_a_page_as_text_following_redirects(live, upstream):
+    _, url = live(allow_private_fetch=True)
+    with serve(TEA_PAGE) as site_url:
+        page = fetch_result(url, upstream, site_url + "/go")["result"]
+    assert page["title"] == "Tea" and page["url"] == site_url + "/tea"
+    assert page["text"] == "Green tea\nBrew at 80°C."
 
 
-def test_response_reader_matches_body_under_random_reads():
-    """Chunked, length and close-delimited bodies, after interim 1xx heads, cut anywhere."""
-    rng = random.Random(11)
-    for case in range(2000):
-        body = bytes(rng.choice(b"ab\r\n0:") for _ in range(rng.randint(0, 2000)))
-        framing = rng.choice(("chunked", "length", "close"))
-        interim = rng.choice((b"", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"))
-        head = {"chunked": b"transfer-encoding: chunked\r\n", "length": b"content-length: %d\r\n" % len(body),
-                "close": b""}[framing]
-        wire = (interim + b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-a:  spaced  \r\n" + head
-                + b"\r\n" + (encode_chunked(body, rng) if framing == "chunked" else body))
-        reader, out = read_response(random_cuts(wire, rng), close=framing == "close")
-        assert (out, reader.done, reader.status, reader.reason) == (body, True, 200, "OK"), (case, framing)
-        assert reader.headers["x-a"] == "spaced" and reader.headers["content-type"] == "text/event-stream"
-        assert reader.reusable is (framing != "close"), (case, framing)
-
-
-@pytest.mark.parametrize("wire, reusable", [
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", True),
-    (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", False),
-    (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", False),
-    (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok", True),
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1", False),  # bytes after the body
-    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
-    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nX", False),
-    (b"HTTP/1.1 204 No Content\r\n\r\n", True),
-    (b"HTTP/1.1 204 No Content\r\n\r\nstray", False),
-])
-def test_response_reader_says_when_the_connection_may_be_reused(wire, reusable):
-    reader, _ = read_response([wire])
-    assert reader.done and reader.reusable is reusable
-
-
-@pytest.mark.parametrize("wire, message", [
-    (b"HTTP/2 200 OK\r\n\r\n", "malformed status line"),
-    (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed status line"),
-    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "malformed header line"),
-    (b"HTTP/1.1 200 OK\r\nname : value\r\n\r\n", "malformed header line"),
-    (b"HTTP/1.1 200 OK\r\n" + b"x: y\r\n" * 20000, "response headers longer than 65536 bytes"),
-    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected 101"),
-    (b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\n\r\n", "unrequested content-encoding"),
-    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", "unsupported transfer-encoding"),
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\n", "malformed content-length"),
-    (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "malformed content-length"),
-    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "malformed chunk size line"),
-])
-def test_response_reader_refuses_malformed_responses(wire, message):
-    for pieces in ([wire], [wire[i:i + 1] for i in range(len(wire))]):
-        with pytest.raises(ValueError, match=message):
-            read_response(pieces)
-
-
-@pytest.mark.parametrize("wire, message", [
-    (b"", "connection closed before the response"),
-    (b"HTTP/1.1 200 OK\r\ncontent-", "connection closed before the response"),
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", "connection closed mid-body"),
-    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", "connection closed mid-body"),
-])
-def test_response_reader_knows_a_close_that_cuts_the_response_short(wire, message):
-    reader, _ = read_response([wire])
-    with pytest.raises(ValueError, match=message):
-        reader.eof()
-    assert not reader.done
+def test_fetch_tool_can_be_turned_off(make_chat):
+    assert "fetchUrl" not in make_chat(fetch_tool=False).tools
 
 
 ###############################################################################
-# Real servers on loopback
+# MCP: real servers (mcp-server-time over stdio, an `mcp` package server over HTTP)
 ###############################################################################
+
+
+MCP_HTTP_SERVER = '''
+import sys
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("demo")
+
+@server.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+@server.tool()
+def fail() -> str:
+    """Always fails."""
+    raise ValueError("this tool always fails")
+
+server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[1]))
+'''
+
+
+def time_server(**extra) -> dict:
+    command = Path(sys.executable).with_name("mcp-server-time")
+    return {"command": str(command), "args": ["--local-timezone", "UTC"], **extra}
+
+
+@pytest.fixture(scope="module")
+def mcp_http(tmp_path_factory):
+    """An MCP server built with the ``mcp`` package, on loopback, over Streamable HTTP."""
+    script = tmp_path_factory.mktemp("mcp") / "server.py"
+    script.write_text(MCP_HTTP_SERVER)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(script), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    eventually(lambda: process.poll() is not None or listening(port), 30, interval=0.1)
+    assert process.poll() is None, "MCP HTTP server did not start"
+    yield f"http://127.0.0.1:{port}/mcp"
+    process.terminate()
+    process.wait(10)
+
+
+def test_mcp_stdio_tools_work_through_api_chat(live, upstream):
+    chat, url = live(mcp_servers={"time": time_server()})
+    assert chat.tools["get_current_time"].dynamic and "convert_time" in chat.tools
+    upstream.script(tool_calls(("get_current_time", {"timezone": "Europe/Warsaw"})), text("Done."))
+    _, events = api_chat(url, {"messages": [user("time in Warsaw?")]})
+    result = next(e for e in events if e["type"] == "tool-result")
+    assert result["result"]["structuredContent"]["timezone"] == "Europe/Warsaw"
+    assert "isError" not in result
+    model_sees = upstream.requests[1]["messages"][-1]["content"]
+    assert '"timezone": "Europe/Warsaw"' in model_sees and "structuredContent" not in model_sees
+    upstream.script(tool_calls(("get_current_time", {"timezone": "UTC"})), text("Done."))
+    _, ui = api_chat(url, ui_request("time?", chat_id="mcp-ui"))
+    check_ui_stream(ui)
+    assert next(e for e in ui if e != "[DONE]" and e["type"] == "tool-input-available")["dynamic"] is True
+
+
+@pytest.mark.anyio
+async def test_mcp_tools_work_over_the_websocket(live, upstream):
+    _, url = live(mcp_servers={"time": time_server()})
+    upstream.script(tool_calls(("get_current_time", {"timezone": "Asia/Tokyo"})), text("Done."))
+    async with ws_connect(url) as ws:
+        await ws.send({"role": "user", "content": "time in Tokyo?"})
+        got = await ws.turn()
+    result = next(m for m in got if m["type"] == "tool_result")
+    assert result["result"]["structuredContent"]["timezone"] == "Asia/Tokyo" and "error" not in result
+
+
+def test_mcp_is_error_and_unknown_tools_become_error_results(live, upstream, mcp_http):
+    chat, url = live(mcp_servers={"time": time_server(), "demo": {"url": mcp_http}})
+    upstream.script(tool_calls(("get_current_time", {"timezone": "Mars/Olympus"}), ("fail", {})),
+                    text("Sorry."))
+    _, events = api_chat(url, {"messages": [user("x")]})
+    results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
+    assert results["get_current_time"]["isError"] and "Mars/Olympus" in results["get_current_time"]["result"]
+    assert results["fail"]["isError"] and "Error executing tool fail" in results["fail"]["result"]
+    # An unknown tool: the Python SDK's low-level server answers with a JSON-RPC error, the
+    # MCPServer one with an isError result; both reach the model as an error result.
+    for server in ("time", "demo"):
+        chat.tools.add(nodechat.mcp_tool(chat.mcp.sessions[server], {"name": "nope"}, f"nope_{server}", False))
+    upstream.script(tool_calls(("nope_time", {}), ("nope_demo", {})), text("Sorry."))
+    _, events = api_chat(url, {"messages": [user("x")]})
+    results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
+    assert results["nope_time"]["isError"] and "MCPError" in results["nope_time"]["result"]
+    assert results["nope_demo"]["isError"] and "MCPToolError" in results["nope_demo"]["result"]
+    assert all("nope" in r["result"] for r in results.values())
+
+
+def test_mcp_streamable_http_server_with_custom_headers(live, upstream, mcp_http):
+    chat, url = live(mcp_servers={"demo": {"url": mcp_http, "headers": {"Authorization": "Bearer t"}}})
+    session = chat.mcp.sessions["demo"]
+    assert session.transport.session_id and session.protocol_version in nodechat.MCP_ACCEPTED_VERSIONS
+    upstream.script(tool_calls(("add", {"a": 40, "b": 2})), text("42"))
+    _, events = api_chat(url, {"messages": [user("40+2?")]})
+    result = next(e for e in events if e["type"] == "tool-result")["result"]
+    assert result["structuredContent"] == {"result": 42}
+    assert upstream.requests[1]["messages"][-1]["content"] == "42"
+
+
+def test_mcp_server_that_dies_is_restarted_on_next_use(live, upstream):
+    chat, url = live(mcp_servers={"time": time_server()})
+    first = chat.mcp.sessions["time"].transport.process
+    first.kill()
+    eventually(lambda: not chat.mcp.sessions["time"].transport.alive)
+    upstream.script(tool_calls(("get_current_time", {"timezone": "UTC"})), text("ok"))
+    _, events = api_chat(url, {"messages": [user("time?")]})
+    assert "isError" not in next(e for e in events if e["type"] == "tool-result")
+    assert first.returncode is not None  # reaped, not a zombie
+    assert chat.mcp.sessions["time"].transport.process.pid != first.pid
+
+
+def test_mcp_servers_that_fail_to_start_are_skipped(live, upstream, tmp_path):
+    silent = {"command": sys.executable, "args": ["-c", "import time; time.sleep(60)"], "startTimeout": 1}
+    chat, url = live(mcp_servers={"silent": silent, "missing": {"command": str(tmp_path / "no-such")},
+                                  "time": time_server()})
+    assert "get_current_time" in chat.tools  # the good server still came up
+    assert chat.mcp.sessions["silent"].transport is None
+    response, events = api_chat(url, {"messages": [user("hi")]})
+    assert response.status_code == 200 and events[-1]["type"] == "finish"
+
+
+def test_mcp_name_clashes_are_prefixed_with_the_server(make_chat):
+    chat = make_chat(mcp_servers={"time": time_server(), "clock": time_server()})
+    with serve(chat):
+        names = set(chat.tools.names())
+    assert {"get_current_time", "clock_get_current_time"} <= names or \
+        {"get_current_time", "time_get_current_time"} <= names
+
+
+def test_shutdown_stops_every_mcp_server(make_chat):
+    chat = make_chat(mcp_servers={"time": time_server()})
+    with serve(chat) as url:
+        httpx.get(url + "/healthz")
+        processes = [s.transport.process for s in chat.mcp.sessions.values()]
+        assert processes and all(p.returncode is None for p in processes)
+    assert all(p.returncode is not None for p in processes)
+
+
+def test_mcp_config_file_and_approval_keep_dangerous_tools_off(make_chat, upstream, tmp_path):
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"time": time_server(
+        needsApproval=["convert_time"], exclude=[])}}))
+    chat = make_chat(mcp_config=str(config))
+    with serve(chat) as url:
+        api_chat(url, {"messages": [user("x")], "tools": ["convert_time", "get_current_time"]})
+    assert [t["function"]["name"] for t in upstream.requests[0]["tools"]] == ["get_current_time"]
+    operator = make_chat(mcp_config=str(config), tools="convert_time")
+    with serve(operator) as url:
+        api_chat(url, {"messages": [user("x")]})
+    assert [t["function"]["name"] for t in upstream.requests[1]["tools"]] == ["convert_time"]
+
+
+###############################################################################
+# Upstream HTTP client: nodechat's own, over real sockets
+###############################################################################
+
+
+# -- Real servers on loopback --
+
 
 def sse_events(*events: bytes) -> bytes:
     return b"".join(b"data: " + event + b"\n\n" for event in events)
@@ -1842,10 +2188,8 @@ async def test_pool_slots_add_up_after_a_storm_of_failures_and_cancellations():
         await until_true(lambda: client._open == 0)
         assert outcomes["read"] > 20 and outcomes["Upstream502"] > 5, outcomes
 
+# -- uvicorn upstream, TLS, several event loops --
 
-###############################################################################
-# uvicorn upstream, TLS, several event loops
-###############################################################################
 
 async def sse_app(scope, receive, send):
     """A raw ASGI OpenAI-style stream: ``{"n": events, "per_write": events per send}``."""
@@ -1971,7 +2315,7 @@ async def test_tls_to_a_self_signed_server(certificate):
 
 
 ###############################################################################
-# Encoders: exact bytes
+# Encoders: each protocol's exact bytes over fixed events
 ###############################################################################
 
 
@@ -2085,7 +2429,7 @@ def test_sse_framing_is_written_once():
 
 
 ###############################################################################
-# OpenAI-compatible API, through the official openai client
+# Protocol: OpenAI /v1, through the official openai client
 ###############################################################################
 
 
@@ -2313,25 +2657,8 @@ def test_upstream_dropping_mid_stream_sends_error_then_done(live, upstream):
 
 
 ###############################################################################
-# /api/chat: the agent over SSE
+# Protocol: /api/chat, the seed's SSE: conversations, tools, memory, titles
 ###############################################################################
-
-
-def api_chat(url: str, body: dict, token: str | None = "tok-alice", query: str = "",
-             **headers) -> tuple[httpx.Response, list]:
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    with httpx.stream("POST", url + "/api/chat" + query, json=body, headers=headers,
-                      timeout=30) as response:
-        response.read()
-    if response.status_code == 200:
-        return response, read_sse(response)
-    plain = response.headers["content-type"].startswith("text/plain")  # AI SDK requests
-    return response, response.text if plain else response.json()
-
-
-def user(content: str, **extra) -> dict:
-    return {"role": "user", "content": content, **extra}
 
 
 def test_api_chat_streams_the_seeds_events(live, upstream):
@@ -2686,8 +3013,9 @@ def test_v4_messages_with_content_and_tool_invocations_are_accepted(live, upstre
 
 
 ###############################################################################
-# /api/chat as the AI SDK UI message stream (useChat with no adapter)
+# Protocol: /api/chat as the AI SDK UI message stream (useChat with no adapter)
 ###############################################################################
+
 
 UI_KEYS = {  # every key a strict v5/v6 client accepts, per chunk type
     "start": {"type", "messageId", "messageMetadata"}, "start-step": {"type"},
@@ -2721,11 +3049,6 @@ def check_ui_stream(events: list) -> None:
             assert chunk["toolCallId"] in tool_calls
         if kind == "finish":
             assert chunk["finishReason"] in ("stop", "length", "content-filter", "tool-calls", "error", "other")
-
-
-def ui_request(text_: str, chat_id: str = "chat1", **extra) -> dict:
-    return {"id": chat_id, "trigger": "submit-message", **extra,
-            "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": text_}]}]}
 
 
 def test_ui_message_stream_for_a_stock_use_chat_request(live, upstream):
@@ -2809,11 +3132,14 @@ def test_openai_endpoint_runs_server_tools_only_when_enabled(live, upstream):
 
 
 ###############################################################################
-# /api/chat through the AI SDK itself (`ai` from the npm registry, under node)
+# Protocol: /api/chat through the AI SDK itself (`ai` from the npm registry, under node)
 ###############################################################################
+
+
 # Each test drives nodechat with the AI SDK's own client code: DefaultChatTransport.sendMessages
 # (the request useChat makes, its response check and strict chunk validation) folded by
 # readUIMessageStream (the state machine useChat builds the assistant message with).
+
 
 # 5.0.92 is the first `ai` whose schema accepts `finish.finishReason` (5.0.0-5.0.91 reject
 # every finish chunk that carries it); the newest is pinned so a new release cannot change a
@@ -3053,7 +3379,7 @@ def test_aisdk_finish_chunk_passes_the_schema(aisdk, live, upstream):
 
 
 ###############################################################################
-# /chat WebSocket: MessagePack and JSON, through the websockets client
+# Protocol: /chat WebSocket, MessagePack and JSON, through the websockets client
 ###############################################################################
 
 
@@ -3472,325 +3798,8 @@ async def test_ws_disconnect_cancels_every_task_it_started(make_chat, upstream):
 
 
 ###############################################################################
-# MCP: real servers (mcp-server-time over stdio, an `mcp` package server over HTTP)
+# Limits, faults and security: what a web page, a guesser or a hostile peer can get
 ###############################################################################
-
-MCP_HTTP_SERVER = '''
-import sys
-from mcp.server.mcpserver import MCPServer
-
-server = MCPServer("demo")
-
-@server.tool()
-def add(a: int, b: int) -> int:
-    """Add two integers."""
-    return a + b
-
-@server.tool()
-def fail() -> str:
-    """Always fails."""
-    raise ValueError("this tool always fails")
-
-server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[1]))
-'''
-
-
-def time_server(**extra) -> dict:
-    command = Path(sys.executable).with_name("mcp-server-time")
-    return {"command": str(command), "args": ["--local-timezone", "UTC"], **extra}
-
-
-@pytest.fixture(scope="module")
-def mcp_http(tmp_path_factory):
-    """An MCP server built with the ``mcp`` package, on loopback, over Streamable HTTP."""
-    script = tmp_path_factory.mktemp("mcp") / "server.py"
-    script.write_text(MCP_HTTP_SERVER)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, str(script), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    eventually(lambda: process.poll() is not None or listening(port), 30, interval=0.1)
-    assert process.poll() is None, "MCP HTTP server did not start"
-    yield f"http://127.0.0.1:{port}/mcp"
-    process.terminate()
-    process.wait(10)
-
-
-def test_mcp_stdio_tools_work_through_api_chat(live, upstream):
-    chat, url = live(mcp_servers={"time": time_server()})
-    assert chat.tools["get_current_time"].dynamic and "convert_time" in chat.tools
-    upstream.script(tool_calls(("get_current_time", {"timezone": "Europe/Warsaw"})), text("Done."))
-    _, events = api_chat(url, {"messages": [user("time in Warsaw?")]})
-    result = next(e for e in events if e["type"] == "tool-result")
-    assert result["result"]["structuredContent"]["timezone"] == "Europe/Warsaw"
-    assert "isError" not in result
-    model_sees = upstream.requests[1]["messages"][-1]["content"]
-    assert '"timezone": "Europe/Warsaw"' in model_sees and "structuredContent" not in model_sees
-    upstream.script(tool_calls(("get_current_time", {"timezone": "UTC"})), text("Done."))
-    _, ui = api_chat(url, ui_request("time?", chat_id="mcp-ui"))
-    check_ui_stream(ui)
-    assert next(e for e in ui if e != "[DONE]" and e["type"] == "tool-input-available")["dynamic"] is True
-
-
-@pytest.mark.anyio
-async def test_mcp_tools_work_over_the_websocket(live, upstream):
-    _, url = live(mcp_servers={"time": time_server()})
-    upstream.script(tool_calls(("get_current_time", {"timezone": "Asia/Tokyo"})), text("Done."))
-    async with ws_connect(url) as ws:
-        await ws.send({"role": "user", "content": "time in Tokyo?"})
-        got = await ws.turn()
-    result = next(m for m in got if m["type"] == "tool_result")
-    assert result["result"]["structuredContent"]["timezone"] == "Asia/Tokyo" and "error" not in result
-
-
-def test_mcp_is_error_and_unknown_tools_become_error_results(live, upstream, mcp_http):
-    chat, url = live(mcp_servers={"time": time_server(), "demo": {"url": mcp_http}})
-    upstream.script(tool_calls(("get_current_time", {"timezone": "Mars/Olympus"}), ("fail", {})),
-                    text("Sorry."))
-    _, events = api_chat(url, {"messages": [user("x")]})
-    results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
-    assert results["get_current_time"]["isError"] and "Mars/Olympus" in results["get_current_time"]["result"]
-    assert results["fail"]["isError"] and "Error executing tool fail" in results["fail"]["result"]
-    # An unknown tool: the Python SDK's low-level server answers with a JSON-RPC error, the
-    # MCPServer one with an isError result; both reach the model as an error result.
-    for server in ("time", "demo"):
-        chat.tools.add(nodechat.mcp_tool(chat.mcp.sessions[server], {"name": "nope"}, f"nope_{server}", False))
-    upstream.script(tool_calls(("nope_time", {}), ("nope_demo", {})), text("Sorry."))
-    _, events = api_chat(url, {"messages": [user("x")]})
-    results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
-    assert results["nope_time"]["isError"] and "MCPError" in results["nope_time"]["result"]
-    assert results["nope_demo"]["isError"] and "MCPToolError" in results["nope_demo"]["result"]
-    assert all("nope" in r["result"] for r in results.values())
-
-
-def test_mcp_streamable_http_server_with_custom_headers(live, upstream, mcp_http):
-    chat, url = live(mcp_servers={"demo": {"url": mcp_http, "headers": {"Authorization": "Bearer t"}}})
-    session = chat.mcp.sessions["demo"]
-    assert session.transport.session_id and session.protocol_version in nodechat.MCP_ACCEPTED_VERSIONS
-    upstream.script(tool_calls(("add", {"a": 40, "b": 2})), text("42"))
-    _, events = api_chat(url, {"messages": [user("40+2?")]})
-    result = next(e for e in events if e["type"] == "tool-result")["result"]
-    assert result["structuredContent"] == {"result": 42}
-    assert upstream.requests[1]["messages"][-1]["content"] == "42"
-
-
-def test_mcp_server_that_dies_is_restarted_on_next_use(live, upstream):
-    chat, url = live(mcp_servers={"time": time_server()})
-    first = chat.mcp.sessions["time"].transport.process
-    first.kill()
-    eventually(lambda: not chat.mcp.sessions["time"].transport.alive)
-    upstream.script(tool_calls(("get_current_time", {"timezone": "UTC"})), text("ok"))
-    _, events = api_chat(url, {"messages": [user("time?")]})
-    assert "isError" not in next(e for e in events if e["type"] == "tool-result")
-    assert first.returncode is not None  # reaped, not a zombie
-    assert chat.mcp.sessions["time"].transport.process.pid != first.pid
-
-
-def test_mcp_servers_that_fail_to_start_are_skipped(live, upstream, tmp_path):
-    silent = {"command": sys.executable, "args": ["-c", "import time; time.sleep(60)"], "startTimeout": 1}
-    chat, url = live(mcp_servers={"silent": silent, "missing": {"command": str(tmp_path / "no-such")},
-                                  "time": time_server()})
-    assert "get_current_time" in chat.tools  # the good server still came up
-    assert chat.mcp.sessions["silent"].transport is None
-    response, events = api_chat(url, {"messages": [user("hi")]})
-    assert response.status_code == 200 and events[-1]["type"] == "finish"
-
-
-def test_mcp_name_clashes_are_prefixed_with_the_server(make_chat):
-    chat = make_chat(mcp_servers={"time": time_server(), "clock": time_server()})
-    with serve(chat):
-        names = set(chat.tools.names())
-    assert {"get_current_time", "clock_get_current_time"} <= names or \
-        {"get_current_time", "time_get_current_time"} <= names
-
-
-def test_shutdown_stops_every_mcp_server(make_chat):
-    chat = make_chat(mcp_servers={"time": time_server()})
-    with serve(chat) as url:
-        httpx.get(url + "/healthz")
-        processes = [s.transport.process for s in chat.mcp.sessions.values()]
-        assert processes and all(p.returncode is None for p in processes)
-    assert all(p.returncode is not None for p in processes)
-
-
-def test_mcp_config_file_and_approval_keep_dangerous_tools_off(make_chat, upstream, tmp_path):
-    config = tmp_path / "mcp.json"
-    config.write_text(json.dumps({"mcpServers": {"time": time_server(
-        needsApproval=["convert_time"], exclude=[])}}))
-    chat = make_chat(mcp_config=str(config))
-    with serve(chat) as url:
-        api_chat(url, {"messages": [user("x")], "tools": ["convert_time", "get_current_time"]})
-    assert [t["function"]["name"] for t in upstream.requests[0]["tools"]] == ["get_current_time"]
-    operator = make_chat(mcp_config=str(config), tools="convert_time")
-    with serve(operator) as url:
-        api_chat(url, {"messages": [user("x")]})
-    assert [t["function"]["name"] for t in upstream.requests[1]["tools"]] == ["convert_time"]
-
-
-###############################################################################
-# Web search and fetch tools
-###############################################################################
-
-
-def test_web_search_is_offered_only_when_configured(make_chat, upstream):
-    seen = []
-
-    async def searxng(request):
-        seen.append(dict(request.query_params))
-        return JSONResponse({"results": [{"title": "Tea", "url": "https://tea.example", "content": "All about tea"},
-                                         {"title": "Cha", "url": "https://cha.example", "content": "More"}]})
-
-    async def brave(request):
-        seen.append(request.headers["x-subscription-token"])
-        return JSONResponse({"web": {"results": [{"title": "B", "url": "https://b.example", "description": "b"}]}})
-
-    search = Starlette(routes=[Route("/search", searxng), Route("/brave", brave)])
-    assert "webSearch" not in make_chat().tools
-    with serve(search) as search_url:
-        chat = make_chat(search_provider="searxng", search_url=search_url)
-        upstream.script(tool_calls(("webSearch", {"query": "green tea", "limit": 1})), text("ok"))
-        with serve(chat) as url:
-            _, events = api_chat(url, {"messages": [user("search")]})
-        assert next(e for e in events if e["type"] == "tool-result")["result"] == {
-            "results": [{"title": "Tea", "url": "https://tea.example", "snippet": "All about tea"}]}
-        assert seen[0] == {"q": "green tea", "format": "json"}
-        chat = make_chat(environ={"NODECHAT_SEARCH": "brave", "BRAVE_API_KEY": "bk"},
-                         search_url=search_url + "/brave")
-        upstream.script(tool_calls(("webSearch", {"query": "x"})), text("ok"))
-        with serve(chat) as url:
-            _, events = api_chat(url, {"messages": [user("search")]})
-        assert next(e for e in events if e["type"] == "tool-result")["result"]["results"][0]["title"] == "B"
-        assert seen[-1] == "bk"
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x", "http://127.0.0.1:8000/",
-                                 "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data",
-                                 "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://localhost/",
-                                 "http://0.0.0.0/", "http://[64:ff9b::a9fe:a9fe]/",
-                                 "http://[64:ff9b:1::808:808]/", "http://[2002:7f00:1::]/",
-                                 "http://[::127.0.0.1]/", "http://[::ffff:0:127.0.0.1]/",
-                                 "http://[fec0::1]/"])
-async def test_fetch_refuses_other_schemes_and_private_addresses(url):
-    with pytest.raises(ValueError):
-        await nodechat.check_public_url(url)
-
-
-@pytest.mark.anyio
-async def test_fetch_allows_a_public_address_literal():
-    await nodechat.check_public_url("https://93.184.216.34/page")  # checked only, not fetched
-
-
-TEA_PAGE = Starlette(routes=[
-    Route("/tea", lambda r: HTMLResponse("<html><head><title>Tea</title><style>p{}</style></head><body>"
-                                         "<script>alert(1)</script><h1>Green tea</h1><p>Brew at 80&deg;C.</p>"
-                                         "</body></html>")),
-    Route("/go", lambda r: RedirectResponse("/tea"))])
-
-
-def fetch_result(url: str, upstream, page: str):
-    upstream.script(tool_calls(("fetchUrl", {"url": page})), text("ok"))
-    _, events = api_chat(url, {"messages": [user("read it")]})
-    return next(e for e in events if e["type"] == "tool-result")
-
-
-def test_fetch_tool_refuses_the_servers_own_network(live, upstream):
-    _, url = live()
-    with serve(TEA_PAGE) as site_url:
-        refused = fetch_result(url, upstream, site_url + "/tea")
-    assert refused["isError"] and "not a public address" in refused["result"]
-
-
-def test_fetch_tool_reads_a_page_as_text_following_redirects(live, upstream):
-    _, url = live(allow_private_fetch=True)
-    with serve(TEA_PAGE) as site_url:
-        page = fetch_result(url, upstream, site_url + "/go")["result"]
-    assert page["title"] == "Tea" and page["url"] == site_url + "/tea"
-    assert page["text"] == "Green tea\nBrew at 80°C."
-
-
-def test_fetch_tool_can_be_turned_off(make_chat):
-    assert "fetchUrl" not in make_chat(fetch_tool=False).tools
-
-
-###############################################################################
-# Reliability and security: storage, limits, faults, aborts, shutdown
-###############################################################################
-
-STORE_WRITER = """
-import asyncio, sys
-sys.path.insert(0, {root!r})
-import nodechat
-
-async def main(worker, count):
-    store = nodechat.JSONFileStore({data!r})
-    await store.create_conversation("shared", "u")
-    for n in range(count):
-        await store.append_messages("shared", [{{"role": "user", "content": f"{{worker}}-{{n}}"}}])
-        await store.add_memory("u", f"fact {{worker}}-{{n}}")
-
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
-"""
-
-
-def writer_script(tmp_path: Path) -> Path:
-    script = tmp_path / "writer.py"
-    script.write_text(STORE_WRITER.format(root=str(Path(nodechat.__file__).parent), data=str(tmp_path / "data")))
-    return script
-
-
-def test_two_processes_writing_one_user_lose_nothing(tmp_path):
-    script = writer_script(tmp_path)
-    workers = [subprocess.Popen([sys.executable, str(script), name, "60"]) for name in ("a", "b")]
-    assert [w.wait(60) for w in workers] == [0, 0]
-    store = nodechat.JSONFileStore(tmp_path / "data")
-    messages = asyncio.run(store.load_messages("shared"))
-    memories = asyncio.run(store.list_memories("u"))
-    assert sorted(m["content"] for m in messages) == sorted(f"{w}-{n}" for w in "ab" for n in range(60))
-    assert len({m["id"] for m in memories}) == 120
-
-
-def test_kill_9_during_writes_leaves_every_file_whole(tmp_path):
-    script = writer_script(tmp_path)
-    worker = subprocess.Popen([sys.executable, str(script), "k", "100000"])
-    data = tmp_path / "data"
-    eventually(lambda: (data / "memories" / "u.json").exists()
-               and (data / "memories" / "u.json").stat().st_size >= 2000, 20)
-    worker.kill()
-    worker.wait(10)
-    for path in data.rglob("*.json"):
-        json.loads(path.read_text())  # old or new, never torn
-    lines = (data / "conversations" / "shared.jsonl").read_bytes().splitlines()
-    assert all(json.loads(line) for line in lines[:-1])
-    store = nodechat.JSONFileStore(data)
-    assert len(asyncio.run(store.load_messages("shared"))) >= len(lines) - 1
-    assert not list(data.rglob("*.corrupt-*"))
-
-
-def test_a_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog):
-    store = nodechat.JSONFileStore(tmp_path)
-    asyncio.run(store.create_conversation("c1", "u"))
-    asyncio.run(store.append_messages("c1", [{"role": "user", "content": "whole"}]))
-    path = tmp_path / "conversations" / "c1.jsonl"
-    with path.open("ab") as fh:
-        fh.write(b'{"role": "assistant", "cont')  # a crash mid-write
-    with caplog.at_level(logging.WARNING, logger="nodechat"):
-        assert [m["content"] for m in asyncio.run(store.load_messages("c1"))] == ["whole"]
-    assert "torn" in caplog.text
-    asyncio.run(store.append_messages("c1", [{"role": "user", "content": "after"}]))
-    assert [m["content"] for m in asyncio.run(store.load_messages("c1"))] == ["whole", "after"]
-
-
-def test_invalid_json_found_at_start_up_is_moved_aside(make_chat, tmp_path, caplog):
-    chat = make_chat()
-    memories = Path(chat.settings.data_dir) / "memories"
-    memories.mkdir(parents=True)
-    (memories / "alice.json").write_text('[{"id": "m1", "content": "half')
-    with caplog.at_level(logging.WARNING, logger="nodechat"), serve(chat) as url:
-        listed = httpx.get(url + "/api/memories", headers=AUTH).json()
-    assert listed == {"memories": []}
-    aside = list(memories.glob("alice.json.corrupt-*"))
-    assert len(aside) == 1 and aside[0].read_text().startswith('[{"id": "m1"')
-    assert "moved aside" in caplog.text
 
 
 @pytest.mark.parametrize("bad", ["%2e%2e", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "a%5Cb", "x%00y",
@@ -3944,11 +3953,6 @@ def test_sigterm_lets_a_running_turn_finish_and_saves_it(tmp_path, upstream):
         server.kill()
     stored = asyncio.run(nodechat.JSONFileStore(tmp_path).load_messages("term"))
     assert [(m["role"], m["content"]) for m in stored] == [("user", "x"), ("assistant", "slow but whole")]
-
-
-###############################################################################
-# Security: what a web page, a guesser or a hostile peer can get (issue 10)
-###############################################################################
 
 
 def test_open_server_answers_loopback_host_names_only(live, upstream):
@@ -4500,272 +4504,9 @@ def test_same_origin_means_the_same_scheme_too():
 
 
 ###############################################################################
-# App: mounting, instances, lifespan, CLI
-###############################################################################
-
-
-def test_mounted_under_a_prefix_every_route_answers(make_chat, upstream):
-    chat = make_chat()
-    host = Starlette(routes=[Route("/", lambda r: PlainTextResponse("host")),
-                             Mount("/ai", app=chat)])
-    with serve(host) as url:
-        assert httpx.get(url + "/").text == "host"
-        assert httpx.get(url + "/ai/healthz").status_code == 200
-        api = client(url + "/ai")
-        assert [m.id for m in api.models.list()] == ["fake-1", "fake-2"]
-        reply = api.chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
-        assert reply.choices[0].message.content == "ok"
-        assert httpx.get(url + "/ai/v1/nope").status_code == 404
-
-
-def test_host_lifespan_closes_the_upstream_pool(make_chat):
-    chat = make_chat()
-    host = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
-    with serve(host) as url:
-        client(url + "/ai").models.list()
-        client(url + "/ai").chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
-        http, stream_client = chat.clients._httpx, chat.clients._stream
-        assert not http.is_closed and stream_client._open == 1  # one idle keep-alive connection
-    assert chat.clients._httpx is None and http.is_closed and stream_client._open == 0
-
-
-def test_two_instances_share_nothing(tmp_path, upstream):
-    first = NodeChat(environ={}, data_dir=str(tmp_path / "a"), tokens={"a": "alice"},
-                     base_url=upstream.url, model="fake-1")
-    second = NodeChat(environ={}, data_dir=str(tmp_path / "b"), tokens={"b": "bob"})
-
-    @first.tool
-    def only_here(x: int) -> int:
-        """A tool of the first instance."""
-        return x
-
-    assert "only_here" in first.tools and "only_here" not in second.tools
-    with serve(first) as url_a, serve(second) as url_b:
-        assert client(url_a, token="a").models.list().data[0].id == "fake-1"
-        assert client(url_b, token="b").models.list().data[0].id == "echo"
-        with pytest.raises(openai.AuthenticationError):
-            client(url_b, token="a").models.list()
-    assert first.http() is not second.http()
-
-
-def test_cli_refuses_a_public_address_without_tokens(monkeypatch, capsys):
-    monkeypatch.delenv("NODECHAT_TOKENS", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        nodechat.main(["--host", "0.0.0.0", "--port", str(free_port())])
-    assert exit_.value.code == 2
-    assert "--allow-open" in capsys.readouterr().err
-
-
-def test_cli_help_reads_well(capsys):
-    with pytest.raises(SystemExit):
-        nodechat.main(["--help"])
-    out = capsys.readouterr().out
-    for flag in ("--host", "--port", "--config", "--data-dir", "--model"):
-        assert flag in out
-
-
-def test_offline_model_calls_a_tool_when_asked(tmp_path):
-    """Front ends can see a tool call with no key: '/tool NAME {json}'."""
-    chat = NodeChat(environ={}, data_dir=str(tmp_path))
-    with serve(chat) as url:
-        _, events = api_chat(url, {"messages": [user('/tool addMemory {"content": "likes green tea"}')]},
-                             token=None)
-        kinds = [e["type"] for e in events]
-        assert kinds[:2] == ["tool-call", "tool-result"] and kinds[-1] == "finish"
-        assert events[0]["args"] == {"content": "likes green tea"}
-        said = "".join(e["content"] for e in events if e["type"] == "text")
-        assert said.startswith("addMemory returned:") and "likes green tea" in said
-        assert httpx.get(url + "/api/memories").json()["memories"][0]["content"] == "likes green tea"
-        _, events = api_chat(url, {"messages": [user("/tool nope {}")]}, token=None)
-        assert "".join(e.get("content", "") for e in events if e["type"] == "text") == "/tool nope {}"
-
-
-def test_models_retrieve_and_unknown_model_lists_the_available(live, upstream, tmp_path):
-    _, url = live()
-    assert client(url).models.retrieve("fake-2").id == "fake-2"
-    with pytest.raises(openai.NotFoundError) as caught:
-        client(url).models.retrieve("gpt-9")
-    assert "available: fake-1, fake-2" in caught.value.message
-    pinned = NodeChat(environ={}, data_dir=str(tmp_path), base_url=upstream.url, model="fake-1",
-                      providers=[], **{"tokens": TOKENS})
-    with serve(pinned) as pinned_url:
-        assert client(pinned_url).models.retrieve("fake-1").owned_by == "openai"
-
-
-def test_non_streaming_completion_cancels_upstream_when_the_client_leaves(live, upstream):
-    _, url = live()
-    upstream.script(hang())
-    with pytest.raises(openai.APITimeoutError):
-        client(url, timeout=1).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
-    eventually(lambda: upstream.disconnects == 1, timeout=5)
-
-
-def test_regenerate_replaces_the_stored_answer(live, upstream):
-    """useChat's regenerate(): the messages up to the user's, trigger regenerate-message."""
-    _, url = live()
-    upstream.script(text("first answer"), text("second answer"))
-    api_chat(url, ui_request("hi", chat_id="regen"))
-    body = {**ui_request("hi", chat_id="regen"), "trigger": "regenerate-message", "messageId": "a1"}
-    _, events = api_chat(url, body)
-    assert "".join(e.get("delta", "") for e in events if isinstance(e, dict) and e["type"] == "text-delta") \
-        == "second answer"
-    stored = httpx.get(url + "/api/conversations/regen", headers=AUTH).json()["messages"]
-    assert [(m["role"], m["content"]) for m in stored] == [("user", "hi"), ("assistant", "second answer")]
-    assert [m["role"] for m in upstream.requests[-1]["messages"]] == ["system", "user"]
-
-
-@pytest.mark.anyio
-async def test_ws_resend_of_the_same_message_id_is_not_answered_twice(live, upstream):
-    _, url = live()
-    async with ws_connect(url) as ws:
-        message = {"type": "message", "role": "user", "content": "hi", "thread_id": "t-resend", "id": "m-1"}
-        await ws.send(message)
-        await ws.turn()
-        await ws.send(message)
-        again = await ws.turn()
-    assert any(m["type"] == "error" and "already answered" in m["message"] for m in again)
-    stored = httpx.get(url + "/api/conversations/t-resend", headers=AUTH).json()["messages"]
-    assert [m["role"] for m in stored] == ["user", "assistant"]
-
-
-def test_start_up_says_what_is_wrong(upstream, tmp_path, caplog):
-    """A model no provider serves, a base URL without /v1, and no model at all."""
-    def start(**settings):
-        chat = NodeChat(environ={}, data_dir=str(tmp_path), **settings)
-        with caplog.at_level(logging.INFO, logger="nodechat"), serve(chat) as url:
-            httpx.get(url + "/healthz")
-        return chat
-
-    start(model="gpt-4o-mini")
-    assert "model 'gpt-4o-mini' is served by no provider" in caplog.text
-    caplog.clear()
-    empty = FakeUpstream(models=())
-    with serve(empty) as empty_url:
-        start(base_url=empty_url, model="x")
-    assert f"{empty_url} lists no models" in caplog.text and f"try {empty_url}/v1" in caplog.text
-    caplog.clear()
-    start(base_url=upstream.url, model="fake-9")
-    assert "default model 'fake-9' is not among" in caplog.text
-    caplog.clear()
-    chat = start(base_url=upstream.url)  # OPENAI_BASE_URL and no model: the provider's first
-    assert chat.providers.default_model == "fake-1" and "default model: fake-1" in caplog.text
-    assert f"provider openai: {upstream.url}" in caplog.text
-
-
-def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "nodechat:create_app", "--factory", "--port", str(port)],
-        env={**os.environ, "NODECHAT_DATA_DIR": str(tmp_path), "PYTHONPATH": str(Path(nodechat.__file__).parent)},
-        stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    def up() -> bool:
-        assert process.poll() is None, "the server exited"
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-        return False
-
-    try:
-        eventually(up, timeout=20)
-        with contextlib.suppress(Exception):
-            asyncio.run(websockets.connect(f"ws://127.0.0.1:{port}/chat", origin="https://evil.example").__aenter__())
-    finally:
-        process.terminate()
-        err = process.communicate(timeout=10)[1]
-    assert "INFO:     nodechat: serving the built-in offline model 'echo'" in err
-    assert "WARNING:  nodechat: /chat refused (1008): cross-origin request" in err
-
-
-def test_offline_start_says_how_to_use_a_real_model(tmp_path):
-    """A newcomer's first `python nodechat.py` (no key, no config) is told how to leave echo."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NODECHAT_"))}
-    process = subprocess.Popen([sys.executable, Path(nodechat.__file__), "--port", str(port)],
-                               env={**env, "NODECHAT_DATA_DIR": str(tmp_path)}, stderr=subprocess.PIPE,
-                               text=True, cwd=tmp_path)
-    try:
-        eventually(lambda: process.poll() is not None or listening(port), 20)
-        assert process.poll() is None, "nodechat did not start"
-    finally:
-        process.terminate()
-        err = process.communicate(timeout=30)[1]
-    hint = next((line for line in err.splitlines() if "for a real model" in line), "")
-    assert "OPENAI_API_KEY" in hint and "OPENAI_BASE_URL" in hint and "--config" in hint, err
-
-
-def test_nodechat_logs_reach_a_host_that_configures_logging_later():
-    """The handler nodechat gives itself at start-up (under `uvicorn --factory` nobody
-    configures logging) leaves propagation alone: a host that sets up the root logger later
-    (Sentry, structlog) gets nodechat's records, and nothing prints twice."""
-    program = textwrap.dedent("""
-        import logging, nodechat
-        nodechat.configure_logging()
-        nodechat.log.warning("before the host")
-        records = []
-        class Host(logging.Handler):
-            def emit(self, record):
-                records.append(record.getMessage())
-        logging.getLogger().addHandler(Host())
-        nodechat.log.warning("seen by the host")
-        print(records)
-    """)
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(Path(nodechat.__file__).parent)})
-    assert done.stdout.strip() == "['seen by the host']", done.stderr
-    assert "nodechat: before the host" in done.stderr and "seen by the host" not in done.stderr
-
-
-def test_cli_version(capsys):
-    with pytest.raises(SystemExit):
-        nodechat.main(["--version"])
-    assert capsys.readouterr().out.strip() == f"nodechat {nodechat.__version__}"
-
-
-@pytest.mark.parametrize("options", [[], ["-X", "dev"]], ids=["plain", "with-options"])
-def test_python_nodechat_py_serves_from_the_file_it_was_given(tmp_path, options):
-    """A plain `python nodechat.py` replaces itself (same pid) with a process that imports
-    that very file by path, so the script's syntax tree is not kept for the server's life:
-    under another name too, never another nodechat on the path, and never a module from the
-    working directory.  With interpreter options it runs as a script."""
-    decoy, app, cwd = tmp_path / "decoy", tmp_path / "app", tmp_path / "cwd"
-    for folder in (decoy, app, cwd):
-        folder.mkdir()
-    (decoy / "nodechat.py").write_text("raise SystemExit('the wrong nodechat')\n")
-    (cwd / "json.py").write_text("raise SystemExit('json.py from the working directory')\n")
-    copy = app / "chat.py"  # a copy dropped into a project under its own name
-    copy.write_text(Path(nodechat.__file__).read_text().replace(
-        f'__version__ = "{nodechat.__version__}"', '__version__ = "copied"'))
-    env = {**os.environ, "PYTHONPATH": str(decoy), "NODECHAT_DATA_DIR": str(tmp_path / "data")}
-    version = subprocess.run([sys.executable, *options, str(copy), "--version"], env=env, cwd=cwd,
-                             capture_output=True, text=True, timeout=60)
-    assert version.stdout.strip() == "nodechat copied", version.stderr
-    port = free_port()
-    server = subprocess.Popen([sys.executable, *options, str(copy), "--port", str(port),
-                               "--log-level", "warning"], env=env, cwd=cwd)
-    try:
-        eventually(lambda: server.poll() is not None or listening(port), 20)
-        assert server.poll() is None, "nodechat did not start"
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-        command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
-        if options:
-            assert command[1:4] == [b"-X", b"dev", str(copy).encode()]
-        else:
-            # ps shows which file serves: the -c program starts with its path
-            assert command[1] == b"-c" and command[2].startswith(f"# {os.path.realpath(copy)!r}\n".encode())
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def test_cli_help_lists_the_environment(capsys):
-    with pytest.raises(SystemExit):
-        nodechat.main(["--help"])
-    out = capsys.readouterr().out
-    assert "OPENAI_BASE_URL" in out and "NODECHAT_<NAME>" in out and "NODECHAT_TOKENS" in out
-
-
-###############################################################################
 # Chat page: the built-in UI in real headless Chromium (Debian's package, Playwright)
 ###############################################################################
+
 
 try:
     import playwright.sync_api as playwright_sync
@@ -5198,6 +4939,270 @@ def test_page_screenshot(site, upstream, open_page, scheme, tmp_path):
     name = "screenshot.png" if scheme == "light" else "screenshot-dark.png"
     page.screenshot(path=str(folder / name), timeout=WAIT_MS)
     page.get_by_role("button", name="Stop").click(timeout=WAIT_MS)
+
+
+###############################################################################
+# App: mounting, instances, lifespan, CLI
+###############################################################################
+
+
+def test_mounted_under_a_prefix_every_route_answers(make_chat, upstream):
+    chat = make_chat()
+    host = Starlette(routes=[Route("/", lambda r: PlainTextResponse("host")),
+                             Mount("/ai", app=chat)])
+    with serve(host) as url:
+        assert httpx.get(url + "/").text == "host"
+        assert httpx.get(url + "/ai/healthz").status_code == 200
+        api = client(url + "/ai")
+        assert [m.id for m in api.models.list()] == ["fake-1", "fake-2"]
+        reply = api.chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+        assert reply.choices[0].message.content == "ok"
+        assert httpx.get(url + "/ai/v1/nope").status_code == 404
+
+
+def test_host_lifespan_closes_the_upstream_pool(make_chat):
+    chat = make_chat()
+    host = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
+    with serve(host) as url:
+        client(url + "/ai").models.list()
+        client(url + "/ai").chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+        http, stream_client = chat.clients._httpx, chat.clients._stream
+        assert not http.is_closed and stream_client._open == 1  # one idle keep-alive connection
+    assert chat.clients._httpx is None and http.is_closed and stream_client._open == 0
+
+
+def test_two_instances_share_nothing(tmp_path, upstream):
+    first = NodeChat(environ={}, data_dir=str(tmp_path / "a"), tokens={"a": "alice"},
+                     base_url=upstream.url, model="fake-1")
+    second = NodeChat(environ={}, data_dir=str(tmp_path / "b"), tokens={"b": "bob"})
+
+    @first.tool
+    def only_here(x: int) -> int:
+        """A tool of the first instance."""
+        return x
+
+    assert "only_here" in first.tools and "only_here" not in second.tools
+    with serve(first) as url_a, serve(second) as url_b:
+        assert client(url_a, token="a").models.list().data[0].id == "fake-1"
+        assert client(url_b, token="b").models.list().data[0].id == "echo"
+        with pytest.raises(openai.AuthenticationError):
+            client(url_b, token="a").models.list()
+    assert first.http() is not second.http()
+
+
+def test_cli_refuses_a_public_address_without_tokens(monkeypatch, capsys):
+    monkeypatch.delenv("NODECHAT_TOKENS", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        nodechat.main(["--host", "0.0.0.0", "--port", str(free_port())])
+    assert exit_.value.code == 2
+    assert "--allow-open" in capsys.readouterr().err
+
+
+def test_cli_help_reads_well(capsys):
+    with pytest.raises(SystemExit):
+        nodechat.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--host", "--port", "--config", "--data-dir", "--model"):
+        assert flag in out
+
+
+def test_offline_model_calls_a_tool_when_asked(tmp_path):
+    """Front ends can see a tool call with no key: '/tool NAME {json}'."""
+    chat = NodeChat(environ={}, data_dir=str(tmp_path))
+    with serve(chat) as url:
+        _, events = api_chat(url, {"messages": [user('/tool addMemory {"content": "likes green tea"}')]},
+                             token=None)
+        kinds = [e["type"] for e in events]
+        assert kinds[:2] == ["tool-call", "tool-result"] and kinds[-1] == "finish"
+        assert events[0]["args"] == {"content": "likes green tea"}
+        said = "".join(e["content"] for e in events if e["type"] == "text")
+        assert said.startswith("addMemory returned:") and "likes green tea" in said
+        assert httpx.get(url + "/api/memories").json()["memories"][0]["content"] == "likes green tea"
+        _, events = api_chat(url, {"messages": [user("/tool nope {}")]}, token=None)
+        assert "".join(e.get("content", "") for e in events if e["type"] == "text") == "/tool nope {}"
+
+
+def test_models_retrieve_and_unknown_model_lists_the_available(live, upstream, tmp_path):
+    _, url = live()
+    assert client(url).models.retrieve("fake-2").id == "fake-2"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(url).models.retrieve("gpt-9")
+    assert "available: fake-1, fake-2" in caught.value.message
+    pinned = NodeChat(environ={}, data_dir=str(tmp_path), base_url=upstream.url, model="fake-1",
+                      providers=[], **{"tokens": TOKENS})
+    with serve(pinned) as pinned_url:
+        assert client(pinned_url).models.retrieve("fake-1").owned_by == "openai"
+
+
+def test_non_streaming_completion_cancels_upstream_when_the_client_leaves(live, upstream):
+    _, url = live()
+    upstream.script(hang())
+    with pytest.raises(openai.APITimeoutError):
+        client(url, timeout=1).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+    eventually(lambda: upstream.disconnects == 1, timeout=5)
+
+
+def test_regenerate_replaces_the_stored_answer(live, upstream):
+    """useChat's regenerate(): the messages up to the user's, trigger regenerate-message."""
+    _, url = live()
+    upstream.script(text("first answer"), text("second answer"))
+    api_chat(url, ui_request("hi", chat_id="regen"))
+    body = {**ui_request("hi", chat_id="regen"), "trigger": "regenerate-message", "messageId": "a1"}
+    _, events = api_chat(url, body)
+    assert "".join(e.get("delta", "") for e in events if isinstance(e, dict) and e["type"] == "text-delta") \
+        == "second answer"
+    stored = httpx.get(url + "/api/conversations/regen", headers=AUTH).json()["messages"]
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "hi"), ("assistant", "second answer")]
+    assert [m["role"] for m in upstream.requests[-1]["messages"]] == ["system", "user"]
+
+
+@pytest.mark.anyio
+async def test_ws_resend_of_the_same_message_id_is_not_answered_twice(live, upstream):
+    _, url = live()
+    async with ws_connect(url) as ws:
+        message = {"type": "message", "role": "user", "content": "hi", "thread_id": "t-resend", "id": "m-1"}
+        await ws.send(message)
+        await ws.turn()
+        await ws.send(message)
+        again = await ws.turn()
+    assert any(m["type"] == "error" and "already answered" in m["message"] for m in again)
+    stored = httpx.get(url + "/api/conversations/t-resend", headers=AUTH).json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+
+
+def test_start_up_says_what_is_wrong(upstream, tmp_path, caplog):
+    """A model no provider serves, a base URL without /v1, and no model at all."""
+    def start(**settings):
+        chat = NodeChat(environ={}, data_dir=str(tmp_path), **settings)
+        with caplog.at_level(logging.INFO, logger="nodechat"), serve(chat) as url:
+            httpx.get(url + "/healthz")
+        return chat
+
+    start(model="gpt-4o-mini")
+    assert "model 'gpt-4o-mini' is served by no provider" in caplog.text
+    caplog.clear()
+    empty = FakeUpstream(models=())
+    with serve(empty) as empty_url:
+        start(base_url=empty_url, model="x")
+    assert f"{empty_url} lists no models" in caplog.text and f"try {empty_url}/v1" in caplog.text
+    caplog.clear()
+    start(base_url=upstream.url, model="fake-9")
+    assert "default model 'fake-9' is not among" in caplog.text
+    caplog.clear()
+    chat = start(base_url=upstream.url)  # OPENAI_BASE_URL and no model: the provider's first
+    assert chat.providers.default_model == "fake-1" and "default model: fake-1" in caplog.text
+    assert f"provider openai: {upstream.url}" in caplog.text
+
+
+def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "nodechat:create_app", "--factory", "--port", str(port)],
+        env={**os.environ, "NODECHAT_DATA_DIR": str(tmp_path), "PYTHONPATH": str(Path(nodechat.__file__).parent)},
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    def up() -> bool:
+        assert process.poll() is None, "the server exited"
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        return False
+
+    try:
+        eventually(up, timeout=20)
+        with contextlib.suppress(Exception):
+            asyncio.run(websockets.connect(f"ws://127.0.0.1:{port}/chat", origin="https://evil.example").__aenter__())
+    finally:
+        process.terminate()
+        err = process.communicate(timeout=10)[1]
+    assert "INFO:     nodechat: serving the built-in offline model 'echo'" in err
+    assert "WARNING:  nodechat: /chat refused (1008): cross-origin request" in err
+
+
+def test_offline_start_says_how_to_use_a_real_model(tmp_path):
+    """A newcomer's first `python nodechat.py` (no key, no config) is told how to leave echo."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NODECHAT_"))}
+    process = subprocess.Popen([sys.executable, Path(nodechat.__file__), "--port", str(port)],
+                               env={**env, "NODECHAT_DATA_DIR": str(tmp_path)}, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    try:
+        eventually(lambda: process.poll() is not None or listening(port), 20)
+        assert process.poll() is None, "nodechat did not start"
+    finally:
+        process.terminate()
+        err = process.communicate(timeout=30)[1]
+    hint = next((line for line in err.splitlines() if "for a real model" in line), "")
+    assert "OPENAI_API_KEY" in hint and "OPENAI_BASE_URL" in hint and "--config" in hint, err
+
+
+def test_nodechat_logs_reach_a_host_that_configures_logging_later():
+    """The handler nodechat gives itself at start-up (under `uvicorn --factory` nobody
+    configures logging) leaves propagation alone: a host that sets up the root logger later
+    (Sentry, structlog) gets nodechat's records, and nothing prints twice."""
+    program = textwrap.dedent("""
+        import logging, nodechat
+        nodechat.configure_logging()
+        nodechat.log.warning("before the host")
+        records = []
+        class Host(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger().addHandler(Host())
+        nodechat.log.warning("seen by the host")
+        print(records)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(nodechat.__file__).parent)})
+    assert done.stdout.strip() == "['seen by the host']", done.stderr
+    assert "nodechat: before the host" in done.stderr and "seen by the host" not in done.stderr
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit):
+        nodechat.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"nodechat {nodechat.__version__}"
+
+
+@pytest.mark.parametrize("options", [[], ["-X", "dev"]], ids=["plain", "with-options"])
+def test_python_nodechat_py_serves_from_the_file_it_was_given(tmp_path, options):
+    """A plain `python nodechat.py` replaces itself (same pid) with a process that imports
+    that very file by path, so the script's syntax tree is not kept for the server's life:
+    under another name too, never another nodechat on the path, and never a module from the
+    working directory.  With interpreter options it runs as a script."""
+    decoy, app, cwd = tmp_path / "decoy", tmp_path / "app", tmp_path / "cwd"
+    for folder in (decoy, app, cwd):
+        folder.mkdir()
+    (decoy / "nodechat.py").write_text("raise SystemExit('the wrong nodechat')\n")
+    (cwd / "json.py").write_text("raise SystemExit('json.py from the working directory')\n")
+    copy = app / "chat.py"  # a copy dropped into a project under its own name
+    copy.write_text(Path(nodechat.__file__).read_text().replace(
+        f'__version__ = "{nodechat.__version__}"', '__version__ = "copied"'))
+    env = {**os.environ, "PYTHONPATH": str(decoy), "NODECHAT_DATA_DIR": str(tmp_path / "data")}
+    version = subprocess.run([sys.executable, *options, str(copy), "--version"], env=env, cwd=cwd,
+                             capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip() == "nodechat copied", version.stderr
+    port = free_port()
+    server = subprocess.Popen([sys.executable, *options, str(copy), "--port", str(port),
+                               "--log-level", "warning"], env=env, cwd=cwd)
+    try:
+        eventually(lambda: server.poll() is not None or listening(port), 20)
+        assert server.poll() is None, "nodechat did not start"
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+        if options:
+            assert command[1:4] == [b"-X", b"dev", str(copy).encode()]
+        else:
+            # ps shows which file serves: the -c program starts with its path
+            assert command[1] == b"-c" and command[2].startswith(f"# {os.path.realpath(copy)!r}\n".encode())
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_cli_help_lists_the_environment(capsys):
+    with pytest.raises(SystemExit):
+        nodechat.main(["--help"])
+    out = capsys.readouterr().out
+    assert "OPENAI_BASE_URL" in out and "NODECHAT_<NAME>" in out and "NODECHAT_TOKENS" in out
 
 
 ###############################################################################

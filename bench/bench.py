@@ -770,7 +770,10 @@ class PostgresCluster:
 
 
 def pg_server_user() -> pwd.struct_passwd | None:
-    """PostgreSQL refuses to run as root: as root, take (or make) a system user."""
+    """PostgreSQL refuses to run as root: as root, take (or make) a system user.
+
+    The tests' ``server_user`` does the same; the bench keeps its own copy because it runs
+    without the test extras (importing test_nodechat would need pytest and the clients)."""
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "nodechat-pg"):
