@@ -30,6 +30,18 @@ Sections, each using only those above it: Settings, Errors, Events, Wire, Store 
 PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Agent, Workflows, HTTP server, one
 section per protocol (OpenAI ``/v1``, ``/api/chat``, the ``/chat`` WebSocket), Chat page, App,
 CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
+
+Follow a request from the bottom up:
+
+1. App: ``NodeChat.__call__`` matches the route (``Router``) and asks the ``Gate`` (HTTP
+   server) who is calling, on the headers alone; then it reads the body.
+2. The protocol's section: its handler decodes the body into a ``Turn`` and picks its encoder;
+   errors take the protocol's own shape.  ``/chat`` starts at ``chat_websocket``.
+3. ``run_turn`` (Workflows): the ``TurnGate`` admits the turn, then ``Agent.run`` (or a
+   workflow) yields events: the provider's stream (Providers) through nodechat's HTTP/1.1
+   client (Upstream HTTP client) over the sans-IO readers in Wire, and the tools' results.
+4. Back in the protocol's section, its encoder turns each event into bytes, written by
+   ``stream_sse`` (HTTP server) or ``ChatSession.send``.
 """
 
 from __future__ import annotations
@@ -81,6 +93,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import hashlib
 import hmac
 import inspect
@@ -2303,6 +2316,14 @@ class ToolRegistry:
     def schemas(self, names: Iterable[str] | None = None) -> list[dict]:
         return [t.schema() for t in self.select(names)]
 
+    def offered(self, allowed: Iterable[str] | None, names: Any) -> list[Tool]:
+        """The tools a request may use: the operator's ``allowed`` (the ``tools`` setting,
+        else every tool that needs no approval), narrowed by the request's own list of names."""
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise BadRequest("tools must be a list of tool names", code="invalid_tools")
+        tools = self.select(allowed)
+        return tools if names is None else [t for t in tools if t.name in names]
+
 
 def memory_tools() -> list[Tool]:
     """The built-in memory tools, named as the seed's application names them."""
@@ -4455,6 +4476,22 @@ def workflow_tool(workflow: Workflow, registry: WorkflowRegistry, agent: Agent,
                 run, context_param="context")
 
 
+async def run_turn(chat: NodeChat, turn: Turn, workflow_id: str | None = None) -> AsyncIterator[Event]:
+    """What every protocol runs for a turn: the agent, or the workflow a ``/chat`` message
+    names, once the app's :class:`TurnGate` admits it.
+
+    The gate is checked on the first event, so an SSE response still gets a proper error."""
+    chat.turn_gate.enter(turn)
+    events = chat.workflows.run_job(workflow_id, turn, chat.agent, chat.tools) if workflow_id is not None \
+        else chat.agent.run(turn)
+    try:
+        async for event in events:
+            yield event
+    finally:
+        chat.turn_gate.leave(turn)
+        await events.aclose()
+
+
 ###############################################################################
 # HTTP server: requests, responses, streaming, routing, and who may call
 ###############################################################################
@@ -5177,14 +5214,14 @@ async def retrieve_model(chat: NodeChat, request: Request) -> JSONResponse:
 
 async def chat_completions(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
     body = request.json()
-    server_tools = chat.tools_for(None) if chat.settings.openai_server_tools else []
+    server_tools = chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
     turn = openai_turn(body, request.user_id, chat.settings, server_tools)
     turn.model = turn.model or chat.providers.default_model
     chat.providers.resolve(turn.model)  # an unknown model is a 404 before anything streams
     encoder = OpenAIEncoder(turn.model, bool((turn.params.get("stream_options") or {}).get("include_usage")))
     if body.get("stream", False):
-        return SSEResponse(chat.run_turn(turn), encoder, keepalive=chat.settings.keepalive_seconds)
-    return WaitedResponse(lambda: encoder.completion(chat.run_turn(turn)))
+        return SSEResponse(run_turn(chat, turn), encoder, keepalive=chat.settings.keepalive_seconds)
+    return WaitedResponse(lambda: encoder.completion(run_turn(chat, turn)))
 
 
 OPENAI_ROUTES = Routes("/v1/", openai_errors, (
@@ -5513,7 +5550,7 @@ async def api_chat(chat: NodeChat, request: Request) -> SSEResponse:
     body = request.json()
     ui_stream = wants_ui_stream(request.query, request.headers, body)
     user = acting_user(chat, request, body) if isinstance(body, dict) else request.user_id
-    tools = chat.tools_for(body.get("tools") if isinstance(body, dict) else None)
+    tools = chat.tools.offered(chat.settings.tools, body.get("tools") if isinstance(body, dict) else None)
     turn = api_chat_turn(body, user, chat.settings, tools, ui_stream)
     chat.providers.resolve(turn.model)
     cid = turn.conversation_id
@@ -5523,7 +5560,7 @@ async def api_chat(chat: NodeChat, request: Request) -> SSEResponse:
         headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
     else:
         encoder = ChatSSEEncoder(cid)
-    return SSEResponse(chat.run_turn(turn), encoder, headers, chat.settings.keepalive_seconds)
+    return SSEResponse(run_turn(chat, turn), encoder, headers, chat.settings.keepalive_seconds)
 
 
 def acting_user(chat: NodeChat, request: Request, body: dict) -> str:
@@ -5722,8 +5759,8 @@ class ChatSession:
                  run_turn: Callable[..., AsyncIterator[Event]], offered: Callable[[Any], list[Tool]]):
         self.user_id = user_id
         self.settings = settings
-        self.run_turn = run_turn  # NodeChat.run_turn: the agent (or a workflow), capped per user
-        self.offered = offered  # NodeChat.tools_for: the server's tools a message may use
+        self.run_turn = run_turn  # run_turn(app, ...): the agent (or a workflow), past the TurnGate
+        self.offered = offered  # ToolRegistry.offered: the server's tools a message may use
         self._send = send
         self._guard = SendGuard()
         self.queue: asyncio.Queue = asyncio.Queue(self.settings.ws_queue_size)
@@ -5932,7 +5969,8 @@ async def chat_websocket(chat: NodeChat, scope: Scope, receive: Receive, send: S
         await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
         return
     await chat.ensure_started()
-    session = ChatSession(user, send, chat.settings, chat.run_turn, chat.tools_for)
+    session = ChatSession(user, send, chat.settings, functools.partial(run_turn, chat),
+                          lambda names: chat.tools.offered(chat.settings.tools, names))
     chat.sessions.add(session)
     try:
         await session.run(receive)
@@ -6839,30 +6877,6 @@ class NodeChat:
                 await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-    # -- turns ---------------------------------------------------------------------------------
-
-    async def run_turn(self, turn: Turn, workflow_id: str | None = None) -> AsyncIterator[Event]:
-        """``agent.run(turn)`` (or the workflow's job) once the :class:`TurnGate` admits it.
-
-        The gate is checked on the first event, so an SSE response still gets a proper error."""
-        self.turn_gate.enter(turn)
-        events = self.workflows.run_job(workflow_id, turn, self.agent, self.tools) if workflow_id is not None \
-            else self.agent.run(turn)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            self.turn_gate.leave(turn)
-            await events.aclose()
-
-    def tools_for(self, names: Any) -> list[Tool]:
-        """The tools a request may use: the operator's (``tools`` setting, else every tool
-        that needs no approval), narrowed by the request's own list of names."""
-        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise BadRequest("tools must be a list of tool names", code="invalid_tools")
-        allowed = self.tools.select(self.settings.tools)
-        return allowed if names is None else [t for t in allowed if t.name in names]
 
 
 class ScrubSecrets(logging.Filter):

@@ -15,7 +15,7 @@ Module section -> where its tests are:
                                           /chat (workflows, client tools)
     HTTP server (Gate, limits)            "Limits, faults and security", and each protocol's errors
     Protocol: /v1, /api/chat, /chat      "Encoders" (exact bytes), then one section per protocol
-    Chat page, App, CLI                   their own sections
+    App, CLI, Chat page                   their own sections (the page's last: see there)
 """
 
 from __future__ import annotations
@@ -4504,8 +4504,274 @@ def test_same_origin_means_the_same_scheme_too():
 
 
 ###############################################################################
+# App: mounting, instances, lifespan, CLI
+###############################################################################
+
+
+def test_mounted_under_a_prefix_every_route_answers(make_chat, upstream):
+    chat = make_chat()
+    host = Starlette(routes=[Route("/", lambda r: PlainTextResponse("host")),
+                             Mount("/ai", app=chat)])
+    with serve(host) as url:
+        assert httpx.get(url + "/").text == "host"
+        assert httpx.get(url + "/ai/healthz").status_code == 200
+        api = client(url + "/ai")
+        assert [m.id for m in api.models.list()] == ["fake-1", "fake-2"]
+        reply = api.chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+        assert reply.choices[0].message.content == "ok"
+        assert httpx.get(url + "/ai/v1/nope").status_code == 404
+
+
+def test_host_lifespan_closes_the_upstream_pool(make_chat):
+    chat = make_chat()
+    host = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
+    with serve(host) as url:
+        client(url + "/ai").models.list()
+        client(url + "/ai").chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+        http, stream_client = chat.clients._httpx, chat.clients._stream
+        assert not http.is_closed and stream_client._open == 1  # one idle keep-alive connection
+    assert chat.clients._httpx is None and http.is_closed and stream_client._open == 0
+
+
+def test_two_instances_share_nothing(tmp_path, upstream):
+    first = NodeChat(environ={}, data_dir=str(tmp_path / "a"), tokens={"a": "alice"},
+                     base_url=upstream.url, model="fake-1")
+    second = NodeChat(environ={}, data_dir=str(tmp_path / "b"), tokens={"b": "bob"})
+
+    @first.tool
+    def only_here(x: int) -> int:
+        """A tool of the first instance."""
+        return x
+
+    assert "only_here" in first.tools and "only_here" not in second.tools
+    with serve(first) as url_a, serve(second) as url_b:
+        assert client(url_a, token="a").models.list().data[0].id == "fake-1"
+        assert client(url_b, token="b").models.list().data[0].id == "echo"
+        with pytest.raises(openai.AuthenticationError):
+            client(url_b, token="a").models.list()
+    assert first.http() is not second.http()
+
+
+def test_cli_refuses_a_public_address_without_tokens(monkeypatch, capsys):
+    monkeypatch.delenv("NODECHAT_TOKENS", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        nodechat.main(["--host", "0.0.0.0", "--port", str(free_port())])
+    assert exit_.value.code == 2
+    assert "--allow-open" in capsys.readouterr().err
+
+
+def test_cli_help_reads_well(capsys):
+    with pytest.raises(SystemExit):
+        nodechat.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--host", "--port", "--config", "--data-dir", "--model"):
+        assert flag in out
+
+
+def test_offline_model_calls_a_tool_when_asked(tmp_path):
+    """Front ends can see a tool call with no key: '/tool NAME {json}'."""
+    chat = NodeChat(environ={}, data_dir=str(tmp_path))
+    with serve(chat) as url:
+        _, events = api_chat(url, {"messages": [user('/tool addMemory {"content": "likes green tea"}')]},
+                             token=None)
+        kinds = [e["type"] for e in events]
+        assert kinds[:2] == ["tool-call", "tool-result"] and kinds[-1] == "finish"
+        assert events[0]["args"] == {"content": "likes green tea"}
+        said = "".join(e["content"] for e in events if e["type"] == "text")
+        assert said.startswith("addMemory returned:") and "likes green tea" in said
+        assert httpx.get(url + "/api/memories").json()["memories"][0]["content"] == "likes green tea"
+        _, events = api_chat(url, {"messages": [user("/tool nope {}")]}, token=None)
+        assert "".join(e.get("content", "") for e in events if e["type"] == "text") == "/tool nope {}"
+
+
+def test_models_retrieve_and_unknown_model_lists_the_available(live, upstream, tmp_path):
+    _, url = live()
+    assert client(url).models.retrieve("fake-2").id == "fake-2"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(url).models.retrieve("gpt-9")
+    assert "available: fake-1, fake-2" in caught.value.message
+    pinned = NodeChat(environ={}, data_dir=str(tmp_path), base_url=upstream.url, model="fake-1",
+                      providers=[], **{"tokens": TOKENS})
+    with serve(pinned) as pinned_url:
+        assert client(pinned_url).models.retrieve("fake-1").owned_by == "openai"
+
+
+def test_non_streaming_completion_cancels_upstream_when_the_client_leaves(live, upstream):
+    _, url = live()
+    upstream.script(hang())
+    with pytest.raises(openai.APITimeoutError):
+        client(url, timeout=1).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
+    eventually(lambda: upstream.disconnects == 1, timeout=5)
+
+
+def test_regenerate_replaces_the_stored_answer(live, upstream):
+    """useChat's regenerate(): the messages up to the user's, trigger regenerate-message."""
+    _, url = live()
+    upstream.script(text("first answer"), text("second answer"))
+    api_chat(url, ui_request("hi", chat_id="regen"))
+    body = {**ui_request("hi", chat_id="regen"), "trigger": "regenerate-message", "messageId": "a1"}
+    _, events = api_chat(url, body)
+    assert "".join(e.get("delta", "") for e in events if isinstance(e, dict) and e["type"] == "text-delta") \
+        == "second answer"
+    stored = httpx.get(url + "/api/conversations/regen", headers=AUTH).json()["messages"]
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "hi"), ("assistant", "second answer")]
+    assert [m["role"] for m in upstream.requests[-1]["messages"]] == ["system", "user"]
+
+
+@pytest.mark.anyio
+async def test_ws_resend_of_the_same_message_id_is_not_answered_twice(live, upstream):
+    _, url = live()
+    async with ws_connect(url) as ws:
+        message = {"type": "message", "role": "user", "content": "hi", "thread_id": "t-resend", "id": "m-1"}
+        await ws.send(message)
+        await ws.turn()
+        await ws.send(message)
+        again = await ws.turn()
+    assert any(m["type"] == "error" and "already answered" in m["message"] for m in again)
+    stored = httpx.get(url + "/api/conversations/t-resend", headers=AUTH).json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+
+
+def test_start_up_says_what_is_wrong(upstream, tmp_path, caplog):
+    """A model no provider serves, a base URL without /v1, and no model at all."""
+    def start(**settings):
+        chat = NodeChat(environ={}, data_dir=str(tmp_path), **settings)
+        with caplog.at_level(logging.INFO, logger="nodechat"), serve(chat) as url:
+            httpx.get(url + "/healthz")
+        return chat
+
+    start(model="gpt-4o-mini")
+    assert "model 'gpt-4o-mini' is served by no provider" in caplog.text
+    caplog.clear()
+    empty = FakeUpstream(models=())
+    with serve(empty) as empty_url:
+        start(base_url=empty_url, model="x")
+    assert f"{empty_url} lists no models" in caplog.text and f"try {empty_url}/v1" in caplog.text
+    caplog.clear()
+    start(base_url=upstream.url, model="fake-9")
+    assert "default model 'fake-9' is not among" in caplog.text
+    caplog.clear()
+    chat = start(base_url=upstream.url)  # OPENAI_BASE_URL and no model: the provider's first
+    assert chat.providers.default_model == "fake-1" and "default model: fake-1" in caplog.text
+    assert f"provider openai: {upstream.url}" in caplog.text
+
+
+def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "nodechat:create_app", "--factory", "--port", str(port)],
+        env={**os.environ, "NODECHAT_DATA_DIR": str(tmp_path), "PYTHONPATH": str(Path(nodechat.__file__).parent)},
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    def up() -> bool:
+        assert process.poll() is None, "the server exited"
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        return False
+
+    try:
+        eventually(up, timeout=20)
+        with contextlib.suppress(Exception):
+            asyncio.run(websockets.connect(f"ws://127.0.0.1:{port}/chat", origin="https://evil.example").__aenter__())
+    finally:
+        process.terminate()
+        err = process.communicate(timeout=10)[1]
+    assert "INFO:     nodechat: serving the built-in offline model 'echo'" in err
+    assert "WARNING:  nodechat: /chat refused (1008): cross-origin request" in err
+
+
+def test_offline_start_says_how_to_use_a_real_model(tmp_path):
+    """A newcomer's first `python nodechat.py` (no key, no config) is told how to leave echo."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NODECHAT_"))}
+    process = subprocess.Popen([sys.executable, Path(nodechat.__file__), "--port", str(port)],
+                               env={**env, "NODECHAT_DATA_DIR": str(tmp_path)}, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    try:
+        eventually(lambda: process.poll() is not None or listening(port), 20)
+        assert process.poll() is None, "nodechat did not start"
+    finally:
+        process.terminate()
+        err = process.communicate(timeout=30)[1]
+    hint = next((line for line in err.splitlines() if "for a real model" in line), "")
+    assert "OPENAI_API_KEY" in hint and "OPENAI_BASE_URL" in hint and "--config" in hint, err
+
+
+def test_nodechat_logs_reach_a_host_that_configures_logging_later():
+    """The handler nodechat gives itself at start-up (under `uvicorn --factory` nobody
+    configures logging) leaves propagation alone: a host that sets up the root logger later
+    (Sentry, structlog) gets nodechat's records, and nothing prints twice."""
+    program = textwrap.dedent("""
+        import logging, nodechat
+        nodechat.configure_logging()
+        nodechat.log.warning("before the host")
+        records = []
+        class Host(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger().addHandler(Host())
+        nodechat.log.warning("seen by the host")
+        print(records)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(nodechat.__file__).parent)})
+    assert done.stdout.strip() == "['seen by the host']", done.stderr
+    assert "nodechat: before the host" in done.stderr and "seen by the host" not in done.stderr
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit):
+        nodechat.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"nodechat {nodechat.__version__}"
+
+
+@pytest.mark.parametrize("options", [[], ["-X", "dev"]], ids=["plain", "with-options"])
+def test_python_nodechat_py_serves_from_the_file_it_was_given(tmp_path, options):
+    """A plain `python nodechat.py` replaces itself (same pid) with a process that imports
+    that very file by path, so the script's syntax tree is not kept for the server's life:
+    under another name too, never another nodechat on the path, and never a module from the
+    working directory.  With interpreter options it runs as a script."""
+    decoy, app, cwd = tmp_path / "decoy", tmp_path / "app", tmp_path / "cwd"
+    for folder in (decoy, app, cwd):
+        folder.mkdir()
+    (decoy / "nodechat.py").write_text("raise SystemExit('the wrong nodechat')\n")
+    (cwd / "json.py").write_text("raise SystemExit('json.py from the working directory')\n")
+    copy = app / "chat.py"  # a copy dropped into a project under its own name
+    copy.write_text(Path(nodechat.__file__).read_text().replace(
+        f'__version__ = "{nodechat.__version__}"', '__version__ = "copied"'))
+    env = {**os.environ, "PYTHONPATH": str(decoy), "NODECHAT_DATA_DIR": str(tmp_path / "data")}
+    version = subprocess.run([sys.executable, *options, str(copy), "--version"], env=env, cwd=cwd,
+                             capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip() == "nodechat copied", version.stderr
+    port = free_port()
+    server = subprocess.Popen([sys.executable, *options, str(copy), "--port", str(port),
+                               "--log-level", "warning"], env=env, cwd=cwd)
+    try:
+        eventually(lambda: server.poll() is not None or listening(port), 20)
+        assert server.poll() is None, "nodechat did not start"
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+        if options:
+            assert command[1:4] == [b"-X", b"dev", str(copy).encode()]
+        else:
+            # ps shows which file serves: the -c program starts with its path
+            assert command[1] == b"-c" and command[2].startswith(f"# {os.path.realpath(copy)!r}\n".encode())
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_cli_help_lists_the_environment(capsys):
+    with pytest.raises(SystemExit):
+        nodechat.main(["--help"])
+    out = capsys.readouterr().out
+    assert "OPENAI_BASE_URL" in out and "NODECHAT_<NAME>" in out and "NODECHAT_TOKENS" in out
+
+
+###############################################################################
 # Chat page: the built-in UI in real headless Chromium (Debian's package, Playwright)
 ###############################################################################
+# After App, unlike the module: while the session's browser is open, Playwright's sync API holds an
+# event loop in the main thread, and no anyio test can run after it.
 
 
 try:
@@ -4939,270 +5205,6 @@ def test_page_screenshot(site, upstream, open_page, scheme, tmp_path):
     name = "screenshot.png" if scheme == "light" else "screenshot-dark.png"
     page.screenshot(path=str(folder / name), timeout=WAIT_MS)
     page.get_by_role("button", name="Stop").click(timeout=WAIT_MS)
-
-
-###############################################################################
-# App: mounting, instances, lifespan, CLI
-###############################################################################
-
-
-def test_mounted_under_a_prefix_every_route_answers(make_chat, upstream):
-    chat = make_chat()
-    host = Starlette(routes=[Route("/", lambda r: PlainTextResponse("host")),
-                             Mount("/ai", app=chat)])
-    with serve(host) as url:
-        assert httpx.get(url + "/").text == "host"
-        assert httpx.get(url + "/ai/healthz").status_code == 200
-        api = client(url + "/ai")
-        assert [m.id for m in api.models.list()] == ["fake-1", "fake-2"]
-        reply = api.chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
-        assert reply.choices[0].message.content == "ok"
-        assert httpx.get(url + "/ai/v1/nope").status_code == 404
-
-
-def test_host_lifespan_closes_the_upstream_pool(make_chat):
-    chat = make_chat()
-    host = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
-    with serve(host) as url:
-        client(url + "/ai").models.list()
-        client(url + "/ai").chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
-        http, stream_client = chat.clients._httpx, chat.clients._stream
-        assert not http.is_closed and stream_client._open == 1  # one idle keep-alive connection
-    assert chat.clients._httpx is None and http.is_closed and stream_client._open == 0
-
-
-def test_two_instances_share_nothing(tmp_path, upstream):
-    first = NodeChat(environ={}, data_dir=str(tmp_path / "a"), tokens={"a": "alice"},
-                     base_url=upstream.url, model="fake-1")
-    second = NodeChat(environ={}, data_dir=str(tmp_path / "b"), tokens={"b": "bob"})
-
-    @first.tool
-    def only_here(x: int) -> int:
-        """A tool of the first instance."""
-        return x
-
-    assert "only_here" in first.tools and "only_here" not in second.tools
-    with serve(first) as url_a, serve(second) as url_b:
-        assert client(url_a, token="a").models.list().data[0].id == "fake-1"
-        assert client(url_b, token="b").models.list().data[0].id == "echo"
-        with pytest.raises(openai.AuthenticationError):
-            client(url_b, token="a").models.list()
-    assert first.http() is not second.http()
-
-
-def test_cli_refuses_a_public_address_without_tokens(monkeypatch, capsys):
-    monkeypatch.delenv("NODECHAT_TOKENS", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        nodechat.main(["--host", "0.0.0.0", "--port", str(free_port())])
-    assert exit_.value.code == 2
-    assert "--allow-open" in capsys.readouterr().err
-
-
-def test_cli_help_reads_well(capsys):
-    with pytest.raises(SystemExit):
-        nodechat.main(["--help"])
-    out = capsys.readouterr().out
-    for flag in ("--host", "--port", "--config", "--data-dir", "--model"):
-        assert flag in out
-
-
-def test_offline_model_calls_a_tool_when_asked(tmp_path):
-    """Front ends can see a tool call with no key: '/tool NAME {json}'."""
-    chat = NodeChat(environ={}, data_dir=str(tmp_path))
-    with serve(chat) as url:
-        _, events = api_chat(url, {"messages": [user('/tool addMemory {"content": "likes green tea"}')]},
-                             token=None)
-        kinds = [e["type"] for e in events]
-        assert kinds[:2] == ["tool-call", "tool-result"] and kinds[-1] == "finish"
-        assert events[0]["args"] == {"content": "likes green tea"}
-        said = "".join(e["content"] for e in events if e["type"] == "text")
-        assert said.startswith("addMemory returned:") and "likes green tea" in said
-        assert httpx.get(url + "/api/memories").json()["memories"][0]["content"] == "likes green tea"
-        _, events = api_chat(url, {"messages": [user("/tool nope {}")]}, token=None)
-        assert "".join(e.get("content", "") for e in events if e["type"] == "text") == "/tool nope {}"
-
-
-def test_models_retrieve_and_unknown_model_lists_the_available(live, upstream, tmp_path):
-    _, url = live()
-    assert client(url).models.retrieve("fake-2").id == "fake-2"
-    with pytest.raises(openai.NotFoundError) as caught:
-        client(url).models.retrieve("gpt-9")
-    assert "available: fake-1, fake-2" in caught.value.message
-    pinned = NodeChat(environ={}, data_dir=str(tmp_path), base_url=upstream.url, model="fake-1",
-                      providers=[], **{"tokens": TOKENS})
-    with serve(pinned) as pinned_url:
-        assert client(pinned_url).models.retrieve("fake-1").owned_by == "openai"
-
-
-def test_non_streaming_completion_cancels_upstream_when_the_client_leaves(live, upstream):
-    _, url = live()
-    upstream.script(hang())
-    with pytest.raises(openai.APITimeoutError):
-        client(url, timeout=1).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
-    eventually(lambda: upstream.disconnects == 1, timeout=5)
-
-
-def test_regenerate_replaces_the_stored_answer(live, upstream):
-    """useChat's regenerate(): the messages up to the user's, trigger regenerate-message."""
-    _, url = live()
-    upstream.script(text("first answer"), text("second answer"))
-    api_chat(url, ui_request("hi", chat_id="regen"))
-    body = {**ui_request("hi", chat_id="regen"), "trigger": "regenerate-message", "messageId": "a1"}
-    _, events = api_chat(url, body)
-    assert "".join(e.get("delta", "") for e in events if isinstance(e, dict) and e["type"] == "text-delta") \
-        == "second answer"
-    stored = httpx.get(url + "/api/conversations/regen", headers=AUTH).json()["messages"]
-    assert [(m["role"], m["content"]) for m in stored] == [("user", "hi"), ("assistant", "second answer")]
-    assert [m["role"] for m in upstream.requests[-1]["messages"]] == ["system", "user"]
-
-
-@pytest.mark.anyio
-async def test_ws_resend_of_the_same_message_id_is_not_answered_twice(live, upstream):
-    _, url = live()
-    async with ws_connect(url) as ws:
-        message = {"type": "message", "role": "user", "content": "hi", "thread_id": "t-resend", "id": "m-1"}
-        await ws.send(message)
-        await ws.turn()
-        await ws.send(message)
-        again = await ws.turn()
-    assert any(m["type"] == "error" and "already answered" in m["message"] for m in again)
-    stored = httpx.get(url + "/api/conversations/t-resend", headers=AUTH).json()["messages"]
-    assert [m["role"] for m in stored] == ["user", "assistant"]
-
-
-def test_start_up_says_what_is_wrong(upstream, tmp_path, caplog):
-    """A model no provider serves, a base URL without /v1, and no model at all."""
-    def start(**settings):
-        chat = NodeChat(environ={}, data_dir=str(tmp_path), **settings)
-        with caplog.at_level(logging.INFO, logger="nodechat"), serve(chat) as url:
-            httpx.get(url + "/healthz")
-        return chat
-
-    start(model="gpt-4o-mini")
-    assert "model 'gpt-4o-mini' is served by no provider" in caplog.text
-    caplog.clear()
-    empty = FakeUpstream(models=())
-    with serve(empty) as empty_url:
-        start(base_url=empty_url, model="x")
-    assert f"{empty_url} lists no models" in caplog.text and f"try {empty_url}/v1" in caplog.text
-    caplog.clear()
-    start(base_url=upstream.url, model="fake-9")
-    assert "default model 'fake-9' is not among" in caplog.text
-    caplog.clear()
-    chat = start(base_url=upstream.url)  # OPENAI_BASE_URL and no model: the provider's first
-    assert chat.providers.default_model == "fake-1" and "default model: fake-1" in caplog.text
-    assert f"provider openai: {upstream.url}" in caplog.text
-
-
-def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "nodechat:create_app", "--factory", "--port", str(port)],
-        env={**os.environ, "NODECHAT_DATA_DIR": str(tmp_path), "PYTHONPATH": str(Path(nodechat.__file__).parent)},
-        stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    def up() -> bool:
-        assert process.poll() is None, "the server exited"
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-        return False
-
-    try:
-        eventually(up, timeout=20)
-        with contextlib.suppress(Exception):
-            asyncio.run(websockets.connect(f"ws://127.0.0.1:{port}/chat", origin="https://evil.example").__aenter__())
-    finally:
-        process.terminate()
-        err = process.communicate(timeout=10)[1]
-    assert "INFO:     nodechat: serving the built-in offline model 'echo'" in err
-    assert "WARNING:  nodechat: /chat refused (1008): cross-origin request" in err
-
-
-def test_offline_start_says_how_to_use_a_real_model(tmp_path):
-    """A newcomer's first `python nodechat.py` (no key, no config) is told how to leave echo."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NODECHAT_"))}
-    process = subprocess.Popen([sys.executable, Path(nodechat.__file__), "--port", str(port)],
-                               env={**env, "NODECHAT_DATA_DIR": str(tmp_path)}, stderr=subprocess.PIPE,
-                               text=True, cwd=tmp_path)
-    try:
-        eventually(lambda: process.poll() is not None or listening(port), 20)
-        assert process.poll() is None, "nodechat did not start"
-    finally:
-        process.terminate()
-        err = process.communicate(timeout=30)[1]
-    hint = next((line for line in err.splitlines() if "for a real model" in line), "")
-    assert "OPENAI_API_KEY" in hint and "OPENAI_BASE_URL" in hint and "--config" in hint, err
-
-
-def test_nodechat_logs_reach_a_host_that_configures_logging_later():
-    """The handler nodechat gives itself at start-up (under `uvicorn --factory` nobody
-    configures logging) leaves propagation alone: a host that sets up the root logger later
-    (Sentry, structlog) gets nodechat's records, and nothing prints twice."""
-    program = textwrap.dedent("""
-        import logging, nodechat
-        nodechat.configure_logging()
-        nodechat.log.warning("before the host")
-        records = []
-        class Host(logging.Handler):
-            def emit(self, record):
-                records.append(record.getMessage())
-        logging.getLogger().addHandler(Host())
-        nodechat.log.warning("seen by the host")
-        print(records)
-    """)
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(Path(nodechat.__file__).parent)})
-    assert done.stdout.strip() == "['seen by the host']", done.stderr
-    assert "nodechat: before the host" in done.stderr and "seen by the host" not in done.stderr
-
-
-def test_cli_version(capsys):
-    with pytest.raises(SystemExit):
-        nodechat.main(["--version"])
-    assert capsys.readouterr().out.strip() == f"nodechat {nodechat.__version__}"
-
-
-@pytest.mark.parametrize("options", [[], ["-X", "dev"]], ids=["plain", "with-options"])
-def test_python_nodechat_py_serves_from_the_file_it_was_given(tmp_path, options):
-    """A plain `python nodechat.py` replaces itself (same pid) with a process that imports
-    that very file by path, so the script's syntax tree is not kept for the server's life:
-    under another name too, never another nodechat on the path, and never a module from the
-    working directory.  With interpreter options it runs as a script."""
-    decoy, app, cwd = tmp_path / "decoy", tmp_path / "app", tmp_path / "cwd"
-    for folder in (decoy, app, cwd):
-        folder.mkdir()
-    (decoy / "nodechat.py").write_text("raise SystemExit('the wrong nodechat')\n")
-    (cwd / "json.py").write_text("raise SystemExit('json.py from the working directory')\n")
-    copy = app / "chat.py"  # a copy dropped into a project under its own name
-    copy.write_text(Path(nodechat.__file__).read_text().replace(
-        f'__version__ = "{nodechat.__version__}"', '__version__ = "copied"'))
-    env = {**os.environ, "PYTHONPATH": str(decoy), "NODECHAT_DATA_DIR": str(tmp_path / "data")}
-    version = subprocess.run([sys.executable, *options, str(copy), "--version"], env=env, cwd=cwd,
-                             capture_output=True, text=True, timeout=60)
-    assert version.stdout.strip() == "nodechat copied", version.stderr
-    port = free_port()
-    server = subprocess.Popen([sys.executable, *options, str(copy), "--port", str(port),
-                               "--log-level", "warning"], env=env, cwd=cwd)
-    try:
-        eventually(lambda: server.poll() is not None or listening(port), 20)
-        assert server.poll() is None, "nodechat did not start"
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-        command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
-        if options:
-            assert command[1:4] == [b"-X", b"dev", str(copy).encode()]
-        else:
-            # ps shows which file serves: the -c program starts with its path
-            assert command[1] == b"-c" and command[2].startswith(f"# {os.path.realpath(copy)!r}\n".encode())
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def test_cli_help_lists_the_environment(capsys):
-    with pytest.raises(SystemExit):
-        nodechat.main(["--help"])
-    out = capsys.readouterr().out
-    assert "OPENAI_BASE_URL" in out and "NODECHAT_<NAME>" in out and "NODECHAT_TOKENS" in out
 
 
 ###############################################################################
