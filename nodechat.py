@@ -3111,7 +3111,7 @@ class UpstreamClient:
                 conn = idle.pop()
                 # past its expiry a server may close it any moment (its timer may run late)
                 expired = self._loop.time() - conn.idle_since >= self.keepalive_expiry
-                conn.state = READY
+                conn.ready()
                 if conn.usable() and not expired:
                     return conn
                 conn.close()
@@ -3174,7 +3174,7 @@ class UpstreamClient:
         """Hand a fully read connection to a waiter, or keep it idle."""
         if conn.state is CLOSED:  # its slot went back when it closed
             return
-        conn.state = READY
+        conn.ready()
         if conn.loop is not self._loop:
             return conn.close()
         while self._waiters:
@@ -3247,10 +3247,7 @@ class UpstreamResponse:
         conn.decode_events()
         while True:
             if conn.events:
-                batch, conn.events, conn.buffered = conn.events, [], 0
-                if conn.paused:
-                    conn.consumed()
-                yield batch
+                yield conn.take_events()
             elif conn.exc is not None:
                 raise conn.exc
             elif conn.reader.done:
@@ -3263,10 +3260,9 @@ class UpstreamResponse:
         conn, pieces, size = self._conn, [], 0
         while True:
             if conn.raw:
-                pieces += conn.raw
-                size += sum(map(len, conn.raw))
-                conn.raw = []
-                conn.consumed()
+                raw = conn.take_raw()
+                pieces += raw
+                size += sum(map(len, raw))
             if conn.reader.done or (limit is not None and size >= limit):
                 return b"".join(pieces)[:limit]
             if conn.exc is not None:
@@ -3344,14 +3340,30 @@ class _Connection(asyncio.Protocol):
                 self.fail(self.client.error(f"{self.origin}: {exc}"))
                 self.transport.abort()
 
-    def consumed(self) -> None:
-        """The reader took what was buffered: read the socket again if it was paused."""
-        self.buffered = 0
+    def take_events(self) -> list[bytes]:
+        """The data of the events buffered for the reader, taken."""
+        events, self.events, self.buffered = self.events, [], 0
         if self.paused:
-            self.paused = False
-            self.last_read = self.loop.time()
-            if self.state is not CLOSED:
-                self.transport.resume_reading()
+            self._resume()
+        return events
+
+    def take_raw(self) -> list[bytes]:
+        """The body bytes buffered for the reader, taken."""
+        raw, self.raw, self.buffered = self.raw, [], 0
+        if self.paused:
+            self._resume()
+        return raw
+
+    def _resume(self) -> None:
+        """The slow reader caught up: read the socket again."""
+        self.paused = False
+        self.last_read = self.loop.time()
+        if self.state is not CLOSED:
+            self.transport.resume_reading()
+
+    def ready(self) -> None:
+        """No request on it now: taken from the pool, or its reader left."""
+        self.state = READY
 
     def usable(self) -> bool:
         return self.state is not CLOSED and self.reader.reusable and not self.transport.is_closing()
