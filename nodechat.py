@@ -4012,29 +4012,31 @@ class TurnGate:
         self._turns: dict[str, int] = {}  # user -> capped turns running now
         self._busy: set[tuple[str, str | None]] = set()  # (user, conversation) with a turn running now
 
-    def enter(self, turn: Turn) -> None:
-        """Admit the turn, or raise TooManyRequests or Conflict; ``leave`` it when it ends."""
-        user, busy = turn.user_id, (turn.user_id, turn.conversation_id)
+    def enter(self, turn: Turn) -> tuple[str, str | None, bool]:
+        """Admit the turn, or raise TooManyRequests or Conflict; give what this returns to
+        ``leave`` when the turn ends."""
+        user, cid, capped = turn.user_id, turn.conversation_id, turn.capped
         limit = self.settings.max_turns_per_user
-        if turn.capped and self._turns.get(user, 0) >= limit:
+        if capped and self._turns.get(user, 0) >= limit:
             raise TooManyRequests(f"{limit} turns are already running for this user; try again "
                                   "when one ends", code="too_many_turns")
         # per user: another user's conversation id says nothing about this one
-        if turn.conversation_id is not None and busy in self._busy:
+        if cid is not None and (user, cid) in self._busy:
             raise Conflict("a turn is already running in this conversation; wait for it or stop it",
                            code="conversation_busy")
-        if turn.capped:
+        if capped:
             self._turns[user] = self._turns.get(user, 0) + 1
-        if turn.conversation_id is not None:
-            self._busy.add(busy)
+        if cid is not None:
+            self._busy.add((user, cid))
+        return user, cid, capped
 
-    def leave(self, turn: Turn) -> None:
-        user = turn.user_id
-        if turn.capped:
+    def leave(self, admitted: tuple[str, str | None, bool]) -> None:
+        user, cid, capped = admitted
+        if capped:
             self._turns[user] -= 1
             if not self._turns[user]:
                 del self._turns[user]
-        self._busy.discard((user, turn.conversation_id))
+        self._busy.discard((user, cid))
 
 
 class Agent:
@@ -4493,14 +4495,14 @@ async def run_turn(chat: NodeChat, turn: Turn, workflow_id: str | None = None) -
     names, once the app's :class:`TurnGate` admits it.
 
     The gate is checked on the first event, so an SSE response still gets a proper error."""
-    chat.turn_gate.enter(turn)
+    admitted = chat.turn_gate.enter(turn)
     events = chat.workflows.run_job(workflow_id, turn, chat.agent, chat.tools) if workflow_id is not None \
         else chat.agent.run(turn)
     try:
         async for event in events:
             yield event
     finally:
-        chat.turn_gate.leave(turn)
+        chat.turn_gate.leave(admitted)
         await events.aclose()
 
 
@@ -5511,15 +5513,20 @@ class UIStreamEncoder:
 def api_chat_errors(err: NodeChatError, request: Request) -> Any:
     """``POST /api/chat``'s error body, in the shape its stream would have had: plain text
     for the AI SDK (which shows the response text as the error), ``{"error": text}`` for the
-    seed's clients.  Before the body is read (401, 403) and with nothing else to go by, a
-    small body already on its way is worth a look (:class:`SmallBodyErrorResponse`)."""
-    body = None
-    if request.body is not None:
+    seed's clients.  An explicit choice wins, then the AI SDK's own User-Agent, then the
+    body's ``trigger``; before the body is read (401, 403), a small body already on its way
+    is worth a look for it (:class:`SmallBodyErrorResponse`)."""
+    ui = stream_choice(request.query, request.headers)
+    if ui is None and ai_sdk_agent(request.headers):
+        ui = True
+    if ui is None:
+        if request.body is None:
+            return SmallBodyErrorResponse(err, request.headers)
+        body = None
         with contextlib.suppress(NodeChatError):
             body = request.json()
-    elif stream_choice(request.query, request.headers) is None and not ai_sdk_agent(request.headers):
-        return SmallBodyErrorResponse(err, request.headers)
-    return text_error(err) if wants_ui_stream(request.query, request.headers, body) else json_error(err)
+        ui = wants_ui_stream(request.query, request.headers, body)
+    return text_error(err) if ui else json_error(err)
 
 
 def text_error(err: NodeChatError) -> TextResponse:

@@ -2847,6 +2847,12 @@ def test_ui_stream_errors_are_plain_text_for_the_ai_sdk(live, upstream):
     assert response.status_code == 400 and error == "tools must be a list of tool names"
     response, error = api_chat(url, {"messages": [user("hi")], "tools": "x"})  # the seed's shape
     assert response.status_code == 400 and error == {"error": "tools must be a list of tool names"}
+    # the AI SDK's own User-Agent counts before and after the body is read, trigger or not
+    agent = {"User-Agent": "ai-sdk/5.0.92 runtime/node"}
+    response, error = api_chat(url, {"messages": 3}, **agent)
+    assert response.status_code == 400 and error == "Missing messages"
+    response, error = api_chat(url, {"messages": 3}, token="nope", **agent)
+    assert response.status_code == 401 and error == "Unauthorized"
 
 
 def test_a_slow_title_never_holds_the_answer_open(live, upstream):
