@@ -662,7 +662,6 @@ def _json_default(value: Any) -> Any:
 
 
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default).encode
-_decode_json = json.JSONDecoder().decode
 _json_string = json.encoder.encode_basestring  # a str as a JSON string literal (C-accelerated)
 
 
@@ -4542,10 +4541,6 @@ class Request:
             return parse_json(self.body)
         except ValueError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-
-    @property
-    def cookies(self) -> dict[str, str]:
-        return request_cookies(self.headers)
 
 
 def request_cookies(headers: Mapping[str, str]) -> dict[str, str]:

@@ -2597,6 +2597,19 @@ def test_error_bodies_for_bad_json_paths_and_methods(live):
     wrong = httpx.get(url + "/v1/chat/completions", headers=auth)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     assert httpx.get(url + "/healthz").json()["status"] == "ok"
+    # each protocol's own shape, also for paths and methods no route takes
+    assert missing.json()["error"]["type"] == "not_found_error"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(url + "/api/nothing", headers=auth).json() == {"error": "Not Found"}
+    wrong_api = httpx.get(url + "/api/chat", headers=auth)
+    assert wrong_api.status_code == 405 and wrong_api.headers["allow"] == "POST"
+    assert wrong_api.json() == {"error": "Method Not Allowed"}
+    for path, body in (("/v1/models", {"error": {"message": "Unauthorized", "type": "authentication_error",
+                                                 "param": None, "code": "invalid_api_key"}}),
+                       ("/api/conversations", {"error": "Unauthorized"})):
+        refused = httpx.get(url + path, headers={"Authorization": "Bearer wrong"})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json() == body
 
 
 def test_unknown_model_is_404(tmp_path):
