@@ -4560,10 +4560,13 @@ def scope_headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
 
+def scope_query(scope: Scope) -> dict[str, str]:
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
 def build_request(scope: Scope, headers: dict[str, str], params: dict[str, str] | None = None,
                  body: bytes | None = None, user_id: str | None = None) -> Request:
-    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-    return Request(scope.get("method", "GET"), route_path(scope), headers, query, body, scope,
+    return Request(scope.get("method", "GET"), route_path(scope), headers, scope_query(scope), body, scope,
                    params or {}, user_id)
 
 
@@ -5969,7 +5972,7 @@ async def chat_websocket(chat: NodeChat, scope: Scope, receive: Receive, send: S
         await send({"type": "websocket.close", "code": 1000})
         return
     headers = scope_headers(scope)
-    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    query = scope_query(scope)
     token = bearer_token(headers) or query.get("api_key") or query.get("token")
     try:
         chat.gate.check_browser(scope, headers)
