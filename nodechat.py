@@ -37,7 +37,7 @@ Follow a request from the bottom up:
    server) who is calling, on the headers alone; then it reads the body.
 2. The protocol's section: its handler decodes the body into a ``Turn`` and picks its encoder;
    errors take the protocol's own shape.  ``/chat`` starts at ``chat_websocket``.
-3. ``run_turn`` (Workflows): the ``TurnGate`` admits the turn, then ``Agent.run`` (or a
+3. ``run_turn`` (Workflows): ``Turns`` admits the turn, then ``Agent.run`` (or a
    workflow) yields events: the provider's stream (Providers) through nodechat's HTTP/1.1
    client (Upstream HTTP client) over the sans-IO readers in Wire, and the tools' results.
 4. Back in the protocol's section, its encoder turns each event into bytes, written by
@@ -279,8 +279,17 @@ class Settings:
     max_memories_per_user: int = 1_000
     #: Longest line accepted in a provider's event stream (502 beyond).
     max_upstream_line_bytes: int = 4 * 1024 * 1024
-    #: On SIGTERM, seconds in-flight turns get to finish (``python nodechat.py``).
+    #: On SIGTERM (``python nodechat.py``) or when the app closes, seconds in-flight turns
+    #: get to finish.
     shutdown_grace_seconds: float = 30.0
+    #: An ``/api/chat`` turn on a stored conversation goes on when its client leaves, and
+    #: ``GET /api/chat/{id}/stream`` reads it again (``NODECHAT_RESUME=0``: leaving cancels it).
+    resume: bool = True
+    #: Bytes of a turn's stream kept for readers that come later (past them, a turn goes on
+    #: but cannot be resumed).
+    resume_buffer_bytes: int = 8 * 1024 * 1024
+    #: PostgreSQL: a process that stops heartbeating its turns loses them after this long.
+    turn_lease_seconds: float = 15.0
     #: Upstream connections in all.
     max_upstream_connections: int = 4096
     #: What reads the token stream: ``nodechat``'s own HTTP/1.1 client (see
@@ -1086,9 +1095,13 @@ WORD_PATTERN = re.compile(r"\w+")
 MAX_QUERY_CHARS, MAX_TERM_CHARS = 4096, 64  # what a memory search reads of its query
 
 
+def valid_id(value: Any) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None and ".." not in value
+
+
 def validate_id(value: Any, what: str = "id") -> str:
     """An id that becomes a file name: 1-128 of ``[A-Za-z0-9_.@:-]``, no ``..``, else 400."""
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
+    if not valid_id(value):
         raise BadRequest(f"invalid {what}: use 1-128 letters, digits, '_', '-', '.', '@' or ':'",
                          code=f"invalid_{what.replace(' ', '_')}")
     return value
@@ -3961,6 +3974,7 @@ class Turn:
     max_steps: int = 20
     regenerate: bool = False  # answer the last user message again, dropping its stored answer
     capped: bool = False  # counts against max_turns_per_user (end users' agent turns)
+    message_id: str | None = None  # the answer's id: see Agent._save
     on_title: Callable[[str], Awaitable[None]] | None = None  # told the title once it is made
 
 
@@ -3997,45 +4011,6 @@ def check_messages(messages: list, settings: Settings) -> None:
         if size > settings.max_message_chars:
             raise PayloadTooLarge(f"message {index} has {size} characters; at most "
                                   f"{settings.max_message_chars} are accepted", code="message_too_large")
-
-
-class TurnGate:
-    """The rules a turn passes before it runs: an end user's turns capped at
-    ``max_turns_per_user`` at once (429 beyond; ``/v1`` callers are services with one key
-    and many requests: uncapped), and one turn at a time per conversation (409).
-
-    It counts the turns of this process (see the README's "What stays per process")."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._turns: dict[str, int] = {}  # user -> capped turns running now
-        self._busy: set[tuple[str, str | None]] = set()  # (user, conversation) with a turn running now
-
-    def enter(self, turn: Turn) -> tuple[str, str | None, bool]:
-        """Admit the turn, or raise TooManyRequests or Conflict; give what this returns to
-        ``leave`` when the turn ends."""
-        user, cid, capped = turn.user_id, turn.conversation_id, turn.capped
-        limit = self.settings.max_turns_per_user
-        if capped and self._turns.get(user, 0) >= limit:
-            raise TooManyRequests(f"{limit} turns are already running for this user; try again "
-                                  "when one ends", code="too_many_turns")
-        # per user: another user's conversation id says nothing about this one
-        if cid is not None and (user, cid) in self._busy:
-            raise Conflict("a turn is already running in this conversation; wait for it or stop it",
-                           code="conversation_busy")
-        if capped:
-            self._turns[user] = self._turns.get(user, 0) + 1
-        if cid is not None:
-            self._busy.add((user, cid))
-        return user, cid, capped
-
-    def leave(self, admitted: tuple[str, str | None, bool]) -> None:
-        user, cid, capped = admitted
-        if capped:
-            self._turns[user] -= 1
-            if not self._turns[user]:
-                del self._turns[user]
-        self._busy.discard((user, cid))
 
 
 class Agent:
@@ -4151,7 +4126,7 @@ class Agent:
         client_names = {spec.get("function", {}).get("name") for spec in turn.client_tools}
         schemas = [t.schema() for t in turn.tools] + list(turn.client_tools)
         context = ToolContext(turn.user_id, turn.conversation_id, self.store, self.http)
-        usage, text = None, []
+        usage, text, answered, stopped = None, [], False, False
         try:
             for _ in range(turn.max_steps):
                 body = {**turn.params, "model": model, "messages": messages}
@@ -4190,17 +4165,24 @@ class Agent:
                                       self.settings.max_tool_result_chars)
                          for c in calls if c.id in results]
                 messages.extend(step)
-                for saved in await self._save(turn, step):
+                for saved in await self._save(turn, step, first=not answered):
                     yield Saved(saved)
+                answered = True
                 yield StepFinished(finish.reason, finish.usage)
                 if not calls:
                     yield Finished(finish.reason, usage)
                     return
             yield Finished("max_steps", usage)
+        except asyncio.CancelledError:
+            stopped = True
+            raise
         finally:
             if text:  # stopped or failed mid-answer: keep what was said (unless it was deleted)
+                partial = assistant_message("".join(text), [])
+                if stopped:
+                    partial["stopped"] = True
                 with contextlib.suppress(NotFound):
-                    await asyncio.shield(self._save(turn, [assistant_message("".join(text), [])]))
+                    await asyncio.shield(self._save(turn, [partial], first=not answered))
 
     async def _run_tools(self, calls: list[ToolCall], by_name: dict[str, Tool],
                          context: ToolContext) -> AsyncIterator[Event]:
@@ -4234,9 +4216,16 @@ class Agent:
             log.info("tool %s raised %s: %s", call.name, type(exc).__name__, exc)
             return ToolResult(call.id, call.name, f"{type(exc).__name__}: {exc}", is_error=True)
 
-    async def _save(self, turn: Turn, messages: list[dict]) -> list[dict]:
+    async def _save(self, turn: Turn, messages: list[dict], first: bool = False) -> list[dict]:
+        """Store a step's messages.  With the turn's ``message_id`` (the id its stream
+        announced) each carries it as ``answer_id``, and the answer's first message also as
+        ``ui_id``: a client that sends the answer back in its history does not store it twice."""
         if not turn.conversation_id:
             return []
+        if turn.message_id:
+            messages = [{**m, "answer_id": turn.message_id} for m in messages]
+            if first:
+                messages[0]["ui_id"] = turn.message_id
         return await self.store.append_messages(turn.conversation_id, messages)
 
     async def _system_prompt(self, turn: Turn, history: list[dict]) -> str | None:
@@ -4491,18 +4480,180 @@ def workflow_tool(workflow: Workflow, registry: WorkflowRegistry, agent: Agent,
 
 async def run_turn(chat: NodeChat, turn: Turn, workflow_id: str | None = None) -> AsyncIterator[Event]:
     """What every protocol runs for a turn: the agent, or the workflow a ``/chat`` message
-    names, once the app's :class:`TurnGate` admits it.
+    names, once the app's :class:`Turns` admits it.
 
     The gate is checked on the first event, so an SSE response still gets a proper error."""
-    admitted = chat.turn_gate.enter(turn)
+    admitted = await chat.turns.enter(turn)
     events = chat.workflows.run_job(workflow_id, turn, chat.agent, chat.tools) if workflow_id is not None \
         else chat.agent.run(turn)
     try:
         async for event in events:
             yield event
     finally:
-        chat.turn_gate.leave(admitted)
+        await chat.turns.leave(admitted)
         await events.aclose()
+
+
+###############################################################################
+# Turns: who may start one, and streams that outlive their connection
+###############################################################################
+
+
+STOP_WAIT_SECONDS = 10.0  # a stop waits this long for the turn to have saved its partial answer
+
+
+class TurnStream:
+    """The bytes a running turn's encoder wrote, from its first, for every reader.
+
+    The turn's own task ``push``es; each reader (the ``POST`` that started the turn, each
+    ``GET /api/chat/{id}/stream``) reads from where it is and waits for more, so several
+    read one turn at once and one that leaves costs the others nothing.  Past ``limit``
+    bytes the stream is ``full``: no new reader is let in, and what every reader has
+    passed is let go.
+    """
+
+    def __init__(self, stream_id: str, ui: bool, limit: int):
+        self.id = stream_id  # the answer's message id (the UI stream's start.messageId)
+        self.ui = ui  # AI SDK UI stream, else the seed's events
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.first = 0  # how many chunks before chunks[0] were let go (once full)
+        self.size = 0
+        self.full = False
+        self.done = False
+        self.failure: NodeChatError | None = None  # the turn failed before its first byte
+        self.failure_frames = b""  # ... and what a reader other than its POST is told
+        self.readers: dict[object, int] = {}  # reader -> the next chunk it reads
+        self.task: asyncio.Task | None = None  # the turn, for a stop
+        self._waiters: list[asyncio.Future] = []
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.chunks)
+
+    def push(self, data: bytes) -> None:
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+            if self.size > self.limit:
+                self.full = True
+                low = min(self.readers.values(), default=self.end)
+                del self.chunks[:low - self.first]
+                self.first = max(self.first, low)
+        self._wake()
+
+    def close(self, failure: NodeChatError | None = None, frames: bytes = b"") -> None:
+        self.done, self.failure, self.failure_frames = True, failure, frames
+        self._wake()
+
+    def since(self, position: int) -> bytes:
+        return b"".join(self.chunks[position - self.first:])
+
+    async def wait(self) -> None:
+        """Until the next push or the end."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A turn let in by :class:`Turns`; give it back to ``leave`` when the turn ends."""
+
+    user: str
+    conversation_id: str | None
+    capped: bool
+    stream: TurnStream | None = None
+
+
+class Turns:
+    """The turns running now, and the rules a turn passes before it runs: an end user's
+    turns capped at ``max_turns_per_user`` at once (429 beyond; ``/v1`` callers are services
+    with one key and many requests: uncapped), and one turn at a time per conversation (409).
+
+    An ``/api/chat`` turn on a stored conversation also has a :class:`TurnStream` and its own
+    task (``tasks``), so it goes on when its client leaves, and a reload reads it again.
+    This class holds all of that in this process; :class:`PostgresTurns` holds it for every
+    process that shares the database.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.tasks: set[asyncio.Task] = set()  # turns that outlive their connection
+        self._turns: dict[str, int] = {}  # user -> capped turns running now
+        # (user, conversation) -> its turn's stream, or None (a turn without one); per user:
+        # another user's conversation id says nothing about this one
+        self._busy: dict[tuple[str, str], TurnStream | None] = {}
+
+    async def enter(self, turn: Turn, stream: TurnStream | None = None) -> Admitted:
+        """Admit the turn (with the stream its readers will read), or raise TooManyRequests
+        or Conflict."""
+        return self._enter(turn, stream)
+
+    def _enter(self, turn: Turn, stream: TurnStream | None) -> Admitted:
+        user, cid, capped = turn.user_id, turn.conversation_id, turn.capped
+        limit = self.settings.max_turns_per_user
+        if capped and self._turns.get(user, 0) >= limit:
+            raise TooManyRequests(f"{limit} turns are already running for this user; try again "
+                                  "when one ends", code="too_many_turns")
+        if cid is not None and (user, cid) in self._busy:
+            raise Conflict("a turn is already running in this conversation; wait for it or stop it",
+                           code="conversation_busy")
+        if capped:
+            self._turns[user] = self._turns.get(user, 0) + 1
+        if cid is not None:
+            self._busy[user, cid] = stream
+        return Admitted(user, cid, capped, stream)
+
+    async def leave(self, admitted: Admitted) -> None:
+        self._leave(admitted)
+
+    def _leave(self, admitted: Admitted) -> None:
+        user = admitted.user
+        if admitted.capped:
+            self._turns[user] -= 1
+            if not self._turns[user]:
+                del self._turns[user]
+        if admitted.conversation_id is not None:
+            self._busy.pop((user, admitted.conversation_id), None)
+
+    async def stream(self, user: str, conversation_id: str) -> TurnStream | None:
+        """The stream of the user's turn running on that conversation, if a reader may
+        still start on it (not past ``resume_buffer_bytes``)."""
+        stream = self._busy.get((user, conversation_id))
+        return stream if stream is not None and not stream.full and not stream.done else None
+
+    async def running(self, user: str, conversation_id: str) -> str | None:
+        """The id of the answer being written in that conversation ("" for a turn without
+        a stream); None when no turn runs there."""
+        if (user, conversation_id) not in self._busy:
+            return None
+        stream = self._busy[user, conversation_id]
+        return stream.id if stream is not None else ""
+
+    async def stop(self, user: str, conversation_id: str, stream_id: str | None = None) -> None:
+        """Stop the user's turn on that conversation (only if its stream is ``stream_id``,
+        when given) and wait, a while, for it to save what it said."""
+        stream = self._busy.get((user, conversation_id))
+        if stream is None or stream.task is None or stream_id not in (None, stream.id):
+            return
+        stream.task.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stream.task), STOP_WAIT_SECONDS)
+
+    async def aclose(self, grace: float) -> None:
+        """Give the turns that outlive their connection ``grace`` seconds, then stop them."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=grace)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 ###############################################################################
@@ -4707,6 +4858,52 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
         watcher.cancel()
         out.close()
         await events.aclose()
+
+
+@dataclass(eq=False)  # a reader is its own key in ``stream.readers``
+class ReplayResponse:
+    """A reader of a :class:`TurnStream`: every byte from the turn's first, then each as it
+    comes, ending with the turn's end.  Leaving affects no one else, the turn included.
+
+    The ``POST`` that started the turn is its ``owner``: a failure before the turn's first
+    byte is its HTTP error (as ``stream_sse`` gives); any other reader is told in-stream.
+    """
+
+    stream: TurnStream
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    keepalive: float = 15.0
+    owner: bool = False
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        stream, task = self.stream, asyncio.current_task()
+        watcher = asyncio.create_task(watch_disconnect(receive, task))
+        out = SSEWriter(send, self.headers, self.keepalive)
+        position = stream.first
+        stream.readers[self] = position
+        try:
+            while True:
+                if position < stream.end:
+                    data, position, more = stream.since(position), stream.end, not stream.done
+                    stream.readers[self] = position
+                    await out.write(data, more=more)
+                    if not more:
+                        return
+                elif stream.done:
+                    if stream.failure is not None and self.owner and not out.started:
+                        raise stream.failure
+                    await out.write(stream.failure_frames, more=False)
+                    return
+                else:
+                    await stream.wait()
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                task.uncancel()  # the client left: the turn goes on without it
+                return
+            raise
+        finally:
+            watcher.cancel()
+            out.close()
+            stream.readers.pop(self, None)
 
 
 class SendGuard:
@@ -5465,6 +5662,8 @@ class UIStreamEncoder:
                                   "output": result, **extra})]
             case StepFinished():
                 return self._close_step()
+            case Finished(reason="stopped"):  # POST /api/chat/{id}/stop
+                return self._close_step() + [sse_json({"type": "abort"})]
             case Finished(reason=reason):
                 return self._close_step() + [
                     sse_json({"type": "finish", "finishReason": UI_REASONS.get(reason, "other")})]
@@ -5563,7 +5762,10 @@ class SmallBodyErrorResponse:
         return None
 
 
-async def api_chat(chat: NodeChat, request: Request) -> SSEResponse:
+async def api_chat(chat: NodeChat, request: Request) -> SSEResponse | ReplayResponse:
+    """``POST /api/chat``.  A turn on a stored conversation belongs to the server (unless
+    ``resume`` is off): it goes on when its client leaves, and is read through its
+    :class:`TurnStream`, by this request and by any ``GET /api/chat/{id}/stream``."""
     body = request.json()
     ui_stream = wants_ui_stream(request.query, request.headers, body)
     user = acting_user(chat, request, body) if isinstance(body, dict) else request.user_id
@@ -5577,7 +5779,77 @@ async def api_chat(chat: NodeChat, request: Request) -> SSEResponse:
         headers += tuple((k.encode(), v.encode()) for k, v in encoder.headers)
     else:
         encoder = ChatSSEEncoder(cid)
-    return SSEResponse(run_turn(chat, turn), encoder, headers, chat.settings.keepalive_seconds)
+    keepalive = chat.settings.keepalive_seconds
+    if cid is None:
+        return SSEResponse(run_turn(chat, turn), encoder, headers, keepalive)
+    turn.message_id = encoder.message_id  # the answer is saved under the id its stream announces
+    if not chat.settings.resume:
+        return SSEResponse(run_turn(chat, turn), encoder, headers, keepalive)
+    stream = TurnStream(encoder.message_id, ui_stream, chat.settings.resume_buffer_bytes)
+    admitted = await chat.turns.enter(turn, stream)
+    stream.task = spawn(chat.turns.tasks, run_detached(chat, turn, admitted, encoder, stream))
+    return ReplayResponse(stream, headers, keepalive, owner=True)
+
+
+async def resume_stream(chat: NodeChat, request: Request) -> ReplayResponse | JSONResponse:
+    """``GET /api/chat/{id}/stream`` (``useChat({resume: true})`` on every mount): the
+    caller's running turn on that conversation from its first byte, else 204, the one
+    answer the AI SDK takes for "nothing to resume" (and which tells nothing of other
+    users' conversations)."""
+    cid = request.params["id"]
+    stream = await chat.turns.stream(request.user_id, cid) if valid_id(cid) else None
+    if stream is None:
+        return JSONResponse(None, 204)
+    headers = ((b"x-conversation-id", cid.encode()),)
+    if stream.ui:
+        headers += tuple((k.encode(), v.encode()) for k, v in UIStreamEncoder.headers)
+    return ReplayResponse(stream, headers, chat.settings.keepalive_seconds)
+
+
+async def stop_turn(chat: NodeChat, request: Request) -> JSONResponse:
+    """``POST /api/chat/{id}/stop``, body optional (``{"activeStreamId"}``: stop only that
+    answer's turn): the AI SDK's pattern for a stop that is not a disconnect.  The turn saves
+    its partial answer, marked ``stopped``, before this answers; every reader gets its end.
+    Always ``{"success": true}``."""
+    cid = request.params["id"]
+    body = request.json() if request.body else None
+    stream_id = body.get("activeStreamId") if isinstance(body, dict) else None
+    if valid_id(cid):
+        await chat.turns.stop(request.user_id, cid, stream_id if isinstance(stream_id, str) else None)
+    return JSONResponse({"success": True})
+
+
+async def run_detached(chat: NodeChat, turn: Turn, admitted: Admitted, encoder: Any,
+                       stream: TurnStream) -> None:
+    """An ``/api/chat`` turn as the server's own task: its encoded bytes go to ``stream``,
+    whoever reads them, and it ends only by itself, by its limits, by a stop, or when the
+    app closes.  A failure before the first byte is the ``POST``'s HTTP error."""
+    events = chat.agent.run(turn)
+    opened = False
+    try:
+        try:
+            first = await anext(events, None)
+            opened = True
+            stream.push(b"".join(encoder.start() + (encoder.encode(first) if first is not None else [])))
+            if first is not None:
+                async for event in events:
+                    if frames := encoder.encode(event):
+                        stream.push(b"".join(frames))
+            stream.push(b"".join(encoder.end()))
+        except Exception as exc:
+            err = client_error(exc)
+            if not opened:
+                stream.close(err, b"".join(encoder.start() + encoder.error(err)))
+                return
+            stream.push(b"".join(encoder.error(err)))
+    except asyncio.CancelledError:  # stopped: every reader gets the stream's end
+        asyncio.current_task().uncancel()  # and the turn ends here, normally
+        start = [] if opened else encoder.start()
+        stream.push(b"".join(start + encoder.encode(Finished("stopped")) + encoder.end()))
+    finally:
+        stream.close(stream.failure, stream.failure_frames)
+        await chat.turns.leave(admitted)
+        await events.aclose()
 
 
 def acting_user(chat: NodeChat, request: Request, body: dict) -> str:
@@ -5622,13 +5894,21 @@ async def list_conversations(chat: NodeChat, request: Request) -> JSONResponse:
 
 
 async def get_conversation(chat: NodeChat, request: Request) -> JSONResponse:
+    """The conversation and its messages.  While a turn runs in it (``"active": true``) its
+    partial answer is left out: a reloaded page reads that from the turn's stream, and an
+    AI SDK client that found it in the history too would show it twice."""
     meta = await own_conversation(chat, request)
+    answer = await chat.turns.running(request.user_id, meta["id"])
     messages = await chat.store.load_messages(meta["id"])
-    return JSONResponse({**meta, "messages": messages})
+    if answer:
+        messages = [m for m in messages if m.get("answer_id") != answer]
+    return JSONResponse({**meta, "messages": messages, "active": answer is not None})
 
 
 async def delete_conversation(chat: NodeChat, request: Request) -> JSONResponse:
+    """Deleting a conversation stops the turn running in it."""
     meta = await own_conversation(chat, request)
+    await chat.turns.stop(request.user_id, meta["id"])
     await chat.store.delete_conversation(meta["id"])
     return JSONResponse({"deleted": True, "id": meta["id"]})
 
@@ -5651,6 +5931,8 @@ async def delete_memory(chat: NodeChat, request: Request) -> JSONResponse:
 
 API_CHAT_ROUTES = Routes("/api/", json_error, (
     ("POST", "/api/chat", api_chat, "session", api_chat_errors),
+    ("GET", "/api/chat/{id}/stream", resume_stream, "session"),
+    ("POST", "/api/chat/{id}/stop", stop_turn, "session"),
     ("POST", "/api/generate-title", generate_title, "session"),
     ("GET", "/api/conversations", list_conversations, "session"),
     ("GET", "/api/conversations/{id}", get_conversation, "session"),
@@ -5776,7 +6058,7 @@ class ChatSession:
                  run_turn: Callable[..., AsyncIterator[Event]], offered: Callable[[Any], list[Tool]]):
         self.user_id = user_id
         self.settings = settings
-        self.run_turn = run_turn  # run_turn(app, ...): the agent (or a workflow), past the TurnGate
+        self.run_turn = run_turn  # run_turn(app, ...): the agent (or a workflow), past the app's Turns
         self.offered = offered  # ToolRegistry.offered: the server's tools a message may use
         self._send = send
         self._guard = SendGuard()
@@ -6157,9 +6439,10 @@ const ui = Object.fromEntries(["menu", "side", "model", "new", "signout", "convs
   "login-form", "token", "login-error"].map((id) => [id.replace("-", "_"), $(id)]));
 // Relative URLs resolve against the mount root, with or without its trailing slash.
 const BASE = new URL(location.pathname.replace(/\/*$/, "/"), location.origin);
-const TOKEN_KEY = "nodechat.token", MODEL_KEY = "nodechat.model";
+const TOKEN_KEY = "nodechat.token", MODEL_KEY = "nodechat.model", CHAT_KEY = "nodechat.conversation";
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
-let conversationId = newId(), controller = null;
+// The open conversation survives a reload (per tab); a new chat gets its id when it is first sent.
+let conversationId = newId(), controller = null, answerId = null;
 
 class AuthNeeded extends Error {}
 
@@ -6232,7 +6515,7 @@ ui.login_form.addEventListener("submit", async (event) => {
   ui.token.value = "";
   ui.login.close();
   ui.signout.hidden = false;
-  loadModels(); loadMemories();
+  loadModels(); loadMemories(); restore();
   ui.input.focus();
 });
 
@@ -6298,18 +6581,35 @@ async function remove(collection, id) {
 }
 
 async function openConversation(id) {
-  await load("api/conversations/" + encodeURIComponent(id), ({ messages }) => {
-    stop();
-    conversationId = id;
-    renderHistory(messages);
+  await load("api/conversations/" + encodeURIComponent(id), (conversation) => {
+    showConversation(conversation);
     setMenu(false);
   });
   await loadConversations();
   ui.input.focus();
 }
 
+function showConversation({ id, messages, active }) {
+  detach();
+  conversationId = id;
+  sessionStorage.setItem(CHAT_KEY, id);
+  renderHistory(messages);
+  if (active) resume(id);  // an answer still being written: read it from its start
+}
+
+async function restore() {  // after a reload: the conversation this tab had open
+  const id = sessionStorage.getItem(CHAT_KEY);
+  if (!id || controller || ui.log.querySelector("article")) return;
+  try {
+    showConversation(await (await api("api/conversations/" + encodeURIComponent(id))).json());
+  } catch (err) {
+    if (!(err instanceof AuthNeeded)) sessionStorage.removeItem(CHAT_KEY);  // deleted meanwhile
+  }
+}
+
 function newChat() {
-  stop();
+  detach();
+  sessionStorage.removeItem(CHAT_KEY);
   conversationId = newId();
   ui.log.replaceChildren(ui.hello);
   ui.hello.hidden = false;
@@ -6402,19 +6702,38 @@ function renderHistory(messages) {  // stored messages are in OpenAI's shape
 }
 
 // -- a turn: POST api/chat, read the AI SDK UI message stream ---------------------------------
+// The answer is the server's: leaving (a reload, another conversation) only stops reading it,
+// GET api/chat/{id}/stream reads it again from its start, and Stop asks the server to stop it.
 async function send(text) {
   const message = { id: newId(), role: "user", parts: [{ type: "text", text }] };
   // The server keeps the history: sending only the new message is enough.
   const body = { id: conversationId, messages: [message], trigger: "submit-message" };
   if (ui.model.value) body.model = ui.model.value;
   const first = !ui.log.querySelector("article");
+  sessionStorage.setItem(CHAT_KEY, conversationId);
   addUser(text);
+  const result = await follow((signal) => postChat(body, signal));
+  if (result === "auth") { ui.log.lastElementChild.remove(); ui.input.value = text; }
+  // The title of a new conversation is written in the background after the answer.
+  if (first) for (const ms of [1000, 3000, 8000]) setTimeout(loadConversations, ms);
+}
+
+async function resume(id) {
+  const result = await follow((signal) => api(`api/chat/${encodeURIComponent(id)}/stream`, { signal }));
+  if (result === "none" && conversationId === id) {  // it ended meanwhile: show it as stored
+    await load("api/conversations/" + encodeURIComponent(id), ({ messages }) => renderHistory(messages));
+  }
+}
+
+async function follow(request) {  // one answer's stream, into a new assistant message;
+  // "none" (nothing to read: 204) and "auth" (a token is needed) take that message away again
   const turn = addMessage("assistant");
   turn.setAttribute("aria-busy", "true");
   ui.log.scrollTop = ui.log.scrollHeight;
   const pending = make("p", "pending", undefined, turn);
   make("span", "sr", "Waiting for the answer", pending);
   const mine = controller = new AbortController();
+  answerId = null;
   setBusy(true);
   const state = { parts: {}, tools: {}, done: false, pending };
   state.settle = () => {  // the answer is over at "finish", even if the stream lasts a moment more
@@ -6426,22 +6745,21 @@ async function send(text) {
     loadConversations(); loadMemories();
   };
   try {
-    const res = await postChat(body, mine.signal);
+    const res = await request(mine.signal);
+    if (res.status === 204) { turn.remove(); return "none"; }
     await readStream(res, (chunk) => onChunk(chunk, turn, state));
     if (!state.done) note(turn, "The connection closed before the answer was complete.", true);
   } catch (err) {
-    if (err.name === "AbortError") note(turn, "Stopped.");
-    else if (!(err instanceof AuthNeeded)) note(turn, err.message, true);
-    else { turn.previousElementSibling.remove(); turn.remove(); ui.input.value = text; }
+    if (err instanceof AuthNeeded) { turn.remove(); return "auth"; }
+    if (err.name !== "AbortError") note(turn, err.message, true);
+    else if (mine.stopped && !state.done) note(turn, "Stopped.");
   } finally {
     state.settle();
-    // The title of a new conversation is written in the background after the answer.
-    if (first) for (const ms of [1000, 3000, 8000]) setTimeout(loadConversations, ms);
   }
 }
 
 async function postChat(body, signal) {
-  // After Stop the server needs a moment to notice and free the conversation (409 meanwhile).
+  // 409 while another tab's answer in this conversation is being written: try again shortly.
   for (let attempt = 1; ; attempt++) {
     try {
       return await api("api/chat", { method: "POST", body: JSON.stringify(body), signal });
@@ -6480,6 +6798,7 @@ function onChunk(c, turn, s) {
   if (/^(text|reasoning|tool|error)/.test(c.type)) s.pending.remove();
   const tool = () => s.tools[c.toolCallId] ||= toolCard(turn, c.toolName || "tool", c.dynamic);
   switch (c.type) {
+    case "start": answerId = c.messageId; break;
     case "text-start": s.parts[c.id] = textPart(turn); break;
     case "text-delta": {
       const part = s.parts[c.id] ||= textPart(turn);
@@ -6499,6 +6818,8 @@ function onChunk(c, turn, s) {
       s.done = true;
       if (c.finishReason === "length") note(turn, "The answer hit the length limit.");
       s.settle();
+      break;
+    case "abort": s.done = true; note(turn, "Stopped."); s.settle();
   }
   if (stick) ui.log.scrollTop = ui.log.scrollHeight;
 }
@@ -6510,7 +6831,16 @@ function setBusy(busy) {
   if (hadFocus) ui.input.focus();
 }
 
-function stop() { controller?.abort(); }
+function stop() {  // Stop and Escape: the server stops the answer and saves what it said
+  const mine = controller;
+  if (!mine) return;
+  mine.stopped = true;
+  const body = JSON.stringify(answerId ? { activeStreamId: answerId } : {});
+  api(`api/chat/${encodeURIComponent(conversationId)}/stop`, { method: "POST", body })
+    .catch(() => {}).finally(() => mine.abort());  // its end has come through the stream by now
+}
+
+function detach() { controller?.abort(); }  // stop reading; the answer goes on, on the server
 
 // -- Markdown: escape everything, then a small subset ------------------------------------------
 const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
@@ -6595,6 +6925,7 @@ document.addEventListener("keydown", (event) => {
 });
 ui.signout.hidden = !token;
 loadAll();
+restore();
 </script>
 </body>
 </html>
@@ -6688,7 +7019,7 @@ class NodeChat:
         self._started: asyncio.Task | None = None
         self.workflows = WorkflowRegistry()
         self.agent = Agent(self.providers, self.store, self.http, self.settings, self.upstream)
-        self.turn_gate = TurnGate(self.settings)
+        self.turns = Turns(self.settings)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
         self.clients = HTTPClients(self.settings, http_client)
         self.gate = Gate(self.settings, authenticate)
@@ -6813,7 +7144,9 @@ class NodeChat:
         log.info("default model: %s", model or "(none: every request must name one)")
 
     async def aclose(self) -> None:
-        """Close what this instance opened (its upstream connection pools)."""
+        """Close what this instance opened (its upstream connection pools), after the turns
+        that outlive their connection had ``shutdown_grace_seconds`` to end."""
+        await self.turns.aclose(self.settings.shutdown_grace_seconds)
         for task in list(self.agent.background):
             task.cancel()
         await asyncio.gather(*self.agent.background, return_exceptions=True)

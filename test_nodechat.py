@@ -4153,17 +4153,22 @@ def test_a_huge_page_is_cut_and_parsed_off_the_event_loop(live, upstream):
     assert slowest < 1.0, f"the event loop stalled {slowest:.2f} s"
 
 
-def test_deleting_a_conversation_mid_turn_keeps_it_deleted(live, upstream):
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "no-resume"])
+def test_deleting_a_conversation_mid_turn_keeps_it_deleted(live, upstream, resume):
     """The late append of a running turn must not recreate the conversation ownerless,
-    for another user to adopt with the same id."""
-    _, url = live()
+    for another user to adopt with the same id.  With ``resume`` the delete stops the turn
+    first; without, the turn's own append is refused."""
+    _, url = live(resume=resume)
     upstream.script(drip(text("the old", " secret"), 0.4), text("bob's answer"))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         turn = pool.submit(api_chat, url, {"messages": [user("hi")], "conversationId": "shared-id"})
         eventually(lambda: upstream.open_streams == 1)
         assert httpx.delete(url + "/api/conversations/shared-id", headers=AUTH).status_code == 200
         _, late = turn.result(timeout=20)  # the answer ends, and its append is refused
-    assert late[-1] == {"type": "error", "error": "conversation not found", "id": late[-1]["id"]}
+    if resume:
+        assert late[-1]["type"] == "finish" and late[-1]["reason"] == "stopped", late
+    else:
+        assert late[-1] == {"type": "error", "error": "conversation not found", "id": late[-1]["id"]}
     assert httpx.get(url + "/api/conversations/shared-id", headers=AUTH).status_code == 404
     response, events = api_chat(url, {"messages": [user("hello")], "conversationId": "shared-id"},
                                 token="tok-bob")
@@ -4931,9 +4936,14 @@ def test_page_shift_enter_makes_a_newline(site, upstream, open_page):
     assert upstream.requests[-1]["messages"][-1]["content"] == "line one\nline two"
 
 
-def test_page_stop_aborts_the_turn_mid_stream(site, upstream, open_page):
-    # nodechat frees the conversation a moment after the client leaves: the page retries a 409
-    page = open_page(site().url, allow=("status of 409",))
+def open_conversation_of(page) -> dict:
+    """What the server stored of the conversation the page has open."""
+    cid = page.evaluate("sessionStorage.getItem('nodechat.conversation')")
+    return httpx.get(page.url.split("#")[0] + "api/conversations/" + cid, timeout=5).json()
+
+
+def test_page_stop_stops_the_turn_on_the_server_and_keeps_one_stopped_answer(site, upstream, open_page):
+    page = open_page(site().url)
     upstream.script(stall(text("Partial answer")[:2]))
     send_message(page, "Tell me a long story")
     expect(answers(page).last).to_contain_text("Partial answer", timeout=WAIT_MS)
@@ -4943,9 +4953,31 @@ def test_page_stop_aborts_the_turn_mid_stream(site, upstream, open_page):
     expect(answers(page).last).to_contain_text("Stopped.", timeout=WAIT_MS)
     expect(page.get_by_role("button", name="Send")).to_be_visible(timeout=WAIT_MS)
     eventually(lambda: upstream.disconnects == 1)
+    stored = open_conversation_of(page)
+    assert [(m["role"], m["content"], m.get("stopped")) for m in stored["messages"]] == [
+        ("user", "Tell me a long story", None), ("assistant", "Partial answer", True)]
+    assert stored["active"] is False
     upstream.script(text("Still here"))  # the next turn works
     send_message(page, "Again")
     expect(answers(page).last).to_contain_text("Still here", timeout=WAIT_MS)
+
+
+def test_page_reload_mid_answer_picks_the_answer_up_where_it_is(site, upstream, open_page):
+    page = open_page(site().url)
+    upstream.script(drip(text("One.", " Two.", " Three.", " Four.", " Five."), 0.4))
+    send_message(page, "Count to five")
+    expect(answers(page).last).to_contain_text("One.", timeout=WAIT_MS)
+    page.reload(timeout=WAIT_MS)
+    expect(page.locator("article[aria-label=You]")).to_have_text("Count to five", timeout=WAIT_MS)
+    expect(answers(page).last).to_have_attribute("aria-busy", "true", timeout=WAIT_MS)  # still coming
+    expect(answers(page).last).to_contain_text("Five.", timeout=WAIT_MS)
+    expect(answers(page).last).not_to_have_attribute("aria-busy", "true", timeout=WAIT_MS)  # finished
+    expect(answers(page)).to_have_count(1)
+    assert answers(page).last.inner_text().strip() == "One. Two. Three. Four. Five."  # once, whole
+    stored = open_conversation_of(page)
+    assert [m["content"] for m in stored["messages"]] == [
+        "Count to five", "One. Two. Three. Four. Five."], stored
+    assert upstream.disconnects == 0 and len(upstream.requests) == 1  # one turn, never cut
 
 
 def test_page_busy_conversation_is_retried(site, upstream, open_page):
@@ -5044,7 +5076,12 @@ def test_page_conversation_listed_with_title_reopened_continued_deleted(site, up
     conversations = page.get_by_role("list", name="Conversations")
     expect(conversations.get_by_role("button", name="Chat About Tea", exact=True)).to_be_visible(timeout=WAIT_MS)
 
-    page.reload(timeout=WAIT_MS)
+    page.reload(timeout=WAIT_MS)  # the tab's open conversation comes back
+    expect(page.locator("article[aria-label=You]")).to_have_text("Tell me about tea", timeout=WAIT_MS)
+    expect(answers(page)).to_have_text("Tea is a drink.", timeout=WAIT_MS)
+    page.get_by_role("button", name="New chat").click(timeout=WAIT_MS)
+    expect(page.locator("#hello")).to_be_visible(timeout=WAIT_MS)
+    page.reload(timeout=WAIT_MS)  # and a new chat stays new
     expect(page.locator("#hello")).to_be_visible(timeout=WAIT_MS)
     conversations.get_by_role("button", name="Chat About Tea", exact=True).click(timeout=WAIT_MS)
     expect(page.locator("article[aria-label=You]")).to_have_text("Tell me about tea", timeout=WAIT_MS)
