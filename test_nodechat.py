@@ -3151,6 +3151,200 @@ def test_openai_endpoint_runs_server_tools_only_when_enabled(live, upstream):
 
 
 ###############################################################################
+# Protocol: /api/chat turns that outlive their connection (resume, stop, history meanwhile)
+###############################################################################
+
+
+def stored(url: str, chat_id: str, token: str = "tok-alice") -> dict:
+    reply = httpx.get(f"{url}/api/conversations/{chat_id}", headers={"Authorization": f"Bearer {token}"},
+                      timeout=TIMEOUT)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def resume(url: str, chat_id: str, token: str | None = "tok-alice") -> tuple[httpx.Response, bytes]:
+    """``GET /api/chat/{id}/stream`` as ``useChat({resume: true})`` sends it; the raw body."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.stream("GET", f"{url}/api/chat/{chat_id}/stream", headers=headers, timeout=TIMEOUT) as reply:
+        return reply, reply.read()
+
+
+def resume_status(url: str, chat_id: str, token: str = "tok-alice") -> int:
+    """The status of a resume, leaving at once (reading nothing)."""
+    with httpx.stream("GET", f"{url}/api/chat/{chat_id}/stream", timeout=TIMEOUT,
+                      headers={"Authorization": f"Bearer {token}"}) as reply:
+        return reply.status_code
+
+
+def post_raw(url: str, body: dict, token: str = "tok-alice") -> tuple[httpx.Response, bytes]:
+    with httpx.stream("POST", url + "/api/chat", json=body, timeout=TIMEOUT,
+                      headers={"Authorization": f"Bearer {token}"}) as reply:
+        return reply, reply.read()
+
+
+def stop(url: str, chat_id: str, body: dict | None = None, token: str = "tok-alice") -> httpx.Response:
+    return httpx.post(f"{url}/api/chat/{chat_id}/stop", json=body, timeout=TIMEOUT,
+                      headers={"Authorization": f"Bearer {token}"})
+
+
+def chunks_of(raw: bytes) -> list:
+    return ["[DONE]" if line == b"data: [DONE]" else json.loads(line[6:])
+            for line in raw.split(b"\n") if line.startswith(b"data: ")]
+
+
+def test_a_turn_goes_on_when_its_client_leaves_and_is_saved_whole(live, upstream):
+    _, url = live()
+    upstream.script(drip(text("Once", " upon", " a time."), 0.2))
+    with httpx.stream("POST", url + "/api/chat", json=ui_request("a story", "c-leave"), headers=AUTH,
+                      timeout=TIMEOUT) as response:
+        start = json.loads(next(line for line in response.iter_lines() if line.startswith("data: "))[6:])
+    assert start["type"] == "start"
+    assert stored(url, "c-leave")["active"] is True
+    eventually(lambda: not stored(url, "c-leave")["active"])
+    answer = stored(url, "c-leave")["messages"][-1]
+    assert answer["content"] == "Once upon a time." and "stopped" not in answer
+    assert answer["ui_id"] == answer["answer_id"] == start["messageId"]  # the id its stream announced
+    assert upstream.disconnects == 0
+
+
+def test_with_resume_off_leaving_cancels_the_turn(live, upstream):
+    _, url = live(resume=False)
+    upstream.script(stall(text("first")[:2]))
+    with httpx.stream("POST", url + "/api/chat", json=ui_request("x", "c-off"), headers=AUTH,
+                      timeout=TIMEOUT) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert resume_status(url, "c-off") == 204  # nothing to resume with resume off
+    eventually(lambda: upstream.disconnects == 1)
+
+
+@pytest.mark.parametrize("ui", [True, False], ids=["ui-stream", "seed"])
+def test_every_reader_of_a_turn_gets_the_posts_bytes_from_the_first(live, upstream, ui):
+    """useChat under React StrictMode, or two tabs: several GETs of one turn at once."""
+    _, url = live()
+    upstream.script(drip(text("a", "b", "c", "d", "e"), 0.15))
+    body = ui_request("letters", "c-many") if ui else {"messages": [user("letters")], "conversationId": "c-many"}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        post = pool.submit(post_raw, url, body)
+        eventually(lambda: upstream.open_streams == 1)
+        first = pool.submit(resume, url, "c-many")
+        time.sleep(0.4)
+        second = pool.submit(resume, url, "c-many")
+        (posted, sent), (reply1, got1), (reply2, got2) = post.result(), first.result(), second.result()
+    assert posted.status_code == reply1.status_code == reply2.status_code == 200
+    assert got1 == got2 == sent  # byte for byte, from the start
+    assert reply1.headers["content-type"] == posted.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert reply1.headers.get("x-vercel-ai-ui-message-stream") == ("v1" if ui else None)
+    assert reply1.headers["x-conversation-id"] == "c-many"
+    events = chunks_of(sent)
+    if ui:
+        assert events[0]["type"] == "start" and events[-2:] == [{"type": "finish", "finishReason": "stop"}, "[DONE]"]
+    else:
+        assert events[-1]["type"] == "finish" and events[-1]["reason"] == "stop"
+    assert "".join(e.get("delta") or e.get("content", "") for e in events if isinstance(e, dict)
+                   and e["type"] in ("text-delta", "text")) == "abcde"
+
+
+def test_resume_answers_204_unless_the_caller_has_a_turn_running_there(live, upstream):
+    """204 is the only "nothing to resume" useChat takes; anything else is an error on mount."""
+    _, url = live()
+    reply, body = resume(url, "never-seen")  # a new chat's first mount
+    assert (reply.status_code, body) == (204, b"")
+    api_chat(url, ui_request("hi", "c-done"))  # a finished turn
+    assert resume(url, "c-done")[0].status_code == 204
+    assert resume(url, "bad..id")[0].status_code == 204
+    assert resume(url, "c-done", token=None)[0].status_code == 401  # the auth of POST /api/chat
+    upstream.script(stall(text("mine")[:2]))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        post = pool.submit(post_raw, url, ui_request("hi", "c-alice"))
+        eventually(lambda: upstream.open_streams == 1)
+        assert resume_status(url, "c-alice", token="tok-bob") == 204  # another user's turn: nothing
+        assert resume_status(url, "c-alice") == 200
+        assert stop(url, "c-alice").json() == {"success": True}
+        post.result()
+
+
+def test_stop_ends_the_turn_for_every_reader_and_saves_the_partial_answer_once(live, upstream):
+    _, url = live()
+    upstream.script(stall(text("Partial")[:2]))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        post = pool.submit(post_raw, url, ui_request("go on", "c-stop"))
+        eventually(lambda: upstream.open_streams == 1)
+        reader = pool.submit(resume, url, "c-stop")
+        for someone_else in (stop(url, "c-stop", token="tok-bob"),  # not theirs: nothing happens
+                             stop(url, "c-stop", {"activeStreamId": "an-older-answer"})):  # stale
+            assert (someone_else.status_code, someone_else.json()) == (200, {"success": True})
+        assert stored(url, "c-stop")["active"] is True
+        reply = stop(url, "c-stop")
+        assert (reply.status_code, reply.json()) == (200, {"success": True})
+        sent, (_, read) = post.result()[1], reader.result()
+    assert sent == read
+    assert chunks_of(sent)[-4:] == [{"type": "text-end", "id": "text-0"}, {"type": "finish-step"},
+                                    {"type": "abort"}, "[DONE]"]
+    conversation = stored(url, "c-stop")
+    assert conversation["active"] is False
+    assert [(m["role"], m["content"], m.get("stopped")) for m in conversation["messages"]] == [
+        ("user", "go on", None), ("assistant", "Partial", True)]
+    assert upstream.disconnects == 1
+    assert stop(url, "c-stop").json() == {"success": True}  # nothing running: still success
+
+
+def test_stop_with_the_running_answers_id_stops_it(live, upstream):
+    _, url = live()
+    upstream.script(stall(text("Partial")[:2]))
+    with httpx.stream("POST", url + "/api/chat", json=ui_request("go on", "c-id"), headers=AUTH,
+                      timeout=TIMEOUT) as response:
+        lines = response.iter_lines()
+        start = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        assert stop(url, "c-id", {"activeStreamId": start["messageId"]}).json() == {"success": True}
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-2:] == ['data: {"type":"abort"}', "data: [DONE]"]
+    assert stored(url, "c-id")["messages"][-1]["answer_id"] == start["messageId"]
+
+
+def test_history_while_a_turn_runs_leaves_its_answer_out_and_says_so(live, upstream):
+    chat, url = live()
+    chat.tools.add(lambda city: "rain", name="weather", description="Weather.")
+    upstream.script(tool_calls(("weather", {"city": "Oslo"})), stall(text("It rains")[:2]))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        post = pool.submit(post_raw, url, ui_request("weather?", "c-hist"))
+        eventually(lambda: upstream.open_streams == 1 and len(upstream.requests) == 2)  # step two runs
+        meanwhile = stored(url, "c-hist")
+        assert meanwhile["active"] is True
+        assert [m["role"] for m in meanwhile["messages"]] == ["user"]  # step one is stored, not shown
+        stop(url, "c-hist")
+        start = chunks_of(post.result()[1])[0]
+    after = stored(url, "c-hist")
+    assert after["active"] is False
+    assert [m["role"] for m in after["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert {m.get("answer_id") for m in after["messages"][1:]} == {start["messageId"]}
+    assert after["messages"][1]["ui_id"] == start["messageId"] and "ui_id" not in after["messages"][3]
+
+
+def test_past_resume_buffer_bytes_the_turn_goes_on_but_cannot_be_resumed(live, upstream):
+    _, url = live(resume_buffer_bytes=1000)
+    upstream.script(drip(text(*["word "] * 40), 0.05))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        post = pool.submit(post_raw, url, ui_request("talk", "c-big"))
+        eventually(lambda: upstream.open_streams == 1)
+        assert resume_status(url, "c-big") == 200
+        eventually(lambda: resume_status(url, "c-big") == 204)  # past 1,000 bytes
+        assert stored(url, "c-big")["active"] is True  # ... while the turn goes on
+        sent = post.result()[1]
+    assert "".join(c.get("delta", "") for c in chunks_of(sent) if isinstance(c, dict)) == "word " * 40
+    assert stored(url, "c-big")["messages"][-1]["content"] == "word " * 40
+
+
+def test_a_failure_before_the_first_byte_is_the_posts_http_error(live, upstream):
+    _, url = live()
+    upstream.script(failing(401, {"error": {"message": "bad key"}}))
+    reply, body = post_raw(url, ui_request("hi", "c-fail"))
+    assert reply.status_code == 502 and b"bad key" in body
+    assert resume_status(url, "c-fail") == 204
+    upstream.script(text("fine"))
+    assert api_chat(url, ui_request("again", "c-fail") | {"messages": [user_message("again", "u2")]})[0].status_code == 200
+
+
+###############################################################################
 # Protocol: /api/chat through the AI SDK itself (`ai` from the npm registry, under node)
 ###############################################################################
 
