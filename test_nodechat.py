@@ -3401,8 +3401,85 @@ try {
 """
 
 
+AISDK_RESUME = r"""
+// useChat({ resume: true }) without React: the AI SDK's own AbstractChat over a plain state.
+// Spec on stdin: {url, token?, chatId, send?, leaveAfter?, history?}.  With `send` a first tab
+// sends it and leaves (a reload) once the answer shows `leaveAfter`; then a second tab loads the
+// conversation from the server and mounts: chat.resumeStream().  Prints one JSON line.
+import { AbstractChat, DefaultChatTransport } from 'ai';
+
+let input = '';
+for await (const piece of process.stdin) input += piece;
+const spec = JSON.parse(input);
+const headers = spec.token ? { Authorization: `Bearer ${spec.token}` } : {};
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const textOf = (message) => (message?.parts ?? []).filter((p) => p.type === 'text').map((p) => p.text).join('');
+
+class State {  // what @ai-sdk/react's ReactChatState does, minus React
+  constructor(messages) { this.messages = messages; this.status = 'ready'; this.error = undefined; }
+  pushMessage = (message) => { this.messages = this.messages.concat(message); };
+  popMessage = () => { this.messages = this.messages.slice(0, -1); };
+  replaceMessage = (index, message) => {
+    this.messages = [...this.messages.slice(0, index), this.snapshot(message), ...this.messages.slice(index + 1)];
+  };
+  snapshot = (value) => structuredClone(value);
+}
+
+class Chat extends AbstractChat {
+  constructor(messages) {
+    super({ id: spec.chatId, state: new State(messages),
+            transport: new DefaultChatTransport({ api: `${spec.url}/api/chat`, headers }) });
+  }
+}
+
+function uiMessages(stored) {  // what an app shows from GET /api/conversations/{id}
+  const out = [];
+  for (const m of stored) {
+    const text = typeof m.content === 'string' ? m.content : '';
+    if (m.role === 'user') out.push({ id: m.ui_id ?? m.id, role: 'user', parts: [{ type: 'text', text }] });
+    else if (m.role === 'assistant') {
+      const last = out.at(-1);
+      const parts = text ? [{ type: 'text', text, state: 'done' }] : [];
+      if (last?.role === 'assistant') last.parts.push(...parts);
+      else out.push({ id: m.ui_id ?? m.id, role: 'assistant', parts });
+    }
+  }
+  return out;
+}
+
+const out = {};
+try {
+  if (spec.send) {
+    const before = new Chat(spec.history ?? []);
+    const sending = before.sendMessage({ text: spec.send });
+    for (let i = 0; i < 400 && !textOf(before.messages.at(-1)).includes(spec.leaveAfter); i++) await sleep(25);
+    out.before = textOf(before.messages.at(-1));
+    out.beforeId = before.messages.at(-1)?.id;
+    await before.stop();
+    await sending;
+  }
+  const res = await fetch(`${spec.url}/api/conversations/${spec.chatId}`, { headers });
+  const history = res.status === 200 ? await res.json() : { messages: [], active: false };
+  out.active = history.active;
+  const after = new Chat(uiMessages(history.messages));
+  out.shown = after.messages.map((m) => [m.role, textOf(m)]);
+  await after.resumeStream();
+  out.status = after.status;
+  out.error = after.error?.message ?? null;
+  out.messages = after.messages.map((m) => ({ id: m.id, role: m.role, text: textOf(m) }));
+} catch (error) {
+  out.thrown = String(error?.stack ?? error);
+}
+process.stdout.write(JSON.stringify(out) + '\n');
+"""
+
+# useChat's resume changed in 5.0.233 / 6.0.250 / 7.0.62 (a resumed answer is a new message, no
+# longer the last one grown); the oldest here is from before, to hold the history rule to it.
+AI_SDK_RESUME_VERSIONS = tuple(dict.fromkeys((AI_SDK_OLDEST, "5.0.233", "6.0.250", AI_SDK_NEWEST)))
+
+
 class AISDK:
-    """The installed `ai` package of one version and the client program that uses it."""
+    """The installed `ai` package of one version and the client programs that use it."""
 
     def __init__(self, version: str, node: str, workdir: Path):
         self.version, self.node, self.workdir = version, node, workdir
@@ -3410,8 +3487,8 @@ class AISDK:
     def __repr__(self) -> str:
         return f"ai@{self.version}"
 
-    def run(self, spec: dict, timeout: float = 60) -> dict:
-        done = subprocess.run([self.node, str(self.workdir / "client.mjs")], input=json.dumps(spec),
+    def run(self, spec: dict, timeout: float = 60, program: str = "client.mjs") -> dict:
+        done = subprocess.run([self.node, str(self.workdir / program)], input=json.dumps(spec),
                               capture_output=True, text=True, timeout=timeout, cwd=self.workdir)
         lines = done.stdout.strip().splitlines()
         assert done.returncode == 0 and lines, (
@@ -3447,17 +3524,27 @@ def _npm_install(version: str, npm: str) -> Path:
 
 @pytest.fixture(scope="session", params=AI_SDK_VERSIONS, ids=[f"ai@{v}" for v in AI_SDK_VERSIONS])
 def aisdk(request, tmp_path_factory) -> AISDK:
+    return installed_aisdk(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=AI_SDK_RESUME_VERSIONS, ids=[f"ai@{v}" for v in AI_SDK_RESUME_VERSIONS])
+def aisdk_resume(request, tmp_path_factory) -> AISDK:
+    return installed_aisdk(request.param, tmp_path_factory)
+
+
+def installed_aisdk(version: str, tmp_path_factory) -> AISDK:
     node, npm = shutil.which("node"), shutil.which("npm")
     if not (node and npm):
         reason = "the AI SDK tests need node and npm (apt-get install nodejs npm), not found on PATH"
         if os.environ.get("CI") == "true":
             pytest.fail(reason + "; CI must run them")
         pytest.skip(reason)
-    installed = _npm_install(request.param, npm)
-    workdir = tmp_path_factory.mktemp(f"ai-{request.param}")
+    installed = _npm_install(version, npm)
+    workdir = tmp_path_factory.mktemp(f"ai-{version}")
     (workdir / "client.mjs").write_text(AISDK_CLIENT)
+    (workdir / "resume.mjs").write_text(AISDK_RESUME)
     (workdir / "node_modules").symlink_to(installed / "node_modules", target_is_directory=True)
-    return AISDK(request.param, node, workdir)
+    return AISDK(version, node, workdir)
 
 
 def user_message(text_: str, id_: str = "u1") -> dict:
@@ -3589,6 +3676,52 @@ def test_aisdk_finish_chunk_passes_the_schema(aisdk, live, upstream):
     assert kinds.count("finish") == 1 and kinds[-1] == "finish", kinds
     finish = result["chunks"][-1]
     assert finish.get("finishReason", "stop") == "stop"  # if sent, inside the enum and right
+
+
+def test_aisdk_resume_after_a_reload_shows_the_answer_once(aisdk_resume, live, upstream):
+    """A tab sends, leaves mid-answer (a reload), and the reloaded tab shows the conversation
+    from the server and mounts ``useChat({resume: true})``: the answer appears once, whole,
+    under the id its stream announced; the earlier answer stays as it was."""
+    _, url = live()
+    upstream.script(text("Tea is a drink."))
+    api_chat(url, ui_request("first question", "c-reload"))
+    earlier = stored(url, "c-reload")["messages"]
+    history = [{"id": earlier[0]["ui_id"], "role": "user", "parts": [{"type": "text", "text": "first question"}]},
+               {"id": earlier[1]["ui_id"], "role": "assistant", "parts": [{"type": "text", "text": "Tea is a drink."}]}]
+    upstream.script(drip(text("One.", " Two.", " Three.", " Four."), 0.3))
+    result = aisdk_resume.run({"url": url, "token": "tok-alice", "chatId": "c-reload", "history": history,
+                               "send": "count to four", "leaveAfter": "One."}, program="resume.mjs")
+    assert "thrown" not in result, result["thrown"]
+    assert result["before"].startswith("One.") and result["before"] != "One. Two. Three. Four."
+    assert result["active"] is True  # the history said so, and left the partial answer out
+    assert result["shown"] == [["user", "first question"], ["assistant", "Tea is a drink."],
+                               ["user", "count to four"]]
+    assert (result["status"], result["error"]) == ("ready", None)
+    assert [(m["role"], m["text"]) for m in result["messages"]] == [
+        ("user", "first question"), ("assistant", "Tea is a drink."), ("user", "count to four"),
+        ("assistant", "One. Two. Three. Four.")]
+    assert result["messages"][-1]["id"] == result["beforeId"]  # the start chunk's messageId
+    answer = stored(url, "c-reload")["messages"][-1]
+    assert (answer["content"], answer["ui_id"]) == ("One. Two. Three. Four.", result["beforeId"])
+    assert upstream.disconnects == 0
+
+
+def test_aisdk_resume_with_nothing_running_is_ready_not_an_error(aisdk_resume, live, upstream):
+    """A new chat, a finished turn and another user's running turn: 204, so the mount ends
+    ``ready`` with no error and nothing added."""
+    _, url = live()
+    api_chat(url, ui_request("hello", "c-finished"))
+    upstream.script(stall(text("bob's")[:2]))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        bobs = pool.submit(post_raw, url, ui_request("hi", "c-bobs"), "tok-bob")
+        eventually(lambda: upstream.open_streams == 1)
+        for chat_id, shown in (("c-new", 0), ("c-finished", 2), ("c-bobs", 0)):
+            result = aisdk_resume.run({"url": url, "token": "tok-alice", "chatId": chat_id}, program="resume.mjs")
+            assert "thrown" not in result, result["thrown"]
+            assert (result["status"], result["error"]) == ("ready", None), (chat_id, result)
+            assert len(result["messages"]) == len(result["shown"]) == shown, (chat_id, result)
+        stop(url, "c-bobs", token="tok-bob")
+        bobs.result()
 
 
 ###############################################################################
