@@ -1695,6 +1695,28 @@ PG_MIGRATIONS = (
     CREATE INDEX memories_by_user ON memories (user_id, seq);
     CREATE INDEX memories_words ON memories USING gin (words) WITH (fastupdate = off);
     """,
+    # PostgresTurns: the turns running in every process, and the bytes of their streams
+    """
+    CREATE TABLE nodechat_turns (
+        turn_id text PRIMARY KEY,
+        user_id text NOT NULL,
+        conversation_id text,
+        capped boolean NOT NULL,
+        ui boolean,
+        resumable boolean NOT NULL DEFAULT false,
+        orphaned bytea NOT NULL DEFAULT '',
+        owner text NOT NULL,
+        stop_requested boolean NOT NULL DEFAULT false,
+        lease_until timestamptz NOT NULL);
+    CREATE UNIQUE INDEX nodechat_turns_one_per_conversation ON nodechat_turns (user_id, conversation_id);
+    CREATE TABLE nodechat_turn_chunks (
+        turn_id text NOT NULL,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        last boolean NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (turn_id, seq));
+    """,
 )
 
 CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at"
@@ -4512,10 +4534,11 @@ class TurnStream:
     passed is let go.
     """
 
-    def __init__(self, stream_id: str, ui: bool, limit: int):
+    def __init__(self, stream_id: str, ui: bool, limit: int, orphaned: bytes = b""):
         self.id = stream_id  # the answer's message id (the UI stream's start.messageId)
         self.ui = ui  # AI SDK UI stream, else the seed's events
         self.limit = limit
+        self.orphaned = orphaned  # what a reader elsewhere is told if the turn's process dies
         self.chunks: list[bytes] = []
         self.first = 0  # how many chunks before chunks[0] were let go (once full)
         self.size = 0
@@ -4570,6 +4593,7 @@ class Admitted:
     conversation_id: str | None
     capped: bool
     stream: TurnStream | None = None
+    turn_id: str | None = None  # its row (PostgresTurns)
 
 
 class Turns:
@@ -4654,6 +4678,288 @@ class Turns:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+TURN_CHUNK_SECONDS = 0.02  # a turn's bytes go to PostgreSQL at most this often: one INSERT each
+TURN_FOLLOW_SECONDS = 1.0  # a reader on another process looks at the table this often without a NOTIFY
+TURN_CHUNKS_KEPT_SECONDS = 60  # chunks outlive their turn this long, for readers still catching up
+TURN_CHANNEL = "nodechat_turns"  # NOTIFY "c:<turn>:<seq>" (new chunk), "s:<turn>" (stop it)
+
+
+class PostgresTurns(Turns):
+    """:class:`Turns` for every process that shares the database.
+
+    A turn holds a row in ``nodechat_turns`` while it runs, taken under a per-user advisory
+    lock: the unique (user, conversation) index is the one-turn-per-conversation rule, and
+    the count of the user's capped rows is ``max_turns_per_user``.  The process renews its
+    rows' lease every third of ``turn_lease_seconds``; a process that dies (kill -9) stops
+    renewing, and its rows are let go once the lease is over.  A turn that finds its own row
+    gone (its lease ran out while the database was away) stops: two processes never answer
+    one conversation.
+
+    A turn's stream goes to ``nodechat_turn_chunks``, batched (one INSERT per
+    ``TURN_CHUNK_SECONDS`` while it streams), each INSERT announced with a NOTIFY of its
+    number, never its bytes (payloads are capped at 8,000 bytes).  A reader on another
+    process reads the table from the first chunk, then follows the notifications (and looks
+    anyway every ``TURN_FOLLOW_SECONDS``: a notification sent while it was not listening is
+    never replayed).  When the producer's lease runs out with no last chunk, the reader is
+    sent the turn's ``orphaned`` bytes (an error, then the stream's end).  A stop from
+    another process sets ``stop_requested`` and NOTIFYs the owner; its heartbeat sees the
+    flag too, should the notification be lost.
+    """
+
+    def __init__(self, settings: Settings, store: PostgresStore):
+        super().__init__(settings)
+        self.store = store
+        self.owner = new_id("process")
+        self._rows: dict[str, TurnStream | None] = {}  # turn id -> its stream, for this process's rows
+        self._followers: dict[str, tuple[TurnStream, asyncio.Event]] = {}  # other processes' turns read here
+        self._writers: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
+        self._heartbeat: asyncio.Task | None = None
+        self._listener: Any = None
+        self._listening: asyncio.Lock | None = None
+
+    # -- this process's turns --------------------------------------------------------------
+
+    async def enter(self, turn: Turn, stream: TurnStream | None = None) -> Admitted:
+        admitted = self._enter(turn, stream)  # this process's own count first: no round trip to refuse
+        if not (turn.capped or turn.conversation_id):
+            return admitted  # a /v1 call: nothing to hold across processes
+        turn_id = stream.id if stream is not None else new_id("turn")
+        try:
+            await self._claim(turn, turn_id, stream)
+        except BaseException:
+            self._leave(admitted)
+            raise
+        self._rows[turn_id] = stream
+        self._start_background()
+        if stream is not None:
+            self._writers[turn_id] = spawn(self._background, self._write_chunks(stream))
+        return dataclasses.replace(admitted, turn_id=turn_id)
+
+    async def _claim(self, turn: Turn, turn_id: str, stream: TurnStream | None) -> None:
+        user, limit = turn.user_id, self.settings.max_turns_per_user
+        async with self.store._transaction() as db:
+            await db.execute("SELECT pg_advisory_xact_lock(3, hashtext($1))", user)
+            await db.execute("DELETE FROM nodechat_turns WHERE user_id = $1 AND lease_until < now()", user)
+            if turn.capped and await db.fetchval("SELECT count(*) FROM nodechat_turns WHERE user_id = $1 "
+                                                 "AND capped", user) >= limit:
+                raise TooManyRequests(f"{limit} turns are already running for this user; try again "
+                                      "when one ends", code="too_many_turns")
+            claimed = await db.fetchval(
+                "INSERT INTO nodechat_turns (turn_id, user_id, conversation_id, capped, ui, resumable, "
+                "orphaned, owner, lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
+                "now() + $9 * interval '1 second') ON CONFLICT DO NOTHING RETURNING true",
+                turn_id, user, turn.conversation_id, turn.capped, stream.ui if stream else None,
+                stream is not None, stream.orphaned if stream else b"", self.owner,
+                self.settings.turn_lease_seconds)
+        if not claimed:
+            raise Conflict("a turn is already running in this conversation; wait for it or stop it",
+                           code="conversation_busy")
+
+    async def leave(self, admitted: Admitted) -> None:
+        self._leave(admitted)
+        turn_id = admitted.turn_id
+        if turn_id is None or self._rows.pop(turn_id, 0) == 0:
+            return
+        writer = self._writers.pop(turn_id, None)
+        if writer is not None:  # its last chunk first: a reader elsewhere ends on it, not on the lease
+            await asyncio.shield(writer)
+        try:
+            async with self.store._connection() as db:
+                await db.execute("DELETE FROM nodechat_turns WHERE turn_id = $1", turn_id)
+        except StoreUnavailable:  # the row goes when its lease runs out
+            pass
+
+    async def _write_chunks(self, stream: TurnStream) -> None:
+        """The turn's bytes to the chunk table, batched, until its end (always written last)."""
+        seq, position = 0, 0
+        stream.readers[self] = position  # what is not written yet is never let go
+        try:
+            while True:
+                if position == stream.end and not stream.done:
+                    await stream.wait()
+                last, upto = stream.done, stream.end
+                data = stream.since(position) + (stream.failure_frames if last and stream.failure else b"")
+                try:
+                    async with self.store._connection() as db:
+                        await db.execute(
+                            "WITH chunk AS (INSERT INTO nodechat_turn_chunks (turn_id, seq, data, last) "
+                            "VALUES ($1, $2, $3, $4)) SELECT pg_notify($5, 'c:' || $1 || ':' || $2)",
+                            stream.id, seq + 1, data, last, TURN_CHANNEL)
+                        if stream.full:
+                            await db.execute("UPDATE nodechat_turns SET resumable = false WHERE turn_id = $1",
+                                             stream.id)
+                except StoreUnavailable:  # kept, and tried again with what comes next
+                    await asyncio.sleep(TURN_FOLLOW_SECONDS)
+                    continue
+                seq, position = seq + 1, upto
+                stream.readers[self] = position
+                if last:
+                    return
+                await asyncio.sleep(TURN_CHUNK_SECONDS)
+        finally:
+            stream.readers.pop(self, None)
+
+    # -- any process's turns ---------------------------------------------------------------
+
+    async def stream(self, user: str, conversation_id: str) -> TurnStream | None:
+        local = await super().stream(user, conversation_id)
+        if local is not None or (user, conversation_id) in self._busy:
+            return local
+        async with self.store._connection() as db:
+            row = await db.fetchrow("SELECT turn_id, ui, orphaned FROM nodechat_turns WHERE user_id = $1 "
+                                    "AND conversation_id = $2 AND resumable AND lease_until > now()",
+                                    user, conversation_id)
+        if row is None:
+            return None
+        turn_id = row["turn_id"]
+        if turn_id not in self._followers:
+            stream = TurnStream(turn_id, row["ui"], self.settings.resume_buffer_bytes, bytes(row["orphaned"]))
+            self._followers[turn_id] = (stream, asyncio.Event())
+            spawn(self._background, self._follow(stream))
+        return self._followers[turn_id][0]
+
+    async def _follow(self, stream: TurnStream) -> None:
+        """Another process's turn into a local stream, from its first chunk to its last."""
+        woken = self._followers[stream.id][1]
+        seq, lost_since = 0, None
+        try:
+            await self._listen()
+            while True:
+                woken.clear()
+                try:
+                    async with self.store._connection() as db:
+                        rows = await db.fetch("SELECT seq, data, last FROM nodechat_turn_chunks WHERE turn_id = $1 "
+                                              "AND seq > $2 ORDER BY seq", stream.id, seq)
+                        alive = rows or await db.fetchval("SELECT true FROM nodechat_turns WHERE turn_id = $1 "
+                                                          "AND lease_until > now()", stream.id)
+                    lost_since = None
+                except StoreUnavailable:
+                    rows, alive = [], True
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > self.settings.turn_lease_seconds:
+                        alive = False
+                for row in rows:
+                    seq = row["seq"]
+                    stream.push(bytes(row["data"]))
+                    if row["last"]:
+                        return
+                if not alive:  # its process is gone (or the database is, for a whole lease)
+                    stream.push(stream.orphaned)
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken.wait(), TURN_FOLLOW_SECONDS)
+        finally:
+            stream.close()
+            self._followers.pop(stream.id, None)
+
+    async def running(self, user: str, conversation_id: str) -> str | None:
+        local = await super().running(user, conversation_id)
+        if local is not None:
+            return local
+        async with self.store._connection() as db:
+            row = await db.fetchrow("SELECT turn_id, ui FROM nodechat_turns WHERE user_id = $1 AND "
+                                    "conversation_id = $2 AND lease_until > now()", user, conversation_id)
+        return None if row is None else row["turn_id"] if row["ui"] is not None else ""
+
+    async def stop(self, user: str, conversation_id: str, stream_id: str | None = None) -> None:
+        if (user, conversation_id) in self._busy:
+            return await super().stop(user, conversation_id, stream_id)
+        async with self.store._connection() as db:
+            turn_id = await db.fetchval(
+                "UPDATE nodechat_turns SET stop_requested = true WHERE user_id = $1 AND conversation_id = $2 "
+                "AND ($3::text IS NULL OR turn_id = $3) AND ui IS NOT NULL AND lease_until > now() "
+                "RETURNING turn_id", user, conversation_id, stream_id)
+            if turn_id is None:
+                return
+            await db.execute("SELECT pg_notify($1, 's:' || $2)", TURN_CHANNEL, turn_id)
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while time.monotonic() < deadline:  # until it has saved what it said
+            await asyncio.sleep(0.05)
+            async with self.store._connection() as db:
+                if not await db.fetchval("SELECT true FROM nodechat_turns WHERE turn_id = $1 "
+                                         "AND lease_until > now()", turn_id):
+                    return
+
+    # -- the process's own: a heartbeat, and one connection that LISTENs ---------------------
+
+    def _start_background(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = spawn(self._background, self._beat())
+
+    async def _beat(self) -> None:
+        """Renew this process's leases; stop the turns asked to stop, and those whose row is
+        gone; let go of chunks nobody needs any more."""
+        every = self.settings.turn_lease_seconds / 3
+        while self._rows or self._followers:
+            with contextlib.suppress(Exception):
+                await self._listen()
+            try:
+                async with self.store._connection() as db:
+                    ids = list(self._rows)
+                    rows = await db.fetch(
+                        "UPDATE nodechat_turns SET lease_until = now() + $2 * interval '1 second' "
+                        "WHERE turn_id = ANY($1::text[]) RETURNING turn_id, stop_requested",
+                        ids, self.settings.turn_lease_seconds)
+                    await db.execute(
+                        "DELETE FROM nodechat_turn_chunks c WHERE created_at < now() - $1 * interval '1 second' "
+                        "AND NOT EXISTS (SELECT 1 FROM nodechat_turns t WHERE t.turn_id = c.turn_id "
+                        "AND t.lease_until > now())", TURN_CHUNKS_KEPT_SECONDS)
+            except StoreUnavailable:
+                await asyncio.sleep(every)
+                continue
+            held = {row["turn_id"]: row["stop_requested"] for row in rows}
+            for turn_id in ids:
+                if held.get(turn_id, True) and turn_id in self._rows:
+                    if turn_id not in held:
+                        log.warning("turn %s lost its lease (the database was away): stopping it", turn_id)
+                    self._cancel(turn_id)
+            await asyncio.sleep(every)
+
+    def _cancel(self, turn_id: str) -> None:
+        stream = self._rows.get(turn_id)
+        if stream is not None and stream.task is not None:
+            stream.task.cancel()
+
+    async def _listen(self) -> None:
+        """One connection per process LISTENs on ``TURN_CHANNEL`` (opened on first need)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        self._listening = self._listening or asyncio.Lock()
+        async with self._listening:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            try:
+                listener = await self.store._asyncpg.connect(self.store.url, timeout=DB_CONNECT_TIMEOUT_SECONDS)
+                await listener.add_listener(TURN_CHANNEL, self._notified)
+            except self.store._outages as exc:
+                raise self.store._unavailable(exc) from exc
+            self._listener = listener
+
+    def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        kind, _, rest = payload.partition(":")
+        if kind == "c":
+            follower = self._followers.get(rest.rpartition(":")[0])
+            if follower is not None:
+                follower[1].set()
+        elif kind == "s":
+            self._cancel(rest)
+
+    async def aclose(self, grace: float) -> None:
+        await super().aclose(grace)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await listener.close(timeout=2)
+
+
+def make_turns(settings: Settings, store: Store) -> Turns:
+    return PostgresTurns(settings, store) if isinstance(store, PostgresStore) else Turns(settings)
 
 
 ###############################################################################
@@ -5785,7 +6091,10 @@ async def api_chat(chat: NodeChat, request: Request) -> SSEResponse | ReplayResp
     turn.message_id = encoder.message_id  # the answer is saved under the id its stream announces
     if not chat.settings.resume:
         return SSEResponse(run_turn(chat, turn), encoder, headers, keepalive)
-    stream = TurnStream(encoder.message_id, ui_stream, chat.settings.resume_buffer_bytes)
+    lost = NodeChatError("the server writing this answer stopped; reload the conversation",
+                         code="turn_lost")
+    orphaned = UIStreamEncoder().error(lost) if ui_stream else ChatSSEEncoder(cid, encoder.message_id).error(lost)
+    stream = TurnStream(encoder.message_id, ui_stream, chat.settings.resume_buffer_bytes, b"".join(orphaned))
     admitted = await chat.turns.enter(turn, stream)
     stream.task = spawn(chat.turns.tasks, run_detached(chat, turn, admitted, encoder, stream))
     return ReplayResponse(stream, headers, keepalive, owner=True)
@@ -7019,7 +7328,7 @@ class NodeChat:
         self._started: asyncio.Task | None = None
         self.workflows = WorkflowRegistry()
         self.agent = Agent(self.providers, self.store, self.http, self.settings, self.upstream)
-        self.turns = Turns(self.settings)
+        self.turns = make_turns(self.settings, self.store)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
         self.clients = HTTPClients(self.settings, http_client)
         self.gate = Gate(self.settings, authenticate)

@@ -1222,11 +1222,63 @@ def test_three_processes_share_one_database(postgres, database_url, upstream, tm
             processes[1].kill()
             with contextlib.suppress(httpx.HTTPError):
                 pending.result(timeout=15)
-        response, events = api_chat(urls[0], {"messages": [user("again")], "conversationId": "c-kill"},
-                                    token="tok-1")
+        # the conversation is free again once the dead process's lease is over
+        response, events = eventually(lambda: (reply := api_chat(
+            urls[0], {"messages": [user("again")], "conversationId": "c-kill"}, token="tok-1"))[0].status_code
+            != 409 and reply, timeout=20, interval=0.5)
         assert response.status_code == 200
         stored = httpx.get(urls[2] + "/api/conversations/c-kill", headers={"Authorization": "Bearer tok-1"})
         assert [m["content"] for m in stored.json()["messages"]] == ["doomed", "again", "ok"]
+
+
+def test_turns_hold_across_processes_resume_on_one_and_stop_on_another(postgres, database_url, upstream,
+                                                                      tmp_path):
+    """Three processes on one database: one turn per conversation and the per-user cap hold
+    across them; a turn started on A is read on B and stopped from C; kill -9 of A ends B's
+    reader with an error within the lease, and frees the conversation."""
+    env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url, "NODECHAT_MODEL": "fake-1",
+           "NODECHAT_TOKENS": "tok-alice:alice,tok-bob:bob", "NODECHAT_MAX_TURNS_PER_USER": "2",
+           "NODECHAT_TURN_LEASE_SECONDS": "2"}
+    with nodechat_processes(3, env, tmp_path) as (urls, processes), \
+            concurrent.futures.ThreadPoolExecutor(6) as pool:
+        a, b, c = urls
+        upstream.script(*[stall(text(f"Partial {n}")[:2]) for n in range(3)])
+        first = pool.submit(post_raw, a, ui_request("one", "c-one"))
+        eventually(lambda: upstream.open_streams == 1)
+        reader = pool.submit(resume, b, "c-one")
+        second = pool.submit(post_raw, a, ui_request("two", "c-two"))
+        eventually(lambda: upstream.open_streams == 2)
+        refused, body = post_raw(b, ui_request("three", "c-three"))  # alice is at her cap, on A
+        assert refused.status_code == 429 and b"2 turns are already running" in body
+        bobs = pool.submit(post_raw, a, ui_request("bob's", "c-bob"), "tok-bob")
+        eventually(lambda: upstream.open_streams == 3)
+        busy, body = post_raw(c, ui_request("again", "c-bob") | {"messages": [user_message("again", "u2")]},
+                              "tok-bob")
+        assert busy.status_code == 409 and b"already running in this conversation" in body
+        assert stored(c, "c-one")["active"] is True
+
+        assert stop(c, "c-one").json() == {"success": True}  # stopped from C, running on A, read on B
+        (_, sent), (replayed, read) = first.result(timeout=TIMEOUT), reader.result(timeout=TIMEOUT)
+        assert replayed.status_code == 200 and read == sent
+        assert chunks_of(sent)[-2:] == [{"type": "abort"}, "[DONE]"]
+        assert [(m["content"], m.get("stopped")) for m in stored(b, "c-one")["messages"]] == [
+            ("one", None), ("Partial 0", True)]
+
+        lost = pool.submit(resume, b, "c-bob", "tok-bob")
+        time.sleep(0.5)
+        processes[0].kill()  # A dies with bob's turn (and alice's second) mid-answer
+        started = time.monotonic()
+        replayed, read = lost.result(timeout=TIMEOUT)
+        assert time.monotonic() - started < 2 * 2 + 1  # within the lease (and one look at the table)
+        events = chunks_of(read)
+        assert events[0]["type"] == "start" and "Partial 2" in json.dumps(events)
+        assert events[-3:] == [{"type": "error", "errorText": "the server writing this answer stopped; "
+                                "reload the conversation"}, {"type": "finish", "finishReason": "error"}, "[DONE]"]
+        upstream.script(text("back"))
+        response, body = post_raw(c, ui_request("again", "c-bob") | {"messages": [user_message("again", "u2")]},
+                                  "tok-bob")
+        assert response.status_code == 200 and b"back" in body
+        assert stored(c, "c-bob", token="tok-bob")["active"] is False
 
 
 def test_database_outage_is_503_in_each_protocol_and_recovers(postgres, database_url, upstream, tmp_path):
