@@ -4543,7 +4543,8 @@ class TurnStream:
         self.first = 0  # how many chunks before chunks[0] were let go (once full)
         self.size = 0
         self.full = False
-        self.done = False
+        self.complete = False  # every byte is in (what PostgresTurns writes last)
+        self.done = False  # ... and the turn has let go of its conversation: readers end here
         self.failure: NodeChatError | None = None  # the turn failed before its first byte
         self.failure_frames = b""  # ... and what a reader other than its POST is told
         self.readers: dict[object, int] = {}  # reader -> the next chunk it reads
@@ -4565,8 +4566,18 @@ class TurnStream:
                 self.first = max(self.first, low)
         self._wake()
 
-    def close(self, failure: NodeChatError | None = None, frames: bytes = b"") -> None:
-        self.done, self.failure, self.failure_frames = True, failure, frames
+    def fail(self, failure: NodeChatError, frames: bytes) -> None:
+        """The turn failed before its first byte: its POST gets ``failure`` as its HTTP
+        error, any other reader ``frames``."""
+        self.failure, self.failure_frames = failure, frames
+        self.finish()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def close(self) -> None:
+        self.complete = self.done = True
         self._wake()
 
     def since(self, position: int) -> bytes:
@@ -4778,9 +4789,9 @@ class PostgresTurns(Turns):
         stream.readers[self] = position  # what is not written yet is never let go
         try:
             while True:
-                if position == stream.end and not stream.done:
+                if position == stream.end and not stream.complete:
                     await stream.wait()
-                last, upto = stream.done, stream.end
+                last, upto = stream.complete, stream.end
                 data = stream.since(position) + (stream.failure_frames if last and stream.failure else b"")
                 try:
                     async with self.store._connection() as db:
@@ -6148,17 +6159,20 @@ async def run_detached(chat: NodeChat, turn: Turn, admitted: Admitted, encoder: 
         except Exception as exc:
             err = client_error(exc)
             if not opened:
-                stream.close(err, b"".join(encoder.start() + encoder.error(err)))
+                stream.fail(err, b"".join(encoder.start() + encoder.error(err)))
                 return
             stream.push(b"".join(encoder.error(err)))
     except asyncio.CancelledError:  # stopped: every reader gets the stream's end
         asyncio.current_task().uncancel()  # and the turn ends here, normally
         start = [] if opened else encoder.start()
         stream.push(b"".join(start + encoder.encode(Finished("stopped")) + encoder.end()))
-    finally:
-        stream.close(stream.failure, stream.failure_frames)
-        await chat.turns.leave(admitted)
-        await events.aclose()
+    finally:  # the conversation is free before any reader sees the end: a next turn is not a 409
+        stream.finish()
+        try:
+            await asyncio.shield(chat.turns.leave(admitted))
+        finally:
+            stream.close()
+            await events.aclose()
 
 
 def acting_user(chat: NodeChat, request: Request, body: dict) -> str:

@@ -1040,7 +1040,8 @@ async def test_five_instances_starting_at_once_migrate_the_schema_once(database_
     try:
         await within(30, asyncio.gather(*(s.check() for s in stores)))
         async with stores[0]._connection() as db:
-            assert [r[0] for r in await db.fetch("SELECT version FROM nodechat_schema_version")] == [1]
+            versions = [r[0] for r in await db.fetch("SELECT version FROM nodechat_schema_version")]
+        assert versions == [1, 2]  # each once
         assert len({id(s._pool) for s in stores}) == 5  # instances share nothing
         await stores[0].create_conversation("shared", "alice")
         await within(30, asyncio.gather(*(
@@ -4160,6 +4161,31 @@ async def test_ws_client_leaving_mid_turn_leaves_nothing_running(live, upstream)
             break
         await asyncio.sleep(0.02)
     assert upstream.disconnects == 1 and not chat.sessions
+
+
+@pytest.mark.anyio
+async def test_ws_closing_mid_turn_stops_it_keeps_what_it_said_and_a_new_socket_goes_on(live, upstream):
+    """NodeTool's runner cancels the running generation when its socket closes, and its client
+    reloads the thread when it connects again: nodechat does the same, keeping what was said."""
+    _, url = live()
+    upstream.script(stall(text("Half an")[:2]))
+    async with ws_connect(url) as ws:
+        await ws.send({"type": "message", "role": "user", "content": "tell me", "thread_id": "t-drop"})
+        await ws.until(lambda m: m["type"] == "chunk" and "Half" in m.get("content", ""))
+    for _ in range(250):
+        if upstream.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.disconnects == 1
+    thread = stored(url, "t-drop")
+    assert thread["active"] is False
+    assert [(m["content"], m.get("stopped")) for m in thread["messages"]] == [("tell me", None), ("Half an", True)]
+    upstream.script(text("Go on."))
+    async with ws_connect(url) as ws:
+        await ws.send({"type": "message", "role": "user", "content": "go on", "thread_id": "t-drop"})
+        got = await ws.turn()
+    assert "".join(m.get("content", "") for m in got if m["type"] == "chunk") == "Go on."
+    assert [m["content"] for m in upstream.requests[-1]["messages"][1:]] == ["tell me", "Half an", "go on"]
 
 
 @pytest.mark.anyio
