@@ -27,7 +27,7 @@ Scale out with ``NODECHAT_DATABASE_URL=postgresql://...`` (the ``postgres`` extr
 of processes on any number of machines share one PostgreSQL.
 
 Sections, each using only those above it: Settings, Errors, Events, Wire, Store (JSON files;
-PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Agent, Workflows, HTTP server, one
+PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Agent, Workflows, Turns, HTTP server, one
 section per protocol (OpenAI ``/v1``, ``/api/chat``, the ``/chat`` WebSocket), Chat page, App,
 CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 
@@ -41,7 +41,10 @@ Follow a request from the bottom up:
    workflow) yields events: the provider's stream (Providers) through nodechat's HTTP/1.1
    client (Upstream HTTP client) over the sans-IO readers in Wire, and the tools' results.
 4. Back in the protocol's section, its encoder turns each event into bytes, written by
-   ``stream_sse`` (HTTP server) or ``ChatSession.send``.
+   ``stream_sse`` (HTTP server) or ``ChatSession.send``.  An ``/api/chat`` turn on a stored
+   conversation runs instead as the server's own task (``run_detached``), its bytes kept in a
+   ``TurnStream`` (Turns) that the POST and any later ``GET .../stream`` read
+   (``ReplayResponse``).
 """
 
 from __future__ import annotations
@@ -3996,7 +3999,7 @@ class Turn:
     max_steps: int = 20
     regenerate: bool = False  # answer the last user message again, dropping its stored answer
     capped: bool = False  # counts against max_turns_per_user (end users' agent turns)
-    message_id: str | None = None  # the answer's id: see Agent._save
+    message_id: str | None = None  # the answer's id, as its stream announced it: see Agent._save
     on_title: Callable[[str], Awaitable[None]] | None = None  # told the title once it is made
 
 
@@ -4148,7 +4151,7 @@ class Agent:
         client_names = {spec.get("function", {}).get("name") for spec in turn.client_tools}
         schemas = [t.schema() for t in turn.tools] + list(turn.client_tools)
         context = ToolContext(turn.user_id, turn.conversation_id, self.store, self.http)
-        usage, text, answered, stopped = None, [], False, False
+        usage, text, stopped = None, [], False
         try:
             for _ in range(turn.max_steps):
                 body = {**turn.params, "model": model, "messages": messages}
@@ -4187,9 +4190,8 @@ class Agent:
                                       self.settings.max_tool_result_chars)
                          for c in calls if c.id in results]
                 messages.extend(step)
-                for saved in await self._save(turn, step, first=not answered):
+                for saved in await self._save(turn, step):
                     yield Saved(saved)
-                answered = True
                 yield StepFinished(finish.reason, finish.usage)
                 if not calls:
                     yield Finished(finish.reason, usage)
@@ -4204,7 +4206,7 @@ class Agent:
                 if stopped:
                     partial["stopped"] = True
                 with contextlib.suppress(NotFound):
-                    await asyncio.shield(self._save(turn, [partial], first=not answered))
+                    await asyncio.shield(self._save(turn, [partial]))
 
     async def _run_tools(self, calls: list[ToolCall], by_name: dict[str, Tool],
                          context: ToolContext) -> AsyncIterator[Event]:
@@ -4238,16 +4240,15 @@ class Agent:
             log.info("tool %s raised %s: %s", call.name, type(exc).__name__, exc)
             return ToolResult(call.id, call.name, f"{type(exc).__name__}: {exc}", is_error=True)
 
-    async def _save(self, turn: Turn, messages: list[dict], first: bool = False) -> list[dict]:
+    async def _save(self, turn: Turn, messages: list[dict]) -> list[dict]:
         """Store a step's messages.  With the turn's ``message_id`` (the id its stream
-        announced) each carries it as ``answer_id``, and the answer's first message also as
-        ``ui_id``: a client that sends the answer back in its history does not store it twice."""
+        announced: one UI message for the whole answer) each carries it as ``answer_id``.
+        Not as ``ui_id``: a message with one costs the JSON store a read of the conversation
+        to skip a resend, and a resent answer is skipped anyway (``unstored_messages``)."""
         if not turn.conversation_id:
             return []
         if turn.message_id:
             messages = [{**m, "answer_id": turn.message_id} for m in messages]
-            if first:
-                messages[0]["ui_id"] = turn.message_id
         return await self.store.append_messages(turn.conversation_id, messages)
 
     async def _system_prompt(self, turn: Turn, history: list[dict]) -> str | None:
@@ -4583,6 +4584,11 @@ class TurnStream:
     def since(self, position: int) -> bytes:
         return b"".join(self.chunks[position - self.first:])
 
+    def reader(self, key: object) -> None:
+        """Count ``key`` as a reader from the first byte, before it reads: nothing it has not
+        read is let go, however full the stream gets meanwhile."""
+        self.readers[key] = self.first
+
     async def wait(self) -> None:
         """Until the next push or the end."""
         waiter = asyncio.get_running_loop().create_future()
@@ -4746,6 +4752,7 @@ class PostgresTurns(Turns):
         self._rows[turn_id] = stream
         self._start_background()
         if stream is not None:
+            stream.reader(self)  # what is not written yet is never let go
             self._writers[turn_id] = spawn(self._background, self._write_chunks(stream))
         return dataclasses.replace(admitted, turn_id=turn_id)
 
@@ -4785,8 +4792,7 @@ class PostgresTurns(Turns):
 
     async def _write_chunks(self, stream: TurnStream) -> None:
         """The turn's bytes to the chunk table, batched, until its end (always written last)."""
-        seq, position = 0, 0
-        stream.readers[self] = position  # what is not written yet is never let go
+        seq, position = 0, stream.readers[self]
         try:
             while True:
                 if position == stream.end and not stream.complete:
@@ -5195,8 +5201,7 @@ class ReplayResponse:
         stream, task = self.stream, asyncio.current_task()
         watcher = asyncio.create_task(watch_disconnect(receive, task))
         out = SSEWriter(send, self.headers, self.keepalive)
-        position = stream.first
-        stream.readers[self] = position
+        position = stream.readers.setdefault(self, stream.first)
         try:
             while True:
                 if position < stream.end:
@@ -6107,8 +6112,10 @@ async def api_chat(chat: NodeChat, request: Request) -> SSEResponse | ReplayResp
     orphaned = UIStreamEncoder().error(lost) if ui_stream else ChatSSEEncoder(cid, encoder.message_id).error(lost)
     stream = TurnStream(encoder.message_id, ui_stream, chat.settings.resume_buffer_bytes, b"".join(orphaned))
     admitted = await chat.turns.enter(turn, stream)
+    response = ReplayResponse(stream, headers, keepalive, owner=True)
+    stream.reader(response)
     stream.task = spawn(chat.turns.tasks, run_detached(chat, turn, admitted, encoder, stream))
-    return ReplayResponse(stream, headers, keepalive, owner=True)
+    return response
 
 
 async def resume_stream(chat: NodeChat, request: Request) -> ReplayResponse | JSONResponse:
@@ -6123,7 +6130,9 @@ async def resume_stream(chat: NodeChat, request: Request) -> ReplayResponse | JS
     headers = ((b"x-conversation-id", cid.encode()),)
     if stream.ui:
         headers += tuple((k.encode(), v.encode()) for k, v in UIStreamEncoder.headers)
-    return ReplayResponse(stream, headers, chat.settings.keepalive_seconds)
+    response = ReplayResponse(stream, headers, chat.settings.keepalive_seconds)
+    stream.reader(response)
+    return response
 
 
 async def stop_turn(chat: NodeChat, request: Request) -> JSONResponse:

@@ -13,6 +13,9 @@ Module section -> where its tests are:
     Providers, Agent, Workflows           through the protocols: OpenAI /v1 (routing, upstream
                                           errors), /api/chat (steps, tools, memory, titles),
                                           /chat (workflows, client tools)
+    Turns                                 "/api/chat turns that outlive their connection" (resume,
+                                          stop; useChat's resume under node in the AI SDK section),
+                                          across processes in the Store section's PostgreSQL tests
     HTTP server (Gate, limits)            "Limits, faults and security", and each protocol's errors
     Protocol: /v1, /api/chat, /chat      "Encoders" (exact bytes), then one section per protocol
     App, CLI, Chat page                   their own sections (the page's last: see there)
@@ -3256,7 +3259,7 @@ def test_a_turn_goes_on_when_its_client_leaves_and_is_saved_whole(live, upstream
     eventually(lambda: not stored(url, "c-leave")["active"])
     answer = stored(url, "c-leave")["messages"][-1]
     assert answer["content"] == "Once upon a time." and "stopped" not in answer
-    assert answer["ui_id"] == answer["answer_id"] == start["messageId"]  # the id its stream announced
+    assert answer["answer_id"] == start["messageId"]  # the id its stream announced
     assert upstream.disconnects == 0
 
 
@@ -3370,7 +3373,6 @@ def test_history_while_a_turn_runs_leaves_its_answer_out_and_says_so(live, upstr
     assert after["active"] is False
     assert [m["role"] for m in after["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert {m.get("answer_id") for m in after["messages"][1:]} == {start["messageId"]}
-    assert after["messages"][1]["ui_id"] == start["messageId"] and "ui_id" not in after["messages"][3]
 
 
 def test_past_resume_buffer_bytes_the_turn_goes_on_but_cannot_be_resumed(live, upstream):
@@ -3494,7 +3496,7 @@ function uiMessages(stored) {  // what an app shows from GET /api/conversations/
       const last = out.at(-1);
       const parts = text ? [{ type: 'text', text, state: 'done' }] : [];
       if (last?.role === 'assistant') last.parts.push(...parts);
-      else out.push({ id: m.ui_id ?? m.id, role: 'assistant', parts });
+      else out.push({ id: m.answer_id ?? m.id, role: 'assistant', parts });
     }
   }
   return out;
@@ -3740,7 +3742,8 @@ def test_aisdk_resume_after_a_reload_shows_the_answer_once(aisdk_resume, live, u
     api_chat(url, ui_request("first question", "c-reload"))
     earlier = stored(url, "c-reload")["messages"]
     history = [{"id": earlier[0]["ui_id"], "role": "user", "parts": [{"type": "text", "text": "first question"}]},
-               {"id": earlier[1]["ui_id"], "role": "assistant", "parts": [{"type": "text", "text": "Tea is a drink."}]}]
+               {"id": earlier[1]["answer_id"], "role": "assistant",
+                "parts": [{"type": "text", "text": "Tea is a drink."}]}]
     upstream.script(drip(text("One.", " Two.", " Three.", " Four."), 0.3))
     result = aisdk_resume.run({"url": url, "token": "tok-alice", "chatId": "c-reload", "history": history,
                                "send": "count to four", "leaveAfter": "One."}, program="resume.mjs")
@@ -3755,7 +3758,7 @@ def test_aisdk_resume_after_a_reload_shows_the_answer_once(aisdk_resume, live, u
         ("assistant", "One. Two. Three. Four.")]
     assert result["messages"][-1]["id"] == result["beforeId"]  # the start chunk's messageId
     answer = stored(url, "c-reload")["messages"][-1]
-    assert (answer["content"], answer["ui_id"]) == ("One. Two. Three. Four.", result["beforeId"])
+    assert (answer["content"], answer["answer_id"]) == ("One. Two. Three. Four.", result["beforeId"])
     assert upstream.disconnects == 0
 
 

@@ -303,6 +303,56 @@ async def one_request(reader, writer, payload: bytes) -> tuple[float, list[float
         buffer = buffer[pos:]
 
 
+async def delta_times(reader, writer, payload: bytes) -> list[float]:
+    """Send one request; when each text delta of its chunked UI stream arrived."""
+    writer.write(payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.split(b"\r\n")[0].decode())
+    times, buffer = [], b""
+    while True:
+        data = await reader.read(1 << 16)
+        if not data:
+            raise RuntimeError("the server closed the connection mid-answer")
+        now = time.perf_counter()
+        buffer += data
+        pos = 0
+        while (eol := buffer.find(b"\r\n", pos)) >= 0:
+            size = int(buffer[pos:eol], 16)
+            end = eol + 2 + size + 2
+            if end > len(buffer):
+                break
+            if size == 0:
+                return times
+            times += [now] * buffer.count(b'"text-delta"', eol + 2, end)
+            pos = end
+        buffer = buffer[pos:]
+
+
+async def resume_elsewhere(post_port: int, read_port: int, turns: int, point: Point) -> dict:
+    """Turns POSTed to one process and read (``GET /api/chat/{id}/stream``) on another, one at a
+    time: how much later each live text delta reaches the reader than the POST."""
+    added = []
+    for _ in range(turns):
+        cid = f"bench-resume-{uuid.uuid4().hex[:12]}"
+        body = {"id": cid, "trigger": "submit-message", "messages": [
+            {"id": "u1", "role": "user", "parts": [{"type": "text", "text": prompt(point)["content"]}]}]}
+        poster = await asyncio.open_connection("127.0.0.1", post_port, limit=1 << 20)
+        follower = await asyncio.open_connection("127.0.0.1", read_port, limit=1 << 20)
+        posted = asyncio.ensure_future(delta_times(*poster, http_payload("/api/chat", body)))
+        await asyncio.sleep(point.pace * point.chunks / 4)  # a quarter in: the rest is live
+        attached = time.perf_counter()
+        read = await delta_times(*follower, (f"GET /api/chat/{cid}/stream HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                             "authorization: Bearer bench\r\n\r\n").encode())
+        sent = await posted
+        if len(read) != len(sent):
+            raise RuntimeError(f"the reader got {len(read)} deltas of {len(sent)}")
+        added += [got - put for put, got in zip(sent, read) if put > attached + 0.05]
+        for _, writer in (poster, follower):
+            writer.close()
+    return {"p50": 1000 * pct(added, 0.5), "p99": 1000 * pct(added, 0.99), "deltas": len(added)}
+
+
 def http_payload(path: str, body: dict) -> bytes:
     data = json.dumps(body).encode()
     return (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
@@ -550,6 +600,7 @@ class Bench:
         self.idle_ws: dict = {}
         self.pg_cluster: PostgresCluster | None = None
         self.pg_storage: dict | None = None
+        self.pg_resume: dict | None = None
         self.duration = 0.5 if args.quick else args.duration
         self.paced_chunks = 20 if args.quick else PACED_CHUNKS
         self.paced_requests = 3  # the middle one is timed
@@ -658,11 +709,14 @@ class Bench:
             self.run_points("nodechat", [node.port], [node.pid], "openai", TLS_POINTS)
 
     def measure_agent(self) -> None:
-        """/api/chat and /chat, then /chat with its data dir on tmpfs (no fsync cost)."""
+        """/api/chat (stateless and on stored conversations) and /chat, then both stored kinds
+        again with the data dir on tmpfs (no fsync cost, which hides their cost per event)."""
         cap = {"NODECHAT_MAX_TURNS_PER_USER": str(AGENT_TURN_CAP)}
         with self.server("nodechat agent", self.nodechat, cap) as node:
             self.warm(node.port, "sse")
             self.run_points("nodechat /api/chat", [node.port], [node.pid], "sse", AGENT_POINTS)
+            self.run_points("nodechat /api/chat stored", [node.port], [node.pid], "sse-conversation",
+                            AGENT_POINTS)
             self.run_points("nodechat /chat ws", [node.port], [node.pid], "ws", AGENT_POINTS)
         shm = tempfile.mkdtemp(prefix="nodechat-bench-", dir="/dev/shm")
         try:
@@ -670,6 +724,8 @@ class Bench:
                              {**cap, "NODECHAT_DATA_DIR": shm}) as node:
                 self.warm(node.port, "sse")
                 self.run_points("nodechat /chat ws tmpfs", [node.port], [node.pid], "ws", AGENT_POINTS)
+                self.run_points("nodechat /api/chat stored tmpfs", [node.port], [node.pid], "sse-conversation",
+                                AGENT_POINTS)
         finally:
             shutil.rmtree(shm, ignore_errors=True)
 
@@ -688,6 +744,7 @@ class Bench:
         self.pg_cluster = PostgresCluster()
         self.pg_storage = postgres_store_figures(self.pg_cluster, self.options["loop"])
         self.measure_postgres_processes(self.pg_cluster)
+        self.measure_resume_elsewhere(self.pg_cluster)
 
     def measure_postgres_processes(self, cluster: PostgresCluster) -> None:
         """Three nodechat processes on one database, then one, at the same point."""
@@ -707,6 +764,21 @@ class Bench:
                                   PG_POINT, 1.5 if self.args.quick else 4.0)
                     run["pg_cpu_ms"] = 1000 * (cluster.cpu_seconds() - before) / run["requests"]
                     runs.append(run)
+
+    def measure_resume_elsewhere(self, cluster: PostgresCluster) -> None:
+        """A turn on one process read on another (the chunk table and NOTIFY between them):
+        the added latency per chunk, and the database writes per turn."""
+        url = cluster.create_database()
+        point = Point("", 1, 100, 0.02)
+        with self.server("nodechat resume A", self.nodechat, {"NODECHAT_DATABASE_URL": url}) as a, \
+                self.server("nodechat resume B", self.nodechat, {"NODECHAT_DATABASE_URL": url}) as b:
+            self.warm(a.port, "sse")
+            before = run_async(database_counts(url))
+            turns = 4 if self.args.quick else 12
+            self.pg_resume = run_async(resume_elsewhere(a.port, b.port, turns, point))
+            after = run_async(database_counts(url))
+        self.pg_resume.update(turns=turns, point=point, **{
+            key: (after[key] - before[key]) / turns for key in before})
 
     def close(self) -> None:
         for proc in self.upstreams:
@@ -829,7 +901,9 @@ def report_fits(results: dict) -> None:
     rows = [(name, "", streams) for streams in (1, 16, 64) for name in ("upstream", "naive", "nodechat")]
     rows += [(name, SPLIT, 64) for name in ("upstream", "naive", "nodechat")]
     rows += [(name, "TLS", 1) for name in ("upstream", "nodechat")]
-    rows += [(name, "", 1) for name in ("nodechat /api/chat", "nodechat /chat ws", "nodechat /chat ws tmpfs")]
+    agents = ("nodechat /api/chat", "nodechat /api/chat stored", "nodechat /chat ws", "nodechat /chat ws tmpfs",
+              "nodechat /api/chat stored tmpfs")
+    rows += [(name, "", 1) for name in agents]
     print("\n| server | upstream | streams | CPU per streamed event | fixed CPU per request |")
     print("|---|---|---|---|---|")
     fits = {}
@@ -839,7 +913,7 @@ def report_fits(results: dict) -> None:
             print(f"| {name} | {kind or 'plain HTTP'} | {streams} | {fitted[0]:.1f} µs | {fitted[1]:.2f} ms |")
     openai = fits.get(("nodechat", "", 1))
     if openai:
-        for name in ("nodechat /api/chat", "nodechat /chat ws", "nodechat /chat ws tmpfs"):
+        for name in agents:
             if fits.get((name, "", 1)):
                 print(f"{name}: {fits[name, '', 1][0] / openai[0]:.2f}x the OpenAI path per event (1 stream)")
     disk, tmpfs = fits.get(("nodechat /chat ws", "", 1)), fits.get(("nodechat /chat ws tmpfs", "", 1))
@@ -919,6 +993,32 @@ def report_postgres_processes(results: dict) -> None:
         print(f"  {name}: {rps:.0f} turns/s, nodechat CPU {cpu:.2f} ms/turn (all processes: core 1 "
               f"{rps * cpu / 10:.0f}% busy), PostgreSQL CPU {pg:.2f} ms/turn ({rps * pg / 10:.0f}% of core 0), "
               f"TTFC p50 {med(runs, 'ttfc50'):.2f} ms, p99 {med(runs, 'ttfc99'):.2f} ms")
+
+
+def report_resume_elsewhere(figures: dict | None) -> None:
+    if not figures:
+        return
+    point = figures["point"]
+    print(f"\n/api/chat turn POSTed to one process, read on another (PostgreSQL, fsync on), "
+          f"{point.chunks} chunks {point.pace * 1000:.0f} ms apart, {figures['turns']} turns: each live text "
+          f"delta reaches the other process's reader {figures['p50']:.1f} ms later (p50), "
+          f"{figures['p99']:.1f} ms (p99), over {figures['deltas']} deltas; per turn "
+          f"{figures['chunk_rows']:.1f} chunk INSERTs, about {figures['commits']:.0f} commits in all "
+          f"(the turn's row, its messages, heartbeats, reads)")
+
+
+async def database_counts(url: str) -> dict:
+    """Rows in the chunk table, and the database's commits (as its statistics have them), so far."""
+    import asyncpg
+    await asyncio.sleep(1.0)  # statistics are flushed about once a second
+    db = await asyncpg.connect(url)
+    try:
+        # chunks outlive their turn a minute: every bench turn's are still there
+        return {"chunk_rows": await db.fetchval("SELECT count(*) FROM nodechat_turn_chunks"),
+                "commits": await db.fetchval(
+                    "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")}
+    finally:
+        await db.close()
 
 
 def report_import_time() -> None:
@@ -1109,6 +1209,7 @@ def main() -> None:
         report_storage(bench.options["loop"])
     if bench.pg_storage:
         print_store_figures("PostgresStore (fsync on)", bench.pg_storage)
+    report_resume_elsewhere(bench.pg_resume)
 
 
 if __name__ == "__main__":
