@@ -4542,6 +4542,7 @@ class TurnStream:
         self.orphaned = orphaned  # what a reader elsewhere is told if the turn's process dies
         self.chunks: list[bytes] = []
         self.first = 0  # how many chunks before chunks[0] were let go (once full)
+        self.end = 0  # how many chunks were pushed
         self.size = 0
         self.full = False
         self.complete = False  # every byte is in (what PostgresTurns writes last)
@@ -4552,20 +4553,18 @@ class TurnStream:
         self.task: asyncio.Task | None = None  # the turn, for a stop
         self._waiters: list[asyncio.Future] = []
 
-    @property
-    def end(self) -> int:
-        return self.first + len(self.chunks)
-
     def push(self, data: bytes) -> None:
         if data:
             self.chunks.append(data)
+            self.end += 1
             self.size += len(data)
             if self.size > self.limit:
                 self.full = True
                 low = min(self.readers.values(), default=self.end)
                 del self.chunks[:low - self.first]
-                self.first = max(self.first, low)
-        self._wake()
+                self.first = low
+        if self._waiters:
+            self._wake()
 
     def fail(self, failure: NodeChatError, frames: bytes) -> None:
         """The turn failed before its first byte: its POST gets ``failure`` as its HTTP
@@ -4582,6 +4581,8 @@ class TurnStream:
         self._wake()
 
     def since(self, position: int) -> bytes:
+        if position == self.end - 1:  # the reader keeps up: one chunk, no copy
+            return self.chunks[-1]
         return b"".join(self.chunks[position - self.first:])
 
     def reader(self, key: object) -> None:
@@ -4779,8 +4780,9 @@ class PostgresTurns(Turns):
     async def leave(self, admitted: Admitted) -> None:
         self._leave(admitted)
         turn_id = admitted.turn_id
-        if turn_id is None or self._rows.pop(turn_id, 0) == 0:
+        if turn_id is None or turn_id not in self._rows:
             return
+        del self._rows[turn_id]
         writer = self._writers.pop(turn_id, None)
         if writer is not None:  # its last chunk first: a reader elsewhere ends on it, not on the lease
             await asyncio.shield(writer)
@@ -4843,7 +4845,8 @@ class PostgresTurns(Turns):
         woken = self._followers[stream.id][1]
         seq, lost_since = 0, None
         try:
-            await self._listen()
+            with contextlib.suppress(StoreUnavailable):  # then it only looks every second
+                await self._listen()
             while True:
                 woken.clear()
                 try:
@@ -5204,8 +5207,9 @@ class ReplayResponse:
         position = stream.readers.setdefault(self, stream.first)
         try:
             while True:
-                if position < stream.end:
-                    data, position, more = stream.since(position), stream.end, not stream.done
+                end = stream.end
+                if position < end:
+                    data, position, more = stream.since(position), end, not stream.done
                     stream.readers[self] = position
                     await out.write(data, more=more)
                     if not more:

@@ -664,7 +664,8 @@ class Bench:
         self.start_upstreams()
         parts = {"upstream": self.measure_upstream, "naive": self.measure_naive,
                  "openai": self.measure_openai_path, "tls": self.measure_tls,
-                 "agent": self.measure_agent, "idle": self.measure_idle_websockets}
+                 "agent": self.measure_agent, "idle": self.measure_idle_websockets,
+                 "against": self.measure_against}
         for name, part in parts.items():
             if not self.args.only or name in self.args.only or name == "upstream":
                 part()
@@ -726,6 +727,31 @@ class Bench:
                 self.run_points("nodechat /chat ws tmpfs", [node.port], [node.pid], "ws", AGENT_POINTS)
                 self.run_points("nodechat /api/chat stored tmpfs", [node.port], [node.pid], "sse-conversation",
                                 AGENT_POINTS)
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+
+    def measure_against(self) -> None:
+        """With ``--against DIR``: the agent paths of this checkout and of DIR's nodechat.py in one
+        run, servers side by side, each point's repeats alternating between them (runs apart
+        differ more than the changes measured).  Stored conversations on tmpfs, where no fsync
+        hides the cost per event."""
+        if not self.args.against:
+            return
+        other = os.path.join(os.path.abspath(self.args.against), "nodechat.py")
+        against = lambda port: [sys.executable, other, *nodechat_command(port, False)[2:]]
+        shm = tempfile.mkdtemp(prefix="nodechat-bench-", dir="/dev/shm")
+        env = {"NODECHAT_MAX_TURNS_PER_USER": str(AGENT_TURN_CAP), "NODECHAT_DATA_DIR": shm}
+        try:
+            with self.server("nodechat ab", self.nodechat, env) as mine, \
+                    self.server("nodechat ab against", against, env) as theirs:
+                for node in (mine, theirs):
+                    self.warm(node.port, "sse-conversation")
+                for target, label in (("sse", "/api/chat"), ("sse-conversation", "/api/chat stored tmpfs")):
+                    for point in AGENT_POINTS:
+                        for _ in range(self.args.repeat):
+                            for node, name in ((mine, "this"), (theirs, "against")):
+                                runs = self.results.setdefault(point, {}).setdefault(f"{label} ({name})", [])
+                                runs.append(measure([node.port], [node.pid], target, point, self.duration))
         finally:
             shutil.rmtree(shm, ignore_errors=True)
 
@@ -904,6 +930,8 @@ def report_fits(results: dict) -> None:
     agents = ("nodechat /api/chat", "nodechat /api/chat stored", "nodechat /chat ws", "nodechat /chat ws tmpfs",
               "nodechat /api/chat stored tmpfs")
     rows += [(name, "", 1) for name in agents]
+    rows += [(f"{label} ({name})", "", 1) for label in ("/api/chat", "/api/chat stored tmpfs")
+             for name in ("this", "against")]
     print("\n| server | upstream | streams | CPU per streamed event | fixed CPU per request |")
     print("|---|---|---|---|---|")
     fits = {}
@@ -916,6 +944,11 @@ def report_fits(results: dict) -> None:
         for name in agents:
             if fits.get((name, "", 1)):
                 print(f"{name}: {fits[name, '', 1][0] / openai[0]:.2f}x the OpenAI path per event (1 stream)")
+    for label in ("/api/chat", "/api/chat stored tmpfs"):
+        mine, theirs = fits.get((f"{label} (this)", "", 1)), fits.get((f"{label} (against)", "", 1))
+        if mine and theirs:
+            print(f"{label}: this checkout {mine[0] / theirs[0]:.2f}x the other per event, "
+                  f"{mine[1] / theirs[1]:.2f}x per request (same run, alternating)")
     disk, tmpfs = fits.get(("nodechat /chat ws", "", 1)), fits.get(("nodechat /chat ws tmpfs", "", 1))
     if disk and tmpfs:
         print(f"/chat fixed cost per turn: {disk[1]:.2f} ms with its two fsynced appends (data dir on disk; "
@@ -1184,8 +1217,10 @@ def parse_args() -> argparse.Namespace:
                              f"on one PostgreSQL vs one (needs {PG_BIN})")
     parser.add_argument("--only", type=lambda v: set(v.split(",")), default=set(),
                         help="only these parts besides the upstream alone, comma-separated: "
-                             "naive, openai, tls, agent, idle (and with --paced-only, paced points only)")
+                             "naive, openai, tls, agent, idle, against (and with --paced-only, paced points only)")
     parser.add_argument("--paced-only", action="store_true", help="only the paced scan")
+    parser.add_argument("--against", metavar="DIR",
+                        help="with --only against: another checkout's nodechat.py measured in the same run")
     parser.add_argument("--scan", type=lambda v: tuple(map(int, v.split(","))),
                         help=f"paced stream counts to try (default {','.join(map(str, PACED_SCAN))})")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
