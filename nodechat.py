@@ -4551,6 +4551,8 @@ class TurnStream:
         self.failure_frames = b""  # ... and what a reader other than its POST is told
         self.readers: dict[object, int] = {}  # reader -> the next chunk it reads
         self.task: asyncio.Task | None = None  # the turn, for a stop
+        self.sink: Any = None  # the POST's reader while it keeps up: see deliver()
+        self._handback: asyncio.Future | None = None
         self._waiters: list[asyncio.Future] = []
 
     def push(self, data: bytes) -> None:
@@ -4566,6 +4568,28 @@ class TurnStream:
         if self._waiters:
             self._wake()
 
+    async def deliver(self, data: bytes) -> None:
+        """``push``, then write to the ``sink`` what it has not had yet, from the turn's own
+        task.  The reader that keeps up (the POST, nearly always) then costs no task switch
+        of its own per upstream read: that switch was a fifth of the cost of an event
+        (README, "Performance").  Its slow client slows the turn, as before turns outlived
+        their connection; any other reader reads at its own pace."""
+        self.push(data)
+        if self.sink is not None:
+            await self.sink.catch_up()
+
+    async def lend(self, reader: Any) -> None:
+        """Be written to by the turn (``reader.catch_up()``) until handed back: at the end, or
+        when a write fails."""
+        self.sink, self._handback = reader, asyncio.get_running_loop().create_future()
+        await self._handback
+
+    def hand_back(self) -> None:
+        self.sink = None
+        handback, self._handback = self._handback, None
+        if handback is not None and not handback.done():
+            handback.set_result(None)
+
     def fail(self, failure: NodeChatError, frames: bytes) -> None:
         """The turn failed before its first byte: its POST gets ``failure`` as its HTTP
         error, any other reader ``frames``."""
@@ -4578,6 +4602,7 @@ class TurnStream:
 
     def close(self) -> None:
         self.complete = self.done = True
+        self.hand_back()
         self._wake()
 
     def since(self, position: int) -> bytes:
@@ -5186,52 +5211,6 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
         await events.aclose()
 
 
-@dataclass(eq=False)  # a reader is its own key in ``stream.readers``
-class ReplayResponse:
-    """A reader of a :class:`TurnStream`: every byte from the turn's first, then each as it
-    comes, ending with the turn's end.  Leaving affects no one else, the turn included.
-
-    The ``POST`` that started the turn is its ``owner``: a failure before the turn's first
-    byte is its HTTP error (as ``stream_sse`` gives); any other reader is told in-stream.
-    """
-
-    stream: TurnStream
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    keepalive: float = 15.0
-    owner: bool = False
-
-    async def __call__(self, send: Send, receive: Receive) -> None:
-        stream, task = self.stream, asyncio.current_task()
-        watcher = asyncio.create_task(watch_disconnect(receive, task))
-        out = SSEWriter(send, self.headers, self.keepalive)
-        position = stream.readers.setdefault(self, stream.first)
-        try:
-            while True:
-                end = stream.end
-                if position < end:
-                    data, position, more = stream.since(position), end, not stream.done
-                    stream.readers[self] = position
-                    await out.write(data, more=more)
-                    if not more:
-                        return
-                elif stream.done:
-                    if stream.failure is not None and self.owner and not out.started:
-                        raise stream.failure
-                    await out.write(stream.failure_frames, more=False)
-                    return
-                else:
-                    await stream.wait()
-        except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled() and watcher.result():
-                task.uncancel()  # the client left: the turn goes on without it
-                return
-            raise
-        finally:
-            watcher.cancel()
-            out.close()
-            stream.readers.pop(self, None)
-
-
 class SendGuard:
     """One send at a time on a connection, for the rare moment two tasks meet there (a ping
     or a title while a frame waits on a slow client).
@@ -5299,6 +5278,11 @@ class SSEWriter:
         finally:
             guard.release()
 
+    async def idle(self) -> None:
+        """Until no write is under way."""
+        if self._guard.busy:
+            await self._guard.wait()
+
     def close(self) -> None:
         """No more pings (the stream is ending, or has ended)."""
         if self._timer is not None:
@@ -5339,6 +5323,70 @@ async def watch_disconnect(receive: Receive, task: asyncio.Task) -> bool:
         pass
     task.cancel()
     return True
+
+
+@dataclass(eq=False)  # a reader is its own key in ``stream.readers``
+class ReplayResponse:
+    """A reader of a :class:`TurnStream`: every byte from the turn's first, then each as it
+    comes, ending with the turn's end.  Leaving affects no one else, the turn included.
+
+    The ``POST`` that started the turn is its ``owner``: a failure before the turn's first
+    byte is its HTTP error (as ``stream_sse`` gives); any other reader is told in-stream.
+    """
+
+    stream: TurnStream
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    keepalive: float = 15.0
+    owner: bool = False
+    out: SSEWriter | None = field(default=None, init=False)
+    position: int = field(default=0, init=False)  # the next chunk this reader is to get
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        stream, task = self.stream, asyncio.current_task()
+        watcher = asyncio.create_task(watch_disconnect(receive, task))
+        out = self.out = SSEWriter(send, self.headers, self.keepalive)
+        self.position = stream.readers.setdefault(self, stream.first)
+        try:
+            while True:
+                end = stream.end
+                if self.position < end:
+                    data, more = stream.since(self.position), not stream.done
+                    self.position = stream.readers[self] = end
+                    await out.write(data, more=more)
+                    if not more:
+                        return
+                elif stream.done:
+                    if stream.failure is not None and self.owner and not out.started:
+                        raise stream.failure
+                    await out.write(stream.failure_frames, more=False)
+                    return
+                elif self.owner and out.started and stream.sink is None:
+                    await stream.lend(self)  # the turn writes to this reader while it keeps up
+                else:
+                    await stream.wait()
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                task.uncancel()  # the client left: the turn goes on without it
+                return
+            raise
+        finally:
+            if stream.sink is self:
+                stream.hand_back()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(out.idle(), self.keepalive)  # a write the turn has under way
+            watcher.cancel()
+            out.close()
+            stream.readers.pop(self, None)
+
+    async def catch_up(self) -> None:
+        """From the turn's task (``TurnStream.deliver``): what this reader has not had yet."""
+        stream, end = self.stream, self.stream.end
+        try:
+            await self.out.write(stream.since(self.position))
+        except Exception:  # its client is gone: its own task ends it
+            stream.hand_back()
+            return
+        self.position = stream.readers[self] = end
 
 
 ErrorFormat = Callable[[NodeChatError, Request], Any]  # the error, the request -> a response
@@ -6163,22 +6211,22 @@ async def run_detached(chat: NodeChat, turn: Turn, admitted: Admitted, encoder: 
         try:
             first = await anext(events, None)
             opened = True
-            stream.push(b"".join(encoder.start() + (encoder.encode(first) if first is not None else [])))
+            await stream.deliver(b"".join(encoder.start() + (encoder.encode(first) if first is not None else [])))
             if first is not None:
                 async for event in events:
                     if frames := encoder.encode(event):
-                        stream.push(b"".join(frames))
-            stream.push(b"".join(encoder.end()))
+                        await stream.deliver(b"".join(frames))
+            await stream.deliver(b"".join(encoder.end()))
         except Exception as exc:
             err = client_error(exc)
             if not opened:
                 stream.fail(err, b"".join(encoder.start() + encoder.error(err)))
                 return
-            stream.push(b"".join(encoder.error(err)))
+            await stream.deliver(b"".join(encoder.error(err)))
     except asyncio.CancelledError:  # stopped: every reader gets the stream's end
         asyncio.current_task().uncancel()  # and the turn ends here, normally
         start = [] if opened else encoder.start()
-        stream.push(b"".join(start + encoder.encode(Finished("stopped")) + encoder.end()))
+        await stream.deliver(b"".join(start + encoder.encode(Finished("stopped")) + encoder.end()))
     finally:  # the conversation is free before any reader sees the end: a next turn is not a 409
         stream.finish()
         try:
