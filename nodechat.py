@@ -4571,7 +4571,7 @@ class TurnStream:
     async def deliver(self, data: bytes) -> None:
         """``push``, then write to the ``sink`` what it has not had yet, from the turn's own
         task.  The reader that keeps up (the POST, nearly always) then costs no task switch
-        of its own per upstream read: that switch was a fifth of the cost of an event
+        of its own per upstream read: that switch was a sixth of the cost of an event
         (README, "Performance").  Its slow client slows the turn, as before turns outlived
         their connection; any other reader reads at its own pace."""
         self.push(data)
