@@ -4063,8 +4063,9 @@ class Agent:
         system = await self._system_prompt(turn, history)
         messages = [{"role": "system", "content": system}] if system else []
         messages += [model_message(m) for m in history]
-        async for event in self._steps(turn, provider, model, messages):
-            yield event
+        async with contextlib.aclosing(self._steps(turn, provider, model, messages)) as steps:
+            async for event in steps:  # closed with run(): a partial answer is saved then
+                yield event
         if created:  # after the answer, never holding its stream, never competing with it
             spawn(self.background, self._make_title(turn, _first_user_text(history), created))
 
@@ -4197,7 +4198,7 @@ class Agent:
                     yield Finished(finish.reason, usage)
                     return
             yield Finished("max_steps", usage)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled, or closed by its reader
             stopped = True
             raise
         finally:
@@ -4523,6 +4524,9 @@ async def run_turn(chat: NodeChat, turn: Turn, workflow_id: str | None = None) -
 
 
 STOP_WAIT_SECONDS = 10.0  # a stop waits this long for the turn to have saved its partial answer
+SINK_STALL_SECONDS = 2.0  # a write of the turn's to its POST's client may wait this long (see lend)
+REPLAY_SLICE_BYTES = 256 * 1024  # what a reader catching up writes at once
+MAX_READERS_PER_TURN = 32  # GET .../stream readers of one turn at once (204 beyond)
 
 
 class TurnStream:
@@ -4550,7 +4554,11 @@ class TurnStream:
         self.failure: NodeChatError | None = None  # the turn failed before its first byte
         self.failure_frames = b""  # ... and what a reader other than its POST is told
         self.readers: dict[object, int] = {}  # reader -> the next chunk it reads
+        self.cut: set[object] = set()  # readers left too far behind, once full
         self.task: asyncio.Task | None = None  # the turn, for a stop
+        self.started = False  # the task has begun: a stop before then is seen when it does
+        self.stopping = False
+        self.unsticking = False  # lend() is freeing the task from a stalled write
         self.sink: Any = None  # the POST's reader while it keeps up: see deliver()
         self._handback: asyncio.Future | None = None
         self._waiters: list[asyncio.Future] = []
@@ -4562,10 +4570,23 @@ class TurnStream:
             self.size += len(data)
             if self.size > self.limit:
                 self.full = True
-                low = min(self.readers.values(), default=self.end)
-                del self.chunks[:low - self.first]
-                self.first = low
+                self._let_go()
         if self._waiters:
+            self._wake()
+
+    def _let_go(self) -> None:
+        """Drop what every reader has passed; while more than ``limit`` bytes are still
+        held, cut off the reader furthest behind (a client that stopped reading)."""
+        while True:
+            low = min(self.readers.values(), default=self.end)
+            del self.chunks[:low - self.first]
+            self.first = low
+            held = sum(map(len, self.chunks))
+            if held <= self.limit or not self.readers:
+                return
+            laggard = min(self.readers, key=self.readers.__getitem__)
+            del self.readers[laggard]
+            self.cut.add(laggard)
             self._wake()
 
     async def deliver(self, data: bytes) -> None:
@@ -4578,11 +4599,27 @@ class TurnStream:
         if self.sink is not None:
             await self.sink.catch_up()
 
+    def stop(self) -> None:
+        """Stop the turn, once."""
+        if not self.stopping:
+            self.stopping = True
+            if self.started and self.task is not None:
+                self.task.cancel()
+
     async def lend(self, reader: Any) -> None:
-        """Be written to by the turn (``reader.catch_up()``) until handed back: at the end, or
-        when a write fails."""
-        self.sink, self._handback = reader, asyncio.get_running_loop().create_future()
-        await self._handback
+        """Be written to by the turn (``reader.catch_up()``) until handed back: at the end,
+        when a write fails, or when one has waited ``SINK_STALL_SECONDS`` on a client that
+        stopped reading (a phone gone from Wi-Fi keeps its connection): then the turn's task
+        is freed from that write, and the reader writes at its own pace again."""
+        self.sink = reader
+        self._handback = handback = asyncio.get_running_loop().create_future()
+        while not handback.done():
+            await asyncio.wait([handback], timeout=SINK_STALL_SECONDS)
+            since = reader.writing_since
+            if not handback.done() and since is not None and time.monotonic() - since >= SINK_STALL_SECONDS:
+                reader.stalled = self.unsticking = True
+                self.hand_back()
+                self.task.cancel()  # caught in catch_up(), unless a stop came too
 
     def hand_back(self) -> None:
         self.sink = None
@@ -4605,10 +4642,19 @@ class TurnStream:
         self.hand_back()
         self._wake()
 
-    def since(self, position: int) -> bytes:
+    def since(self, position: int, most: int | None = None) -> tuple[bytes, int]:
+        """The bytes from chunk ``position`` on (about ``most`` of them at most), and the
+        position after them."""
         if position == self.end - 1:  # the reader keeps up: one chunk, no copy
-            return self.chunks[-1]
-        return b"".join(self.chunks[position - self.first:])
+            return self.chunks[-1], self.end
+        at = position - self.first
+        if most is None:
+            return b"".join(self.chunks[at:]), self.end
+        taken, size = at, 0
+        while taken < len(self.chunks) and size < most:
+            size += len(self.chunks[taken])
+            taken += 1
+        return b"".join(self.chunks[at:taken]), self.first + taken
 
     def reader(self, key: object) -> None:
         """Count ``key`` as a reader from the first byte, before it reads: nothing it has not
@@ -4694,7 +4740,9 @@ class Turns:
         """The stream of the user's turn running on that conversation, if a reader may
         still start on it (not past ``resume_buffer_bytes``)."""
         stream = self._busy.get((user, conversation_id))
-        return stream if stream is not None and not stream.full and not stream.done else None
+        if stream is None or stream.full or stream.done or len(stream.readers) >= MAX_READERS_PER_TURN:
+            return None
+        return stream
 
     async def running(self, user: str, conversation_id: str) -> str | None:
         """The id of the answer being written in that conversation ("" for a turn without
@@ -4708,11 +4756,11 @@ class Turns:
         """Stop the user's turn on that conversation (only if its stream is ``stream_id``,
         when given) and wait, a while, for it to save what it said."""
         stream = self._busy.get((user, conversation_id))
-        if stream is None or stream.task is None or stream_id not in (None, stream.id):
+        if stream is None or stream_id not in (None, stream.id):
             return
-        stream.task.cancel()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(stream.task), STOP_WAIT_SECONDS)
+        stream.stop()
+        if stream.task is not None:
+            await asyncio.wait({stream.task}, timeout=STOP_WAIT_SECONDS)
 
     async def aclose(self, grace: float) -> None:
         """Give the turns that outlive their connection ``grace`` seconds, then stop them."""
@@ -4810,7 +4858,7 @@ class PostgresTurns(Turns):
         del self._rows[turn_id]
         writer = self._writers.pop(turn_id, None)
         if writer is not None:  # its last chunk first: a reader elsewhere ends on it, not on the lease
-            await asyncio.shield(writer)
+            await asyncio.wait({writer}, timeout=self.settings.turn_lease_seconds + TURN_FOLLOW_SECONDS)
         try:
             async with self.store._connection() as db:
                 await db.execute("DELETE FROM nodechat_turns WHERE turn_id = $1", turn_id)
@@ -4818,30 +4866,44 @@ class PostgresTurns(Turns):
             pass
 
     async def _write_chunks(self, stream: TurnStream) -> None:
-        """The turn's bytes to the chunk table, batched, until its end (always written last)."""
-        seq, position = 0, stream.readers[self]
+        """The turn's bytes to the chunk table, batched, until its end (always written last).
+        A chunk whose INSERT fails is tried again with what came since, for a lease at most."""
+        seq, position, failing_since, resumable = 0, stream.readers[self], None, True
         try:
             while True:
+                if self in stream.cut:  # the database was away for a full buffer: readers elsewhere lose it
+                    log.warning("turn %s: its stream fell too far behind to be written to the database", stream.id)
+                    return
                 if position == stream.end and not stream.complete:
                     await stream.wait()
-                last, upto = stream.complete, stream.end
-                data = stream.since(position) + (stream.failure_frames if last and stream.failure else b"")
+                last = stream.complete
+                data, upto = stream.since(position)
+                data += stream.failure_frames if last and stream.failure else b""
                 try:
                     async with self.store._connection() as db:
-                        await db.execute(
+                        await db.execute(  # ON CONFLICT: an INSERT whose answer was lost is not a failure
                             "WITH chunk AS (INSERT INTO nodechat_turn_chunks (turn_id, seq, data, last) "
-                            "VALUES ($1, $2, $3, $4)) SELECT pg_notify($5, 'c:' || $1 || ':' || $2)",
+                            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING) "
+                            "SELECT pg_notify($5, 'c:' || $1 || ':' || $2)",
                             stream.id, seq + 1, data, last, TURN_CHANNEL)
-                        if stream.full:
-                            await db.execute("UPDATE nodechat_turns SET resumable = false WHERE turn_id = $1",
-                                             stream.id)
-                except StoreUnavailable:  # kept, and tried again with what comes next
+                except Exception as exc:
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > self.settings.turn_lease_seconds:
+                        log.warning("turn %s: its stream cannot be written to the database (%s); readers "
+                                    "on other processes will be told it stopped", stream.id, exc)
+                        return
                     await asyncio.sleep(TURN_FOLLOW_SECONDS)
                     continue
-                seq, position = seq + 1, upto
+                failing_since, seq, position = None, seq + 1, upto
                 stream.readers[self] = position
                 if last:
                     return
+                if stream.full and resumable:  # past resume_buffer_bytes: no new reader anywhere
+                    resumable = False
+                    with contextlib.suppress(Exception):
+                        async with self.store._connection() as db:
+                            await db.execute("UPDATE nodechat_turns SET resumable = false WHERE turn_id = $1",
+                                             stream.id)
                 await asyncio.sleep(TURN_CHUNK_SECONDS)
         finally:
             stream.readers.pop(self, None)
@@ -4859,7 +4921,10 @@ class PostgresTurns(Turns):
         if row is None:
             return None
         turn_id = row["turn_id"]
-        if turn_id not in self._followers:
+        follower = self._followers.get(turn_id)
+        if follower is not None and (follower[0].full or follower[0].done):
+            return None
+        if follower is None:
             stream = TurnStream(turn_id, row["ui"], self.settings.resume_buffer_bytes, bytes(row["orphaned"]))
             self._followers[turn_id] = (stream, asyncio.Event())
             spawn(self._background, self._follow(stream))
@@ -4868,7 +4933,7 @@ class PostgresTurns(Turns):
     async def _follow(self, stream: TurnStream) -> None:
         """Another process's turn into a local stream, from its first chunk to its last."""
         woken = self._followers[stream.id][1]
-        seq, lost_since = 0, None
+        seq, lost_since, recheck = 0, None, False
         try:
             with contextlib.suppress(StoreUnavailable):  # then it only looks every second
                 await self._listen()
@@ -4891,7 +4956,10 @@ class PostgresTurns(Turns):
                     stream.push(bytes(row["data"]))
                     if row["last"]:
                         return
-                if not alive:  # its process is gone (or the database is, for a whole lease)
+                if not alive:  # its process is gone (or the database is, for a whole lease) ...
+                    if lost_since is None and not recheck:
+                        recheck = True  # ... unless it ended between the two reads: look once more
+                        continue
                     stream.push(stream.orphaned)
                     return
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -4965,8 +5033,8 @@ class PostgresTurns(Turns):
 
     def _cancel(self, turn_id: str) -> None:
         stream = self._rows.get(turn_id)
-        if stream is not None and stream.task is not None:
-            stream.task.cancel()
+        if stream is not None:
+            stream.stop()
 
     async def _listen(self) -> None:
         """One connection per process LISTENs on ``TURN_CHANNEL`` (opened on first need)."""
@@ -5340,6 +5408,8 @@ class ReplayResponse:
     owner: bool = False
     out: SSEWriter | None = field(default=None, init=False)
     position: int = field(default=0, init=False)  # the next chunk this reader is to get
+    writing_since: float | None = field(default=None, init=False)  # a write of the turn's is under way
+    stalled: bool = field(default=False, init=False)  # its client once stopped reading: never lent again
 
     async def __call__(self, send: Send, receive: Receive) -> None:
         stream, task = self.stream, asyncio.current_task()
@@ -5349,9 +5419,13 @@ class ReplayResponse:
         try:
             while True:
                 end = stream.end
-                if self.position < end:
-                    data, more = stream.since(self.position), not stream.done
-                    self.position = stream.readers[self] = end
+                if self in stream.cut:  # too far behind a full stream: ended, without its end
+                    await out.write(b"", more=False)
+                    return
+                if self.position < end:  # in slices: a replay is never one copy of the whole buffer
+                    data, upto = stream.since(self.position, REPLAY_SLICE_BYTES)
+                    more = not (stream.done and upto == end)
+                    self.position = stream.readers[self] = upto
                     await out.write(data, more=more)
                     if not more:
                         return
@@ -5360,7 +5434,7 @@ class ReplayResponse:
                         raise stream.failure
                     await out.write(stream.failure_frames, more=False)
                     return
-                elif self.owner and out.started and stream.sink is None:
+                elif self.owner and out.started and stream.sink is None and not self.stalled:
                     await stream.lend(self)  # the turn writes to this reader while it keeps up
                 else:
                     await stream.wait()
@@ -5380,12 +5454,22 @@ class ReplayResponse:
 
     async def catch_up(self) -> None:
         """From the turn's task (``TurnStream.deliver``): what this reader has not had yet."""
-        stream, end = self.stream, self.stream.end
+        stream = self.stream
+        data, end = stream.since(self.position)
+        self.writing_since = time.monotonic()
         try:
-            await self.out.write(stream.since(self.position))
+            await self.out.write(data)
+        except asyncio.CancelledError:
+            if not stream.unsticking or stream.stopping:
+                raise
+            stream.unsticking = False  # lend() let go of a stalled client: not a stop
+            asyncio.current_task().uncancel()
+            return
         except Exception:  # its client is gone: its own task ends it
             stream.hand_back()
             return
+        finally:
+            self.writing_since = None
         self.position = stream.readers[self] = end
 
 
@@ -6174,9 +6258,10 @@ async def resume_stream(chat: NodeChat, request: Request) -> ReplayResponse | JS
     """``GET /api/chat/{id}/stream`` (``useChat({resume: true})`` on every mount): the
     caller's running turn on that conversation from its first byte, else 204, the one
     answer the AI SDK takes for "nothing to resume" (and which tells nothing of other
-    users' conversations)."""
+    users' conversations).  An internal token names the user with ``?userId=``."""
     cid = request.params["id"]
-    stream = await chat.turns.stream(request.user_id, cid) if valid_id(cid) else None
+    user = acting_user(chat, request, {"userId": request.query.get("userId")})
+    stream = await chat.turns.stream(user, cid) if valid_id(cid) else None
     if stream is None:
         return JSONResponse(None, 204)
     headers = ((b"x-conversation-id", cid.encode()),)
@@ -6193,10 +6278,14 @@ async def stop_turn(chat: NodeChat, request: Request) -> JSONResponse:
     its partial answer, marked ``stopped``, before this answers; every reader gets its end.
     Always ``{"success": true}``."""
     cid = request.params["id"]
-    body = request.json() if request.body else None
-    stream_id = body.get("activeStreamId") if isinstance(body, dict) else None
-    if valid_id(cid):
-        await chat.turns.stop(request.user_id, cid, stream_id if isinstance(stream_id, str) else None)
+    body = {}
+    with contextlib.suppress(NodeChatError):  # the body is optional, and never an error
+        body = request.json() if request.body else {}
+    body = body if isinstance(body, dict) else {}
+    stream_id = body.get("activeStreamId")
+    user = acting_user(chat, request, {"userId": body.get("userId") or request.query.get("userId")})
+    if valid_id(cid) and (stream_id is None or isinstance(stream_id, str)):  # another id stops nothing
+        await chat.turns.stop(user, cid, stream_id)
     return JSONResponse({"success": True})
 
 
@@ -6207,8 +6296,11 @@ async def run_detached(chat: NodeChat, turn: Turn, admitted: Admitted, encoder: 
     app closes.  A failure before the first byte is the ``POST``'s HTTP error."""
     events = chat.agent.run(turn)
     opened = False
+    stream.started = True
     try:
         try:
+            if stream.stopping:  # stopped before this task began
+                raise asyncio.CancelledError
             first = await anext(events, None)
             opened = True
             await stream.deliver(b"".join(encoder.start() + (encoder.encode(first) if first is not None else [])))
@@ -6224,16 +6316,28 @@ async def run_detached(chat: NodeChat, turn: Turn, admitted: Admitted, encoder: 
                 return
             await stream.deliver(b"".join(encoder.error(err)))
     except asyncio.CancelledError:  # stopped: every reader gets the stream's end
-        asyncio.current_task().uncancel()  # and the turn ends here, normally
+        task = asyncio.current_task()
+        while task.cancelling():  # and the turn ends here, normally (a stop may have met lend()'s)
+            task.uncancel()
+        stream.hand_back()  # the end goes to each reader at its own pace
+        await close_quietly(events)  # the agent saves what it said, marked stopped, first
         start = [] if opened else encoder.start()
-        await stream.deliver(b"".join(start + encoder.encode(Finished("stopped")) + encoder.end()))
+        stream.push(b"".join(start + encoder.encode(Finished("stopped")) + encoder.end()))
     finally:  # the conversation is free before any reader sees the end: a next turn is not a 409
         stream.finish()
         try:
+            await close_quietly(events)
             await asyncio.shield(chat.turns.leave(admitted))
         finally:
             stream.close()
-            await events.aclose()
+
+
+async def close_quietly(events: AsyncIterator[Event]) -> None:
+    """Close the agent's generator (which saves a partial answer); a failure is logged."""
+    try:
+        await events.aclose()
+    except Exception as exc:
+        log.warning("a stopped turn could not save what it said: %s", client_error(exc).message)
 
 
 def acting_user(chat: NodeChat, request: Request, body: dict) -> str:
