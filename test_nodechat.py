@@ -3375,6 +3375,59 @@ def test_history_while_a_turn_runs_leaves_its_answer_out_and_says_so(live, upstr
     assert {m.get("answer_id") for m in after["messages"][1:]} == {start["messageId"]}
 
 
+@contextlib.contextmanager
+def post_never_read(url: str, body: dict):
+    """A POST /api/chat whose client stays connected but reads nothing (a phone gone from
+    Wi-Fi keeps its connection): a tiny receive buffer, so the server's sends soon block."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    payload = json.dumps(body).encode()
+    sock.sendall(f"POST /api/chat HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                 f"authorization: Bearer tok-alice\r\ncontent-length: {len(payload)}\r\n\r\n".encode() + payload)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_a_post_that_stops_reading_does_not_hold_up_its_turn_or_other_readers(live, upstream):
+    _, url = live()
+    piece = "x" * 20_000
+    upstream.script(drip(text(*[piece] * 150), 0.005))  # 3 MB of answer, more than the socket buffers
+    with post_never_read(url, ui_request("a long one", "c-stall")):
+        eventually(lambda: upstream.open_streams == 1)
+        started = time.monotonic()
+        reply, body = resume(url, "c-stall")
+        assert time.monotonic() - started < 8  # the upstream's own time, and one stall of 2 s at most
+        assert reply.status_code == 200 and body.endswith(b"data: [DONE]\n\n")
+        assert "".join(c.get("delta", "") for c in chunks_of(body) if isinstance(c, dict)) == piece * 150
+        eventually(lambda: not stored(url, "c-stall")["active"])
+    assert stored(url, "c-stall")["messages"][-1]["content"] == piece * 150
+
+
+def test_a_stop_ends_a_turn_whose_post_stopped_reading(live, upstream):
+    _, url = live()
+    piece = "y" * 20_000
+    upstream.script(stall(text(*[piece] * 150)[:-3]))  # 3 MB, then nothing until it is cut
+    with post_never_read(url, ui_request("a long one", "c-stall-stop")), \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        eventually(lambda: upstream.open_streams == 1)
+        reader = pool.submit(resume, url, "c-stall-stop")
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert stop(url, "c-stall-stop").json() == {"success": True}
+        assert time.monotonic() - started < 5  # not the 10 s a stop waits at most
+        _, body = reader.result(timeout=TIMEOUT)
+        assert chunks_of(body)[-2:] == [{"type": "abort"}, "[DONE]"]
+        conversation = stored(url, "c-stall-stop")
+        assert conversation["active"] is False
+        answer = conversation["messages"][-1]
+        assert answer["stopped"] is True and set(answer["content"]) == {"y"}
+    eventually(lambda: upstream.disconnects == 1)
+
+
 def test_past_resume_buffer_bytes_the_turn_goes_on_but_cannot_be_resumed(live, upstream):
     _, url = live(resume_buffer_bytes=1000)
     upstream.script(drip(text(*["word "] * 40), 0.05))
