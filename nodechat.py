@@ -4535,8 +4535,8 @@ class TurnStream:
     The turn's own task ``push``es; each reader (the ``POST`` that started the turn, each
     ``GET /api/chat/{id}/stream``) reads from where it is and waits for more, so several
     read one turn at once and one that leaves costs the others nothing.  Past ``limit``
-    bytes the stream is ``full``: no new reader is let in, and what every reader has
-    passed is let go.
+    bytes the stream is ``full``: no new reader is let in, what every reader has passed is
+    let go, and a reader more than ``limit`` bytes behind is cut off.
     """
 
     def __init__(self, stream_id: str, ui: bool, limit: int, orphaned: bytes = b""):
@@ -4547,7 +4547,8 @@ class TurnStream:
         self.chunks: list[bytes] = []
         self.first = 0  # how many chunks before chunks[0] were let go (once full)
         self.end = 0  # how many chunks were pushed
-        self.size = 0
+        self.size = 0  # bytes pushed
+        self.held = 0  # bytes still in chunks
         self.full = False
         self.complete = False  # every byte is in (what PostgresTurns writes last)
         self.done = False  # ... and the turn has let go of its conversation: readers end here
@@ -4568,6 +4569,7 @@ class TurnStream:
             self.chunks.append(data)
             self.end += 1
             self.size += len(data)
+            self.held += len(data)
             if self.size > self.limit:
                 self.full = True
                 self._let_go()
@@ -4579,10 +4581,10 @@ class TurnStream:
         held, cut off the reader furthest behind (a client that stopped reading)."""
         while True:
             low = min(self.readers.values(), default=self.end)
+            self.held -= sum(map(len, self.chunks[:low - self.first]))
             del self.chunks[:low - self.first]
             self.first = low
-            held = sum(map(len, self.chunks))
-            if held <= self.limit or not self.readers:
+            if self.held <= self.limit or not self.readers:
                 return
             laggard = min(self.readers, key=self.readers.__getitem__)
             del self.readers[laggard]

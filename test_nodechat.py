@@ -3428,6 +3428,32 @@ def test_a_stop_ends_a_turn_whose_post_stopped_reading(live, upstream):
     eventually(lambda: upstream.disconnects == 1)
 
 
+def test_a_reader_left_too_far_behind_a_full_stream_is_cut_off(live, upstream):
+    """A GET that stops reading pins no more than resume_buffer_bytes: past that it is ended
+    (without the stream's end), and the others go on."""
+    _, url = live(resume_buffer_bytes=200_000)
+    piece = "z" * 20_000
+    upstream.script(drip(text(*[piece] * 600), 0.002))  # 12 MB: more than the kernel buffers hold
+    host, port = url.removeprefix("http://").split(":")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        post = pool.submit(post_raw, url, ui_request("a long one", "c-lag"))
+        eventually(lambda: upstream.open_streams == 1)
+        with socket.socket() as lagging:
+            lagging.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            lagging.connect((host, int(port)))
+            lagging.sendall(f"GET /api/chat/c-lag/stream HTTP/1.1\r\nhost: {host}\r\n"
+                            "authorization: Bearer tok-alice\r\n\r\n".encode())
+            sent = post.result(timeout=TIMEOUT)[1]  # the POST reads the whole answer meanwhile
+            lagging.settimeout(TIMEOUT)
+            got = b""
+            while not got.endswith(b"\r\n0\r\n\r\n"):  # its response ended
+                data = lagging.recv(1 << 16)
+                assert data, "closed before the response ended"
+                got += data
+    assert sent.endswith(b"data: [DONE]\n\n") and b"data: [DONE]" not in got
+    assert len(got) < len(sent)
+
+
 def test_past_resume_buffer_bytes_the_turn_goes_on_but_cannot_be_resumed(live, upstream):
     _, url = live(resume_buffer_bytes=1000)
     upstream.script(drip(text(*["word "] * 40), 0.05))
