@@ -5348,6 +5348,10 @@ class SSEWriter:
         finally:
             guard.release()
 
+    @property
+    def writing(self) -> bool:
+        return self._guard.busy
+
     async def idle(self) -> None:
         """Until no write is under way."""
         if self._guard.busy:
@@ -5448,8 +5452,9 @@ class ReplayResponse:
         finally:
             if stream.sink is self:
                 stream.hand_back()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(out.idle(), self.keepalive)  # a write the turn has under way
+            if out.writing:  # a write of the turn's is under way: let it end first
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(out.idle(), self.keepalive)
             watcher.cancel()
             out.close()
             stream.readers.pop(self, None)
