@@ -1250,11 +1250,11 @@ def test_turns_hold_across_processes_resume_on_one_and_stop_on_another(postgres,
         first = pool.submit(post_raw, a, ui_request("one", "c-one"))
         eventually(lambda: upstream.open_streams == 1)
         reader = pool.submit(resume, b, "c-one")
-        second = pool.submit(post_raw, a, ui_request("two", "c-two"))
+        pool.submit(post_raw, a, ui_request("two", "c-two"))  # ends when A is killed
         eventually(lambda: upstream.open_streams == 2)
         refused, body = post_raw(b, ui_request("three", "c-three"))  # alice is at her cap, on A
         assert refused.status_code == 429 and b"2 turns are already running" in body
-        bobs = pool.submit(post_raw, a, ui_request("bob's", "c-bob"), "tok-bob")
+        pool.submit(post_raw, a, ui_request("bob's", "c-bob"), "tok-bob")  # ends when A is killed
         eventually(lambda: upstream.open_streams == 3)
         busy, body = post_raw(c, ui_request("again", "c-bob") | {"messages": [user_message("again", "u2")]},
                               "tok-bob")
