@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import importlib.util
 import ipaddress
 import json
 import logging
