@@ -275,41 +275,15 @@ class ChunkClock:
         return self.first or 0.0, self.gaps, time.perf_counter() - self.started
 
 
-async def one_request(reader, writer, payload: bytes) -> tuple[float, list[float], float]:
+async def chunked_answer(reader, writer, payload: bytes, on_chunk) -> None:
     """Send one request on a kept-alive connection and read its chunked answer as it comes
-    (one parse per read); (ttfc, gaps between content chunks, total)."""
-    started = time.perf_counter()
+    (one parse per read): ``on_chunk(arrival time, buffer, start, end)`` for each chunk, a
+    plain call and no copy, since the load generator shares its core with the upstream."""
     writer.write(payload)
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(head.split(b"\r\n")[0].decode())
-    clock, buffer = ChunkClock(started), b""
-    while True:
-        data = await reader.read(1 << 16)
-        if not data:
-            raise RuntimeError("the server closed the connection mid-answer")
-        buffer += data
-        pos = 0
-        while (eol := buffer.find(b"\r\n", pos)) >= 0:
-            size = int(buffer[pos:eol], 16)
-            end = eol + 2 + size + 2
-            if end > len(buffer):
-                break
-            if size == 0:
-                return clock.result()
-            if buffer.find(b'"content"', eol + 2, end) >= 0:
-                clock.tick()
-            pos = end
-        buffer = buffer[pos:]
-
-
-async def delta_times(reader, writer, payload: bytes) -> list[float]:
-    """Send one request; when each text delta of its chunked UI stream arrived."""
-    writer.write(payload)
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head.split(b"\r\n")[0].decode())
-    times, buffer = [], b""
+    buffer = b""
     while True:
         data = await reader.read(1 << 16)
         if not data:
@@ -323,10 +297,30 @@ async def delta_times(reader, writer, payload: bytes) -> list[float]:
             if end > len(buffer):
                 break
             if size == 0:
-                return times
-            times += [now] * buffer.count(b'"text-delta"', eol + 2, end)
+                return
+            on_chunk(now, buffer, eol + 2, end)
             pos = end
         buffer = buffer[pos:]
+
+
+async def one_request(reader, writer, payload: bytes) -> tuple[float, list[float], float]:
+    """One request's (ttfc, gaps between content chunks, total)."""
+    clock = ChunkClock(time.perf_counter())
+
+    def on_chunk(now: float, buffer: bytes, start: int, end: int) -> None:
+        if buffer.find(b'"content"', start, end) >= 0:
+            clock.tick()
+
+    await chunked_answer(reader, writer, payload, on_chunk)
+    return clock.result()
+
+
+async def delta_times(reader, writer, payload: bytes) -> list[float]:
+    """When each text delta of one request's UI stream arrived."""
+    times: list[float] = []
+    await chunked_answer(reader, writer, payload,
+                         lambda now, buffer, start, end: times.extend([now] * buffer.count(b'"text-delta"', start, end)))
+    return times
 
 
 async def resume_elsewhere(post_port: int, read_port: int, turns: int, point: Point) -> dict:
