@@ -5399,87 +5399,6 @@ async def watch_disconnect(receive: Receive, task: asyncio.Task) -> bool:
     return True
 
 
-@dataclass(eq=False)  # a reader is its own key in ``stream.readers``
-class ReplayResponse:
-    """A reader of a :class:`TurnStream`: every byte from the turn's first, then each as it
-    comes, ending with the turn's end.  Leaving affects no one else, the turn included.
-
-    The ``POST`` that started the turn is its ``owner``: a failure before the turn's first
-    byte is its HTTP error (as ``stream_sse`` gives); any other reader is told in-stream.
-    """
-
-    stream: TurnStream
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    keepalive: float = 15.0
-    owner: bool = False
-    out: SSEWriter | None = field(default=None, init=False)
-    position: int = field(default=0, init=False)  # the next chunk this reader is to get
-    writing_since: float | None = field(default=None, init=False)  # a write of the turn's is under way
-    stalled: bool = field(default=False, init=False)  # its client once stopped reading: never lent again
-
-    async def __call__(self, send: Send, receive: Receive) -> None:
-        stream, task = self.stream, asyncio.current_task()
-        watcher = asyncio.create_task(watch_disconnect(receive, task))
-        out = self.out = SSEWriter(send, self.headers, self.keepalive)
-        self.position = stream.readers.setdefault(self, stream.first)
-        try:
-            while True:
-                end = stream.end
-                if self in stream.cut:  # too far behind a full stream: ended, without its end
-                    await out.write(b"", more=False)
-                    return
-                if self.position < end:  # in slices: a replay is never one copy of the whole buffer
-                    data, upto = stream.since(self.position, REPLAY_SLICE_BYTES)
-                    more = not (stream.done and upto == end)
-                    self.position = stream.readers[self] = upto
-                    await out.write(data, more=more)
-                    if not more:
-                        return
-                elif stream.done:
-                    if stream.failure is not None and self.owner and not out.started:
-                        raise stream.failure
-                    await out.write(stream.failure_frames, more=False)
-                    return
-                elif self.owner and out.started and stream.sink is None and not self.stalled:
-                    await stream.lend(self)  # the turn writes to this reader while it keeps up
-                else:
-                    await stream.wait()
-        except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled() and watcher.result():
-                task.uncancel()  # the client left: the turn goes on without it
-                return
-            raise
-        finally:
-            if stream.sink is self:
-                stream.hand_back()
-            if out.writing:  # a write of the turn's is under way: let it end first
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(out.idle(), self.keepalive)
-            watcher.cancel()
-            out.close()
-            stream.readers.pop(self, None)
-
-    async def catch_up(self) -> None:
-        """From the turn's task (``TurnStream.deliver``): what this reader has not had yet."""
-        stream = self.stream
-        data, end = stream.since(self.position)
-        self.writing_since = time.monotonic()
-        try:
-            await self.out.write(data)
-        except asyncio.CancelledError:
-            if not stream.unsticking or stream.stopping:
-                raise
-            stream.unsticking = False  # lend() let go of a stalled client: not a stop
-            asyncio.current_task().uncancel()
-            return
-        except Exception:  # its client is gone: its own task ends it
-            stream.hand_back()
-            return
-        finally:
-            self.writing_since = None
-        self.position = stream.readers[self] = end
-
-
 ErrorFormat = Callable[[NodeChatError, Request], Any]  # the error, the request -> a response
 
 
@@ -6225,6 +6144,87 @@ class SmallBodyErrorResponse:
                             return parse_json(b"".join(chunks))
                         break
         return None
+
+
+@dataclass(eq=False)  # a reader is its own key in ``stream.readers``
+class ReplayResponse:
+    """A reader of a :class:`TurnStream`: every byte from the turn's first, then each as it
+    comes, ending with the turn's end.  Leaving affects no one else, the turn included.
+
+    The ``POST`` that started the turn is its ``owner``: a failure before the turn's first
+    byte is its HTTP error (as ``stream_sse`` gives); any other reader is told in-stream.
+    """
+
+    stream: TurnStream
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    keepalive: float = 15.0
+    owner: bool = False
+    out: SSEWriter | None = field(default=None, init=False)
+    position: int = field(default=0, init=False)  # the next chunk this reader is to get
+    writing_since: float | None = field(default=None, init=False)  # a write of the turn's is under way
+    stalled: bool = field(default=False, init=False)  # its client once stopped reading: never lent again
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        stream, task = self.stream, asyncio.current_task()
+        watcher = asyncio.create_task(watch_disconnect(receive, task))
+        out = self.out = SSEWriter(send, self.headers, self.keepalive)
+        self.position = stream.readers.setdefault(self, stream.first)
+        try:
+            while True:
+                end = stream.end
+                if self in stream.cut:  # too far behind a full stream: ended, without its end
+                    await out.write(b"", more=False)
+                    return
+                if self.position < end:  # in slices: a replay is never one copy of the whole buffer
+                    data, upto = stream.since(self.position, REPLAY_SLICE_BYTES)
+                    more = not (stream.done and upto == end)
+                    self.position = stream.readers[self] = upto
+                    await out.write(data, more=more)
+                    if not more:
+                        return
+                elif stream.done:
+                    if stream.failure is not None and self.owner and not out.started:
+                        raise stream.failure
+                    await out.write(stream.failure_frames, more=False)
+                    return
+                elif self.owner and out.started and stream.sink is None and not self.stalled:
+                    await stream.lend(self)  # the turn writes to this reader while it keeps up
+                else:
+                    await stream.wait()
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                task.uncancel()  # the client left: the turn goes on without it
+                return
+            raise
+        finally:
+            if stream.sink is self:
+                stream.hand_back()
+            if out.writing:  # a write of the turn's is under way: let it end first
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(out.idle(), self.keepalive)
+            watcher.cancel()
+            out.close()
+            stream.readers.pop(self, None)
+
+    async def catch_up(self) -> None:
+        """From the turn's task (``TurnStream.deliver``): what this reader has not had yet."""
+        stream = self.stream
+        data, end = stream.since(self.position)
+        self.writing_since = time.monotonic()
+        try:
+            await self.out.write(data)
+        except asyncio.CancelledError:
+            if not stream.unsticking or stream.stopping:
+                raise
+            stream.unsticking = False  # lend() let go of a stalled client: not a stop
+            asyncio.current_task().uncancel()
+            return
+        except Exception:  # its client is gone: its own task ends it
+            stream.hand_back()
+            return
+        finally:
+            self.writing_since = None
+        self.position = stream.readers[self] = end
 
 
 async def api_chat(chat: NodeChat, request: Request) -> SSEResponse | ReplayResponse:
