@@ -6245,10 +6245,9 @@ async def api_chat(chat: NodeChat, request: Request) -> SSEResponse | ReplayResp
     else:
         encoder = ChatSSEEncoder(cid)
     keepalive = chat.settings.keepalive_seconds
-    if cid is None:
-        return SSEResponse(run_turn(chat, turn), encoder, headers, keepalive)
-    turn.message_id = encoder.message_id  # the answer is saved under the id its stream announces
-    if not chat.settings.resume:
+    if cid is not None:
+        turn.message_id = encoder.message_id  # the answer is saved under the id its stream announces
+    if cid is None or not chat.settings.resume:  # the turn ends with its connection
         return SSEResponse(run_turn(chat, turn), encoder, headers, keepalive)
     lost = NodeChatError("the server writing this answer stopped; reload the conversation",
                          code="turn_lost")
