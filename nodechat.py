@@ -205,6 +205,7 @@ ENV_KEYS = types.MappingProxyType({
     "NODECHAT_MODEL": "model",
     "NODECHAT_TOKENS": "tokens",
     "NODECHAT_INTERNAL_TOKENS": "internal_tokens",
+    "NODECHAT_ADMIN_TOKENS": "admin_tokens",
     "NODECHAT_DATA_DIR": "data_dir",
     "NODECHAT_CORS_ORIGINS": "cors_origins",
     "NODECHAT_MCP_CONFIG": "mcp_config",
@@ -227,6 +228,7 @@ class ProviderConfig:
     base_url: str
     api_key: str = ""
     models: tuple[str, ...] = ()
+    stream_usage: bool = True  # send stream_options.include_usage (false: for servers that refuse it)
 
 
 @dataclass(kw_only=True)
@@ -274,6 +276,26 @@ class Settings:
     max_tool_result_chars: int = 100_000
     #: Agent turns one user may run at once, over every endpoint (429 above).
     max_turns_per_user: int = 8
+    #: Tokens (input + output) one user may use per ``budget_period``; 0: no budget.  Past it
+    #: a turn is refused (429 ``budget_exceeded``) and a running one stops at its next step.
+    token_budget: int = 0
+    #: ``hour``, ``day``, ``week`` (from Monday) or ``month``, calendar-aligned in UTC.
+    budget_period: str = "month"
+    #: Turns one user may start per minute; 0: no limit (429 ``rate_limit_exceeded`` beyond).
+    requests_per_minute: int = 0
+    #: Per-user overrides of the four limits above, by user id (TOML ``[users.alice]``).
+    users: dict[str, dict] = field(default_factory=dict)
+    #: Tokens whose callers may read every user's usage (``GET /api/usage?user=``).
+    admin_tokens: frozenset[str] = frozenset()
+    #: ``GET /metrics`` in Prometheus' text format, outside the chat auth (off by default).
+    metrics: bool = False
+    #: The bearer token ``/metrics`` asks for (never a user's token); empty: none.
+    metrics_token: str = ""
+    #: ``text`` (uvicorn's look), or ``json``: one JSON line per record, one per turn.
+    log_format: str = "text"
+    #: Ask the provider made from ``base_url``/``api_key`` for usage on streams
+    #: (``stream_options.include_usage``); off for a server that refuses the field.
+    stream_usage: bool = True
     #: Tool calls the agent runs in one step; the model gets an error for the rest.
     max_tool_calls_per_step: int = 16
     #: Conversations stored per user (403 beyond).
@@ -383,8 +405,9 @@ class Settings:
         for user in values["tokens"].values():  # user ids become file names
             if not ID_PATTERN.fullmatch(user) or ".." in user:
                 raise ValueError(f"tokens: user id {user[:40]!r} must be 1-128 of [A-Za-z0-9_.@:-]")
-        for name in ("internal_tokens",):
+        for name in ("internal_tokens", "admin_tokens"):
             values[name] = frozenset(_split(values.get(name, ())))
+        values["users"] = _user_limits(values.get("users", {}), values)
         for name in ("cors_origins", "allowed_hosts", "fetch_allowed_networks"):
             values[name] = tuple(_split(values.get(name, ())))
         if values.get("tools") is not None:
@@ -392,6 +415,8 @@ class Settings:
         if values.get("mcp_config"):
             values["mcp_servers"] = {**read_mcp_config(values["mcp_config"]),
                                      **values.get("mcp_servers", {})}
+        if values.get("log_format", "text") not in ("text", "json"):
+            raise ValueError("log_format: use 'text' (the default) or 'json'")
         if values.get("upstream_client", "nodechat") not in ("nodechat", "httpx"):
             raise ValueError("upstream_client: use 'nodechat' (the default) or 'httpx'")
         provider = values.get("search_provider", "")
@@ -403,6 +428,44 @@ class Settings:
     def offline(self) -> bool:
         """True when no provider is configured and the built-in echo model serves."""
         return not self.providers
+
+    def limits(self, user: str) -> UserLimits:
+        """The user's limits: the global ones, overridden by ``users[user]``."""
+        return UserLimits(**{**{k: getattr(self, k) for k in USER_LIMIT_KEYS}, **self.users.get(user, {})})
+
+
+USER_LIMIT_KEYS = ("token_budget", "budget_period", "requests_per_minute", "max_turns_per_user")
+BUDGET_PERIODS = ("hour", "day", "week", "month")
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """One user's limits (see the Settings fields of the same names)."""
+
+    token_budget: int
+    budget_period: str
+    requests_per_minute: int
+    max_turns_per_user: int
+
+
+def _user_limits(users: Any, values: Mapping[str, Any]) -> dict[str, dict]:
+    """``[users.NAME]`` tables, checked: only the limits' names, of their types."""
+    if not isinstance(users, Mapping):
+        raise ValueError("users: a table of user id -> limits")
+    for name, value in [("budget_period", values.get("budget_period", "month")),
+                        *((f"users.{u}.budget_period", v.get("budget_period", "month"))
+                          for u, v in users.items() if isinstance(v, Mapping))]:
+        if value not in BUDGET_PERIODS:
+            raise ValueError(f"{name}: {str(value)[:20]!r} is not one of {', '.join(BUDGET_PERIODS)}")
+    checked = {}
+    for user, limits in users.items():
+        if not isinstance(limits, Mapping) or set(limits) - set(USER_LIMIT_KEYS):
+            raise ValueError(f"users.{user}: only {', '.join(USER_LIMIT_KEYS)} may be set per user")
+        for key, value in limits.items():
+            if key != "budget_period" and (type(value) is not int or value < 0):
+                raise ValueError(f"users.{user}.{key}: a whole number, 0 or more")
+        checked[str(user)] = dict(limits)
+    return checked
 
 
 def _split(value: str | Iterable[str]) -> list[str]:
@@ -456,10 +519,12 @@ def _providers(values: dict[str, Any], environ: Mapping[str, str]) -> tuple[Prov
         if not name or not base_url:
             raise ValueError("providers: every entry needs a name and a base_url")
         api_key = entry.get("api_key") or environ.get(entry.get("api_key_env", ""), "")
-        providers.append(ProviderConfig(name, base_url, api_key, tuple(entry.get("models", ()))))
+        providers.append(ProviderConfig(name, base_url, api_key, tuple(entry.get("models", ())),
+                                        entry.get("stream_usage", True) is not False))
     base_url, api_key = values.get("base_url", ""), values.get("api_key", "")
     if not providers and (base_url or api_key):
-        providers.append(ProviderConfig("openai", base_url or DEFAULT_OPENAI_BASE_URL, api_key))
+        providers.append(ProviderConfig("openai", base_url or DEFAULT_OPENAI_BASE_URL, api_key,
+                                        stream_usage=values.get("stream_usage", True) is not False))
     return tuple(providers)
 
 
@@ -604,20 +669,99 @@ class ToolResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens used by one model call, or summed over a turn.  ``input`` includes the
+    ``cached`` tokens and ``output`` the ``reasoning`` ones, as OpenAI counts them.
+    ``estimated``: the upstream did not say (an old server, a cut stream, the echo model),
+    so nodechat counted characters / 4, rounded up."""
+
+    input: int = 0
+    output: int = 0
+    cached: int = 0
+    reasoning: int = 0
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+    def __add__(self, other: Usage | None) -> Usage:
+        if other is None:
+            return self
+        return Usage(self.input + other.input, self.output + other.output, self.cached + other.cached,
+                     self.reasoning + other.reasoning, self.estimated or other.estimated)
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage | None:
+        """An upstream's ``usage`` object; None when it holds no token count."""
+        if type(usage) is not dict:
+            return None
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(prompt) is not int and type(completion) is not int:
+            return None
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if type(details) is dict else None
+        details = usage.get("completion_tokens_details")
+        reasoning = details.get("reasoning_tokens") if type(details) is dict else None
+        return cls(*(max(v, 0) if type(v) is int else 0 for v in (prompt, completion, cached, reasoning)))
+
+    @classmethod
+    def estimate(cls, input_chars: int, output_chars: int) -> Usage:
+        return cls(-(-input_chars // 4), -(-output_chars // 4), estimated=True)
+
+    def openai(self) -> dict:
+        """OpenAI's ``usage`` (the details only when they are not zero)."""
+        usage: dict[str, Any] = {"prompt_tokens": self.input, "completion_tokens": self.output,
+                                 "total_tokens": self.total}
+        if self.cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached}
+        if self.reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning}
+        return usage
+
+    def ui(self) -> dict:
+        """The AI SDK's ``LanguageModelUsage``: ai 5's names and ai 6's details both."""
+        usage: dict[str, Any] = {
+            "inputTokens": self.input, "outputTokens": self.output, "totalTokens": self.total,
+            "reasoningTokens": self.reasoning, "cachedInputTokens": self.cached,
+            "inputTokenDetails": {"noCacheTokens": self.input - self.cached, "cacheReadTokens": self.cached},
+            "outputTokenDetails": {"textTokens": self.output - self.reasoning,
+                                   "reasoningTokens": self.reasoning}}
+        if self.estimated:
+            usage["estimated"] = True
+        return usage
+
+    def record(self) -> dict:
+        """How stores and the ledger keep it."""
+        return {"input": self.input, "output": self.output, "cached": self.cached,
+                "reasoning": self.reasoning, "estimated": self.estimated}
+
+    @classmethod
+    def from_record(cls, record: Any) -> Usage:
+        if type(record) is not dict:
+            return cls()
+        return cls(*(record.get(k) if type(record.get(k)) is int else 0
+                     for k in ("input", "output", "cached", "reasoning")), record.get("estimated") is True)
+
+
+@dataclass(frozen=True, slots=True)
 class StepFinished:
     """One model call is over: why it stopped and what it used."""
 
     reason: str
-    usage: dict | None = None
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The turn is over: the last step's reason (``stop``, ``length``, ``tool_calls``,
-    ``content_filter``) or ``max_steps``; usage summed over its steps."""
+    ``content_filter``), ``max_steps``, or ``budget`` (the user's token budget ran out
+    between two steps; ``note`` says so); usage summed over its steps, and the model."""
 
     reason: str
-    usage: dict | None = None
+    usage: Usage | None = None
+    model: str | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1378,6 +1522,41 @@ class JSONFileStore:
 
         return await self._in_thread(search)
 
+    # -- the usage ledger ----------------------------------------------------------------------
+
+    async def append_usage(self, entries: list[dict]) -> None:
+        """Ledger entries, appended to ``usage/<user>/<YYYY-MM>.jsonl`` (one file per user
+        and month: a period's budget reads a month or two, never the user's whole history)."""
+        def append() -> None:
+            files: dict[Path, list[dict]] = {}
+            for entry in entries:
+                files.setdefault(self._usage(entry["user"], entry["at"][:7]), []).append(entry)
+            for path, batch in files.items():
+                with _locked(path):
+                    _append_lines(path, batch)
+
+        await self._in_thread(append)
+
+    async def read_usage(self, user_id: str | None, start: datetime.datetime,
+                         end: datetime.datetime | None) -> list[dict]:
+        """The entries of ``user_id`` (None: everyone) in the months from ``start`` to ``end``."""
+        last = (end or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m")
+        first = start.strftime("%Y-%m")
+
+        def read() -> list[dict]:
+            folders = [self._usage(user_id, "x").parent] if user_id is not None else \
+                sorted(p for p in (self.root / "usage").glob("*") if p.is_dir())
+            return [entry for folder in folders for path in sorted(folder.glob("*.jsonl"))
+                    if first <= path.stem <= last for entry in _read_lines(path)]
+
+        return await self._in_thread(read)
+
+    def _usage(self, user_id: str, month: str) -> Path:
+        """A user's ledger file for ``month``; a user id that is no file name (a host's
+        ``authenticate`` may return any string) is hashed."""
+        folder = user_id if valid_id(user_id) else "h-" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+        return self.root / "usage" / folder / f"{month}.jsonl"
+
     async def check(self) -> None:
         """At start-up: move aside (with a warning) any JSON file that is torn or invalid,
         and build the per-user listings of a data directory written before they existed."""
@@ -1720,6 +1899,30 @@ PG_MIGRATIONS = (
         created_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (turn_id, seq));
     """,
+    # Ledger: one row per upstream call; PostgresLedger's budget and rate counters
+    """
+    CREATE TABLE nodechat_usage (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at timestamptz NOT NULL,
+        user_id text NOT NULL,
+        conversation_id text,
+        protocol text NOT NULL,
+        model text NOT NULL,
+        provider text NOT NULL,
+        input_tokens integer NOT NULL,
+        output_tokens integer NOT NULL,
+        cached_tokens integer NOT NULL,
+        reasoning_tokens integer NOT NULL,
+        estimated boolean NOT NULL);
+    CREATE INDEX nodechat_usage_by_user ON nodechat_usage (user_id, at);
+    CREATE INDEX nodechat_usage_by_time ON nodechat_usage (at);
+    CREATE TABLE nodechat_limits (
+        user_id text NOT NULL,
+        key text NOT NULL,
+        used bigint NOT NULL,
+        until timestamptz NOT NULL,
+        PRIMARY KEY (user_id, key));
+    """,
 )
 
 CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at"
@@ -1731,6 +1934,11 @@ INSERT_MESSAGES = (  # one INSERT for a batch, in order; a ui_id already stored 
     "FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::json[]) "
     "WITH ORDINALITY AS m(id, ui_id, created_at, body, n) ORDER BY m.n "
     "ON CONFLICT DO NOTHING RETURNING id")
+INSERT_USAGE = (
+    "INSERT INTO nodechat_usage (at, user_id, conversation_id, protocol, model, provider, input_tokens, "
+    "output_tokens, cached_tokens, reasoning_tokens, estimated) SELECT * FROM unnest($1::timestamptz[], "
+    "$2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::int[], $9::int[], $10::int[], "
+    "$11::bool[])")
 INSERT_MEMORIES = (
     "INSERT INTO memories (id, user_id, content, created_at, words) "
     f"SELECT m.id, $1, m.content, coalesce(m.created_at, {DB_NOW}), "
@@ -1893,6 +2101,28 @@ class PostgresStore:
         if not rows:
             return []
         return MemoryIndex([_memory(row) for row in rows], total=rows[0][3]).search(query, limit)
+
+    # -- the usage ledger ----------------------------------------------------------------------
+
+    async def append_usage(self, entries: list[dict]) -> None:
+        columns = list(zip(*((e["at"], e["user"], e["conversation"], e["protocol"], e["model"], e["provider"],
+                             e["input"], e["output"], e["cached"], e["reasoning"], e["estimated"])
+                            for e in entries)))
+        columns[0] = [_parse_time(at, "usage time") for at in columns[0]]
+        async with self._connection() as db:
+            await db.execute(INSERT_USAGE, *columns)
+
+    async def read_usage(self, user_id: str | None, start: datetime.datetime,
+                         end: datetime.datetime | None) -> list[dict]:
+        async with self._connection() as db:
+            rows = await db.fetch(
+                f"SELECT {DB_ISO.format('at')}, user_id, conversation_id, protocol, model, provider, "
+                "input_tokens, output_tokens, cached_tokens, reasoning_tokens, estimated FROM nodechat_usage "
+                "WHERE ($1::text IS NULL OR user_id = $1) AND at >= $2 AND ($3::timestamptz IS NULL OR at < $3) "
+                "ORDER BY at, seq", user_id, start, end)
+        keys = ("at", "user", "conversation", "protocol", "model", "provider", "input", "output", "cached",
+                "reasoning", "estimated")
+        return [dict(zip(keys, row)) for row in rows]
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -3625,8 +3855,10 @@ class OpenAIProvider:
     """
 
     def __init__(self, name: str, base_url: str, api_key: str = "", models: Iterable[str] = (),
-                 stream_timeout: float = 600.0, max_line_bytes: int = MAX_LINE_BYTES):
+                 stream_timeout: float = 600.0, max_line_bytes: int = MAX_LINE_BYTES,
+                 stream_usage: bool = True):
         self.max_line_bytes = max_line_bytes
+        self.stream_usage = stream_usage  # ask for stream_options.include_usage (some servers refuse it)
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.models = tuple(models)
@@ -3644,8 +3876,11 @@ class OpenAIProvider:
 
         ``http`` is nodechat's own :class:`UpstreamClient` (the fast path) or an httpx client
         (a host's own client, a proxy, or ``upstream_client = "httpx"``)."""
-        body = {**body, "stream": True,
-                "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        body = {**body, "stream": True}
+        if self.stream_usage:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        else:
+            body.pop("stream_options", None)
         chunks = CompletionDecoder(self)
         deadline = time.monotonic() + self.stream_timeout  # a slow drip resets no clock here
         async with self._batches(body, http) as batches:
@@ -3742,7 +3977,7 @@ class CompletionDecoder:
         self.label, self.secrets = provider.label, provider.secrets
         self.calls: dict[int, list] = {}  # index -> [id, name, argument pieces]
         self.reason: str | None = None
-        self.usage: dict | None = None
+        self.usage: Usage | None = None
         self.done = False  # [DONE] came: read on to the end, so the connection goes back to the pool
 
     def feed(self, batch: list[bytes]) -> list[Event]:
@@ -3764,9 +3999,8 @@ class CompletionDecoder:
             if "error" in chunk:
                 raise UpstreamError(f"provider {self.label}: {redact(_error_text(chunk), self.secrets)[:1000]}")
             try:
-                usage = chunk.get("usage")
-                if usage is not None and type(usage) is dict:
-                    self.usage = usage
+                if chunk.get("usage") is not None:  # with empty choices or not, before or after finish_reason
+                    self.usage = Usage.from_openai(chunk["usage"]) or self.usage
                 for choice in chunk.get("choices") or ():
                     if choice.get("index", 0) != 0:
                         continue
@@ -3880,7 +4114,6 @@ class OfflineProvider:
 
     async def stream(self, body: dict, http: httpx.AsyncClient) -> AsyncIterator[Event]:
         messages = body.get("messages") or [{}]
-        prompt = sum(len(message_text(m).split()) for m in messages)
         offered = {t.get("function", {}).get("name") for t in body.get("tools") or ()}
         if messages[-1].get("role") == "tool":
             text = f"{messages[-1].get('name') or 'The tool'} returned: {message_text(messages[-1])}"
@@ -3889,14 +4122,12 @@ class OfflineProvider:
             asked = self.command.fullmatch(text)
             if asked and asked.group(1) in offered:
                 yield ToolCall(new_id("call"), asked.group(1), asked.group(2) or "{}")
-                yield StepFinished("tool_calls", {"prompt_tokens": prompt, "completion_tokens": 1,
-                                                  "total_tokens": prompt + 1})
+                yield StepFinished("tool_calls")  # no usage: the agent estimates it
                 return
         pieces = re.findall(r"\s*\S+", text) or ["(empty message)"]
         for piece in pieces:
             yield TextDelta(piece)
-        yield StepFinished("stop", {"prompt_tokens": prompt, "completion_tokens": len(pieces),
-                                    "total_tokens": prompt + len(pieces)})
+        yield StepFinished("stop")
 
     async def list_models(self, http: httpx.AsyncClient) -> list[str]:
         return [OFFLINE_MODEL]
@@ -3910,7 +4141,7 @@ class ModelRouter:
         for config in settings.providers:
             self._by_name.setdefault(config.name, OpenAIProvider(
                 config.name, config.base_url, config.api_key, config.models, settings.stream_timeout,
-                settings.max_upstream_line_bytes))
+                settings.max_upstream_line_bytes, config.stream_usage))
         if not self._by_name:
             self._by_name["offline"] = OfflineProvider()
         self.default = next(iter(self._by_name.values()))
@@ -3968,6 +4199,437 @@ def message_text(message: dict) -> str:
 
 
 ###############################################################################
+# Accounting: the usage ledger, budgets and rate limits, and metrics
+###############################################################################
+
+
+OUTPUT_HOLD_TOKENS = 1024  # a model call holds this much of a budget for its answer (or max_tokens)
+LEDGER_FLUSH_SECONDS = 0.5  # ledger entries go to the store in batches, at most this often
+MAX_LEDGER_PENDING = 10_000  # ... or when this many wait
+
+
+class BudgetExceeded(TooManyRequests):
+    """The user's token budget for the period is spent.  Retrying before it resets is no use:
+    the response says ``x-should-retry: false``, which the openai and anthropic SDKs obey
+    (they retry a plain 429 twice)."""
+
+    kind = "budget_exceeded"
+
+
+def budget_window(period: str, now: float | None = None) -> tuple[datetime.datetime, datetime.datetime]:
+    """The calendar period (UTC) that ``now`` falls in: its start and the next one's."""
+    at = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
+    if period == "hour":
+        start = at.replace(minute=0, second=0, microsecond=0)
+        return start, start + datetime.timedelta(hours=1)
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day, day + datetime.timedelta(days=1)
+    if period == "week":
+        start = day - datetime.timedelta(days=day.weekday())
+        return start, start + datetime.timedelta(days=7)
+    start = day.replace(day=1)
+    return start, (start + datetime.timedelta(days=32)).replace(day=1)
+
+
+def iso_z(at: datetime.datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def estimate_input(body: dict) -> int:
+    """Characters the model reads in a chat-completions body (for a usage estimate)."""
+    chars = 0
+    for message in body.get("messages") or ():
+        chars += len(message_text(message))
+        for call in message.get("tool_calls") or ():
+            chars += len(str((call.get("function") or {}).get("arguments") or ""))
+    return chars + (len(compact_json(body["tools"])) if body.get("tools") else 0)
+
+
+@dataclass
+class Call:
+    """One upstream call, as the ledger keeps it."""
+
+    turn: Turn
+    provider: str  # its name (metrics)
+    url: str  # where it is (the ledger)
+    model: str
+    hold: int = 0  # tokens of the user's budget it held while it ran
+    started: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+
+class Ledger:
+    """What each user spends, and the limits on it.
+
+    Every upstream call records one entry (user, conversation, protocol, model, provider,
+    tokens, ``estimated``, time), written to the store in batches: not one write per call,
+    never one per token.  A turn passes the user's rate limit and budget before it starts
+    (429 otherwise), and each model call holds its share of the budget while it runs
+    (:meth:`hold`): once the budget is spent no further call starts, so a turn stops at its
+    next step and concurrent turns overshoot by at most one call.  This class counts in this
+    process, from the store's entries of the period on first use; :class:`PostgresLedger`
+    counts in the database, for every process.
+    """
+
+    def __init__(self, settings: Settings, store: Any, metrics: Metrics):
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.pending: list[dict] = []
+        self._kept: list[dict] = []  # a store with no ledger methods (a host's own): in memory
+        self._spent: dict[tuple[str, str], int] = {}  # (user, period start) -> tokens, holds included
+        self._minutes: dict[str, list[int]] = {}  # user -> [minute, turns started in it]
+        self._flusher: asyncio.Task | None = None
+        self._writing = asyncio.Lock()  # a flush and a first count of a period never interleave
+
+    # -- before a turn, before each call ---------------------------------------------------------
+
+    async def admit(self, user: str) -> None:
+        """Count a turn against the user's rate limit and check the budget: TooManyRequests
+        (``rate_limit_exceeded``) or BudgetExceeded."""
+        limits = self.settings.limits(user)
+        if limits.requests_per_minute:
+            minute = int(time.time() // 60)
+            if not await self._count_request(user, minute, limits.requests_per_minute):
+                self.metrics.rejected("rate")
+                raise TooManyRequests(
+                    f"rate limit: at most {limits.requests_per_minute} requests per minute for this user",
+                    code="rate_limit_exceeded", retry_after=str(max(1, (minute + 1) * 60 - int(time.time()))))
+        if limits.token_budget:
+            start, end = budget_window(limits.budget_period)
+            used = await self._used(user, start)
+            if used >= limits.token_budget:
+                raise self._over(limits, used, end)
+
+    async def hold(self, call: Call, body: dict) -> None:
+        """Before a model call: hold its share of the user's budget (its prompt, estimated,
+        and ``max_tokens`` or OUTPUT_HOLD_TOKENS for its answer); BudgetExceeded when the
+        budget is spent, counting what running calls hold."""
+        limits = self.settings.limits(call.turn.user_id)
+        if not limits.token_budget:
+            return
+        start, end = budget_window(limits.budget_period)
+        answer = body.get("max_completion_tokens") or body.get("max_tokens")
+        amount = -(-estimate_input(body) // 4) + (answer if type(answer) is int and answer > 0
+                                                  else OUTPUT_HOLD_TOKENS)
+        used = await self._take(call.turn.user_id, start, amount, limits.token_budget)
+        if used is not None:
+            raise self._over(limits, used, end)
+        call.hold = amount
+
+    def _over(self, limits: UserLimits, used: int, end: datetime.datetime) -> BudgetExceeded:
+        self.metrics.rejected("budget")
+        wait = end.timestamp() - time.time()
+        return BudgetExceeded(
+            f"token budget exceeded: {used} of {limits.token_budget} tokens used this "
+            f"{limits.budget_period}; it resets at {iso_z(end)}", code="budget_exceeded",
+            retry_after=str(max(1, math.ceil(wait))) if wait <= 120 else None)
+
+    # -- after each call -------------------------------------------------------------------------
+
+    async def record(self, call: Call, usage: Usage) -> None:
+        """The call's entry, and its real tokens in place of what it held."""
+        turn = call.turn
+        entry = {"at": now_iso(), "user": turn.user_id, "conversation": turn.conversation_id,
+                 "protocol": turn.protocol, "model": call.model, "provider": call.url,
+                 **usage.record()}
+        self.pending.append(entry)
+        self.metrics.called(call, usage)
+        limits = self.settings.limits(turn.user_id)
+        if limits.token_budget or call.hold:
+            start, _ = budget_window(limits.budget_period)
+            await self._settle(turn.user_id, start, usage.total - call.hold)
+        call.hold = 0
+        if len(self.pending) >= MAX_LEDGER_PENDING:
+            await self.flush()
+        elif self._flusher is None:
+            self._flusher = asyncio.get_running_loop().call_later(LEDGER_FLUSH_SECONDS, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        spawn(self.metrics.tasks, self.flush())
+
+    async def flush(self) -> None:
+        """Write the waiting entries (one store call for the batch)."""
+        self._flusher = None
+        async with self._writing:
+            batch, self.pending = self.pending, []
+            if not batch:
+                return
+            append = getattr(self.store, "append_usage", None)
+            if append is None:
+                self._kept += batch
+                return
+            try:
+                await append(batch)
+            except NodeChatError as exc:  # kept for the next flush, not lost
+                log.warning("cannot write %d usage entries: %s", len(batch), exc.message)
+                self.pending[:0] = batch
+
+    async def entries(self, user: str | None, start: datetime.datetime,
+                      end: datetime.datetime) -> list[dict]:
+        """Every entry of ``user`` (None: every user) from ``start`` to ``end``."""
+        await self.flush()
+        read = getattr(self.store, "read_usage", None)
+        found = self._kept if read is None else await read(user, start, end)
+        first, last = iso_z(start), iso_z(end)
+        return [e for e in found if (user is None or e.get("user") == user)
+                and first <= str(e.get("at", "")) < last]
+
+    async def aclose(self) -> None:
+        await self.flush()
+
+    # -- the counters: in this process -----------------------------------------------------------
+
+    async def _count_request(self, user: str, minute: int, limit: int) -> bool:
+        count = self._minutes.get(user)
+        if count is None or count[0] != minute:
+            count = self._minutes[user] = [minute, 0]
+        if count[1] >= limit:
+            return False
+        count[1] += 1
+        return True
+
+    async def _used(self, user: str, start: datetime.datetime) -> int:
+        key = (user, iso_z(start))
+        if key not in self._spent:
+            async with self._writing:  # the store's entries and the pending ones, none twice
+                read = getattr(self.store, "read_usage", None)
+                stored = self._kept if read is None else await read(user, start, None)
+                since = iso_z(start)
+                total = sum(e.get("input", 0) + e.get("output", 0) for e in [*stored, *self.pending]
+                            if e.get("user") == user and str(e.get("at", "")) >= since)
+                self._spent.setdefault(key, total)
+        return self._spent[key]
+
+    async def _take(self, user: str, start: datetime.datetime, amount: int, limit: int) -> int | None:
+        """Add ``amount`` if the budget is not spent; else the tokens used."""
+        used = await self._used(user, start)
+        if used >= limit:
+            return used
+        self._spent[user, iso_z(start)] = used + amount
+        return None
+
+    async def _settle(self, user: str, start: datetime.datetime, change: int) -> None:
+        key = (user, iso_z(start))
+        if key in self._spent:
+            self._spent[key] += change
+        for old in [k for k in self._spent if k[0] == user and k[1] != key[1]]:
+            del self._spent[old]  # a period that is over
+
+
+class PostgresLedger(Ledger):
+    """:class:`Ledger` with its counters in the database, for every process: a budget is
+    one row per user and period (``nodechat_limits``), taken with one atomic statement
+    (``UPDATE ... WHERE used < limit RETURNING``), so two processes never both pass the last
+    check.  A process killed during a call leaves what the call held counted until the
+    period ends (on the safe side)."""
+
+    def __init__(self, settings: Settings, store: Any, metrics: Metrics):
+        super().__init__(settings, store, metrics)
+        self._opened: set[tuple[str, str]] = set()  # periods whose row this process has made
+
+    async def _count_request(self, user: str, minute: int, limit: int) -> bool:
+        async with self.store._connection() as db:
+            count = await db.fetchval(
+                "INSERT INTO nodechat_limits AS l (user_id, key, used, until) "
+                "VALUES ($1, $2, 1, to_timestamp($3)) ON CONFLICT (user_id, key) DO UPDATE "
+                "SET used = l.used + 1 WHERE l.used < $4 RETURNING used",
+                user, f"rpm:{minute}", (minute + 1) * 60, limit)
+            if minute % 10 == 0:  # now and then, the minutes and periods that are over
+                await db.execute("DELETE FROM nodechat_limits WHERE until < now() - interval '1 minute'")
+        return count is not None
+
+    async def _used(self, user: str, start: datetime.datetime) -> int:
+        await self._open(user, start)
+        async with self.store._connection() as db:
+            return await db.fetchval("SELECT used FROM nodechat_limits WHERE user_id = $1 AND key = $2",
+                                     user, "tokens:" + iso_z(start))
+
+    async def _open(self, user: str, start: datetime.datetime) -> None:
+        """The period's row, counted from the ledger the first time (the entries still
+        waiting in this process included)."""
+        if (user, iso_z(start)) in self._opened:
+            return
+        await self.flush()
+        end = budget_window(self.settings.limits(user).budget_period, start.timestamp())[1]
+        self._opened.add((user, iso_z(start)))
+        async with self.store._connection() as db:
+            await db.execute(
+                "INSERT INTO nodechat_limits (user_id, key, used, until) "
+                "SELECT $1, $2, coalesce(sum(input_tokens + output_tokens), 0), $4 FROM nodechat_usage "
+                "WHERE user_id = $1 AND at >= $3 ON CONFLICT DO NOTHING",
+                user, "tokens:" + iso_z(start), start, end)
+
+    async def _take(self, user: str, start: datetime.datetime, amount: int, limit: int) -> int | None:
+        await self._open(user, start)
+        async with self.store._connection() as db:
+            taken = await db.fetchval(
+                "UPDATE nodechat_limits SET used = used + $3 WHERE user_id = $1 AND key = $2 "
+                "AND used < $4 RETURNING used", user, "tokens:" + iso_z(start), amount, limit)
+            if taken is not None:
+                return None
+            return await db.fetchval("SELECT used FROM nodechat_limits WHERE user_id = $1 AND key = $2",
+                                     user, "tokens:" + iso_z(start))
+
+    async def _settle(self, user: str, start: datetime.datetime, change: int) -> None:
+        if change:
+            async with self.store._connection() as db:
+                await db.execute("UPDATE nodechat_limits SET used = used + $3 WHERE user_id = $1 AND key = $2",
+                                 user, "tokens:" + iso_z(start), change)
+
+
+def make_ledger(settings: Settings, store: Any, metrics: Metrics) -> Ledger:
+    return (PostgresLedger if isinstance(store, PostgresStore) else Ledger)(settings, store, metrics)
+
+
+#: Buckets of OpenTelemetry's GenAI metrics (vLLM's time-to-first-token set).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+MAX_SERIES = 2000  # label sets per family; past it new ones count under "_other" (model names come from clients)
+PROCESS_STARTED = time.time()
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class Family:
+    """One Prometheus metric family: a counter, a gauge or a histogram, by label values."""
+
+    def __init__(self, name: str, kind: str, doc: str, labels: tuple[str, ...] = (),
+                 buckets: tuple[float, ...] = ()):
+        self.name, self.kind, self.doc, self.labels, self.buckets = name, kind, doc, labels, buckets
+        self.samples: dict[tuple, Any] = {}  # label values -> value, or [bucket counts..., sum]
+
+    def _key(self, values: tuple) -> tuple:
+        if values in self.samples or len(self.samples) < MAX_SERIES:
+            return values
+        return ("_other",) * len(values)
+
+    def inc(self, values: tuple = (), amount: float = 1) -> None:
+        key = self._key(values)
+        self.samples[key] = self.samples.get(key, 0) + amount
+
+    def set(self, values: tuple, value: float) -> None:
+        self.samples[self._key(values)] = value
+
+    def observe(self, values: tuple, value: float) -> None:
+        key = self._key(values)
+        counts = self.samples.get(key)
+        if counts is None:
+            counts = self.samples[key] = [0] * (len(self.buckets) + 2)  # buckets, +Inf, sum
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def render(self, out: list[str]) -> None:
+        """The family in the text format 0.0.4: HELP and TYPE once, then its samples;
+        histogram buckets cumulative, ``+Inf`` equal to ``_count``."""
+        doc = self.doc.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {self.name} {doc}\n# TYPE {self.name} {self.kind}\n")
+        for values, value in sorted(self.samples.items()):
+            pairs = [f'{k}="{_label_value(v)}"' for k, v in zip(self.labels, values)]
+            if self.kind != "histogram":
+                out.append(f"{self.name}{_braces(pairs)} {_number(value)}\n")
+                continue
+            running = 0
+            for bound, count in zip((*self.buckets, math.inf), value):
+                running += count
+                out.append(f'{self.name}_bucket{_braces([*pairs, f"le={chr(34)}{_number(bound)}{chr(34)}"])} '
+                           f"{running}\n")
+            out.append(f"{self.name}_sum{_braces(pairs)} {_number(value[-1])}\n"
+                       f"{self.name}_count{_braces(pairs)} {running}\n")
+
+
+def _label_value(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _braces(pairs: list[str]) -> str:
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 2**53):
+        return str(int(value))
+    return repr(float(value))
+
+
+class Metrics:
+    """This instance's metrics, for ``GET /metrics`` (Prometheus' text format 0.0.4).
+
+    Written by hand, not with ``prometheus_client``: its registry is process-wide, and two
+    nodechat instances in one process share nothing.  Labels are few-valued: never a user
+    or conversation id.  Counting costs a dict update per request, turn or upstream call,
+    nothing per streamed token."""
+
+    def __init__(self):
+        self.tasks: set[asyncio.Task] = set()  # the ledger's background flushes
+        F = Family
+        self.requests = F("nodechat_requests_total", "counter", "HTTP requests and WebSocket sessions, "
+                          "by protocol and status.", ("protocol", "status"))
+        self.durations = F("nodechat_request_duration_seconds", "histogram", "Seconds from a request "
+                           "to the end of its response.", ("protocol",), DURATION_BUCKETS)
+        self.streams = F("nodechat_active_streams", "gauge", "Streaming responses and WebSocket "
+                         "sessions open now.", ("protocol",))
+        self.turns = F("nodechat_active_turns", "gauge", "Agent turns running now.")
+        self.turns.set((), 0)
+        self.ttft = F("nodechat_time_to_first_token_seconds", "histogram", "Seconds from a turn's "
+                      "request to its first streamed token.", ("protocol", "model"), TTFT_BUCKETS)
+        self.tpot = F("nodechat_time_per_output_token_seconds", "histogram", "Seconds per output "
+                      "token after the first, per upstream call.", ("model",), TPOT_BUCKETS)
+        self.tokens = F("nodechat_tokens_total", "counter", "Tokens used, by model and type "
+                        "(input, output, cached, reasoning); estimated: counted as characters / 4.",
+                        ("model", "type", "estimated"))
+        self.upstream = F("nodechat_upstream_requests_total", "counter", "Calls to upstream "
+                          "providers, by provider and HTTP status (0: no answer).", ("provider", "status"))
+        self.upstream_errors = F("nodechat_upstream_errors_total", "counter", "Failed upstream calls, "
+                                 "by provider and kind.", ("provider", "kind"))
+        self.tool_calls = F("nodechat_tool_calls_total", "counter", "Tool calls the agent ran, by "
+                            "tool and outcome (ok, error).", ("tool", "outcome"))
+        self.rejections = F("nodechat_limit_rejections_total", "counter", "Requests and model calls "
+                            "refused by a limit: budget, rate, concurrency.", ("kind",))
+        self.build = F("nodechat_build_info", "gauge", "The nodechat version serving.", ("version",))
+        self.build.set((__version__,), 1)
+        self.started = F("process_start_time_seconds", "gauge", "Start time of the process since "
+                         "the Unix epoch, in seconds.")
+        self.started.set((), PROCESS_STARTED)
+
+    def families(self) -> list[Family]:
+        return [value for value in vars(self).values() if isinstance(value, Family)]
+
+    def render(self) -> str:
+        out: list[str] = []
+        for family in self.families():
+            family.render(out)
+        return "".join(out)
+
+    def rejected(self, kind: str) -> None:
+        self.rejections.inc((kind,))
+
+    def called(self, call: Call, usage: Usage) -> None:
+        """An upstream call that answered: its tokens, its pace."""
+        model, estimated = call.model, "true" if usage.estimated else "false"
+        for kind, count in (("input", usage.input), ("output", usage.output),
+                            ("cached", usage.cached), ("reasoning", usage.reasoning)):
+            if count or kind in ("input", "output"):
+                self.tokens.inc((model, kind, estimated), count)
+        self.upstream.inc((call.provider, "200"))
+        if call.first_token is not None and usage.output > 1:
+            self.tpot.observe((model,), (time.monotonic() - call.first_token) / (usage.output - 1))
+
+    def failed(self, provider: str, err: BaseException) -> None:
+        """An upstream call that failed (or was cut) before its answer was whole."""
+        status = getattr(err, "code", None) or ""
+        status = status[9:] if status.startswith("upstream_") and status[9:].isdigit() else "0"
+        kind = ("timeout" if isinstance(err, UpstreamTimeout) else "status" if status != "0"
+                else "cancelled" if isinstance(err, (asyncio.CancelledError, GeneratorExit))
+                else "connection" if isinstance(err, UpstreamError) else "other")
+        self.upstream.inc((provider, status))
+        self.upstream_errors.inc((provider, kind))
+
+
+###############################################################################
 # Agent: the one loop behind every endpoint
 ###############################################################################
 
@@ -4001,6 +4663,13 @@ class Turn:
     capped: bool = False  # counts against max_turns_per_user (end users' agent turns)
     message_id: str | None = None  # the answer's id, as its stream announced it: see Agent._save
     on_title: Callable[[str], Awaitable[None]] | None = None  # told the title once it is made
+    protocol: str = "openai"  # for the ledger and metrics: openai, aisdk, seed, ws
+    request_id: str = ""  # the x-request-id of the request that started it (logs)
+    started: float = field(default_factory=time.monotonic)
+    # what happened, for the turn's log line and metrics: filled in as it runs
+    first_token: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    outcome: str = "error"
 
 
 def content_from_parts(parts: Iterable[Any]) -> str | list[dict]:
@@ -4047,30 +4716,44 @@ class Agent:
     """
 
     def __init__(self, providers: ModelRouter, store: Store, http: Callable[[], httpx.AsyncClient],
-                 settings: Settings, upstream: Callable[[], Any] | None = None):
+                 settings: Settings, upstream: Callable[[], Any] | None = None,
+                 ledger: Ledger | None = None):
         self.providers = providers
         self.store = store
         self.http = http  # for tools
         self.upstream = upstream or http  # for model calls
         self.settings = settings
+        self.ledger = ledger or Ledger(settings, store, Metrics())
+        self.metrics = self.ledger.metrics
         self.background: set[asyncio.Task] = set()  # titles being made; cancelled on close
 
     async def run(self, turn: Turn) -> AsyncIterator[Event]:
         provider, model = self.providers.resolve(turn.model)
-        history, created = turn.messages, None
-        if turn.conversation_id:
-            history, created = await self.open_conversation(turn)
-        system = await self._system_prompt(turn, history)
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [model_message(m) for m in history]
-        async with contextlib.aclosing(self._steps(turn, provider, model, messages)) as steps:
-            async for event in steps:  # closed with run(): a partial answer is saved then
-                yield event
-        if created:  # after the answer, never holding its stream, never competing with it
-            spawn(self.background, self._make_title(turn, _first_user_text(history), created))
+        self.metrics.turns.inc((), 1)
+        try:
+            history, created = turn.messages, None
+            if turn.conversation_id:
+                history, created = await self.open_conversation(turn)
+            system = await self._system_prompt(turn, history)
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [model_message(m) for m in history]
+            async with contextlib.aclosing(self._steps(turn, provider, model, messages)) as steps:
+                async for event in steps:  # closed with run(): a partial answer is saved then
+                    yield event
+            if created:  # after the answer, never holding its stream, never competing with it
+                spawn(self.background, self._make_title(turn, _first_user_text(history), created))
+        except (asyncio.CancelledError, GeneratorExit):
+            turn.outcome = "stopped"
+            raise
+        finally:
+            self.metrics.turns.inc((), -1)
+            if turn.first_token is not None:
+                self.metrics.ttft.observe((turn.protocol, model), turn.first_token - turn.started)
+            if self.settings.log_format == "json":
+                log.info("turn", extra={"fields": turn_record(turn, model)})
 
     async def _make_title(self, turn: Turn, text: str, created_at: str) -> None:
-        title = await self.title(text, turn.model)
+        title = await self.title(text, turn.model, turn=turn)
         try:
             meta = await self.store.get_conversation(turn.conversation_id)
             if not meta or meta.get("user_id") != turn.user_id or meta.get("created_at") != created_at:
@@ -4122,22 +4805,35 @@ class Agent:
         await self.store.truncate_messages(cid, stored[at]["id"])
         return stored[:at + 1]
 
-    async def complete(self, messages: list[dict], model: str | None = None, **params: Any) -> str:
-        """One model call without tools, its text only (used for titles)."""
+    async def complete(self, messages: list[dict], model: str | None = None, *, turn: Turn,
+                       **params: Any) -> str:
+        """One model call without tools, its text only (titles, workflows), on ``turn``'s
+        user's ledger and budget."""
         provider, name = self.providers.resolve(model)
-        parts = []
-        async for event in provider.stream({**params, "model": name, "messages": messages}, self.upstream()):
-            if type(event) is TextDelta:
-                parts.append(event.text)
+        body = {**params, "model": name, "messages": messages}
+        call = Call(turn, provider.name, getattr(provider, "base_url", provider.name), name)
+        await self.ledger.hold(call, body)
+        parts, usage = [], None
+        try:
+            async for event in provider.stream(body, self.upstream()):
+                if type(event) is TextDelta:
+                    parts.append(event.text)
+                elif type(event) is StepFinished:
+                    usage = event.usage
+        except BaseException as exc:
+            self.metrics.failed(call.provider, exc)
+            await asyncio.shield(self.ledger.record(call, call_usage(body, parts, 0, []) if parts else Usage()))
+            raise
+        await self.ledger.record(call, usage or call_usage(body, parts, 0, []))
         return "".join(parts)
 
-    async def title(self, text: str, model: str | None = None) -> str:
+    async def title(self, text: str, model: str | None = None, *, turn: Turn) -> str:
         """A title of at most five words for a chat that starts with ``text`` (one extra model
         call per new conversation); the message itself when the model fails."""
         try:
             answer = await asyncio.wait_for(self.complete(
                 [{"role": "system", "content": TITLE_PROMPT}, {"role": "user", "content": text[:500]}],
-                model, max_tokens=TITLE_MAX_TOKENS), timeout=TITLE_SECONDS)
+                model, turn=turn, max_tokens=TITLE_MAX_TOKENS), timeout=TITLE_SECONDS)
         except NodeChatError as exc:
             log.warning("title generation failed, using the message itself: %s", exc.message)
             answer = ""
@@ -4152,36 +4848,60 @@ class Agent:
         client_names = {spec.get("function", {}).get("name") for spec in turn.client_tools}
         schemas = [t.schema() for t in turn.tools] + list(turn.client_tools)
         context = ToolContext(turn.user_id, turn.conversation_id, self.store, self.http)
-        usage, text, stopped = None, [], False
+        text, stopped, cut = [], False, None
         try:
-            for _ in range(turn.max_steps):
+            for number in range(turn.max_steps):
                 body = {**turn.params, "model": model, "messages": messages}
                 if schemas:
                     body["tools"] = schemas
-                calls, finish = [], StepFinished("stop")
-                async for event in provider.stream(body, self.upstream()):
-                    kind = type(event)
-                    if kind is ToolCall:
-                        calls.append(event)
-                        continue
-                    if kind is StepFinished:
-                        finish = event
-                        continue
-                    if kind is TextDelta:
-                        text.append(event.text)
-                    yield event
-                usage = add_usage(usage, finish.usage)
-                if any(c.name in client_names for c in calls):
-                    for call in calls:
-                        if call.name in client_names:
-                            yield dataclasses.replace(call, client_side=True)
-                    yield StepFinished("tool_calls", finish.usage)
-                    yield Finished("tool_calls", usage)
+                call = Call(turn, provider.name, getattr(provider, "base_url", provider.name), model)
+                try:
+                    await self.ledger.hold(call, body)
+                except BudgetExceeded as exc:  # spent between two steps: the turn ends here
+                    if not number:
+                        raise
+                    turn.outcome = "budget"
+                    yield Finished("budget", turn.usage, model, exc.message)
                     return
-                step = [assistant_message("".join(text), calls)]
+                calls, finish, reasoning = [], StepFinished("stop"), 0
+                try:
+                    async for event in provider.stream(body, self.upstream()):
+                        kind = type(event)
+                        if kind is TextDelta:
+                            text.append(event.text)
+                            if call.first_token is None:
+                                call.first_token = time.monotonic()
+                        elif kind is ToolCall:
+                            calls.append(event)
+                            continue
+                        elif kind is StepFinished:
+                            finish = event
+                            continue
+                        elif kind is ReasoningDelta:
+                            reasoning += len(event.text)
+                        yield event
+                except BaseException as exc:  # failed or cut: what it used, estimated
+                    self.metrics.failed(call.provider, exc)
+                    cut = call_usage(body, text, reasoning, calls) if text or reasoning or calls else Usage()
+                    await asyncio.shield(self.ledger.record(call, cut))
+                    raise
+                step_usage = finish.usage or call_usage(body, text, reasoning, calls)
+                await self.ledger.record(call, step_usage)
+                turn.usage += step_usage
+                if turn.first_token is None:
+                    turn.first_token = call.first_token
+                if any(c.name in client_names for c in calls):
+                    for call_ in calls:
+                        if call_.name in client_names:
+                            yield dataclasses.replace(call_, client_side=True)
+                    yield StepFinished("tool_calls", step_usage)
+                    turn.outcome = "tool_calls"
+                    yield Finished("tool_calls", turn.usage, model)
+                    return
+                step = [assistant_message("".join(text), calls, step_usage)]
                 text = []
-                for call in calls:
-                    yield call
+                for call_ in calls:
+                    yield call_
                 results = {}
                 async for event in self._run_tools(calls, by_name, context):
                     if type(event) is ToolResult:
@@ -4190,20 +4910,22 @@ class Agent:
                 step += [tool_message(results[c.id], by_name.get(c.name),  # in call order
                                       self.settings.max_tool_result_chars)
                          for c in calls if c.id in results]
-                messages.extend(step)
+                messages.extend(model_message(m) for m in step)
                 for saved in await self._save(turn, step):
                     yield Saved(saved)
-                yield StepFinished(finish.reason, finish.usage)
+                yield StepFinished(finish.reason, step_usage)
                 if not calls:
-                    yield Finished(finish.reason, usage)
+                    turn.outcome = finish.reason
+                    yield Finished(finish.reason, turn.usage, model)
                     return
-            yield Finished("max_steps", usage)
+            turn.outcome = "max_steps"
+            yield Finished("max_steps", turn.usage, model)
         except (asyncio.CancelledError, GeneratorExit):  # cancelled, or closed by its reader
             stopped = True
             raise
         finally:
             if text:  # stopped or failed mid-answer: keep what was said (unless it was deleted)
-                partial = assistant_message("".join(text), [])
+                partial = assistant_message("".join(text), [], cut)
                 if stopped:
                     partial["stopped"] = True
                 with contextlib.suppress(NotFound):
@@ -4229,6 +4951,12 @@ class Agent:
                 task.cancel()
 
     async def _call(self, call: ToolCall, item: Tool | None, context: ToolContext) -> ToolResult:
+        result = await self._result(call, item, context)
+        self.metrics.tool_calls.inc((call.name if item is not None else "_unknown",
+                                     "error" if result.is_error else "ok"))
+        return result
+
+    async def _result(self, call: ToolCall, item: Tool | None, context: ToolContext) -> ToolResult:
         if item is None:
             return ToolResult(call.id, call.name, f"unknown tool {call.name!r}", is_error=True)
         args = call.args
@@ -4283,13 +5011,34 @@ def model_message(message: dict) -> dict:
     return {k: message[k] for k in MODEL_MESSAGE_KEYS if k in message}
 
 
-def assistant_message(text: str, calls: list[ToolCall]) -> dict:
+def assistant_message(text: str, calls: list[ToolCall], usage: Usage | None = None) -> dict:
+    """The stored (and replayed) assistant message of one step; ``usage`` is kept with it."""
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
         message["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.name, "arguments": c.arguments}}
                                  for c in calls]
+    if usage is not None:
+        message["usage"] = usage.record()
     return message
+
+
+def call_usage(body: dict, text: list[str], reasoning: int, calls: list[ToolCall]) -> Usage:
+    """A model call's usage when the upstream did not say: characters / 4."""
+    return Usage.estimate(estimate_input(body), sum(map(len, text)) + reasoning +
+                          sum(len(c.arguments) + len(c.name) for c in calls))
+
+
+def turn_record(turn: Turn, model: str) -> dict:
+    """A turn's log line (``log_format = "json"``): never the user id itself, a hash of it."""
+    ended = time.monotonic()
+    return {"request_id": turn.request_id, "protocol": turn.protocol, "model": model,
+            "user": hashlib.sha256(turn.user_id.encode()).hexdigest()[:16],
+            "conversation": turn.conversation_id, "outcome": turn.outcome,
+            "input_tokens": turn.usage.input, "output_tokens": turn.usage.output,
+            "estimated": turn.usage.estimated,
+            "ttft_ms": None if turn.first_token is None else round((turn.first_token - turn.started) * 1000, 1),
+            "duration_ms": round((ended - turn.started) * 1000, 1)}
 
 
 def tool_message(result: ToolResult, item: Tool | None = None, limit: int | None = None) -> dict:
@@ -4302,24 +5051,6 @@ def tool_message(result: ToolResult, item: Tool | None = None, limit: int | None
         content = content[:limit] + f"\n[truncated: {len(content) - limit} more characters]"
     return {"role": "tool", "tool_call_id": result.id, "name": result.name,
             "content": f"Error: {content}" if result.is_error else content}
-
-
-def add_usage(total: dict | None, usage: dict | None) -> dict | None:
-    if not usage:
-        return total
-    total = dict(total or {})
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        if isinstance(usage.get(key), int):
-            total[key] = total.get(key, 0) + usage[key]
-    return total
-
-
-def usage_totals(usage: dict | None) -> dict:
-    """``usage`` in OpenAI's shape, every count present (0 when unknown)."""
-    usage = usage or {}
-    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": usage.get("total_tokens", prompt + completion)}
 
 
 def jsonable(value: Any) -> Any:
@@ -4382,7 +5113,8 @@ class Job:
     async def complete(self, messages: list[dict] | str, model: str | None = None) -> str:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return await self.agent.complete(messages, model)
+        turn = Turn([], self.user_id, conversation_id=self.thread_id, protocol="ws")
+        return await self.agent.complete(messages, model, turn=turn)
 
     async def tool(self, name: str, args: dict | None = None) -> Any:
         context = ToolContext(self.user_id, self.thread_id, self.agent.store, self.agent.http)
@@ -4698,8 +5430,9 @@ class Turns:
     process that shares the database.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, ledger: Ledger):
         self.settings = settings
+        self.ledger = ledger  # the rate limits and budgets a turn passes first
         self.tasks: set[asyncio.Task] = set()  # turns that outlive their connection
         self._turns: dict[str, int] = {}  # user -> capped turns running now
         # (user, conversation) -> its turn's stream, or None (a turn without one); per user:
@@ -4708,15 +5441,15 @@ class Turns:
 
     async def enter(self, turn: Turn, stream: TurnStream | None = None) -> Admitted:
         """Admit the turn (with the stream its readers will read), or raise TooManyRequests
-        or Conflict."""
+        (a rate limit, the user's turns at once), BudgetExceeded or Conflict."""
+        await self.ledger.admit(turn.user_id)
         return self._enter(turn, stream)
 
     def _enter(self, turn: Turn, stream: TurnStream | None) -> Admitted:
         user, cid, capped = turn.user_id, turn.conversation_id, turn.capped
-        limit = self.settings.max_turns_per_user
+        limit = self.settings.limits(user).max_turns_per_user
         if capped and self._turns.get(user, 0) >= limit:
-            raise TooManyRequests(f"{limit} turns are already running for this user; try again "
-                                  "when one ends", code="too_many_turns")
+            raise self._too_many(limit)
         if cid is not None and (user, cid) in self._busy:
             raise Conflict("a turn is already running in this conversation; wait for it or stop it",
                            code="conversation_busy")
@@ -4725,6 +5458,11 @@ class Turns:
         if cid is not None:
             self._busy[user, cid] = stream
         return Admitted(user, cid, capped, stream)
+
+    def _too_many(self, limit: int) -> TooManyRequests:
+        self.ledger.metrics.rejected("concurrency")
+        return TooManyRequests(f"{limit} turns are already running for this user; try again "
+                               "when one ends", code="too_many_turns")
 
     async def leave(self, admitted: Admitted) -> None:
         self._leave(admitted)
@@ -4801,8 +5539,8 @@ class PostgresTurns(Turns):
     flag too, should the notification be lost.
     """
 
-    def __init__(self, settings: Settings, store: PostgresStore):
-        super().__init__(settings)
+    def __init__(self, settings: Settings, store: PostgresStore, ledger: Ledger):
+        super().__init__(settings, ledger)
         self.store = store
         self.owner = new_id("process")
         self._rows: dict[str, TurnStream | None] = {}  # turn id -> its stream, for this process's rows
@@ -4816,6 +5554,7 @@ class PostgresTurns(Turns):
     # -- this process's turns --------------------------------------------------------------
 
     async def enter(self, turn: Turn, stream: TurnStream | None = None) -> Admitted:
+        await self.ledger.admit(turn.user_id)
         admitted = self._enter(turn, stream)  # this process's own count first: no round trip to refuse
         if not (turn.capped or turn.conversation_id):
             return admitted  # a /v1 call: nothing to hold across processes
@@ -4833,14 +5572,13 @@ class PostgresTurns(Turns):
         return dataclasses.replace(admitted, turn_id=turn_id)
 
     async def _claim(self, turn: Turn, turn_id: str, stream: TurnStream | None) -> None:
-        user, limit = turn.user_id, self.settings.max_turns_per_user
+        user, limit = turn.user_id, self.settings.limits(turn.user_id).max_turns_per_user
         async with self.store._transaction() as db:
             await db.execute("SELECT pg_advisory_xact_lock(3, hashtext($1))", user)
             await db.execute("DELETE FROM nodechat_turns WHERE user_id = $1 AND lease_until < now()", user)
             if turn.capped and await db.fetchval("SELECT count(*) FROM nodechat_turns WHERE user_id = $1 "
                                                  "AND capped", user) >= limit:
-                raise TooManyRequests(f"{limit} turns are already running for this user; try again "
-                                      "when one ends", code="too_many_turns")
+                raise self._too_many(limit)
             claimed = await db.fetchval(
                 "INSERT INTO nodechat_turns (turn_id, user_id, conversation_id, capped, ui, resumable, "
                 "orphaned, owner, lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
@@ -5073,8 +5811,8 @@ class PostgresTurns(Turns):
                 await listener.close(timeout=2)
 
 
-def make_turns(settings: Settings, store: Store) -> Turns:
-    return PostgresTurns(settings, store) if isinstance(store, PostgresStore) else Turns(settings)
+def make_turns(settings: Settings, store: Store, ledger: Ledger) -> Turns:
+    return PostgresTurns(settings, store, ledger) if isinstance(store, PostgresStore) else Turns(settings, ledger)
 
 
 ###############################################################################
@@ -5107,6 +5845,7 @@ class Request:
     scope: Scope
     params: dict[str, str] = field(default_factory=dict)
     user_id: str | None = None
+    request_id: str = ""  # x-request-id: the client's, or one made for it
 
     def json(self) -> Any:
         try:
@@ -5137,9 +5876,18 @@ def scope_query(scope: Scope) -> dict[str, str]:
 
 
 def build_request(scope: Scope, headers: dict[str, str], params: dict[str, str] | None = None,
-                 body: bytes | None = None, user_id: str | None = None) -> Request:
+                 body: bytes | None = None, user_id: str | None = None, request_id: str = "") -> Request:
     return Request(scope.get("method", "GET"), route_path(scope), headers, scope_query(scope), body, scope,
-                   params or {}, user_id)
+                   params or {}, user_id, request_id)
+
+
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The request's ``x-request-id`` when it sends a sane one (a proxy's), else a new one."""
+    given = headers.get("x-request-id", "")
+    return given if REQUEST_ID_PATTERN.fullmatch(given) else "req_" + uuid.uuid4().hex
 
 
 async def read_body(receive: Receive, headers: Mapping[str, str], limit: int, timeout: float) -> bytes:
@@ -5226,6 +5974,8 @@ class WaitedResponse:
 @dataclass
 class SSEResponse:
     """An event stream: ``events`` from the agent, framed by ``encoder``."""
+
+    streaming = True  # counted in nodechat_active_streams
 
     events: AsyncIterator[Event]
     encoder: Any
@@ -5407,7 +6157,8 @@ class Route:
     method: str
     pattern: re.Pattern
     handler: Callable[[Any, Request], Awaitable[Any]]  # (the app, the request) -> a response
-    auth: str  # "anyone"; "token": a bearer token; "session": a bearer token or the session cookie
+    auth: str  # "anyone"; "token": a bearer token; "session": a bearer token or the session cookie;
+    #            "metrics": anyone, from any Host (the handler asks for metrics_token)
     errors: ErrorFormat  # the protocol's error body, for whatever fails before the response starts
 
 
@@ -5420,6 +6171,7 @@ class Routes:
     prefix: str
     errors: ErrorFormat
     table: tuple[tuple, ...]
+    protocol: str = "other"  # the metrics' label for its requests
 
 
 class Router:
@@ -5428,7 +6180,7 @@ class Router:
     def __init__(self, *groups: Routes):
         self.routes = tuple(Route(method, compile_path(path), handler, auth, errors[0] if errors else group.errors)
                             for group in groups for method, path, handler, auth, *errors in group.table)
-        self.prefixes = sorted(((g.prefix, g.errors) for g in groups), key=lambda p: -len(p[0]))
+        self.prefixes = sorted(((g.prefix, g.errors, g.protocol) for g in groups), key=lambda p: -len(p[0]))
 
     def match(self, method: str, path: str) -> tuple[Route | None, dict, list[str]]:
         """The route and its params; or None with the methods the path allows (404 vs 405)."""
@@ -5443,7 +6195,10 @@ class Router:
 
     def errors_for(self, path: str) -> ErrorFormat:
         """The error format of a path no route takes: its protocol's, by prefix."""
-        return next((errors for prefix, errors in self.prefixes if path.startswith(prefix)), json_error)
+        return next((errors for prefix, errors, _ in self.prefixes if path.startswith(prefix)), json_error)
+
+    def protocol_for(self, path: str) -> str:
+        return next((name for prefix, _, name in self.prefixes if path.startswith(prefix)), "other")
 
 
 def compile_path(path: str) -> re.Pattern:
@@ -5455,6 +6210,8 @@ def compile_path(path: str) -> re.Pattern:
 def error_headers(err: NodeChatError) -> tuple[tuple[bytes, bytes], ...]:
     """What every protocol's error response carries besides its body."""
     headers = ((b"www-authenticate", b"Bearer"),) if err.status == 401 else ()
+    if isinstance(err, BudgetExceeded):
+        headers += ((b"x-should-retry", b"false"),)
     if err.retry_after:
         headers += ((b"retry-after", err.retry_after.encode("latin-1")),)
     if isinstance(err, MethodNotAllowed):
@@ -5463,8 +6220,12 @@ def error_headers(err: NodeChatError) -> tuple[tuple[bytes, bytes], ...]:
 
 
 def json_error(err: NodeChatError, request: Request | None = None) -> JSONResponse:
-    """``{"error": text}``: the error body of the chat page, ``/healthz`` and ``/api/*``."""
-    return JSONResponse({"error": err.message}, err.status, error_headers(err))
+    """``{"error": text, "request_id": ...}``: the error body of the chat page, ``/healthz``
+    and ``/api/*``."""
+    body = {"error": err.message}
+    if request is not None and request.request_id:
+        body["request_id"] = request.request_id
+    return JSONResponse(body, err.status, error_headers(err))
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -5698,7 +6459,7 @@ def _openai_body(body: Any) -> dict:
 
 
 OPENAI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool_calls",
-                  "content_filter": "content_filter", "max_steps": "length"})
+                  "content_filter": "content_filter", "max_steps": "length", "budget": "length"})
 
 
 class OpenAIEncoder:
@@ -5719,7 +6480,8 @@ class OpenAIEncoder:
                       '"choices":[{"index":0,"delta":' % (
                           compact_json(self.id), self.created, compact_json(model))).encode()
         self._text_head = self._head + b'{"content":'
-        self._text_tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        self._end = b']}\n\n' if not include_usage else b'],"usage":null}\n\n'  # OpenAI's: null until the last
+        self._text_tail = b'},"logprobs":null,"finish_reason":null}' + self._end
 
     def start(self) -> list[bytes]:
         return [self._chunk({"role": "assistant", "content": ""})]
@@ -5738,7 +6500,7 @@ class OpenAIEncoder:
                 frames = [self._chunk({}, OPENAI_REASONS.get(reason, "stop"))]
                 if self.include_usage:
                     frames.append(sse_json({**self._base("chat.completion.chunk"), "choices": [],
-                                            "usage": usage_totals(usage)}))
+                                            "usage": (usage or Usage()).openai()}))
                 return frames
         return []
 
@@ -5767,12 +6529,11 @@ class OpenAIEncoder:
         if calls:
             message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-        return {**self._base("chat.completion"), "choices": [choice], "usage": usage_totals(usage)}
+        return {**self._base("chat.completion"), "choices": [choice], "usage": (usage or Usage()).openai()}
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
-        tail = ',"logprobs":null,"finish_reason":%s}]}\n\n' % (
-            '"%s"' % finish_reason if finish_reason else "null")
-        return self._head + compact_json(delta).encode() + tail.encode()
+        tail = ',"logprobs":null,"finish_reason":%s}' % ('"%s"' % finish_reason if finish_reason else "null")
+        return self._head + compact_json(delta).encode() + tail.encode() + self._end
 
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -5788,8 +6549,12 @@ def openai_error_body(err: NodeChatError) -> dict:
 
 
 def openai_errors(err: NodeChatError, request: Request | None = None) -> JSONResponse:
-    """OpenAI's error envelope, which the ``openai`` clients turn into their exceptions."""
-    return JSONResponse(openai_error_body(err), err.status, error_headers(err))
+    """OpenAI's error envelope, which the ``openai`` clients turn into their exceptions
+    (with the request id beside it, as in ``x-request-id``)."""
+    body = openai_error_body(err)
+    if request is not None and request.request_id:
+        body["request_id"] = request.request_id
+    return JSONResponse(body, err.status, error_headers(err))
 
 
 async def list_models(chat: NodeChat, request: Request) -> JSONResponse:
@@ -5809,6 +6574,7 @@ async def chat_completions(chat: NodeChat, request: Request) -> JSONResponse | S
     body = request.json()
     server_tools = chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
     turn = openai_turn(body, request.user_id, chat.settings, server_tools)
+    turn.request_id = request.request_id
     turn.model = turn.model or chat.providers.default_model
     chat.providers.resolve(turn.model)  # an unknown model is a 404 before anything streams
     encoder = OpenAIEncoder(turn.model, bool((turn.params.get("stream_options") or {}).get("include_usage")))
@@ -5821,7 +6587,7 @@ OPENAI_ROUTES = Routes("/v1/", openai_errors, (
     ("GET", "/v1/models", list_models, "token"),
     ("GET", "/v1/models/{id}", retrieve_model, "token"),
     ("POST", "/v1/chat/completions", chat_completions, "token"),
-))
+), "openai")
 
 
 ###############################################################################
@@ -5844,7 +6610,8 @@ def api_chat_turn(body: Any, user_id: str, settings: Settings, tools: list[Tool]
     return Turn(messages=decode_ui_messages(body["messages"]), user_id=user_id, model=model,
                 tools=tools, conversation_id=conversation_id, remember=True,
                 system=settings.system_prompt, max_steps=settings.max_steps, capped=True,
-                regenerate=body.get("trigger") == "regenerate-message")
+                regenerate=body.get("trigger") == "regenerate-message",
+                protocol="aisdk" if ui_stream else "seed")
 
 
 def wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
@@ -5978,12 +6745,14 @@ class ChatSSEEncoder:
                 frame = {"type": "tool-result", "toolCallId": call_id, "toolName": name,
                          "result": result}
                 return [sse_json({**frame, "isError": True} if is_error else frame)]
-            case Finished(reason=reason, usage=usage):
-                frame = {"type": "finish", "id": self.message_id, "reason": reason,
-                         "usage": usage_totals(usage)}
+            case Finished(reason=reason, usage=usage, note=note):
+                usage = (usage or Usage()).openai()
+                frame = {"type": "finish", "id": self.message_id, "reason": reason, "usage": usage}
+                if note:
+                    frame["notice"] = note
                 if self.conversation_id:
                     frame["conversationId"] = self.conversation_id
-                return [sse_json(frame)]
+                return [sse_json({"type": "usage", "usage": usage, "id": self.message_id}), sse_json(frame)]
         return []
 
     def end(self) -> list[bytes]:
@@ -5994,7 +6763,7 @@ class ChatSSEEncoder:
 
 
 UI_REASONS = types.MappingProxyType({"stop": "stop", "length": "length", "tool_calls": "tool-calls",
-              "content_filter": "content-filter", "max_steps": "tool-calls"})
+              "content_filter": "content-filter", "max_steps": "tool-calls", "budget": "length"})
 
 
 class UIStreamEncoder:
@@ -6048,9 +6817,13 @@ class UIStreamEncoder:
                 return self._close_step()
             case Finished(reason="stopped"):  # POST /api/chat/{id}/stop
                 return self._close_step() + [sse_json({"type": "abort"})]
-            case Finished(reason=reason):
-                return self._close_step() + [
-                    sse_json({"type": "finish", "finishReason": UI_REASONS.get(reason, "other")})]
+            case Finished(reason=reason, usage=usage, model=model, note=note):
+                # useChat merges messageMetadata into message.metadata (ai 5.0.0 and later)
+                metadata = {k: v for k, v in (("usage", usage and usage.ui()), ("model", model),
+                                              ("notice", note)) if v}
+                finish = {"type": "finish", "finishReason": UI_REASONS.get(reason, "other")}
+                return self._close_step() + [sse_json({**finish, "messageMetadata": metadata} if metadata
+                                                      else finish)]
         return []
 
     def end(self) -> list[bytes]:
@@ -6155,6 +6928,8 @@ class ReplayResponse:
     byte is its HTTP error (as ``stream_sse`` gives); any other reader is told in-stream.
     """
 
+    streaming = True  # counted in nodechat_active_streams
+
     stream: TurnStream
     headers: tuple[tuple[bytes, bytes], ...] = ()
     keepalive: float = 15.0
@@ -6236,6 +7011,7 @@ async def api_chat(chat: NodeChat, request: Request) -> SSEResponse | ReplayResp
     user = acting_user(chat, request, body) if isinstance(body, dict) else request.user_id
     tools = chat.tools.offered(chat.settings.tools, body.get("tools") if isinstance(body, dict) else None)
     turn = api_chat_turn(body, user, chat.settings, tools, ui_stream)
+    turn.request_id = request.request_id
     chat.providers.resolve(turn.model)
     cid = turn.conversation_id
     headers = ((b"x-conversation-id", cid.encode()),) if cid else ()
@@ -6370,7 +7146,8 @@ async def generate_title(chat: NodeChat, request: Request) -> JSONResponse:
     if not text.strip():  # as the AI SDK apps do: no text, no model call
         return JSONResponse({"data": "New Chat"})
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    return JSONResponse({"data": await chat.agent.title(text, model)})
+    turn = Turn([], request.user_id, protocol="api", request_id=request.request_id)
+    return JSONResponse({"data": await chat.agent.title(text, model, turn=turn)})
 
 
 async def list_conversations(chat: NodeChat, request: Request) -> JSONResponse:
@@ -6396,7 +7173,57 @@ async def get_conversation(chat: NodeChat, request: Request) -> JSONResponse:
     messages = await chat.store.load_messages(meta["id"])
     if answer:
         messages = [m for m in messages if m.get("answer_id") != answer]
-    return JSONResponse({**meta, "messages": messages, "active": answer is not None})
+    usage = sum((Usage.from_record(m.get("usage")) for m in messages if "usage" in m), Usage())
+    return JSONResponse({**meta, "messages": messages, "active": answer is not None,
+                         "usage": {**usage.record(), "total": usage.total}})
+
+
+USAGE_GROUPS = {"day": lambda e: str(e.get("at", ""))[:10], "model": lambda e: e.get("model"),
+                "conversation": lambda e: e.get("conversation"), "user": lambda e: e.get("user")}
+
+
+async def usage_report(chat: NodeChat, request: Request) -> JSONResponse:
+    """``GET /api/usage?from=&to=&group_by=day|model|conversation``: the caller's tokens
+    (by default over the current budget period, with the budget).  A caller with an
+    ``admin_tokens`` token reads anyone's with ``?user=``, and without it the totals by user."""
+    query = request.query
+    admin = lookup_token({t: t for t in chat.settings.admin_tokens}, bearer_token(request.headers)) is not None
+    if admin:
+        user = query.get("user") or None
+    else:
+        user = await chat.gate.user(request.scope, request.headers, "GET", "session")
+        if query.get("user") not in (None, user):
+            raise Forbidden("reading another user's usage needs an admin token (admin_tokens)",
+                            code="admin_required")
+    group = query.get("group_by") or ("user" if admin and user is None else "")
+    if group and group not in USAGE_GROUPS:
+        raise BadRequest("group_by: use day, model, conversation (or user, with an admin token)",
+                         code="invalid_group_by")
+    limits = chat.settings.limits(user or "")
+    period_start, period_end = budget_window(limits.budget_period)
+    start = _parse_time(query["from"], "from") if query.get("from") else period_start
+    end = _parse_time(query["to"], "to") if query.get("to") else period_end
+    entries = await chat.ledger.entries(user, start, end)
+    report: dict[str, Any] = {"user": user, "from": iso_z(start), "to": iso_z(end),
+                              "total": usage_summary(entries)}
+    if group:
+        groups: dict[Any, list[dict]] = {}
+        for entry in entries:
+            groups.setdefault(USAGE_GROUPS[group](entry), []).append(entry)
+        report["groups"] = [{group: key, **usage_summary(part)} for key, part in groups.items()]
+    if user is not None and limits.token_budget:
+        spent = usage_summary(await chat.ledger.entries(user, period_start, period_end))["total_tokens"]
+        report["budget"] = {"limit": limits.token_budget, "period": limits.budget_period, "used": spent,
+                            "resets_at": iso_z(period_end)}
+    return JSONResponse(report)
+
+
+def usage_summary(entries: list[dict]) -> dict:
+    """Tokens and calls of some ledger entries."""
+    total = sum((Usage.from_record(e) for e in entries), Usage())
+    return {"input_tokens": total.input, "output_tokens": total.output, "cached_tokens": total.cached,
+            "reasoning_tokens": total.reasoning, "total_tokens": total.total, "calls": len(entries),
+            "estimated_calls": sum(1 for e in entries if e.get("estimated") is True)}
 
 
 async def delete_conversation(chat: NodeChat, request: Request) -> JSONResponse:
@@ -6433,7 +7260,8 @@ API_CHAT_ROUTES = Routes("/api/", json_error, (
     ("DELETE", "/api/conversations/{id}", delete_conversation, "session"),
     ("GET", "/api/memories", list_memories, "session"),
     ("DELETE", "/api/memories/{id}", delete_memory, "session"),
-))
+    ("GET", "/api/usage", usage_report, "anyone"),  # checks its caller itself: admin tokens too
+), "api")
 
 
 ###############################################################################
@@ -6447,7 +7275,7 @@ def nodetool_turn(frame: dict, user_id: str, settings: Settings, tools: list[Too
     model = frame.get("model") if isinstance(frame.get("model"), str) else None
     return Turn(messages=[nodetool_message(frame)], user_id=user_id, model=model, tools=tools,
                 conversation_id=thread_id, remember=True, system=settings.system_prompt,
-                max_steps=settings.max_steps, capped=True)
+                max_steps=settings.max_steps, capped=True, protocol="ws", request_id=new_id("req"))
 
 
 def nodetool_message(frame: dict) -> dict:
@@ -6482,6 +7310,7 @@ class WSEncoder:
         self.thread_id = thread_id
         self.client_tools = frozenset(client_tools)
         self.done_sent = False
+        self.usage: Usage | None = None  # the turn's, on its done chunk
 
     def encode(self, event: Event) -> list[dict]:
         match event:
@@ -6509,6 +7338,11 @@ class WSEncoder:
                         update[key] = getattr(event, key)
                 frames = [self._with_thread(update)]
                 return frames + self.end() if event.status in TERMINAL_JOB_STATUSES else frames
+            case Finished(usage=usage, note=note):
+                self.usage = usage
+                if note:  # the budget ran out between two steps: shown as NodeTool shows errors
+                    return [self._with_thread({"type": "error", "message": note, "error": note,
+                                               "code": "budget_exceeded"})]
         return []
 
     def start(self) -> list[dict]:
@@ -6519,7 +7353,10 @@ class WSEncoder:
         if self.done_sent:
             return []
         self.done_sent = True
-        return [self._with_thread({"type": "chunk", "content": "", "done": True})]
+        done = {"type": "chunk", "content": "", "done": True}
+        if self.usage is not None:
+            done["usage"] = self.usage.openai()
+        return [self._with_thread(done)]
 
     def error(self, err: NodeChatError) -> list[dict]:
         """NodeTool clients read either ``message`` or ``error``: both carry the text."""
@@ -7462,7 +8299,7 @@ async def chat_page(chat: NodeChat, request: Request) -> ChatPageResponse:
     return ChatPageResponse()
 
 
-CHAT_PAGE_ROUTES = Routes("/", json_error, (("GET", "/", chat_page, "anyone"),))
+CHAT_PAGE_ROUTES = Routes("/", json_error, (("GET", "/", chat_page, "anyone"),), "page")
 
 
 ###############################################################################
@@ -7474,8 +8311,20 @@ async def healthz(chat: NodeChat, request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__})
 
 
+async def metrics(chat: NodeChat, request: Request) -> TextResponse:
+    """``GET /metrics`` (``metrics = true``): this instance's metrics for Prometheus, behind
+    ``metrics_token`` when one is set, never a user's token."""
+    if not chat.settings.metrics:
+        raise NotFound("Not Found")
+    token = chat.settings.metrics_token
+    if token and not hmac.compare_digest((bearer_token(request.headers) or "").encode(), token.encode()):
+        raise Unauthorized("Unauthorized: /metrics takes the metrics_token", code="invalid_api_key")
+    return TextResponse(chat.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+
 #: Every HTTP route, by protocol; each app compiles its own :class:`Router`.
-ROUTES = (CHAT_PAGE_ROUTES, Routes("/healthz", json_error, (("GET", "/healthz", healthz, "anyone"),)),
+ROUTES = (CHAT_PAGE_ROUTES, Routes("/healthz", json_error, (("GET", "/healthz", healthz, "anyone"),), "health"),
+          Routes("/metrics", json_error, (("GET", "/metrics", metrics, "metrics"),), "metrics"),
           OPENAI_ROUTES, API_CHAT_ROUTES)
 
 
@@ -7512,8 +8361,10 @@ class NodeChat:
         self.mcp = MCPTools(self.settings.mcp_servers, self.tools, self.http)
         self._started: asyncio.Task | None = None
         self.workflows = WorkflowRegistry()
-        self.agent = Agent(self.providers, self.store, self.http, self.settings, self.upstream)
-        self.turns = make_turns(self.settings, self.store)
+        self.metrics = Metrics()
+        self.ledger = make_ledger(self.settings, self.store, self.metrics)
+        self.agent = Agent(self.providers, self.store, self.http, self.settings, self.upstream, self.ledger)
+        self.turns = make_turns(self.settings, self.store, self.ledger)
         self.sessions: set[ChatSession] = set()  # open /chat WebSockets
         self.clients = HTTPClients(self.settings, http_client)
         self.gate = Gate(self.settings, authenticate)
@@ -7644,6 +8495,7 @@ class NodeChat:
         for task in list(self.agent.background):
             task.cancel()
         await asyncio.gather(*self.agent.background, return_exceptions=True)
+        await self.ledger.aclose()  # after the turns: their last entries are written
         await self.mcp.aclose()
         if isinstance(self.store, PostgresStore):  # a host's own store is the host's
             await self.store.aclose()
@@ -7673,39 +8525,56 @@ class NodeChat:
 
     async def _handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gate on the headers, then the body, then the route's handler.  Whatever fails
-        before the response starts is answered in the route's (the protocol's) error format."""
+        before the response starts is answered in the route's (the protocol's) error format.
+        Every response carries its ``x-request-id``; every request is counted in the metrics."""
         path, method = route_path(scope), scope["method"]
         route, params, allowed = self.router.match(method, path)
         headers = scope_headers(scope)
+        request_id = request_id_of(headers)
         send = self.gate.with_cors(headers, method, send)
-        started = False
+        status, began = 0, time.monotonic()
+        stamp = (b"x-request-id", request_id.encode())
 
         def tracking_send(message: Message) -> Awaitable[None]:  # no coroutine of its own per frame
-            nonlocal started
-            started = True
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), stamp]}
             return send(message)
 
-        body = None
+        body, protocol = None, self.router.protocol_for(path)
         try:
-            self.gate.check_browser(scope, headers)
+            if route is None or route.auth != "metrics":  # a scraper is no browser, its Host any
+                self.gate.check_browser(scope, headers)
             if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:
-                await JSONResponse(None, 204)(send, receive)
+                await JSONResponse(None, 204)(tracking_send, receive)
                 return
             if route is None:
                 raise MethodNotAllowed("Method Not Allowed", allow=allowed) if allowed else NotFound("Not Found")
             await self.ensure_started()
             user = await self.gate.user(scope, headers, method, route.auth) if route.auth != "anyone" else None
             body = await read_body(receive, headers, self.settings.max_body_bytes, self.settings.body_timeout)
-            response = await route.handler(self, build_request(scope, headers, params, body, user))
-            await response(tracking_send, receive)
+            response = await route.handler(self, build_request(scope, headers, params, body, user, request_id))
+            if getattr(response, "streaming", False):
+                self.metrics.streams.inc((protocol,))
+                try:
+                    await response(tracking_send, receive)
+                finally:
+                    self.metrics.streams.inc((protocol,), -1)
+            else:
+                await response(tracking_send, receive)
         except Exception as exc:
-            if started:
+            if status:
                 if isinstance(exc, NodeChatError):
                     raise
                 log.exception("%s %s failed after the response started", method, path)
                 return
             errors = route.errors if route else self.router.errors_for(path)
-            await errors(client_error(exc), build_request(scope, headers, params, body))(send, receive)
+            await errors(client_error(exc), build_request(scope, headers, params, body, None, request_id)
+                         )(tracking_send, receive)
+        finally:
+            self.metrics.requests.inc((protocol, str(status)))
+            self.metrics.durations.observe((protocol,), time.monotonic() - began)
 
     async def _handle_lifespan(self, receive: Receive, send: Send) -> None:
         while True:

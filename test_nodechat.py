@@ -1043,7 +1043,7 @@ async def test_five_instances_starting_at_once_migrate_the_schema_once(database_
         await within(30, asyncio.gather(*(s.check() for s in stores)))
         async with stores[0]._connection() as db:
             versions = [r[0] for r in await db.fetch("SELECT version FROM nodechat_schema_version")]
-        assert versions == [1, 2]  # each once
+        assert versions == [1, 2, 3]  # each once
         assert len({id(s._pool) for s in stores}) == 5  # instances share nothing
         await stores[0].create_conversation("shared", "alice")
         await within(30, asyncio.gather(*(
@@ -2386,21 +2386,35 @@ def test_openai_text_chunk_fast_path_matches_the_general_encoding(piece):
 TURN = (nodechat.ReasoningDelta("hmm"), nodechat.TextDelta("Hi \u2028"),
         nodechat.ToolCall("c1", "weather", '{"city":"Oslo"}'), nodechat.ToolResult("c1", "weather", {"sky": "clear"}),
         nodechat.StepFinished("tool_calls"), nodechat.TextDelta("Done."),
-        nodechat.Finished("stop", {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}))
+        nodechat.Finished("stop", nodechat.Usage(3, 2, cached=1, reasoning=1), "m"))
 OPENAI_HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m","choices":'
+BUDGET_NOTE = "token budget exceeded: 105 of 100 tokens used this day; it resets at 2026-12-05T00:00:00Z"
+BUDGET_TURN = (nodechat.TextDelta("Hi"), nodechat.StepFinished("tool_calls"),
+               nodechat.Finished("budget", nodechat.Usage(3, 2), "m", BUDGET_NOTE))
 
 
-def openai_chunk(delta: bytes, finish: bytes = b"null") -> bytes:
-    return OPENAI_HEAD + b'[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":' + finish + b"}]}\n\n"
+def openai_chunk(delta: bytes, finish: bytes = b"null", end: bytes = b"]}") -> bytes:
+    return OPENAI_HEAD + b'[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":' + finish + b"}" + \
+        end + b"\n\n"
+
+
+def with_usage(delta: bytes, finish: bytes = b"null") -> bytes:
+    """A chunk of a stream that asked for include_usage: OpenAI's ``"usage": null`` on each."""
+    return openai_chunk(delta, finish, b'],"usage":null}')
 
 
 ENCODER_CASES = {  # encoder, events -> the exact bytes on the wire (start + encode each + end)
     "openai": (lambda: nodechat.OpenAIEncoder("m", True, id="chatcmpl-1", created=7), TURN, b"".join([
-        openai_chunk(b'{"role":"assistant","content":""}'), openai_chunk(b'{"reasoning_content":"hmm"}'),
-        openai_chunk(b'{"content":"Hi \\u2028"}'), openai_chunk(b'{"content":"Done."}'),
-        openai_chunk(b"{}", b'"stop"'),
-        OPENAI_HEAD + b'[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n',
+        with_usage(b'{"role":"assistant","content":""}'), with_usage(b'{"reasoning_content":"hmm"}'),
+        with_usage(b'{"content":"Hi \\u2028"}'), with_usage(b'{"content":"Done."}'),
+        with_usage(b"{}", b'"stop"'),
+        OPENAI_HEAD + b'[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,'
+                      b'"prompt_tokens_details":{"cached_tokens":1},"completion_tokens_details":'
+                      b'{"reasoning_tokens":1}}}\n\n',
         b"data: [DONE]\n\n"])),
+    "openai budget": (lambda: nodechat.OpenAIEncoder("m", id="chatcmpl-1", created=7), BUDGET_TURN, b"".join([
+        openai_chunk(b'{"role":"assistant","content":""}'), openai_chunk(b'{"content":"Hi"}'),
+        openai_chunk(b"{}", b'"length"'), b"data: [DONE]\n\n"])),
     "openai client tool call": (
         lambda: nodechat.OpenAIEncoder("m", id="chatcmpl-1", created=7),
         (nodechat.ToolCall("c1", "f", '{"a":1}', client_side=True), nodechat.Finished("tool_calls")), b"".join([
@@ -2414,8 +2428,17 @@ ENCODER_CASES = {  # encoder, events -> the exact bytes on the wire (start + enc
         b'data: {"type":"tool-call","toolCallId":"c1","toolName":"weather","args":{"city":"Oslo"}}\n\n',
         b'data: {"type":"tool-result","toolCallId":"c1","toolName":"weather","result":{"sky":"clear"}}\n\n',
         b'data: {"type":"text","content":"Done.","id":"msg_1"}\n\n',
+        b'data: {"type":"usage","usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,'
+        b'"prompt_tokens_details":{"cached_tokens":1},"completion_tokens_details":{"reasoning_tokens":1}},'
+        b'"id":"msg_1"}\n\n',
         b'data: {"type":"finish","id":"msg_1","reason":"stop","usage":{"prompt_tokens":3,"completion_tokens":2,'
-        b'"total_tokens":5},"conversationId":"conv"}\n\n'])),
+        b'"total_tokens":5,"prompt_tokens_details":{"cached_tokens":1},"completion_tokens_details":'
+        b'{"reasoning_tokens":1}},"conversationId":"conv"}\n\n'])),
+    "seed budget": (lambda: nodechat.ChatSSEEncoder(message_id="msg_1"), BUDGET_TURN, b"".join([
+        b'data: {"type":"text","content":"Hi","id":"msg_1"}\n\n',
+        b'data: {"type":"usage","usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"id":"msg_1"}\n\n',
+        b'data: {"type":"finish","id":"msg_1","reason":"budget","usage":{"prompt_tokens":3,"completion_tokens":2,'
+        b'"total_tokens":5},"notice":"' + BUDGET_NOTE.encode() + b'"}\n\n'])),
     "ui": (lambda: nodechat.UIStreamEncoder(message_id="m-1"), TURN, b"".join(
         b"data: " + line + b"\n\n" for line in [
             b'{"type":"start","messageId":"m-1"}', b'{"type":"start-step"}',
@@ -2427,7 +2450,20 @@ ENCODER_CASES = {  # encoder, events -> the exact bytes on the wire (start + enc
             b'{"type":"tool-output-available","toolCallId":"c1","output":{"sky":"clear"}}',
             b'{"type":"finish-step"}', b'{"type":"start-step"}', b'{"type":"text-start","id":"text-2"}',
             b'{"type":"text-delta","id":"text-2","delta":"Done."}', b'{"type":"text-end","id":"text-2"}',
-            b'{"type":"finish-step"}', b'{"type":"finish","finishReason":"stop"}', b"[DONE]"])),
+            b'{"type":"finish-step"}',
+            b'{"type":"finish","finishReason":"stop","messageMetadata":{"usage":{"inputTokens":3,"outputTokens":2,'
+            b'"totalTokens":5,"reasoningTokens":1,"cachedInputTokens":1,"inputTokenDetails":{"noCacheTokens":2,'
+            b'"cacheReadTokens":1},"outputTokenDetails":{"textTokens":1,"reasoningTokens":1}},"model":"m"}}',
+            b"[DONE]"])),
+    "ui budget": (lambda: nodechat.UIStreamEncoder(message_id="m-1"), BUDGET_TURN, b"".join(
+        b"data: " + line + b"\n\n" for line in [
+            b'{"type":"start","messageId":"m-1"}', b'{"type":"start-step"}', b'{"type":"text-start","id":"text-0"}',
+            b'{"type":"text-delta","id":"text-0","delta":"Hi"}', b'{"type":"text-end","id":"text-0"}',
+            b'{"type":"finish-step"}',
+            b'{"type":"finish","finishReason":"length","messageMetadata":{"usage":{"inputTokens":3,"outputTokens":2,'
+            b'"totalTokens":5,"reasoningTokens":0,"cachedInputTokens":0,"inputTokenDetails":{"noCacheTokens":3,'
+            b'"cacheReadTokens":0},"outputTokenDetails":{"textTokens":2,"reasoningTokens":0}},"model":"m",'
+            b'"notice":"' + BUDGET_NOTE.encode() + b'"}}', b"[DONE]"])),
     "ui bad tool input": (
         lambda: nodechat.UIStreamEncoder(["mcp_tool"], message_id="m-1"),
         (nodechat.ToolCall("c1", "mcp_tool", "{not json"), nodechat.ToolResult("c1", "mcp_tool", "bad", True),
@@ -2655,16 +2691,18 @@ def test_error_bodies_for_bad_json_paths_and_methods(live):
     # each protocol's own shape, also for paths and methods no route takes
     assert missing.json()["error"]["type"] == "not_found_error"
     assert wrong.json()["error"]["type"] == "invalid_request_error"
-    assert httpx.get(url + "/api/nothing", headers=auth).json() == {"error": "Not Found"}
+    nothing = httpx.get(url + "/api/nothing", headers=auth)
+    assert nothing.json() == {"error": "Not Found", "request_id": nothing.headers["x-request-id"]}
     wrong_api = httpx.get(url + "/api/chat", headers=auth)
     assert wrong_api.status_code == 405 and wrong_api.headers["allow"] == "POST"
-    assert wrong_api.json() == {"error": "Method Not Allowed"}
+    assert wrong_api.json() == {"error": "Method Not Allowed", "request_id": wrong_api.headers["x-request-id"]}
     for path, body in (("/v1/models", {"error": {"message": "Unauthorized", "type": "authentication_error",
                                                  "param": None, "code": "invalid_api_key"}}),
                        ("/api/conversations", {"error": "Unauthorized"})):
-        refused = httpx.get(url + path, headers={"Authorization": "Bearer wrong"})
+        refused = httpx.get(url + path, headers={"Authorization": "Bearer wrong", "X-Request-ID": "lb-42"})
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
-        assert refused.json() == body
+        assert refused.json() == {**body, "request_id": "lb-42"}  # a proxy's id is kept
+        assert refused.headers["x-request-id"] == "lb-42"
 
 
 def test_unknown_model_is_404(tmp_path):
@@ -2737,7 +2775,7 @@ def test_api_chat_streams_the_seeds_events(live, upstream):
     assert response.headers["cache-control"] == "no-cache"
     assert response.headers["x-accel-buffering"] == "no"
     kinds = [e["type"] for e in events]
-    assert kinds[0] == "reasoning" and set(kinds[1:-1]) == {"text"} and kinds[-1] == "finish"
+    assert kinds[0] == "reasoning" and set(kinds[1:-2]) == {"text"} and kinds[-2:] == ["usage", "finish"]
     assert "".join(e["content"] for e in events if e["type"] == "text") == "I'll help"
     assert len({e["id"] for e in events}) == 1
     assert events[-1]["reason"] == "stop" and events[-1]["usage"]["total_tokens"] == 10
@@ -2757,7 +2795,7 @@ def test_api_chat_runs_tools_over_several_steps(live, upstream):
                     tool_calls(("get_weather", {"city": "Rome"})), text("Both clear."))
     _, events = api_chat(url, {"messages": [user("weather in Paris and Rome?")]})
     kinds = [e["type"] for e in events]
-    assert kinds == ["text", "tool-call", "tool-result", "tool-call", "tool-result", "text", "finish"]
+    assert kinds == ["text", "tool-call", "tool-result", "tool-call", "tool-result", "text", "usage", "finish"]
     assert events[1] == {"type": "tool-call", "toolCallId": "call_0_get_weather",
                          "toolName": "get_weather", "args": {"city": "Paris"}}
     assert events[2] == {"type": "tool-result", "toolCallId": "call_0_get_weather",
@@ -2814,7 +2852,7 @@ def test_a_tool_that_raises_gives_the_model_an_error_result(live, upstream):
     results = {e["toolName"]: e for e in events if e["type"] == "tool-result"}
     assert results["broken"]["isError"] is True and "disk on fire" in results["broken"]["result"]
     assert results["missing_tool"]["isError"] is True
-    assert events[-1]["type"] == "finish" and events[-2]["content"] == "Sorry."
+    assert events[-1]["type"] == "finish" and events[-3]["content"] == "Sorry."
     tool_msgs = [m for m in upstream.requests[1]["messages"] if m["role"] == "tool"]
     assert tool_msgs[0]["content"].startswith("Error: RuntimeError: disk on fire")
 
@@ -3292,7 +3330,9 @@ def test_every_reader_of_a_turn_gets_the_posts_bytes_from_the_first(live, upstre
     assert reply1.headers["x-conversation-id"] == "c-many"
     events = chunks_of(sent)
     if ui:
-        assert events[0]["type"] == "start" and events[-2:] == [{"type": "finish", "finishReason": "stop"}, "[DONE]"]
+        assert events[0]["type"] == "start" and events[-1] == "[DONE]"
+        assert events[-2]["type"] == "finish" and events[-2]["finishReason"] == "stop"
+        assert events[-2]["messageMetadata"]["usage"]["totalTokens"] == 10
     else:
         assert events[-1]["type"] == "finish" and events[-1]["reason"] == "stop"
     assert "".join(e.get("delta") or e.get("content", "") for e in events if isinstance(e, dict)
@@ -3939,7 +3979,8 @@ async def test_ws_streams_an_answer_ending_in_one_done_chunk(live, upstream, bin
     assert "".join(m["content"] for m in chunks if not m.get("thinking") and not m["done"]) == "Hello"
     assert [m["content"] for m in chunks if m.get("thinking")] == ["hm"]
     assert sum(m["done"] for m in chunks) == 1 and got[-1] == {
-        "type": "chunk", "content": "", "done": True, "thread_id": got[0]["thread_id"]}
+        "type": "chunk", "content": "", "done": True, "thread_id": got[0]["thread_id"],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}  # the upstream's
     assert len({m["thread_id"] for m in got}) == 1 and got[0]["thread_id"].startswith("thread_")
     final = [m for m in got if m["type"] == "message"]
     assert final[-1]["role"] == "assistant" and final[-1]["content"] == "Hello"
