@@ -4335,11 +4335,15 @@ class Ledger:
                  "protocol": turn.protocol, "model": call.model, "provider": call.url,
                  **usage.record()}
         self.pending.append(entry)
-        self.metrics.called(call, usage)
+        self.metrics.used(call, usage)
         limits = self.settings.limits(turn.user_id)
         if limits.token_budget or call.hold:
             start, _ = budget_window(limits.budget_period)
-            await self._settle(turn.user_id, start, usage.total - call.hold)
+            try:
+                await self._settle(turn.user_id, start, usage.total - call.hold)
+            except NodeChatError as exc:  # the answer stands; the counter is off by this call
+                log.warning("cannot count %d tokens of %s against the budget: %s", usage.total,
+                            turn.user_id, exc.message)
         call.hold = 0
         if len(self.pending) >= MAX_LEDGER_PENDING:
             await self.flush()
@@ -4607,16 +4611,19 @@ class Metrics:
     def rejected(self, kind: str) -> None:
         self.rejections.inc((kind,))
 
-    def called(self, call: Call, usage: Usage) -> None:
-        """An upstream call that answered: its tokens, its pace."""
+    def used(self, call: Call, usage: Usage) -> None:
+        """What an upstream call used, whether it answered or not."""
         model, estimated = call.model, "true" if usage.estimated else "false"
         for kind, count in (("input", usage.input), ("output", usage.output),
                             ("cached", usage.cached), ("reasoning", usage.reasoning)):
             if count or kind in ("input", "output"):
                 self.tokens.inc((model, kind, estimated), count)
+
+    def answered(self, call: Call, usage: Usage) -> None:
+        """An upstream call that answered whole: its pace."""
         self.upstream.inc((call.provider, "200"))
         if call.first_token is not None and usage.output > 1:
-            self.tpot.observe((model,), (time.monotonic() - call.first_token) / (usage.output - 1))
+            self.tpot.observe((call.model,), (time.monotonic() - call.first_token) / (usage.output - 1))
 
     def failed(self, provider: str, err: BaseException) -> None:
         """An upstream call that failed (or was cut) before its answer was whole."""
@@ -4824,7 +4831,9 @@ class Agent:
             self.metrics.failed(call.provider, exc)
             await asyncio.shield(self.ledger.record(call, call_usage(body, parts, 0, []) if parts else Usage()))
             raise
-        await self.ledger.record(call, usage or call_usage(body, parts, 0, []))
+        usage = usage or call_usage(body, parts, 0, [])
+        self.metrics.answered(call, usage)
+        await self.ledger.record(call, usage)
         return "".join(parts)
 
     async def title(self, text: str, model: str | None = None, *, turn: Turn) -> str:
@@ -4886,6 +4895,7 @@ class Agent:
                     await asyncio.shield(self.ledger.record(call, cut))
                     raise
                 step_usage = finish.usage or call_usage(body, text, reasoning, calls)
+                self.metrics.answered(call, step_usage)
                 await self.ledger.record(call, step_usage)
                 turn.usage += step_usage
                 if turn.first_token is None:
@@ -8434,7 +8444,7 @@ class NodeChat:
 
     async def _start(self) -> None:
         try:
-            configure_logging()
+            configure_logging(self.settings.log_format == "json")
             scrub_server_logs()
             check = getattr(self.store, "check", None)
             if check is not None:
@@ -8552,7 +8562,8 @@ class NodeChat:
             if route is None:
                 raise MethodNotAllowed("Method Not Allowed", allow=allowed) if allowed else NotFound("Not Found")
             await self.ensure_started()
-            user = await self.gate.user(scope, headers, method, route.auth) if route.auth != "anyone" else None
+            user = await self.gate.user(scope, headers, method, route.auth) \
+                if route.auth not in ("anyone", "metrics") else None
             body = await read_body(receive, headers, self.settings.max_body_bytes, self.settings.body_timeout)
             response = await route.handler(self, build_request(scope, headers, params, body, user, request_id))
             if getattr(response, "streaming", False):
@@ -8614,9 +8625,22 @@ class ScrubSecrets(logging.Filter):
         return True
 
 
-def configure_logging() -> None:
+class JSONLines(logging.Formatter):
+    """``log_format = "json"``: each record one JSON object on one line, with the fields a
+    record carries in ``extra={"fields": ...}`` (a turn's: see :func:`turn_record`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(),
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return compact_json({**line, **getattr(record, "fields", {})})
+
+
+def configure_logging(json_lines: bool = False) -> None:
     """Under ``uvicorn nodechat:create_app --factory`` nothing configures the ``nodechat``
-    logger: give it uvicorn's own look and level, unless the host set up logging itself.
+    logger: give it uvicorn's own look and level (or JSON lines), unless the host set up
+    logging itself.
 
     Records still propagate: a host that gives the root logger handlers later (Sentry,
     structlog) gets them, and this handler then steps aside so nothing prints twice."""
@@ -8627,7 +8651,7 @@ def configure_logging() -> None:
     except ImportError:  # pragma: no cover - a host on another server
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(name)s: %(message)s"))
+    handler.setFormatter(JSONLines() if json_lines else DefaultFormatter("%(levelprefix)s %(name)s: %(message)s"))
     handler.addFilter(lambda record: not logging.getLogger().handlers)
     log.addHandler(handler)
     if log.level == logging.NOTSET:
@@ -8684,6 +8708,9 @@ def main(argv: list[str] | None = None) -> None:
     if not app.settings.tokens and args.host not in LOOPBACK_NAMES and not args.allow_open:
         parser.error(f"refusing to serve on {args.host} with no tokens: set NODECHAT_TOKENS, "
                      "bind to 127.0.0.1, or pass --allow-open")
+    if app.settings.log_format == "json":  # nodechat's records; uvicorn's own keep its look
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JSONLines())
     scrub_server_logs()
     _release_free_memory()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -4342,6 +4342,326 @@ async def test_ws_disconnect_cancels_every_task_it_started(make_chat, upstream):
 
 
 ###############################################################################
+# Accounting: usage per user, budgets and rate limits that hold, metrics and logs for operators
+###############################################################################
+
+
+def usage_of(url: str, query: str = "", token: str = "tok-alice") -> httpx.Response:
+    return httpx.get(url + "/api/usage" + query, headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT)
+
+
+def finish_of(events: list) -> dict:
+    return next(e for e in reversed(events) if isinstance(e, dict) and e.get("type") == "finish")
+
+
+@pytest.mark.parametrize("frames,expected", [
+    ([chunk({"content": "Hi"}), chunk({}, "stop", usage=USAGE), b"data: [DONE]\n\n"], 10),  # choices not empty
+    ([chunk({"content": "Hi"}), chunk(usage=USAGE, choices=False), chunk({}, "stop"), b"data: [DONE]\n\n"], 10),
+    ([chunk({"content": "Hi"}), chunk({}, "stop"), chunk(usage=USAGE, choices=False), b"data: [DONE]\n\n"], 10),
+], ids=["with-choices", "before-finish", "after-finish"])
+def test_upstream_usage_is_read_wherever_the_chunk_comes(live, upstream, frames, expected):
+    _, url = live()
+    upstream.script(frames)
+    _, events = api_chat(url, ui_request("hi", "c-usage"))
+    usage = finish_of(events)["messageMetadata"]["usage"]
+    assert usage["totalTokens"] == expected and usage["inputTokens"] == 7 and "estimated" not in usage
+    assert upstream.requests[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_missing_usage_is_estimated_as_characters_over_four(live, upstream):
+    _, url = live()
+    upstream.script([chunk({"content": "abcdefghi"}), chunk({}, "stop"), b"data: [DONE]\n\n"])
+    reply = client(url).chat.completions.create(model="fake-1", messages=[user("12345678")])
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (2, 3)  # 8 / 4, 9 / 4 up
+    entries = usage_of(url, "?group_by=model").json()
+    assert entries["total"]["estimated_calls"] == 1 and entries["total"]["total_tokens"] == 5
+
+
+def test_a_provider_that_refuses_stream_options_is_not_sent_them(live, upstream, tmp_path):
+    config = tmp_path / "nodechat.toml"
+    config.write_text(f'[[providers]]\nname = "old"\nbase_url = "{upstream.url}"\nstream_usage = false\n')
+    _, url = live(config=str(config), base_url=None, api_key="", model="fake-1")
+    upstream.script([chunk({"content": "Hi"}), chunk({}, "stop"), b"data: [DONE]\n\n"])
+    reply = client(url).chat.completions.create(model="fake-1", messages=[user("abcd")])
+    assert "stream_options" not in upstream.requests[-1] and reply.usage.completion_tokens == 1
+
+
+def test_v1_streams_usage_only_when_asked_with_null_on_every_earlier_chunk(live, upstream):
+    _, url = live()
+    body = {"model": "fake-1", "messages": [user("hi")], "stream": True}
+    for asked in (True, False):
+        upstream.script(text("Hello", " there"))
+        extra = {"stream_options": {"include_usage": True}} if asked else {}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body | extra, headers=AUTH) as response:
+            chunks = read_sse(response)[:-1]
+        if asked:
+            assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
+        else:
+            assert all("usage" not in c for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_every_upstream_call_is_in_the_ledger_and_the_usage_api(live, upstream, tmp_path):
+    chat, url = live(admin_tokens="tok-admin")
+
+    @chat.tool
+    def add(a: int, b: int) -> int:
+        """Add."""
+        return a + b
+
+    upstream.script(text("one"))
+    client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+    upstream.script(tool_calls(("add", {"a": 1, "b": 2})), text("3"))
+    _, events = api_chat(url, {"messages": [user("add")], "conversationId": "c-led"})
+    assert events[-1]["usage"]["total_tokens"] == 20  # the turn's two steps
+    eventually(lambda: len(upstream.title_requests) == 1)
+    report = eventually(lambda: (r := usage_of(url, "?group_by=conversation").json())["total"]["calls"] == 4 and r)
+    assert report["user"] == "alice" and report["total"]["total_tokens"] == 40
+    by_conversation = {g["conversation"]: g["calls"] for g in report["groups"]}
+    assert by_conversation == {None: 1, "c-led": 3}  # /v1, then two steps and the title
+    by_day = usage_of(url, "?group_by=day").json()["groups"]
+    assert [g["day"] for g in by_day] == [datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")]
+    conversation = stored(url, "c-led")
+    assert conversation["usage"]["total"] == 20
+    assert [m.get("usage", {}).get("output") for m in conversation["messages"] if m["role"] == "assistant"] == [3, 3]
+    month = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m")
+    lines = (tmp_path / "data" / "usage" / "alice" / f"{month}.jsonl").read_text().splitlines()
+    entry = json.loads(lines[0])
+    assert len(lines) == 4 and entry["protocol"] == "openai" and entry["model"] == "fake-1"
+    assert entry["provider"] == upstream.url and entry["estimated"] is False and entry["input"] == 7
+    # another user's usage: only with an admin token
+    assert usage_of(url, "?user=bob").status_code == 403
+    assert usage_of(url, "?user=alice", token="tok-admin").json()["total"]["calls"] == 4
+    everyone = usage_of(url, "", token="tok-admin").json()
+    assert everyone["user"] is None and [(g["user"], g["calls"]) for g in everyone["groups"]] == [("alice", 4)]
+    assert usage_of(url, "?group_by=color").status_code == 400
+    assert usage_of(url, "?from=yesterday").status_code == 400
+
+
+def test_a_spent_budget_is_a_429_the_sdks_do_not_retry_in_each_protocol(live, upstream):
+    _, url = live(token_budget=10, budget_period="day", metrics=True)
+    upstream.script(text("first"))
+    client(url).chat.completions.create(model="fake-1", messages=[user("hi")])  # 10 tokens: spent
+    retrying = openai.OpenAI(base_url=url + "/v1", api_key="tok-alice", max_retries=2)
+    with pytest.raises(openai.RateLimitError) as refused:
+        retrying.chat.completions.create(model="fake-1", messages=[user("again")])
+    body, headers = refused.value.body, refused.value.response.headers
+    assert body["type"] == "budget_exceeded" and body["code"] == "budget_exceeded"
+    tomorrow = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
+    assert body["message"] == f"token budget exceeded: 10 of 10 tokens used this day; it resets at {tomorrow}T00:00:00Z"
+    assert headers["x-should-retry"] == "false"
+    assert "retry-after" not in headers or int(headers["retry-after"]) <= 120  # only when the reset is near
+    scrape = httpx.get(url + "/metrics").text
+    assert 'nodechat_requests_total{protocol="openai",status="429"} 1\n' in scrape  # no retries
+    response, error = api_chat(url, ui_request("hi", "c-spent"))
+    assert response.status_code == 429 and error.startswith("token budget exceeded: 10 of 10")  # AI SDK: text
+    assert response.headers["x-should-retry"] == "false"
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.anyio
+async def test_a_spent_budget_is_an_error_frame_on_the_websocket(live, upstream):
+    _, url = live(token_budget=5)
+    upstream.script(text("first"))
+    async with ws_connect(url) as ws:
+        await ws.send({"type": "message", "role": "user", "content": "hi", "thread_id": "t-b"})
+        await ws.turn()
+        await ws.send({"type": "message", "role": "user", "content": "more", "thread_id": "t-b"})
+        error = (await ws.until(lambda m: m["type"] == "error"))[-1]
+    assert error["code"] == "budget_exceeded" and "10 of 5 tokens used this month" in error["message"]
+
+
+def test_a_budget_stops_an_agent_loop_at_its_next_step(live, upstream):
+    chat, url = live(token_budget=10)
+
+    @chat.tool
+    def look(x: int) -> int:
+        """Look."""
+        return x
+
+    upstream.script(tool_calls(("look", {"x": 1})), text("never said"))
+    response, events = api_chat(url, ui_request("loop", "c-loop"))
+    finish = finish_of(events)
+    assert response.status_code == 200 and events[-1] == "[DONE]"
+    assert finish["finishReason"] == "length" and finish["messageMetadata"]["notice"].startswith(
+        "token budget exceeded: 10 of 10 tokens used this month")
+    assert len(upstream.requests) == 1  # the second step never reached the model
+    roles = [m["role"] for m in stored(url, "c-loop")["messages"]]
+    assert roles == ["user", "assistant", "tool"]
+    assert usage_of(url).json()["budget"] == {"limit": 10, "period": "month", "used": 10,
+                                             "resets_at": nodechat.iso_z(nodechat.budget_window("month")[1])}
+
+
+def test_requests_per_minute_answers_429_with_retry_after_and_users_have_their_own(live, upstream, tmp_path):
+    config = tmp_path / "limits.toml"
+    config.write_text("requests_per_minute = 2\n[users.bob]\nrequests_per_minute = 3\n")
+    _, url = live(config=str(config), metrics=True)
+    if time.time() % 60 > 50:  # all in one minute
+        time.sleep(61 - time.time() % 60)
+    for _ in range(2):
+        client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+    with pytest.raises(openai.RateLimitError) as refused:
+        client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+    assert refused.value.body["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 60
+    assert "x-should-retry" not in refused.value.response.headers
+    for _ in range(3):  # bob's own limit
+        client(url, "tok-bob").chat.completions.create(model="fake-1", messages=[user("hi")])
+    assert 'nodechat_limit_rejections_total{kind="rate"} 1\n' in httpx.get(url + "/metrics").text
+
+
+def test_limit_settings_are_checked():
+    for bad, why in (({"budget_period": "fortnight"}, "budget_period"),
+                     ({"users": {"bob": {"token_budget": -1}}}, "users.bob.token_budget"),
+                     ({"users": {"bob": {"model": "x"}}}, "users.bob: only"),
+                     ({"log_format": "xml"}, "log_format")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            nodechat.Settings.from_sources(bad, environ={})
+    settings = nodechat.Settings.from_sources({"token_budget": 100, "users": {"bob": {"token_budget": 0}}},
+                                              environ={"NODECHAT_REQUESTS_PER_MINUTE": "9"})
+    assert settings.limits("alice") == nodechat.UserLimits(100, "month", 9, 8)
+    assert settings.limits("bob").token_budget == 0  # no budget for bob
+
+
+def test_budget_windows_are_calendar_periods_in_utc():
+    at = datetime.datetime(2026, 12, 31, 23, 30, tzinfo=datetime.timezone.utc).timestamp()  # a Thursday
+    windows = {p: tuple(nodechat.iso_z(t) for t in nodechat.budget_window(p, at)) for p in nodechat.BUDGET_PERIODS}
+    assert windows == {"hour": ("2026-12-31T23:00:00Z", "2027-01-01T00:00:00Z"),
+                       "day": ("2026-12-31T00:00:00Z", "2027-01-01T00:00:00Z"),
+                       "week": ("2026-12-28T00:00:00Z", "2027-01-04T00:00:00Z"),
+                       "month": ("2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z")}
+
+
+def test_metrics_exposition_is_byte_exact_for_each_family_type():
+    counter = nodechat.Family("x_total", "counter", 'Things "done".\nTwice\\', ("name",))
+    counter.inc(('a "b"\n\\',), 2)
+    counter.inc(("plain",), 0.5)
+    gauge = nodechat.Family("y", "gauge", "Now.")
+    gauge.set((), 3)
+    histogram = nodechat.Family("z_seconds", "histogram", "Time.", ("p",), (0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 7):
+        histogram.observe(("w",), value)
+    out: list[str] = []
+    for family in (counter, gauge, histogram):
+        family.render(out)
+    assert "".join(out) == (
+        '# HELP x_total Things "done".\\nTwice\\\\\n# TYPE x_total counter\n'
+        'x_total{name="a \\"b\\"\\n\\\\"} 2\nx_total{name="plain"} 0.5\n'
+        "# HELP y Now.\n# TYPE y gauge\ny 3\n"
+        "# HELP z_seconds Time.\n# TYPE z_seconds histogram\n"
+        'z_seconds_bucket{p="w",le="0.1"} 2\nz_seconds_bucket{p="w",le="1"} 3\n'
+        'z_seconds_bucket{p="w",le="+Inf"} 4\nz_seconds_sum{p="w"} 7.65\nz_seconds_count{p="w"} 4\n')
+
+
+def test_metrics_are_off_by_default_take_their_own_token_and_any_host(live, upstream):
+    _, closed = live()
+    assert httpx.get(closed + "/metrics").status_code == 404
+    _, url = live(metrics=True, metrics_token="scrape-me")
+    assert httpx.get(url + "/metrics").status_code == 401
+    assert httpx.get(url + "/metrics", headers=AUTH).status_code == 401  # a user's token is not it
+    scraped = httpx.get(url + "/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert scraped.status_code == 200 and scraped.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert scraped.text.endswith("\n") and f'nodechat_build_info{{version="{nodechat.__version__}"}} 1\n' in scraped.text
+    _, open_url = live(metrics=True, tokens={})  # an open server answers loopback Host names only...
+    elsewhere = {"Host": "10.0.0.7:9100"}
+    assert httpx.get(open_url + "/api/conversations", headers=elsewhere).status_code == 403
+    assert httpx.get(open_url + "/metrics", headers=elsewhere).status_code == 200  # ... but a scraper's
+
+
+def test_metrics_count_a_scripted_run_and_parse_with_prometheus_client(live, upstream):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    chat, url = live(metrics=True, max_turns_per_user=1)
+    other, other_url = live(metrics=True)  # a second instance in this process: shares nothing
+
+    @chat.tool
+    def echo(x: int) -> int:
+        """Echo."""
+        if x < 0:
+            raise ValueError("negative")
+        return x
+
+    upstream.script(text("a"), text("b"), tool_calls(("echo", {"x": 1}), ("echo", {"x": -1})), text("done"))
+    for _ in range(2):
+        client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+    api_chat(url, {"messages": [user("tools")]})
+    upstream.script(stall(text("slow")[:2]))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(api_chat, url, {"messages": [user("hold")], "conversationId": "c-hold"})
+        eventually(lambda: upstream.open_streams == 1)
+        response, _ = api_chat(url, {"messages": [user("second")]})
+        assert response.status_code == 429  # max_turns_per_user
+        httpx.post(url + "/api/chat/c-hold/stop", headers=AUTH, json={})
+        held.result(timeout=TIMEOUT)
+    eventually(lambda: 'nodechat_active_streams{protocol="api"} 0\n' in httpx.get(url + "/metrics").text)
+    samples = [s for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+               for s in family.samples]
+
+    def value(name: str, **labels) -> float:
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("nodechat_requests_total", protocol="openai", status="200") == 2
+    assert value("nodechat_requests_total", protocol="api", status="429") == 1
+    assert value("nodechat_tokens_total", model="fake-1", type="input", estimated="false") == 7 * 4
+    assert value("nodechat_tokens_total", type="output", estimated="true") > 0  # the stopped call, estimated
+    assert value("nodechat_tool_calls_total", tool="echo", outcome="ok") == 1
+    assert value("nodechat_tool_calls_total", tool="echo", outcome="error") == 1
+    assert value("nodechat_limit_rejections_total", kind="concurrency") == 1
+    assert value("nodechat_upstream_requests_total", provider="openai", status="200") == 4
+    assert value("nodechat_upstream_errors_total", provider="openai", kind="cancelled") == 1
+    assert value("nodechat_time_to_first_token_seconds_count", protocol="openai", model="fake-1") == 2
+    assert value("nodechat_request_duration_seconds_count", protocol="openai") == 2
+    assert value("nodechat_active_turns") == 0
+    assert value("process_start_time_seconds") > 1.7e9
+    scraped = httpx.get(other_url + "/metrics").text
+    assert 'nodechat_requests_total{protocol="openai"' not in scraped and "nodechat_tokens_total{" not in scraped
+
+
+def test_a_scrape_with_many_models_and_tools_is_quick():
+    metrics = nodechat.Metrics()
+    for model in range(50):
+        for tool in range(10):
+            metrics.tool_calls.inc((f"tool-{tool}", "ok"))
+            metrics.ttft.observe(("openai", f"model-{model}"), tool / 10)
+        metrics.tokens.inc((f"model-{model}", "input", "false"), 10)
+    started = time.perf_counter()
+    for _ in range(20):
+        body = metrics.render()
+    assert body.count("\n") > 500
+    assert (time.perf_counter() - started) / 20 < 0.05  # generous; the bench measures it (README)
+
+
+def test_label_sets_are_capped_so_clients_cannot_grow_the_scrape():
+    family = nodechat.Family("m_total", "counter", "M.", ("model",))
+    for n in range(nodechat.MAX_SERIES + 50):
+        family.inc((f"model-{n}",))
+    assert len(family.samples) == nodechat.MAX_SERIES + 1 and family.samples[("_other",)] == 50
+
+
+def test_json_logs_have_one_line_per_turn_with_the_request_id(tmp_path):
+    port = free_port()
+    env = {**os.environ, "NODECHAT_LOG_FORMAT": "json", "NODECHAT_DATA_DIR": str(tmp_path)}
+    env.pop("OPENAI_API_KEY", None)
+    server = subprocess.Popen([sys.executable, nodechat.__file__, "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        eventually(lambda: listening(port), timeout=30)
+        url = f"http://127.0.0.1:{port}"
+        response = httpx.post(url + "/v1/chat/completions", json={"messages": [user("hi there")]},
+                              headers={"X-Request-ID": "trace-7"})
+        assert response.headers["x-request-id"] == "trace-7"
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    turns = [json.loads(line) for line in output.splitlines() if line.startswith("{") and '"turn"' in line]
+    assert len(turns) == 1, output
+    line = turns[0]
+    assert line["request_id"] == "trace-7" and line["protocol"] == "openai" and line["outcome"] == "stop"
+    assert line["model"] == "echo" and line["output_tokens"] == 2 and line["estimated"] is True
+    assert line["user"] != "local" and len(line["user"]) == 16 and line["ttft_ms"] >= 0
+
+
+###############################################################################
 # Limits, faults and security: what a web page, a guesser or a hostile peer can get
 ###############################################################################
 
