@@ -7215,7 +7215,7 @@ async def usage_report(chat: NodeChat, request: Request) -> JSONResponse:
     end = _parse_time(query["to"], "to") if query.get("to") else period_end
     entries = await chat.ledger.entries(user, start, end)
     report: dict[str, Any] = {"user": user, "from": iso_z(start), "to": iso_z(end),
-                              "total": usage_summary(entries)}
+                              "period": limits.budget_period, "total": usage_summary(entries)}
     if group:
         groups: dict[Any, list[dict]] = {}
         for entry in entries:
@@ -7702,6 +7702,8 @@ details > div { padding: 0 .7rem .6rem; font-size: .9rem; }
 .tool h4 { margin: .4rem 0 .2rem; font-size: .75rem; color: var(--muted); text-transform: uppercase; }
 .tool pre { margin: 0; max-height: 16rem; white-space: pre-wrap; }
 .note { color: var(--muted); font-size: .9rem; font-style: italic; }
+.usage { color: var(--muted); font-size: .75rem; margin: .2rem 0 0; }
+#spend { color: var(--muted); font-size: .85rem; margin: .3rem .2rem; }
 .note.error, #error { color: var(--bad); font-style: normal; }
 #error { margin: 0 1rem .4rem; }
 .pending::after { content: "\2022\2022\2022"; letter-spacing: .2em; color: var(--muted); animation: blink 1.2s infinite; }
@@ -7748,6 +7750,8 @@ dialog input { width: 100%; margin: .3rem 0 .8rem; padding: .45rem .6rem; }
     <h2 id="mems-h">Memories</h2>
     <ul id="mems" aria-labelledby="mems-h"></ul>
     <p class="empty" id="mems-empty">Nothing remembered yet.</p>
+    <h2 id="spend-h">Usage</h2>
+    <p id="spend" aria-labelledby="spend-h"></p>
   </aside>
   <main>
     <div id="log" role="log" aria-live="polite" aria-label="Messages" tabindex="-1">
@@ -7776,7 +7780,7 @@ dialog input { width: 100%; margin: .3rem 0 .8rem; padding: .45rem .6rem; }
 "use strict";
 const $ = (id) => document.getElementById(id);
 const ui = Object.fromEntries(["menu", "side", "model", "new", "signout", "convs", "convs-empty",
-  "mems", "mems-empty", "log", "hello", "error", "composer", "input", "send", "stop", "login",
+  "mems", "mems-empty", "spend", "log", "hello", "error", "composer", "input", "send", "stop", "login",
   "login-form", "token", "login-error"].map((id) => [id.replace("-", "_"), $(id)]));
 // Relative URLs resolve against the mount root, with or without its trailing slash.
 const BASE = new URL(location.pathname.replace(/\/*$/, "/"), location.origin);
@@ -7856,7 +7860,7 @@ ui.login_form.addEventListener("submit", async (event) => {
   ui.token.value = "";
   ui.login.close();
   ui.signout.hidden = false;
-  loadModels(); loadMemories(); restore();
+  loadModels(); loadMemories(); loadUsage(); restore();
   ui.input.focus();
 });
 
@@ -7911,7 +7915,16 @@ const loadModels = () => load("v1/models", ({ data }) => {
   ui.model.replaceChildren(new Option("Default model", ""), ...data.map((m) => new Option(m.id, m.id)));
   if (data.some((m) => m.id === saved)) ui.model.value = saved;
 });
-const loadAll = () => { loadConversations(); loadMemories(); loadModels(); };
+const loadAll = () => { loadConversations(); loadMemories(); loadModels(); loadUsage(); };
+const count = (n) => n.toLocaleString("en");
+const loadUsage = () => load("api/usage", ({ total, budget, period }) => {  // the budget period's
+  ui.spend.textContent = budget ? `${count(budget.used)} of ${count(budget.limit)} tokens this ${budget.period}`
+    : `${count(total.total_tokens)} tokens this ${period}`;
+});
+
+function usageLine(turn, tokens, estimated) {  // an answer's tokens, under it
+  make("p", "usage", `${count(tokens)} tokens${estimated ? " (estimated)" : ""}`, turn);
+}
 
 async function remove(collection, id) {
   if (await load(collection + encodeURIComponent(id), () => {}, { method: "DELETE" })) {
@@ -8019,11 +8032,14 @@ function textOf(content) {
 
 function renderHistory(messages) {  // stored messages are in OpenAI's shape
   ui.log.replaceChildren(ui.hello);
-  let turn = null;
+  let turn = null, tokens = 0, estimated = false;
   const cards = {};
+  const endTurn = () => { if (turn && tokens) usageLine(turn, tokens, estimated); tokens = 0; estimated = false; };
   for (const m of messages) {
     const text = textOf(m.content);
+    if (m.usage) { tokens += m.usage.input + m.usage.output; estimated ||= m.usage.estimated; }
     if (m.role === "user") {
+      endTurn();
       addUser(text);
       turn = null;
     } else if (m.role === "tool" && cards[m.tool_call_id]) {  // errors are stored as "Error: ..."
@@ -8038,6 +8054,7 @@ function renderHistory(messages) {  // stored messages are in OpenAI's shape
       }
     }
   }
+  endTurn();
   ui.hello.hidden = messages.length > 0;
   ui.log.scrollTop = ui.log.scrollHeight;
 }
@@ -8083,7 +8100,7 @@ async function follow(request) {  // one answer's stream, into a new assistant m
     pending.remove();
     turn.removeAttribute("aria-busy");
     if (controller === mine) { controller = null; setBusy(false); }
-    loadConversations(); loadMemories();
+    loadConversations(); loadMemories(); loadUsage();
   };
   try {
     const res = await request(mine.signal);
@@ -8155,11 +8172,15 @@ function onChunk(c, turn, s) {
     case "tool-output-available": setToolResult(tool(), c.output, false); break;
     case "tool-output-error": setToolResult(tool(), c.errorText, true); break;
     case "error": note(turn, c.errorText || "The answer failed.", true); break;
-    case "finish":
+    case "finish": {
       s.done = true;
-      if (c.finishReason === "length") note(turn, "The answer hit the length limit.");
+      const { usage, notice } = c.messageMetadata || {};
+      if (notice) note(turn, notice, true);  // the token budget ran out between two steps
+      else if (c.finishReason === "length") note(turn, "The answer hit the length limit.");
+      if (usage) usageLine(turn, usage.totalTokens, usage.estimated);
       s.settle();
       break;
+    }
     case "abort": s.done = true; note(turn, "Stopped."); s.settle();
   }
   if (stick) ui.log.scrollTop = ui.log.scrollHeight;

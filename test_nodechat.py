@@ -1284,6 +1284,34 @@ def test_turns_hold_across_processes_resume_on_one_and_stop_on_another(postgres,
         assert stored(c, "c-bob", token="tok-bob")["active"] is False
 
 
+def test_a_budget_holds_across_three_processes_at_its_edge(postgres, database_url, upstream, tmp_path):
+    """A user 10 tokens from the end of the budget sends twelve requests at once to three
+    processes: the counters are one row updated atomically, so the overshoot is at most one
+    call's tokens (10 here), whatever the concurrency."""
+    env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url, "NODECHAT_MODEL": "fake-1",
+           "NODECHAT_TOKENS": "tok-alice:alice", "NODECHAT_TOKEN_BUDGET": "50", "NODECHAT_BUDGET_PERIOD": "day"}
+    with nodechat_processes(3, env, tmp_path) as (urls, _):
+        for n in range(4):  # 40 of 50 used, on each process in turn
+            client(urls[n % 3]).chat.completions.create(model="fake-1", messages=[user("hi")])
+        upstream.script(*[drip(text("slow", "ly"), 0.05) for _ in range(12)])
+
+        def ask(url: str) -> int:
+            try:
+                client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+                return 200
+            except openai.RateLimitError as refused:
+                assert refused.body["code"] == "budget_exceeded"
+                return 429
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(ask, [urls[n % 3] for n in range(12)]))
+        calls = 4 + statuses.count(200)  # each process writes its entries within half a second
+        used = eventually(lambda: (u := usage_of(urls[1]).json())["total"]["calls"] == calls and u)
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 10
+    assert 50 <= used["total"]["total_tokens"] <= 50 + 10
+    assert used["budget"]["used"] == used["total"]["total_tokens"]
+
+
 def test_database_outage_is_503_in_each_protocol_and_recovers(postgres, database_url, upstream, tmp_path):
     env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url,
            "NODECHAT_MODEL": "fake-1", "NODECHAT_TOKENS": "tok-alice:alice"}
@@ -6052,6 +6080,28 @@ def test_page_errors_are_readable(site, upstream, open_page):
     expect(answers(page).last).to_contain_text("Half", timeout=WAIT_MS)
     expect(answers(page).last.get_by_role("alert")).to_be_visible(timeout=WAIT_MS)
     expect(page.get_by_role("button", name="Send")).to_be_visible(timeout=WAIT_MS)
+
+
+def test_page_shows_each_answers_tokens_the_budget_and_a_spent_budget_as_a_message(site, upstream, open_page):
+    page = open_page(site(token_budget=25, budget_period="day").url, allow=("status of 429",))
+    spend = page.get_by_label("Usage")
+    expect(spend).to_have_text("0 of 25 tokens this day", timeout=WAIT_MS)
+    upstream.script(text("First answer"))
+    send_message(page, "Hi")
+    expect(answers(page).last.locator(".usage")).to_have_text("10 tokens", timeout=WAIT_MS)
+    expect(spend).to_contain_text("of 25 tokens this day", timeout=WAIT_MS)
+    eventually(lambda: len(upstream.title_requests) == 1)  # the title is 10 tokens more
+    upstream.script(text("Second answer"))
+    send_message(page, "Again")
+    expect(answers(page).last).to_contain_text("Second answer", timeout=WAIT_MS)
+    expect(spend).to_have_text("30 of 25 tokens this day", timeout=WAIT_MS)
+    send_message(page, "Third")
+    alert = answers(page).last.get_by_role("alert")
+    expect(alert).to_contain_text("token budget exceeded: 30 of 25 tokens used this day", timeout=WAIT_MS)
+    expect(page.get_by_role("button", name="Send")).to_be_visible(timeout=WAIT_MS)  # the page goes on
+    page.reload()
+    expect(answers(page).first.locator(".usage")).to_have_text("10 tokens", timeout=WAIT_MS)  # from history
+    expect(answers(page).locator(".usage")).to_have_count(2, timeout=WAIT_MS)
 
 
 @pytest.mark.parametrize("path", ["", "/"])
