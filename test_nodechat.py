@@ -3877,6 +3877,9 @@ def test_aisdk_finish_chunk_passes_the_schema(aisdk, live, upstream):
     assert kinds.count("finish") == 1 and kinds[-1] == "finish", kinds
     finish = result["chunks"][-1]
     assert finish.get("finishReason", "stop") == "stop"  # if sent, inside the enum and right
+    usage = final_message(result)["metadata"]["usage"]  # useChat keeps it on message.metadata
+    assert (usage["inputTokens"], usage["outputTokens"], usage["totalTokens"]) == (14, 6, 20)
+    assert final_message(result)["metadata"]["model"] == "fake-1"
 
 
 def test_aisdk_resume_after_a_reload_shows_the_answer_once(aisdk_resume, live, upstream):
