@@ -734,13 +734,15 @@ class Bench:
         other = os.path.join(os.path.abspath(self.args.against), "nodechat.py")
         against = lambda port: [sys.executable, other, *nodechat_command(port, False)[2:]]
         shm = tempfile.mkdtemp(prefix="nodechat-bench-", dir="/dev/shm")
-        env = {"NODECHAT_MAX_TURNS_PER_USER": str(AGENT_TURN_CAP), "NODECHAT_DATA_DIR": shm}
+        env = {"NODECHAT_MAX_TURNS_PER_USER": str(AGENT_TURN_CAP), "NODECHAT_DATA_DIR": shm,
+               "NODECHAT_METRICS": "1"}  # a checkout without metrics ignores it
         try:
             with self.server("nodechat ab", self.nodechat, env) as mine, \
                     self.server("nodechat ab against", against, env) as theirs:
                 for node in (mine, theirs):
                     self.warm(node.port, "sse-conversation")
-                for target, label in (("sse", "/api/chat"), ("sse-conversation", "/api/chat stored tmpfs")):
+                for target, label in (("openai", "/v1"), ("sse", "/api/chat"),
+                                      ("sse-conversation", "/api/chat stored tmpfs")):
                     for point in AGENT_POINTS:
                         for _ in range(self.args.repeat):
                             for node, name in ((mine, "this"), (theirs, "against")):
@@ -938,7 +940,7 @@ def report_fits(results: dict) -> None:
         for name in agents:
             if fits.get((name, "", 1)):
                 print(f"{name}: {fits[name, '', 1][0] / openai[0]:.2f}x the OpenAI path per event (1 stream)")
-    for label in ("/api/chat", "/api/chat stored tmpfs"):
+    for label in ("/v1", "/api/chat", "/api/chat stored tmpfs"):
         mine, theirs = fits.get((f"{label} (this)", "", 1)), fits.get((f"{label} (against)", "", 1))
         if mine and theirs:
             print(f"{label}: this checkout {mine[0] / theirs[0]:.2f}x the other per event, "
@@ -1074,6 +1076,30 @@ def report(bench: Bench) -> None:
     report_processes(bench)
     report_postgres_processes(bench.results)
     report_import_time()
+    report_metrics_scrape()
+
+
+def report_metrics_scrape() -> None:
+    """GET /metrics's own work with 50 models x 10 tools of label sets (the issue's target: 5 ms)."""
+    sys.path.insert(0, ROOT)
+    import nodechat
+
+    metrics = nodechat.Metrics()
+    for model in range(50):
+        for tool in range(10):
+            metrics.tool_calls.inc((f"tool-{tool}", "ok"))
+            metrics.ttft.observe(("openai", f"model-{model}"), tool / 10)
+            metrics.tokens.inc((f"model-{model}", "input", "false"), 10)
+        metrics.tpot.observe((f"model-{model}",), 0.02)
+        for status in ("200", "429", "502"):
+            metrics.upstream.inc((f"provider-{model % 5}", status))
+    times = []
+    for _ in range(50):
+        started = time.perf_counter()
+        body = metrics.render()
+        times.append(time.perf_counter() - started)
+    print(f"GET /metrics rendering, 50 models x 10 tools: {statistics.median(times) * 1000:.2f} ms, "
+          f"{len(body) // 1024} KiB, {body.count(chr(10))} lines (median of 50)")
 
 
 # -- the stores ------------------------------------------------------------------------------------
