@@ -27,7 +27,8 @@ Scale out with ``NODECHAT_DATABASE_URL=postgresql://...`` (the ``postgres`` extr
 of processes on any number of machines share one PostgreSQL.
 
 Sections, each using only those above it: Settings, Errors, Events, Wire, Store (JSON files;
-PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Agent, Workflows, Turns, HTTP server, one
+PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Accounting (the usage ledger, budgets,
+rate limits, metrics), Agent, Workflows, Turns, HTTP server, one
 section per protocol (OpenAI ``/v1``, ``/api/chat``, the ``/chat`` WebSocket), Chat page, App,
 CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 
@@ -37,9 +38,11 @@ Follow a request from the bottom up:
    server) who is calling, on the headers alone; then it reads the body.
 2. The protocol's section: its handler decodes the body into a ``Turn`` and picks its encoder;
    errors take the protocol's own shape.  ``/chat`` starts at ``chat_websocket``.
-3. ``run_turn`` (Workflows): ``Turns`` admits the turn, then ``Agent.run`` (or a
-   workflow) yields events: the provider's stream (Providers) through nodechat's HTTP/1.1
-   client (Upstream HTTP client) over the sans-IO readers in Wire, and the tools' results.
+3. ``run_turn`` (Workflows): ``Turns`` admits the turn (the ``Ledger``'s rate limit and budget
+   first), then ``Agent.run`` (or a workflow) yields events: the provider's stream (Providers)
+   through nodechat's HTTP/1.1 client (Upstream HTTP client) over the sans-IO readers in Wire,
+   and the tools' results.  Each model call holds its share of the budget, and its usage goes
+   to the ledger (Accounting).
 4. Back in the protocol's section, its encoder turns each event into bytes, written by
    ``stream_sse`` (HTTP server) or ``ChatSession.send``.  An ``/api/chat`` turn on a stored
    conversation runs instead as the server's own task (``run_detached``), its bytes kept in a
@@ -541,7 +544,7 @@ class NodeChatError(Exception):
      +-- Unauthorized (401)        +-- MethodNotAllowed (405) +-- TooManyRequests (429)
      +-- Forbidden (403)           +-- RequestTimeout (408)   +-- Conflict (409)
      +-- UpstreamError (502)       +-- StoreUnavailable (503) +-- UpstreamTimeout (504)
-     +-- InsufficientStorage (507)
+     +-- InsufficientStorage (507)                            +-- BudgetExceeded (429)
 
     The status travels with the error; each protocol's encoder renders it.
     """
@@ -599,6 +602,14 @@ class PayloadTooLarge(NodeChatError):
 
 class TooManyRequests(NodeChatError):
     status, kind = 429, "rate_limit_error"
+
+
+class BudgetExceeded(TooManyRequests):
+    """The user's token budget for the period is spent.  Retrying before it resets is no use:
+    the response says ``x-should-retry: false``, which the openai and anthropic SDKs obey
+    (they retry a plain 429 twice)."""
+
+    kind = "budget_exceeded"
 
 
 class UpstreamError(NodeChatError):
@@ -4208,14 +4219,6 @@ LEDGER_FLUSH_SECONDS = 0.5  # ledger entries go to the store in batches, at most
 MAX_LEDGER_PENDING = 10_000  # ... or when this many wait
 
 
-class BudgetExceeded(TooManyRequests):
-    """The user's token budget for the period is spent.  Retrying before it resets is no use:
-    the response says ``x-should-retry: false``, which the openai and anthropic SDKs obey
-    (they retry a plain 429 twice)."""
-
-    kind = "budget_exceeded"
-
-
 def budget_window(period: str, now: float | None = None) -> tuple[datetime.datetime, datetime.datetime]:
     """The calendar period (UTC) that ``now`` falls in: its start and the next one's."""
     at = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
@@ -4250,7 +4253,9 @@ def estimate_input(body: dict) -> int:
 class Call:
     """One upstream call, as the ledger keeps it."""
 
-    turn: Turn
+    user: str
+    conversation: str | None
+    protocol: str  # openai, aisdk, seed, ws
     provider: str  # its name (metrics)
     url: str  # where it is (the ledger)
     model: str
@@ -4306,14 +4311,14 @@ class Ledger:
         """Before a model call: hold its share of the user's budget (its prompt, estimated,
         and ``max_tokens`` or OUTPUT_HOLD_TOKENS for its answer); BudgetExceeded when the
         budget is spent, counting what running calls hold."""
-        limits = self.settings.limits(call.turn.user_id)
+        limits = self.settings.limits(call.user)
         if not limits.token_budget:
             return
         start, end = budget_window(limits.budget_period)
         answer = body.get("max_completion_tokens") or body.get("max_tokens")
         amount = -(-estimate_input(body) // 4) + (answer if type(answer) is int and answer > 0
                                                   else OUTPUT_HOLD_TOKENS)
-        used = await self._take(call.turn.user_id, start, amount, limits.token_budget)
+        used = await self._take(call.user, start, amount, limits.token_budget)
         if used is not None:
             raise self._over(limits, used, end)
         call.hold = amount
@@ -4330,20 +4335,18 @@ class Ledger:
 
     async def record(self, call: Call, usage: Usage) -> None:
         """The call's entry, and its real tokens in place of what it held."""
-        turn = call.turn
-        entry = {"at": now_iso(), "user": turn.user_id, "conversation": turn.conversation_id,
-                 "protocol": turn.protocol, "model": call.model, "provider": call.url,
-                 **usage.record()}
+        entry = {"at": now_iso(), "user": call.user, "conversation": call.conversation,
+                 "protocol": call.protocol, "model": call.model, "provider": call.url, **usage.record()}
         self.pending.append(entry)
         self.metrics.used(call, usage)
-        limits = self.settings.limits(turn.user_id)
+        limits = self.settings.limits(call.user)
         if limits.token_budget or call.hold:
             start, _ = budget_window(limits.budget_period)
             try:
-                await self._settle(turn.user_id, start, usage.total - call.hold)
+                await self._settle(call.user, start, usage.total - call.hold)
             except NodeChatError as exc:  # the answer stands; the counter is off by this call
                 log.warning("cannot count %d tokens of %s against the budget: %s", usage.total,
-                            turn.user_id, exc.message)
+                            call.user, exc.message)
         call.hold = 0
         if len(self.pending) >= MAX_LEDGER_PENDING:
             await self.flush()
@@ -4818,7 +4821,7 @@ class Agent:
         user's ledger and budget."""
         provider, name = self.providers.resolve(model)
         body = {**params, "model": name, "messages": messages}
-        call = Call(turn, provider.name, getattr(provider, "base_url", provider.name), name)
+        call = model_call(turn, provider, name)
         await self.ledger.hold(call, body)
         parts, usage = [], None
         try:
@@ -4863,7 +4866,7 @@ class Agent:
                 body = {**turn.params, "model": model, "messages": messages}
                 if schemas:
                     body["tools"] = schemas
-                call = Call(turn, provider.name, getattr(provider, "base_url", provider.name), model)
+                call = model_call(turn, provider, model)
                 try:
                     await self.ledger.hold(call, body)
                 except BudgetExceeded as exc:  # spent between two steps: the turn ends here
@@ -5031,6 +5034,12 @@ def assistant_message(text: str, calls: list[ToolCall], usage: Usage | None = No
     if usage is not None:
         message["usage"] = usage.record()
     return message
+
+
+def model_call(turn: Turn, provider: Provider, model: str) -> Call:
+    """The ledger's record of one call of ``provider`` for ``turn``."""
+    return Call(turn.user_id, turn.conversation_id, turn.protocol, provider.name,
+                getattr(provider, "base_url", provider.name), model)
 
 
 def call_usage(body: dict, text: list[str], reasoning: int, calls: list[ToolCall]) -> Usage:

@@ -13,6 +13,9 @@ Module section -> where its tests are:
     Providers, Agent, Workflows           through the protocols: OpenAI /v1 (routing, upstream
                                           errors), /api/chat (steps, tools, memory, titles),
                                           /chat (workflows, client tools)
+    Accounting                            "Accounting" (usage, the ledger, budgets, rate limits,
+                                          metrics, JSON logs); a budget across processes in the
+                                          Store section's PostgreSQL tests; the page's tokens
     Turns                                 "/api/chat turns that outlive their connection" (resume,
                                           stop; useChat's resume under node in the AI SDK section),
                                           across processes in the Store section's PostgreSQL tests
