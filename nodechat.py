@@ -148,6 +148,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadRequest",
+    "BudgetExceeded",
     "Conflict",
     "Finished",
     "Forbidden",
@@ -183,6 +184,7 @@ __all__ = [
     "Unauthorized",
     "UpstreamError",
     "UpstreamTimeout",
+    "Usage",
     "Workflow",
     "WorkflowError",
     "copy_json_store",
@@ -434,7 +436,13 @@ class Settings:
 
     def limits(self, user: str) -> UserLimits:
         """The user's limits: the global ones, overridden by ``users[user]``."""
-        return UserLimits(**{**{k: getattr(self, k) for k in USER_LIMIT_KEYS}, **self.users.get(user, {})})
+        override = self.users.get(user)
+        return UserLimits(**{**self.default_limits.__dict__, **override}) if override else self.default_limits
+
+    @functools.cached_property
+    def default_limits(self) -> UserLimits:
+        """Everyone's limits but those of ``users`` (asked for three times a turn: made once)."""
+        return UserLimits(**{k: getattr(self, k) for k in USER_LIMIT_KEYS})
 
 
 USER_LIMIT_KEYS = ("token_budget", "budget_period", "requests_per_minute", "max_turns_per_user")
@@ -679,6 +687,9 @@ class ToolResult:
     is_error: bool = False
 
 
+MAX_TOKENS_PER_CALL = 1 << 30  # what an upstream may claim for one call (a store's integer column holds it)
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Tokens used by one model call, or summed over a turn.  ``input`` includes the
@@ -714,7 +725,8 @@ class Usage:
         cached = details.get("cached_tokens") if type(details) is dict else None
         details = usage.get("completion_tokens_details")
         reasoning = details.get("reasoning_tokens") if type(details) is dict else None
-        return cls(*(max(v, 0) if type(v) is int else 0 for v in (prompt, completion, cached, reasoning)))
+        return cls(*(min(max(v, 0), MAX_TOKENS_PER_CALL) if type(v) is int else 0
+                     for v in (prompt, completion, cached, reasoning)))
 
     @classmethod
     def estimate(cls, input_chars: int, output_chars: int) -> Usage:
@@ -1539,10 +1551,11 @@ class JSONFileStore:
         """Ledger entries, appended to ``usage/<user>/<YYYY-MM>.jsonl`` (one file per user
         and month: a period's budget reads a month or two, never the user's whole history)."""
         def append() -> None:
-            files: dict[Path, list[dict]] = {}
+            files: dict[tuple[str, str], list[dict]] = {}
             for entry in entries:
-                files.setdefault(self._usage(entry["user"], entry["at"][:7]), []).append(entry)
-            for path, batch in files.items():
+                files.setdefault((entry["user"], entry["at"][:7]), []).append(entry)
+            for (user, month), batch in files.items():
+                path = self._usage(user, month)
                 with _locked(path):
                     _append_lines(path, batch)
 
@@ -4285,7 +4298,8 @@ class Ledger:
         self._kept: list[dict] = []  # a store with no ledger methods (a host's own): in memory
         self._spent: dict[tuple[str, str], int] = {}  # (user, period start) -> tokens, holds included
         self._minutes: dict[str, list[int]] = {}  # user -> [minute, turns started in it]
-        self._flusher: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the next flush, when entries wait
+        self._flushes: set[asyncio.Task] = set()
         self._writing = asyncio.Lock()  # a flush and a first count of a period never interleave
 
     # -- before a turn, before each call ---------------------------------------------------------
@@ -4348,17 +4362,17 @@ class Ledger:
                 log.warning("cannot count %d tokens of %s against the budget: %s", usage.total,
                             call.user, exc.message)
         call.hold = 0
-        if len(self.pending) >= MAX_LEDGER_PENDING:
-            await self.flush()
-        elif self._flusher is None:
-            self._flusher = asyncio.get_running_loop().call_later(LEDGER_FLUSH_SECONDS, self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        spawn(self.metrics.tasks, self.flush())
+        if len(self.pending) >= MAX_LEDGER_PENDING and not self._writing.locked():
+            spawn(self._flushes, self.flush())  # never awaited here: a turn does not wait for a slow store
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                LEDGER_FLUSH_SECONDS, lambda: spawn(self._flushes, self.flush()))
 
     async def flush(self) -> None:
         """Write the waiting entries (one store call for the batch)."""
-        self._flusher = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         async with self._writing:
             batch, self.pending = self.pending, []
             if not batch:
@@ -4369,9 +4383,17 @@ class Ledger:
                 return
             try:
                 await append(batch)
-            except NodeChatError as exc:  # kept for the next flush, not lost
-                log.warning("cannot write %d usage entries: %s", len(batch), exc.message)
+            except (StoreUnavailable, InsufficientStorage) as exc:  # kept for the next flush
+                log.warning("cannot write %d usage entries yet: %s", len(batch), exc.message)
                 self.pending[:0] = batch
+                if len(self.pending) > 10 * MAX_LEDGER_PENDING:  # a store down for long: memory is bounded
+                    log.error("dropping %d usage entries", len(self.pending) - 10 * MAX_LEDGER_PENDING)
+                    del self.pending[:len(self.pending) - 10 * MAX_LEDGER_PENDING]
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(
+                        LEDGER_FLUSH_SECONDS * 10, lambda: spawn(self._flushes, self.flush()))
+            except Exception:  # an entry the store refuses (it is logged): the others go on
+                log.exception("cannot write %d usage entries; dropped", len(batch))
 
     async def entries(self, user: str | None, start: datetime.datetime,
                       end: datetime.datetime) -> list[dict]:
@@ -4384,6 +4406,7 @@ class Ledger:
                 and first <= str(e.get("at", "")) < last]
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self._flushes, return_exceptions=True)
         await self.flush()
 
     # -- the counters: in this process -----------------------------------------------------------
@@ -4571,7 +4594,6 @@ class Metrics:
     nothing per streamed token."""
 
     def __init__(self):
-        self.tasks: set[asyncio.Task] = set()  # the ledger's background flushes
         F = Family
         self.requests = F("nodechat_requests_total", "counter", "HTTP requests and WebSocket sessions, "
                           "by protocol and status.", ("protocol", "status"))
@@ -4829,7 +4851,7 @@ class Agent:
                 if type(event) is TextDelta:
                     parts.append(event.text)
                 elif type(event) is StepFinished:
-                    usage = event.usage
+                    usage = reported(event)
         except BaseException as exc:
             self.metrics.failed(call.provider, exc)
             await asyncio.shield(self.ledger.record(call, call_usage(body, parts, 0, []) if parts else Usage()))
@@ -4891,13 +4913,15 @@ class Agent:
                             continue
                         elif kind is ReasoningDelta:
                             reasoning += len(event.text)
+                            if call.first_token is None:
+                                call.first_token = time.monotonic()
                         yield event
                 except BaseException as exc:  # failed or cut: what it used, estimated
                     self.metrics.failed(call.provider, exc)
                     cut = call_usage(body, text, reasoning, calls) if text or reasoning or calls else Usage()
                     await asyncio.shield(self.ledger.record(call, cut))
                     raise
-                step_usage = finish.usage or call_usage(body, text, reasoning, calls)
+                step_usage = reported(finish) or call_usage(body, text, reasoning, calls)
                 self.metrics.answered(call, step_usage)
                 await self.ledger.record(call, step_usage)
                 turn.usage += step_usage
@@ -5040,6 +5064,11 @@ def model_call(turn: Turn, provider: Provider, model: str) -> Call:
     """The ledger's record of one call of ``provider`` for ``turn``."""
     return Call(turn.user_id, turn.conversation_id, turn.protocol, provider.name,
                 getattr(provider, "base_url", provider.name), model)
+
+
+def reported(finish: StepFinished) -> Usage | None:
+    """What the provider said a call used (a host's provider may say it in OpenAI's shape)."""
+    return Usage.from_openai(finish.usage) if type(finish.usage) is dict else finish.usage
 
 
 def call_usage(body: dict, text: list[str], reasoning: int, calls: list[ToolCall]) -> Usage:
@@ -7613,6 +7642,7 @@ async def chat_websocket(chat: NodeChat, scope: Scope, receive: Receive, send: S
     except Forbidden as err:
         user, reason = None, err.message
     await send({"type": "websocket.accept"})
+    chat.metrics.requests.inc(("ws", "101" if user else "1008"))  # a session, counted as it opens
     if user is None:
         log.warning("/chat refused (1008): %s", reason)
         await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
@@ -7621,10 +7651,12 @@ async def chat_websocket(chat: NodeChat, scope: Scope, receive: Receive, send: S
     session = ChatSession(user, send, chat.settings, functools.partial(run_turn, chat),
                           lambda names: chat.tools.offered(chat.settings.tools, names))
     chat.sessions.add(session)
+    chat.metrics.streams.inc(("ws",))
     try:
         await session.run(receive)
     finally:
         chat.sessions.discard(session)
+        chat.metrics.streams.inc(("ws",), -1)
 
 
 ###############################################################################

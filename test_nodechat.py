@@ -1315,6 +1315,24 @@ def test_a_budget_holds_across_three_processes_at_its_edge(postgres, database_ur
     assert used["budget"]["used"] == used["total"]["total_tokens"]
 
 
+def test_a_rate_limit_holds_across_processes(postgres, database_url, upstream, tmp_path):
+    env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url, "NODECHAT_MODEL": "fake-1",
+           "NODECHAT_TOKENS": "tok-alice:alice", "NODECHAT_REQUESTS_PER_MINUTE": "4"}
+    with nodechat_processes(3, env, tmp_path) as (urls, _):
+        if time.time() % 60 > 50:  # all in one minute
+            time.sleep(61 - time.time() % 60)
+
+        def ask(url: str) -> int:
+            with contextlib.suppress(openai.RateLimitError):
+                client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+                return 200
+            return 429
+
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            statuses = list(pool.map(ask, [urls[n % 3] for n in range(9)]))
+    assert sorted(statuses) == [200] * 4 + [429] * 5
+
+
 def test_database_outage_is_503_in_each_protocol_and_recovers(postgres, database_url, upstream, tmp_path):
     env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url,
            "NODECHAT_MODEL": "fake-1", "NODECHAT_TOKENS": "tok-alice:alice"}
@@ -4402,6 +4420,14 @@ def test_upstream_usage_is_read_wherever_the_chunk_comes(live, upstream, frames,
     assert upstream.requests[-1]["stream_options"] == {"include_usage": True}
 
 
+def test_usage_an_upstream_claims_is_checked():
+    hostile = {"prompt_tokens": 10 ** 30, "completion_tokens": -5, "prompt_tokens_details": {"cached_tokens": True},
+               "completion_tokens_details": {"reasoning_tokens": 2}}
+    assert nodechat.Usage.from_openai(hostile) == nodechat.Usage(nodechat.MAX_TOKENS_PER_CALL, 0, 0, 2)
+    assert nodechat.Usage.from_openai({"total_tokens": 5}) is None and nodechat.Usage.from_openai([1]) is None
+    assert nodechat.Usage.estimate(9, 0) == nodechat.Usage(3, 0, estimated=True)
+
+
 def test_missing_usage_is_estimated_as_characters_over_four(live, upstream):
     _, url = live()
     upstream.script([chunk({"content": "abcdefghi"}), chunk({}, "stop"), b"data: [DONE]\n\n"])
@@ -4495,14 +4521,20 @@ def test_a_spent_budget_is_a_429_the_sdks_do_not_retry_in_each_protocol(live, up
 
 @pytest.mark.anyio
 async def test_a_spent_budget_is_an_error_frame_on_the_websocket(live, upstream):
-    _, url = live(token_budget=5)
+    _, url = live(token_budget=5, metrics=True)
     upstream.script(text("first"))
     async with ws_connect(url) as ws:
         await ws.send({"type": "message", "role": "user", "content": "hi", "thread_id": "t-b"})
         await ws.turn()
         await ws.send({"type": "message", "role": "user", "content": "more", "thread_id": "t-b"})
         error = (await ws.until(lambda m: m["type"] == "error"))[-1]
+        assert 'nodechat_active_streams{protocol="ws"} 1\n' in httpx.get(url + "/metrics").text
     assert error["code"] == "budget_exceeded" and "10 of 5 tokens used this month" in error["message"]
+    await until_true(lambda: 'nodechat_active_streams{protocol="ws"} 0\n' in httpx.get(url + "/metrics").text,
+                     "the session to end")
+    await until_true(lambda: 'nodechat_limit_rejections_total{kind="budget"} 2\n' in httpx.get(url + "/metrics").text,
+                     "two refusals: the turn, and the first turn's title")
+    assert 'nodechat_requests_total{protocol="ws",status="101"} 1\n' in httpx.get(url + "/metrics").text
 
 
 def test_a_budget_stops_an_agent_loop_at_its_next_step(live, upstream):
