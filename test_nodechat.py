@@ -5884,7 +5884,7 @@ def test_page_reload_mid_answer_picks_the_answer_up_where_it_is(site, upstream, 
     expect(answers(page).last).to_contain_text("Five.", timeout=WAIT_MS)
     expect(answers(page).last).not_to_have_attribute("aria-busy", "true", timeout=WAIT_MS)  # finished
     expect(answers(page)).to_have_count(1)
-    assert answers(page).last.inner_text().strip() == "One. Two. Three. Four. Five."  # once, whole
+    assert answers(page).last.locator(".md").inner_text().strip() == "One. Two. Three. Four. Five."  # once, whole
     stored = open_conversation_of(page)
     assert [m["content"] for m in stored["messages"]] == [
         "Count to five", "One. Two. Three. Four. Five."], stored
@@ -5989,14 +5989,14 @@ def test_page_conversation_listed_with_title_reopened_continued_deleted(site, up
 
     page.reload(timeout=WAIT_MS)  # the tab's open conversation comes back
     expect(page.locator("article[aria-label=You]")).to_have_text("Tell me about tea", timeout=WAIT_MS)
-    expect(answers(page)).to_have_text("Tea is a drink.", timeout=WAIT_MS)
+    expect(answers(page).locator(".md")).to_have_text("Tea is a drink.", timeout=WAIT_MS)  # its tokens apart
     page.get_by_role("button", name="New chat").click(timeout=WAIT_MS)
     expect(page.locator("#hello")).to_be_visible(timeout=WAIT_MS)
     page.reload(timeout=WAIT_MS)  # and a new chat stays new
     expect(page.locator("#hello")).to_be_visible(timeout=WAIT_MS)
     conversations.get_by_role("button", name="Chat About Tea", exact=True).click(timeout=WAIT_MS)
     expect(page.locator("article[aria-label=You]")).to_have_text("Tell me about tea", timeout=WAIT_MS)
-    expect(answers(page)).to_have_text("Tea is a drink.", timeout=WAIT_MS)
+    expect(answers(page).locator(".md")).to_have_text("Tea is a drink.", timeout=WAIT_MS)  # its tokens apart
     expect(conversations.get_by_role("button", name="Chat About Tea", exact=True)).to_have_attribute(
         "aria-current", "true", timeout=WAIT_MS)
 
