@@ -725,8 +725,9 @@ class Usage:
         cached = details.get("cached_tokens") if type(details) is dict else None
         details = usage.get("completion_tokens_details")
         reasoning = details.get("reasoning_tokens") if type(details) is dict else None
-        return cls(*(min(max(v, 0), MAX_TOKENS_PER_CALL) if type(v) is int else 0
-                     for v in (prompt, completion, cached, reasoning)))
+        prompt, completion, cached, reasoning = (min(max(v, 0), MAX_TOKENS_PER_CALL) if type(v) is int else 0
+                                                 for v in (prompt, completion, cached, reasoning))
+        return cls(prompt, completion, min(cached, prompt), min(reasoning, completion))
 
     @classmethod
     def estimate(cls, input_chars: int, output_chars: int) -> Usage:
@@ -4249,7 +4250,13 @@ def budget_window(period: str, now: float | None = None) -> tuple[datetime.datet
 
 
 def iso_z(at: datetime.datetime) -> str:
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A time as the API shows it: ``2026-12-05T00:00:00Z``."""
+    return at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utc_stamp(at: datetime.datetime) -> str:
+    """A time as ledger entries carry it (``now_iso``'s form), to compare them as text."""
+    return at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def estimate_input(body: dict) -> int:
@@ -4272,7 +4279,8 @@ class Call:
     provider: str  # its name (metrics)
     url: str  # where it is (the ledger)
     model: str
-    hold: int = 0  # tokens of the user's budget it held while it ran
+    hold: int = 0  # tokens of the user's budget it held while it ran...
+    period: datetime.datetime | None = None  # ... in the period that started then
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
 
@@ -4330,12 +4338,12 @@ class Ledger:
             return
         start, end = budget_window(limits.budget_period)
         answer = body.get("max_completion_tokens") or body.get("max_tokens")
-        amount = -(-estimate_input(body) // 4) + (answer if type(answer) is int and answer > 0
-                                                  else OUTPUT_HOLD_TOKENS)
+        amount = min(-(-estimate_input(body) // 4) + (answer if type(answer) is int and answer > 0
+                                                      else OUTPUT_HOLD_TOKENS), limits.token_budget)
         used = await self._take(call.user, start, amount, limits.token_budget)
         if used is not None:
             raise self._over(limits, used, end)
-        call.hold = amount
+        call.hold, call.period = amount, start
 
     def _over(self, limits: UserLimits, used: int, end: datetime.datetime) -> BudgetExceeded:
         self.metrics.rejected("budget")
@@ -4357,6 +4365,9 @@ class Ledger:
         if limits.token_budget or call.hold:
             start, _ = budget_window(limits.budget_period)
             try:
+                if call.hold and call.period != start:  # a period began while it ran
+                    await self._settle(call.user, call.period, -call.hold)
+                    call.hold = 0
                 await self._settle(call.user, start, usage.total - call.hold)
             except NodeChatError as exc:  # the answer stands; the counter is off by this call
                 log.warning("cannot count %d tokens of %s against the budget: %s", usage.total,
@@ -4401,13 +4412,18 @@ class Ledger:
         await self.flush()
         read = getattr(self.store, "read_usage", None)
         found = self._kept if read is None else await read(user, start, end)
-        first, last = iso_z(start), iso_z(end)
+        first, last = utc_stamp(start), utc_stamp(end)
         return [e for e in found if (user is None or e.get("user") == user)
                 and first <= str(e.get("at", "")) < last]
 
     async def aclose(self) -> None:
         await asyncio.gather(*self._flushes, return_exceptions=True)
         await self.flush()
+        if self.pending:  # the store is down as the app closes
+            log.error("%d usage entries could not be written and are lost", len(self.pending))
+            self.pending = []
+        if self._timer is not None:
+            self._timer.cancel()
 
     # -- the counters: in this process -----------------------------------------------------------
 
@@ -4426,9 +4442,11 @@ class Ledger:
             async with self._writing:  # the store's entries and the pending ones, none twice
                 read = getattr(self.store, "read_usage", None)
                 stored = self._kept if read is None else await read(user, start, None)
-                since = iso_z(start)
+                since = utc_stamp(start)
                 total = sum(e.get("input", 0) + e.get("output", 0) for e in [*stored, *self.pending]
                             if e.get("user") == user and str(e.get("at", "")) >= since)
+                for old in [k for k in self._spent if k[0] == user]:
+                    del self._spent[old]  # a period that is over
                 self._spent.setdefault(key, total)
         return self._spent[key]
 
@@ -4444,8 +4462,6 @@ class Ledger:
         key = (user, iso_z(start))
         if key in self._spent:
             self._spent[key] += change
-        for old in [k for k in self._spent if k[0] == user and k[1] != key[1]]:
-            del self._spent[old]  # a period that is over
 
 
 class PostgresLedger(Ledger):
@@ -4457,7 +4473,9 @@ class PostgresLedger(Ledger):
 
     def __init__(self, settings: Settings, store: Any, metrics: Metrics):
         super().__init__(settings, store, metrics)
-        self._opened: set[tuple[str, str]] = set()  # periods whose row this process has made
+        self._opened: set[tuple[str, str]] = set()  # periods whose row exists (this process saw it)
+        self._opening = asyncio.Lock()  # first uses of a period, rare: one at a time
+        self._swept = 0.0  # when this process last deleted counters that are over
 
     async def _count_request(self, user: str, minute: int, limit: int) -> bool:
         async with self.store._connection() as db:
@@ -4466,30 +4484,40 @@ class PostgresLedger(Ledger):
                 "VALUES ($1, $2, 1, to_timestamp($3)) ON CONFLICT (user_id, key) DO UPDATE "
                 "SET used = l.used + 1 WHERE l.used < $4 RETURNING used",
                 user, f"rpm:{minute}", (minute + 1) * 60, limit)
-            if minute % 10 == 0:  # now and then, the minutes and periods that are over
+            if time.monotonic() - self._swept > 600:  # now and then: the minutes and periods over
+                self._swept = time.monotonic()
                 await db.execute("DELETE FROM nodechat_limits WHERE until < now() - interval '1 minute'")
         return count is not None
 
     async def _used(self, user: str, start: datetime.datetime) -> int:
-        await self._open(user, start)
-        async with self.store._connection() as db:
-            return await db.fetchval("SELECT used FROM nodechat_limits WHERE user_id = $1 AND key = $2",
-                                     user, "tokens:" + iso_z(start))
+        for _ in range(2):  # a row gone (a period swept early) is made again, once
+            await self._open(user, start)
+            async with self.store._connection() as db:
+                used = await db.fetchval("SELECT used FROM nodechat_limits WHERE user_id = $1 AND key = $2",
+                                         user, "tokens:" + iso_z(start))
+            if used is not None:
+                return used
+            self._opened.discard((user, iso_z(start)))
+        return 0
 
     async def _open(self, user: str, start: datetime.datetime) -> None:
         """The period's row, counted from the ledger the first time (the entries still
-        waiting in this process included)."""
-        if (user, iso_z(start)) in self._opened:
+        waiting in this process included); known to exist only once it does."""
+        key = (user, iso_z(start))
+        if key in self._opened:
             return
-        await self.flush()
-        end = budget_window(self.settings.limits(user).budget_period, start.timestamp())[1]
-        self._opened.add((user, iso_z(start)))
-        async with self.store._connection() as db:
-            await db.execute(
-                "INSERT INTO nodechat_limits (user_id, key, used, until) "
-                "SELECT $1, $2, coalesce(sum(input_tokens + output_tokens), 0), $4 FROM nodechat_usage "
-                "WHERE user_id = $1 AND at >= $3 ON CONFLICT DO NOTHING",
-                user, "tokens:" + iso_z(start), start, end)
+        async with self._opening:
+            if key in self._opened:
+                return
+            await self.flush()
+            end = budget_window(self.settings.limits(user).budget_period, start.timestamp())[1]
+            async with self.store._connection() as db:
+                await db.execute(
+                    "INSERT INTO nodechat_limits (user_id, key, used, until) "
+                    "SELECT $1, $2, coalesce(sum(input_tokens::bigint + output_tokens), 0), $4 "
+                    "FROM nodechat_usage WHERE user_id = $1 AND at >= $3 ON CONFLICT DO NOTHING",
+                    user, "tokens:" + key[1], start, end)
+            self._opened.add(key)
 
     async def _take(self, user: str, start: datetime.datetime, amount: int, limit: int) -> int | None:
         await self._open(user, start)
@@ -4497,10 +4525,10 @@ class PostgresLedger(Ledger):
             taken = await db.fetchval(
                 "UPDATE nodechat_limits SET used = used + $3 WHERE user_id = $1 AND key = $2 "
                 "AND used < $4 RETURNING used", user, "tokens:" + iso_z(start), amount, limit)
-            if taken is not None:
-                return None
-            return await db.fetchval("SELECT used FROM nodechat_limits WHERE user_id = $1 AND key = $2",
-                                     user, "tokens:" + iso_z(start))
+        if taken is not None:
+            return None
+        used = await self._used(user, start)  # spent; or the row was gone, and is made again
+        return used if used >= limit else await self._take(user, start, amount, limit)
 
     async def _settle(self, user: str, start: datetime.datetime, change: int) -> None:
         if change:
@@ -4517,6 +4545,7 @@ def make_ledger(settings: Settings, store: Any, metrics: Metrics) -> Ledger:
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+MAX_LABEL_CHARS = 100  # of a model name in the ledger and the metrics
 MAX_SERIES = 2000  # label sets per family; past it new ones count under "_other" (model names come from clients)
 PROCESS_STARTED = time.time()
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -4637,7 +4666,10 @@ class Metrics:
         self.rejections.inc((kind,))
 
     def used(self, call: Call, usage: Usage) -> None:
-        """What an upstream call used, whether it answered or not."""
+        """What an upstream call used, whether it answered or not (a refusal used nothing:
+        no series for a model name no upstream knows)."""
+        if not usage.total:
+            return
         model, estimated = call.model, "true" if usage.estimated else "false"
         for kind, count in (("input", usage.input), ("output", usage.output),
                             ("cached", usage.cached), ("reasoning", usage.reasoning)):
@@ -4780,7 +4812,7 @@ class Agent:
         finally:
             self.metrics.turns.inc((), -1)
             if turn.first_token is not None:
-                self.metrics.ttft.observe((turn.protocol, model), turn.first_token - turn.started)
+                self.metrics.ttft.observe((turn.protocol, model_label(model)), turn.first_token - turn.started)
             if self.settings.log_format == "json":
                 log.info("turn", extra={"fields": turn_record(turn, model)})
 
@@ -4854,7 +4886,8 @@ class Agent:
                     usage = reported(event)
         except BaseException as exc:
             self.metrics.failed(call.provider, exc)
-            await asyncio.shield(self.ledger.record(call, call_usage(body, parts, 0, []) if parts else Usage()))
+            await asyncio.shield(self.ledger.record(
+                call, call_usage(body, parts, 0, []) if read_by_model(exc, parts) else Usage()))
             raise
         usage = usage or call_usage(body, parts, 0, [])
         self.metrics.answered(call, usage)
@@ -4918,12 +4951,13 @@ class Agent:
                         yield event
                 except BaseException as exc:  # failed or cut: what it used, estimated
                     self.metrics.failed(call.provider, exc)
-                    cut = call_usage(body, text, reasoning, calls) if text or reasoning or calls else Usage()
+                    cut = call_usage(body, text, reasoning, calls) if read_by_model(exc, text or reasoning or calls) \
+                        else Usage()
                     await asyncio.shield(self.ledger.record(call, cut))
                     raise
                 step_usage = reported(finish) or call_usage(body, text, reasoning, calls)
                 self.metrics.answered(call, step_usage)
-                await self.ledger.record(call, step_usage)
+                await asyncio.shield(self.ledger.record(call, step_usage))  # a stop now: counted all the same
                 turn.usage += step_usage
                 if turn.first_token is None:
                     turn.first_token = call.first_token
@@ -5063,7 +5097,20 @@ def assistant_message(text: str, calls: list[ToolCall], usage: Usage | None = No
 def model_call(turn: Turn, provider: Provider, model: str) -> Call:
     """The ledger's record of one call of ``provider`` for ``turn``."""
     return Call(turn.user_id, turn.conversation_id, turn.protocol, provider.name,
-                getattr(provider, "base_url", provider.name), model)
+                getattr(provider, "base_url", provider.name), model_label(model))
+
+
+def model_label(model: str) -> str:
+    """A model name as the ledger and metrics keep it: a client chooses it, so it is cut
+    short and loses NUL (which PostgreSQL's text refuses)."""
+    return model[:MAX_LABEL_CHARS].replace("\x00", "")
+
+
+def read_by_model(exc: BaseException, answered: Any) -> bool:
+    """Whether a call that failed with ``exc`` cost tokens: it answered something, or it was
+    cut while the model worked (a stop, a timeout: hidden reasoning is billed too), rather
+    than refused (an HTTP error, no connection)."""
+    return bool(answered) or isinstance(exc, (asyncio.CancelledError, GeneratorExit, UpstreamTimeout))
 
 
 def reported(finish: StepFinished) -> Usage | None:
@@ -7194,7 +7241,8 @@ async def generate_title(chat: NodeChat, request: Request) -> JSONResponse:
     if not text.strip():  # as the AI SDK apps do: no text, no model call
         return JSONResponse({"data": "New Chat"})
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    turn = Turn([], request.user_id, protocol="api", request_id=request.request_id)
+    await chat.ledger.admit(request.user_id)  # a model call: the rate limit and budget hold
+    turn = Turn([], request.user_id, protocol="aisdk", request_id=request.request_id)
     return JSONResponse({"data": await chat.agent.title(text, model, turn=turn)})
 
 
@@ -7226,6 +7274,8 @@ async def get_conversation(chat: NodeChat, request: Request) -> JSONResponse:
                          "usage": {**usage.record(), "total": usage.total}})
 
 
+USAGE_EARLIEST = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+USAGE_SPAN = datetime.timedelta(days=400)  # what one GET /api/usage reads at most
 USAGE_GROUPS = {"day": lambda e: str(e.get("at", ""))[:10], "model": lambda e: e.get("model"),
                 "conversation": lambda e: e.get("conversation"), "user": lambda e: e.get("user")}
 
@@ -7249,8 +7299,12 @@ async def usage_report(chat: NodeChat, request: Request) -> JSONResponse:
                          code="invalid_group_by")
     limits = chat.settings.limits(user or "")
     period_start, period_end = budget_window(limits.budget_period)
-    start = _parse_time(query["from"], "from") if query.get("from") else period_start
-    end = _parse_time(query["to"], "to") if query.get("to") else period_end
+    start = _parse_time(query["from"], "from").astimezone(datetime.timezone.utc) if query.get("from") \
+        else period_start
+    end = _parse_time(query["to"], "to").astimezone(datetime.timezone.utc) if query.get("to") else period_end
+    if not USAGE_EARLIEST <= start <= end <= start + USAGE_SPAN:
+        raise BadRequest("from and to: from before to, at most 400 days apart, from 2000 on",
+                         code="invalid_range")
     entries = await chat.ledger.entries(user, start, end)
     report: dict[str, Any] = {"user": user, "from": iso_z(start), "to": iso_z(end),
                               "period": limits.budget_period, "total": usage_summary(entries)}
@@ -7260,7 +7314,9 @@ async def usage_report(chat: NodeChat, request: Request) -> JSONResponse:
             groups.setdefault(USAGE_GROUPS[group](entry), []).append(entry)
         report["groups"] = [{group: key, **usage_summary(part)} for key, part in groups.items()]
     if user is not None and limits.token_budget:
-        spent = usage_summary(await chat.ledger.entries(user, period_start, period_end))["total_tokens"]
+        if (start, end) != (period_start, period_end):
+            entries = await chat.ledger.entries(user, period_start, period_end)
+        spent = usage_summary(entries)["total_tokens"]
         report["budget"] = {"limit": limits.token_budget, "period": limits.budget_period, "used": spent,
                             "resets_at": iso_z(period_end)}
     return JSONResponse(report)
@@ -8516,6 +8572,9 @@ class NodeChat:
         except BaseException:
             self._started = None  # a host without lifespan tries again on the next request
             raise
+        if self.settings.metrics and not self.settings.metrics_token:
+            log.warning("GET /metrics needs no token (metrics_token): whoever reaches the server reads "
+                        "its counters, model names included")
         if self.open:
             log.warning("no tokens configured (NODECHAT_TOKENS): anyone who can reach this server "
                         "is a user; browsers are held to loopback Host names and same-origin pages")

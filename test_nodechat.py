@@ -1315,6 +1315,32 @@ def test_a_budget_holds_across_three_processes_at_its_edge(postgres, database_ur
     assert used["budget"]["used"] == used["total"]["total_tokens"]
 
 
+@pytest.mark.anyio
+async def test_a_budget_counter_is_made_once_when_a_period_starts_busy(database_url):
+    """The first uses of a period, at once: one row, made from the ledger, read by every call."""
+    chat = NodeChat(environ={}, database_url=database_url, token_budget=1000, budget_period="day")
+    try:
+        async with chat.store._connection() as db:  # yesterday's and today's entries
+            await db.execute("INSERT INTO nodechat_usage (at, user_id, protocol, model, provider, input_tokens, "
+                             "output_tokens, cached_tokens, reasoning_tokens, estimated) VALUES "
+                             "(now() - interval '1 day', 'u', 'openai', 'm', 'p', 5000, 0, 0, 0, false), "
+                             "(now(), 'u', 'openai', 'm', 'p', 60, 40, 0, 0, false), "
+                             "(now(), 'v', 'openai', 'm', 'p', 1073741824, 1073741824, 0, 0, false)")
+        await asyncio.gather(*(chat.ledger.admit("u") for _ in range(5)))
+        with pytest.raises(nodechat.BudgetExceeded, match="2147483648 of 1000"):  # summed past 32 bits
+            await chat.ledger.admit("v")
+        calls = [nodechat.Call("u", None, "openai", "p", "http://p", "m") for _ in range(3)]
+        held = await asyncio.gather(*(chat.ledger.hold(c, {"messages": [], "max_tokens": 800}) for c in calls),
+                                    return_exceptions=True)
+        assert [type(h).__name__ for h in held].count("BudgetExceeded") == 1  # 100 + 800 + 800: one over
+        for call in calls[:2] if held[2] else calls[1:]:
+            await chat.ledger.record(call, nodechat.Usage(10, 5))
+        async with chat.store._connection() as db:
+            assert await db.fetchval("SELECT used FROM nodechat_limits WHERE user_id = 'u'") == 100 + 2 * 15
+    finally:
+        await chat.aclose()
+
+
 def test_a_rate_limit_holds_across_processes(postgres, database_url, upstream, tmp_path):
     env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url, "NODECHAT_MODEL": "fake-1",
            "NODECHAT_TOKENS": "tok-alice:alice", "NODECHAT_REQUESTS_PER_MINUTE": "4"}
@@ -4423,7 +4449,10 @@ def test_upstream_usage_is_read_wherever_the_chunk_comes(live, upstream, frames,
 def test_usage_an_upstream_claims_is_checked():
     hostile = {"prompt_tokens": 10 ** 30, "completion_tokens": -5, "prompt_tokens_details": {"cached_tokens": True},
                "completion_tokens_details": {"reasoning_tokens": 2}}
-    assert nodechat.Usage.from_openai(hostile) == nodechat.Usage(nodechat.MAX_TOKENS_PER_CALL, 0, 0, 2)
+    assert nodechat.Usage.from_openai(hostile) == nodechat.Usage(nodechat.MAX_TOKENS_PER_CALL, 0, 0, 0)
+    odd = {"prompt_tokens": 3, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 9},
+           "completion_tokens_details": {"reasoning_tokens": 9}}  # parts never larger than their whole
+    assert nodechat.Usage.from_openai(odd) == nodechat.Usage(3, 4, 3, 4)
     assert nodechat.Usage.from_openai({"total_tokens": 5}) is None and nodechat.Usage.from_openai([1]) is None
     assert nodechat.Usage.estimate(9, 0) == nodechat.Usage(3, 0, estimated=True)
 
@@ -4496,6 +4525,12 @@ def test_every_upstream_call_is_in_the_ledger_and_the_usage_api(live, upstream, 
     assert everyone["user"] is None and [(g["user"], g["calls"]) for g in everyone["groups"]] == [("alice", 4)]
     assert usage_of(url, "?group_by=color").status_code == 400
     assert usage_of(url, "?from=yesterday").status_code == 400
+    assert usage_of(url, "?from=2020-01-01&to=2026-01-01").status_code == 400  # over 400 days at once
+    assert usage_of(url, "?from=2026-02-01&to=2026-01-01").status_code == 400
+    offset = datetime.datetime.now(datetime.timezone(datetime.timedelta(hours=5)))  # any offset is UTC here
+    since = usage_of(url, "?" + str(httpx.QueryParams({"from": (offset - datetime.timedelta(minutes=5)).isoformat(),
+                                                    "to": (offset + datetime.timedelta(minutes=5)).isoformat()})))
+    assert since.json()["total"]["calls"] == 4
 
 
 def test_a_spent_budget_is_a_429_the_sdks_do_not_retry_in_each_protocol(live, upstream):
