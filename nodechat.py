@@ -29,7 +29,8 @@ of processes on any number of machines share one PostgreSQL.
 Sections, each using only those above it: Settings, Errors, Events, Wire, Store (JSON files;
 PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Accounting (the usage ledger, budgets,
 rate limits, metrics), Agent, Workflows, Turns, HTTP server, one
-section per protocol (OpenAI ``/v1``, ``/api/chat``, the ``/chat`` WebSocket), Chat page, App,
+section per protocol (OpenAI ``/v1``, Anthropic ``/v1/messages``, ``/api/chat``, the ``/chat``
+WebSocket), Chat page, App,
 CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 
 Follow a request from the bottom up:
@@ -4206,8 +4207,9 @@ class ModelRouter:
                 log.warning("listing models: %s", exc.message)
                 return []
             prefix = "" if provider is self.default else provider.name + "/"
-            return [{"id": prefix + n, "object": "model", "created": 0, "owned_by": provider.name}
-                    for n in names]
+            return [{"id": prefix + n, "object": "model", "created": 0, "owned_by": provider.name,
+                     "type": "model", "display_name": prefix + n, "created_at": "1970-01-01T00:00:00Z"}
+                    for n in names]  # OpenAI's fields and Anthropic's: both SDKs read one list
 
         lists = await asyncio.gather(*(one(p) for p in self._by_name.values()))
         return [model for models in lists for model in models]
@@ -6374,7 +6376,8 @@ def cors_headers(origin: str, rules: Iterable[str], preflight: bool) -> list[tup
     if preflight:
         headers += [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
                     (b"access-control-allow-headers", b"Authorization, Content-Type, Accept, "
-                     b"User-Agent, X-Requested-With, X-Nodechat-Stream"),
+                     b"User-Agent, X-Requested-With, X-Nodechat-Stream, X-Api-Key, Anthropic-Version, "
+                     b"Anthropic-Beta"),
                     (b"access-control-max-age", b"86400")]
     return headers
 
@@ -6463,7 +6466,7 @@ class Gate:
     def credentials(self, headers: Mapping[str, str], auth: str) -> tuple[str | None, bool]:
         """The token a request carries, and whether it came in the session cookie (which
         counts only on ``session`` routes)."""
-        token = bearer_token(headers)
+        token = bearer_token(headers) or headers.get("x-api-key", "").strip() or None  # Anthropic's SDKs
         if token is None and auth == "session":
             token = request_cookies(headers).get(self.settings.cookie_name)
             return token, token is not None
@@ -6653,7 +6656,11 @@ def openai_errors(err: NodeChatError, request: Request | None = None) -> JSONRes
 
 
 async def list_models(chat: NodeChat, request: Request) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": await chat.providers.list_models(chat.http())})
+    """OpenAI's list, with the fields Anthropic's ``models.list`` pages by."""
+    models = await chat.providers.list_models(chat.http())
+    return JSONResponse({"object": "list", "data": models, "has_more": False,
+                         "first_id": models[0]["id"] if models else None,
+                         "last_id": models[-1]["id"] if models else None})
 
 
 async def retrieve_model(chat: NodeChat, request: Request) -> JSONResponse:
@@ -6683,6 +6690,266 @@ OPENAI_ROUTES = Routes("/v1/", openai_errors, (
     ("GET", "/v1/models/{id}", retrieve_model, "token"),
     ("POST", "/v1/chat/completions", chat_completions, "token"),
 ), "openai")
+
+
+###############################################################################
+# Protocol: Anthropic /v1/messages (Anthropic's SDKs, Claude Code)
+###############################################################################
+
+
+ANTHROPIC_TOOL_CHOICE = types.MappingProxyType({"auto": "auto", "any": "required", "none": "none"})
+ANTHROPIC_REASONS = types.MappingProxyType({
+    "stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal",
+    "max_steps": "end_turn", "budget": "max_tokens"})
+ANTHROPIC_ERRORS = types.MappingProxyType({  # status -> error.type, as Anthropic's API and SDKs name them
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+    529: "overloaded_error"})
+
+
+def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool]) -> Turn:
+    """A Messages request as a turn: ``system``, text and image blocks, ``tool_use`` and
+    ``tool_result`` in OpenAI's shape; thinking blocks and ``cache_control`` dropped (an
+    OpenAI-compatible upstream takes neither); the client's tools passed through."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise BadRequest("messages: a non-empty array is required", code="invalid_messages")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise BadRequest("model: a string is required", code="invalid_model")
+    if type(body.get("max_tokens")) is not int or body["max_tokens"] < 1:
+        raise BadRequest("max_tokens: a positive integer is required", code="invalid_max_tokens")
+    check_messages(body["messages"], settings)
+    messages = [{"role": "system", "content": text}] if (text := anthropic_text(body.get("system"))) else []
+    for index, message in enumerate(body["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise BadRequest(f"messages.{index}: role must be user or assistant", code="invalid_messages")
+        messages += anthropic_message(message["role"], message.get("content"), index)
+    params: dict[str, Any] = {"max_tokens": body["max_tokens"]}
+    for key, name in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
+        if body.get(key) is not None:
+            params[name] = body[key]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        params["tool_choice"] = {"type": "function", "function": {"name": str(choice.get("name", ""))}} \
+            if kind == "tool" else ANTHROPIC_TOOL_CHOICE.get(kind, "auto")
+        if choice.get("disable_parallel_tool_use") is True:
+            params["parallel_tool_calls"] = False
+    return Turn(messages=messages, user_id=user_id, model=body["model"], tools=server_tools,
+                client_tools=anthropic_tools(body.get("tools")), params=params, protocol="anthropic",
+                max_steps=settings.max_steps if server_tools else 1)
+
+
+def anthropic_text(value: Any) -> str:
+    """A ``system`` prompt or a ``tool_result``'s content: a string, or text blocks."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(b["text"] for b in value if isinstance(b, dict) and isinstance(b.get("text"), str))
+    return ""
+
+
+def anthropic_message(role: str, content: Any, index: int) -> list[dict]:
+    """One Messages message as OpenAI messages: its tool results first (each a ``tool``
+    message), then the rest (text and images; an assistant's ``tool_use`` as tool calls)."""
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise BadRequest(f"messages.{index}.content: a string or an array of blocks", code="invalid_messages")
+    results, parts, calls = [], [], []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image" and isinstance(block.get("source"), dict):
+            source = block["source"]
+            url = source.get("url") if source.get("type") == "url" else \
+                f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+            parts.append({"type": "image_url", "image_url": {"url": str(url)}})
+        elif kind == "tool_use" and role == "assistant":
+            calls.append({"id": str(block.get("id", "")), "type": "function", "function": {
+                "name": str(block.get("name", "")), "arguments": compact_json(block.get("input") or {})}})
+        elif kind == "tool_result":
+            text = anthropic_text(block.get("content"))
+            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
+                            "content": f"Error: {text}" if block.get("is_error") else text})
+        # thinking, redacted_thinking and others: not for an OpenAI-compatible upstream
+    messages = results
+    if parts or calls:
+        text_only = all(p["type"] == "text" for p in parts)
+        message: dict[str, Any] = {"role": role, "content": "".join(p["text"] for p in parts) if text_only
+                                   else parts}
+        if calls:
+            message["content"] = message["content"] or None
+            message["tool_calls"] = calls
+        messages.append(message)
+    return messages
+
+
+def anthropic_tools(tools: Any) -> list[dict]:
+    """Client tools (``name``, ``description``, ``input_schema``) as OpenAI function tools;
+    Anthropic's server tools (they have a ``type``) cannot run on another upstream: 400."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+        raise BadRequest("tools: an array of {name, input_schema}", code="invalid_tools")
+    hosted = [t["name"] for t in tools if t.get("type") not in (None, "custom")]
+    if hosted:
+        raise BadRequest(f"tools: Anthropic's server tools are not available here: {', '.join(hosted[:5])}",
+                         code="invalid_tools")
+    return [{"type": "function", "function": {"name": t["name"], "description": str(t.get("description", "")),
+                                              "parameters": t.get("input_schema") or {"type": "object"}}}
+            for t in tools]
+
+
+def sse_event(name: str, value: Any) -> bytes:
+    """A server-sent event with its ``event:`` line (Anthropic's SDKs drop events without one)."""
+    return b"event: " + name.encode() + b"\ndata: " + compact_json(value).encode() + b"\n\n"
+
+
+class AnthropicEncoder:
+    """The Messages stream: ``message_start``; content blocks with dense indexes, one open at
+    a time, each started before its first delta; ``message_delta`` with the stop reason and
+    the usage; ``message_stop``.  And the Message object when not streaming."""
+
+    def __init__(self, model: str, input_tokens: int, id: str | None = None):
+        self.id = id or "msg_" + uuid.uuid4().hex
+        self.model = model
+        self.input_tokens = input_tokens  # an estimate until the upstream says (message_delta)
+        self._index = -1
+        self._open: str | None = None  # the type of the block open now
+
+    def start(self) -> list[bytes]:
+        return [sse_event("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 1}}})]
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):
+                return self._block("text", {"type": "text", "text": ""}) + [
+                    self._delta({"type": "text_delta", "text": text})]
+            case ReasoningDelta(text=text):
+                return self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + [
+                    self._delta({"type": "thinking_delta", "thinking": text})]
+            case ToolCall(client_side=True):
+                frames = self._close() + self._block("tool_use", {"type": "tool_use", "id": event.id,
+                                                                  "name": event.name, "input": {}})
+                if event.arguments:
+                    frames.append(self._delta({"type": "input_json_delta", "partial_json": event.arguments}))
+                return frames + self._close()
+            case Finished(reason=reason, usage=usage):
+                usage = usage or Usage()
+                return self._close() + [
+                    sse_event("message_delta", {"type": "message_delta", "delta": {
+                        "stop_reason": ANTHROPIC_REASONS.get(reason, "end_turn"), "stop_sequence": None},
+                        "usage": self._usage(usage)}),
+                    sse_event("message_stop", {"type": "message_stop"})]
+        return []
+
+    def end(self) -> list[bytes]:
+        return []
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        return [sse_event("error", anthropic_error_body(err))]
+
+    async def completion(self, events: AsyncIterator[Event]) -> dict:
+        """Collect a whole turn into one Message."""
+        content: list[dict] = []
+        reason, usage = "stop", Usage()
+        async for event in events:
+            match event:
+                case TextDelta(text=text) | ReasoningDelta(text=text):
+                    kind, field_ = ("text", "text") if type(event) is TextDelta else ("thinking", "thinking")
+                    if not content or content[-1]["type"] != kind:
+                        content.append({"type": kind, field_: ""} | ({"signature": ""} if kind == "thinking" else {}))
+                    content[-1][field_] += text
+                case ToolCall(client_side=True):
+                    args = event.args
+                    content.append({"type": "tool_use", "id": event.id, "name": event.name,
+                                    "input": args if isinstance(args, dict) else {}})
+                case Finished(reason=reason_, usage=usage_):
+                    reason, usage = reason_, usage_ or Usage()
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": ANTHROPIC_REASONS.get(reason, "end_turn"), "stop_sequence": None,
+                "usage": self._usage(usage)}
+
+    def _usage(self, usage: Usage) -> dict:
+        """Anthropic counts cached input apart from ``input_tokens``."""
+        return {"input_tokens": usage.input - usage.cached, "output_tokens": usage.output,
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": usage.cached}
+
+    def _block(self, kind: str, start: dict) -> list[bytes]:
+        if self._open == kind:
+            return []
+        frames = self._close()
+        self._index += 1
+        self._open = kind
+        return frames + [sse_event("content_block_start", {"type": "content_block_start", "index": self._index,
+                                                           "content_block": start})]
+
+    def _delta(self, delta: dict) -> bytes:
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta})
+
+    def _close(self) -> list[bytes]:
+        if self._open is None:
+            return []
+        self._open = None
+        return [sse_event("content_block_stop", {"type": "content_block_stop", "index": self._index})]
+
+
+def anthropic_error_body(err: NodeChatError) -> dict:
+    kind = ANTHROPIC_ERRORS.get(err.status) or ("api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def anthropic_errors(err: NodeChatError, request: Request | None = None) -> JSONResponse:
+    """Anthropic's error body, which its SDKs raise as their own exception classes."""
+    body = anthropic_error_body(err)
+    if request is not None and request.request_id:
+        body["request_id"] = request.request_id
+    return JSONResponse(body, err.status, error_headers(err))
+
+
+def anthropic_model(chat: NodeChat, model: str) -> str:
+    """The model that answers: the one asked for; for a ``claude-*`` name that its provider
+    does not list in ``models`` (Claude Code asks for its own names), the default model."""
+    provider, name = chat.providers.split(model)
+    if model.startswith("claude") and name not in provider.models and chat.providers.default_model:
+        return chat.providers.default_model
+    chat.providers.resolve(model)
+    return model
+
+
+async def messages(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
+    """``POST /v1/messages`` (any query string, any ``anthropic-version``; ``anthropic-beta``
+    is read by no OpenAI-compatible upstream, so it is never forwarded)."""
+    body = request.json()
+    server_tools = chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
+    turn = anthropic_turn(body, request.user_id, chat.settings, server_tools)
+    turn.request_id = request.request_id
+    turn.model = anthropic_model(chat, turn.model)
+    encoder = AnthropicEncoder(body["model"], -(-estimate_input({"messages": turn.messages}) // 4))
+    if body.get("stream") is True:
+        return SSEResponse(run_turn(chat, turn), encoder, keepalive=chat.settings.keepalive_seconds)
+    return WaitedResponse(lambda: encoder.completion(run_turn(chat, turn)))
+
+
+async def count_tokens(chat: NodeChat, request: Request) -> JSONResponse:
+    """``POST /v1/messages/count_tokens``: an estimate that errs high (characters / 3), as
+    Claude Code compacts a conversation by it: too low and it never does."""
+    body = request.json()
+    if isinstance(body, dict):
+        body = {"max_tokens": 1, **body}
+    turn = anthropic_turn(body, request.user_id, chat.settings, [])
+    chars = estimate_input({"messages": turn.messages, "tools": turn.client_tools})
+    return JSONResponse({"input_tokens": -(-chars // 3)})
+
+
+ANTHROPIC_ROUTES = Routes("/v1/messages", anthropic_errors, (
+    ("POST", "/v1/messages", messages, "token"),
+    ("POST", "/v1/messages/count_tokens", count_tokens, "token"),
+), "anthropic")
 
 
 ###############################################################################
@@ -8453,7 +8720,7 @@ async def metrics(chat: NodeChat, request: Request) -> TextResponse:
 #: Every HTTP route, by protocol; each app compiles its own :class:`Router`.
 ROUTES = (CHAT_PAGE_ROUTES, Routes("/healthz", json_error, (("GET", "/healthz", healthz, "anyone"),), "health"),
           Routes("/metrics", json_error, (("GET", "/metrics", metrics, "metrics"),), "metrics"),
-          OPENAI_ROUTES, API_CHAT_ROUTES)
+          OPENAI_ROUTES, ANTHROPIC_ROUTES, API_CHAT_ROUTES)
 
 
 class NodeChat:
@@ -8664,16 +8931,18 @@ class NodeChat:
         request_id = request_id_of(headers)
         send = self.gate.with_cors(headers, method, send)
         status, began = 0, time.monotonic()
-        stamp = (b"x-request-id", request_id.encode())
+        body, protocol = None, self.router.protocol_for(path)
+        stamp = [(b"x-request-id", request_id.encode())]
+        if protocol == "anthropic":  # where Anthropic's SDKs read it
+            stamp.append((b"request-id", request_id.encode()))
 
         def tracking_send(message: Message) -> Awaitable[None]:  # no coroutine of its own per frame
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), stamp]}
+                message = {**message, "headers": [*message.get("headers", ()), *stamp]}
             return send(message)
 
-        body, protocol = None, self.router.protocol_for(path)
         try:
             if route is None or route.auth != "metrics":  # a scraper is no browser, its Host any
                 self.gate.check_browser(scope, headers)

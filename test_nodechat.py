@@ -54,6 +54,7 @@ from pathlib import Path
 
 import httpx
 import msgpack
+import anthropic
 import openai
 import pytest
 import uvicorn
@@ -2498,6 +2499,37 @@ ENCODER_CASES = {  # encoder, events -> the exact bytes on the wire (start + enc
             openai_chunk(b'{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"f",'
                          b'"arguments":"{\\"a\\":1}"}}]}'),
             openai_chunk(b"{}", b'"tool_calls"'), b"data: [DONE]\n\n"])),
+    "anthropic": (lambda: nodechat.AnthropicEncoder("claude-x", 4, id="msg_1"), (
+        nodechat.ReasoningDelta("hmm"), nodechat.TextDelta("Hi"), nodechat.TextDelta(" \u2028"),
+        nodechat.ToolCall("c1", "weather", '{"city":"Oslo"}', client_side=True),
+        nodechat.ToolCall("c2", "time", "", client_side=True),
+        nodechat.Finished("tool_calls", nodechat.Usage(3, 2, cached=1), "m")), b"".join(
+        b"event: " + name + b"\ndata: " + data + b"\n\n" for name, data in [
+            (b"message_start", b'{"type":"message_start","message":{"id":"msg_1","type":"message","role":'
+                               b'"assistant","model":"claude-x","content":[],"stop_reason":null,"stop_sequence":null,'
+                               b'"usage":{"input_tokens":4,"output_tokens":1}}}'),
+            (b"content_block_start", b'{"type":"content_block_start","index":0,"content_block":'
+                                     b'{"type":"thinking","thinking":"","signature":""}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":'
+                                     b'{"type":"thinking_delta","thinking":"hmm"}}'),
+            (b"content_block_stop", b'{"type":"content_block_stop","index":0}'),
+            (b"content_block_start", b'{"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Hi"}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":1,"delta":'
+                                     b'{"type":"text_delta","text":" \\u2028"}}'),
+            (b"content_block_stop", b'{"type":"content_block_stop","index":1}'),
+            (b"content_block_start", b'{"type":"content_block_start","index":2,"content_block":'
+                                     b'{"type":"tool_use","id":"c1","name":"weather","input":{}}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":2,"delta":'
+                                     b'{"type":"input_json_delta","partial_json":"{\\"city\\":\\"Oslo\\"}"}}'),
+            (b"content_block_stop", b'{"type":"content_block_stop","index":2}'),
+            (b"content_block_start", b'{"type":"content_block_start","index":3,"content_block":'
+                                     b'{"type":"tool_use","id":"c2","name":"time","input":{}}}'),
+            (b"content_block_stop", b'{"type":"content_block_stop","index":3}'),
+            (b"message_delta", b'{"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},'
+                               b'"usage":{"input_tokens":2,"output_tokens":2,"cache_creation_input_tokens":0,'
+                               b'"cache_read_input_tokens":1}}'),
+            (b"message_stop", b'{"type":"message_stop"}')])),
     "seed": (lambda: nodechat.ChatSSEEncoder("conv", message_id="msg_1"), TURN, b"".join([
         b'data: {"type":"reasoning","content":"hmm","id":"msg_1"}\n\n',
         b'data: {"type":"text","content":"Hi \\u2028","id":"msg_1"}\n\n',
@@ -2569,6 +2601,8 @@ ERROR_CASES = {  # a failure mid-stream, in each protocol's shape
     "ui": (lambda: nodechat.UIStreamEncoder(message_id="m-1"),
            b'data: {"type":"error","errorText":"boom"}\n\ndata: {"type":"finish","finishReason":"error"}\n\n'
            b"data: [DONE]\n\n"),
+    "anthropic": (lambda: nodechat.AnthropicEncoder("m", 1, id="msg_1"),
+                  b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"boom"}}\n\n'),
 }
 
 
@@ -2836,6 +2870,107 @@ def test_upstream_dropping_mid_stream_sends_error_then_done(live, upstream):
     with pytest.raises(openai.APIError, match="connection closed mid-body"):
         list(client(url).chat.completions.create(model="fake-1", stream=True,
                                                  messages=[{"role": "user", "content": "x"}]))
+
+
+###############################################################################
+# Protocol: Anthropic /v1/messages, through the official anthropic client
+###############################################################################
+
+
+def claude(url: str, key: str = "tok-alice", **options) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=url, api_key=key, **{"max_retries": 0, **options})
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city.",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_anthropic_sdk_reads_thinking_text_and_usage_streamed_or_not(live, upstream):
+    _, url = live()
+    upstream.script(text("Hello", " there", reasoning="Let me think."))
+    message = claude(url).messages.create(model="claude-sonnet-4-5", max_tokens=200, system="Be brief.",
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == "Let me think." and message.content[1].text == "Hello there"
+    assert message.model == "claude-sonnet-4-5" and message.stop_reason == "end_turn"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 3)
+    sent = upstream.requests[-1]
+    assert sent["model"] == "fake-1" and sent["max_tokens"] == 200  # a claude-* name no provider serves
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    upstream.script(text("Streamed", " answer"))
+    with claude(url).messages.stream(model="fake-2", max_tokens=50,
+                                     messages=[{"role": "user", "content": "again"}]) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(pieces) == "Streamed answer" and final.content[0].text == "Streamed answer"
+    assert final.usage.output_tokens == 3 and upstream.requests[-1]["model"] == "fake-2"
+
+
+def test_anthropic_tool_round_trip(live, upstream):
+    _, url = live()
+    upstream.script(tool_calls(("get_weather", {"city": "Oslo"}), say="Let me look."))
+    with claude(url).messages.stream(model="claude-x", max_tokens=100, tools=[WEATHER_TOOL],
+                                     tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                                     messages=[{"role": "user", "content": "weather in Oslo?"}]) as stream:
+        first = stream.get_final_message()
+    assert [b.type for b in first.content] == ["text", "tool_use"] and first.stop_reason == "tool_use"
+    call = first.content[1]
+    assert call.name == "get_weather" and call.input == {"city": "Oslo"}
+    sent = upstream.requests[-1]
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city.", "parameters": WEATHER_TOOL["input_schema"]}}]
+    assert sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False
+    upstream.script(text("Sunny."))
+    second = claude(url).messages.create(model="claude-x", max_tokens=100, tools=[WEATHER_TOOL], messages=[
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny, 21 C"},
+                                     {"type": "text", "text": "and tomorrow?"}]}])
+    assert second.content[0].text == "Sunny."
+    assert upstream.requests[-1]["messages"][1:] == [
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+        {"role": "user", "content": "and tomorrow?"}]
+
+
+def test_anthropic_count_tokens_models_and_errors_are_the_sdks_own(live, upstream):
+    _, url = live(token_budget=5)
+    counted = claude(url).messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x" * 90}])
+    assert counted.input_tokens >= 90 // 4  # errs high: Claude Code compacts by it
+    assert [m.id for m in claude(url).models.list()] == ["fake-1", "fake-2"]
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        claude(url, "wrong").messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude(url).messages.create(model="m", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+    assert bad.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message":
+                              "max_tokens: a positive integer is required"}, "request_id": bad.value.request_id}
+    with pytest.raises(anthropic.BadRequestError, match="server tools are not available here: web_search"):
+        claude(url).messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+                                    tools=[{"type": "web_search_20250305", "name": "web_search"}])
+    claude(url).messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])  # 10 tokens
+    retrying = claude(url, max_retries=2)
+    with pytest.raises(anthropic.RateLimitError, match="token budget exceeded"):
+        retrying.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert len(upstream.requests) == 1  # and no retry (x-should-retry: false)
+
+
+def test_anthropic_raw_stream_has_event_lines_takes_either_key_and_ignores_beta(live, upstream):
+    _, url = live()
+    body = {"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    for headers in ({"x-api-key": "tok-alice"}, {"Authorization": "Bearer tok-alice"}):
+        headers |= {"anthropic-version": "2023-06-01", "anthropic-beta": "made-up-2099-01-01"}
+        with httpx.stream("POST", url + "/v1/messages?beta=true", json=body, headers=headers) as response:
+            raw = response.read().decode()
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        names = re.findall(r"^event: (\w+)$", raw, re.M)
+        assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                         "message_delta", "message_stop"]
+        assert raw.count("data: ") == len(names)
+    assert "anthropic-beta" not in upstream.headers[-1]  # an OpenAI-compatible upstream never sees it
+    missing = httpx.get(url + "/v1/messages/nothing", headers={"x-api-key": "tok-alice"})
+    assert missing.status_code == 404 and missing.json()["type"] == "error"
 
 
 ###############################################################################
