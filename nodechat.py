@@ -28,9 +28,8 @@ of processes on any number of machines share one PostgreSQL.
 
 Sections, each using only those above it: Settings, Errors, Events, Wire, Store (JSON files;
 PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Accounting (the usage ledger, budgets,
-rate limits, metrics), Agent, Workflows, Turns, HTTP server, one
-section per protocol (OpenAI ``/v1``, Anthropic ``/v1/messages``, ``/api/chat``, the ``/chat``
-WebSocket), Chat page, App,
+rate limits, metrics), Agent, Workflows, Turns, HTTP server, one section per protocol (OpenAI
+``/v1``, Anthropic ``/v1/messages``, ``/api/chat``, the ``/chat`` WebSocket), Chat page, App,
 CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 
 Follow a request from the bottom up:

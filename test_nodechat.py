@@ -20,7 +20,8 @@ Module section -> where its tests are:
                                           stop; useChat's resume under node in the AI SDK section),
                                           across processes in the Store section's PostgreSQL tests
     HTTP server (Gate, limits)            "Limits, faults and security", and each protocol's errors
-    Protocol: /v1, /api/chat, /chat      "Encoders" (exact bytes), then one section per protocol
+    Protocol: /v1, /v1/messages,          "Encoders" (exact bytes), then one section per protocol
+              /api/chat, /chat
     App, CLI, Chat page                   their own sections (the page's last: see there)
 """
 
