@@ -29,8 +29,8 @@ of processes on any number of machines share one PostgreSQL.
 Sections, each using only those above it: Settings, Errors, Events, Wire, Store (JSON files;
 PostgreSQL), Tools, MCP, Upstream HTTP client, Providers, Accounting (the usage ledger, budgets,
 rate limits, metrics), Agent, Workflows, Turns, HTTP server, one section per protocol (OpenAI
-``/v1``, Anthropic ``/v1/messages``, ``/api/chat``, the ``/chat`` WebSocket), Chat page, App,
-CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
+``/v1``, Anthropic ``/v1/messages``, OpenAI ``/v1/responses``, ``/api/chat``, the ``/chat``
+WebSocket), Chat page, App, CLI.  ``grep -A1 '^####' nodechat.py`` prints the outline.
 
 Follow a request from the bottom up:
 
@@ -6952,6 +6952,240 @@ ANTHROPIC_ROUTES = Routes("/v1/messages", anthropic_errors, (
 
 
 ###############################################################################
+# Protocol: OpenAI /v1/responses (OpenAI's newer clients: the Agents SDK, Codex)
+###############################################################################
+
+
+def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool]) -> Turn:
+    """A Responses request as a turn: ``instructions`` and ``developer`` messages as system
+    messages, ``function_call`` and ``function_call_output`` items as tool calls and
+    results, reasoning items dropped, flat function tools, ``text.format`` as
+    ``response_format``.  Stateless: the client sends the whole input each time."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_body")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise BadRequest("'model' must be a string", code="invalid_model")
+    if body.get("previous_response_id") is not None:
+        raise BadRequest("previous_response_id: responses are not stored here yet; send the whole "
+                         "input (as with store: false)", code="unsupported_parameter")
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise BadRequest("'input' must be a string or a non-empty array of items", code="invalid_input")
+    check_messages(items, settings)
+    messages = [{"role": "system", "content": body["instructions"]}] \
+        if isinstance(body.get("instructions"), str) and body["instructions"] else []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest(f"input[{index}] must be an object", code="invalid_input")
+        responses_item(item, messages)
+    params: dict[str, Any] = {}
+    for key, name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
+                      ("parallel_tool_calls", "parallel_tool_calls")):
+        if body.get(key) is not None:
+            params[name] = body[key]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        params["tool_choice"] = {"type": "function", "function": {"name": str(choice.get("name", ""))}}
+    elif choice in ("auto", "required", "none"):
+        params["tool_choice"] = choice
+    form = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(form, dict) and form.get("type") == "json_schema":
+        params["response_format"] = {"type": "json_schema", "json_schema": {
+            k: form[k] for k in ("name", "schema", "strict", "description") if k in form}}
+    elif isinstance(form, dict) and form.get("type") == "json_object":
+        params["response_format"] = {"type": "json_object"}
+    return Turn(messages=messages, user_id=user_id, model=body.get("model"), tools=server_tools,
+                client_tools=responses_tools(body.get("tools")), params=params, protocol="responses",
+                max_steps=settings.max_steps if server_tools else 1)
+
+
+def responses_item(item: dict, messages: list[dict]) -> None:
+    """One input item onto the chat messages: consecutive function calls are one assistant
+    message, as chat completions has them."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+        if role not in ("user", "assistant", "system"):
+            raise BadRequest("a message's role must be user, assistant, system or developer", code="invalid_input")
+        content = item.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif part.get("type") == "input_image" and isinstance(part.get("image_url"), str):
+                    parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+            content = "".join(p["text"] for p in parts) if all(p["type"] == "text" for p in parts) else parts
+        messages.append({"role": role, "content": content if isinstance(content, (str, list)) else ""})
+    elif kind == "function_call":
+        call = {"id": str(item.get("call_id", "")), "type": "function",
+                "function": {"name": str(item.get("name", "")), "arguments": str(item.get("arguments", ""))}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last.get("content")):
+            last.setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        messages.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
+                         "content": output if isinstance(output, str) else compact_json(output)})
+    elif kind != "reasoning":  # reasoning items: the upstream makes its own
+        raise BadRequest(f"input items of type {str(kind)[:40]!r} are not supported here", code="invalid_input")
+
+
+def responses_tools(tools: Any) -> list[dict]:
+    """Flat function tools as chat tools; OpenAI's hosted tools cannot run elsewhere: 400."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRequest("'tools' must be an array", code="invalid_tools")
+    hosted = [str(t.get("type")) for t in tools if t.get("type") != "function"]
+    if hosted:
+        raise BadRequest(f"tools: these are not available here: {', '.join(hosted[:5])}", code="invalid_tools")
+    return [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
+                                              if k in t}} for t in tools]
+
+
+class ResponsesEncoder:
+    """The Responses stream: ``response.created`` and ``.in_progress``; each output item
+    added, its deltas, then done; ``response.completed`` (``.incomplete`` for a length cut)
+    with the whole output and usage; a ``sequence_number`` on every event; no ``[DONE]``.
+    Not streaming: the Response object the stream would have ended with."""
+
+    def __init__(self, model: str, body: dict, id: str | None = None, created: int | None = None):
+        self.id = id or "resp_" + uuid.uuid4().hex
+        self.created = int(time.time()) if created is None else created
+        self.model = model
+        self.echo = {"parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+                     "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+                     "instructions": body.get("instructions"), "metadata": body.get("metadata") or {}}
+        self.output: list[dict] = []
+        self._sequence = itertools.count()
+        self._items = itertools.count()
+        self._open: dict | None = None  # the message item being written
+
+    def start(self) -> list[bytes]:
+        response = self._response("in_progress")
+        return [self._event("response.created", response=response),
+                self._event("response.in_progress", response=response)]
+
+    def encode(self, event: Event) -> list[bytes]:
+        match event:
+            case TextDelta(text=text):
+                frames = self._open_message()
+                item = self._open
+                item["content"][0]["text"] += text
+                return frames + [self._event("response.output_text.delta", item_id=item["id"],
+                                             output_index=len(self.output) - 1, content_index=0, delta=text,
+                                             logprobs=[])]
+            case ToolCall(client_side=True):
+                frames = self._close()
+                item = {"id": self._item_id("fc"), "type": "function_call", "status": "in_progress",
+                        "call_id": event.id, "name": event.name, "arguments": ""}
+                self.output.append(item)
+                at = len(self.output) - 1
+                frames.append(self._event("response.output_item.added", output_index=at, item=dict(item)))
+                if event.arguments:
+                    frames.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                              output_index=at, delta=event.arguments))
+                item.update(arguments=event.arguments, status="completed")
+                return frames + [
+                    self._event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                                arguments=event.arguments),
+                    self._event("response.output_item.done", output_index=at, item=item)]
+            case Finished(reason=reason, usage=usage):
+                frames = self._close()
+                cut = reason in ("length", "budget")
+                response = self._response("incomplete" if cut else "completed", usage)
+                if cut:
+                    response["incomplete_details"] = {"reason": "max_output_tokens"}
+                return frames + [self._event("response.incomplete" if cut else "response.completed",
+                                             response=response)]
+        return []
+
+    def end(self) -> list[bytes]:
+        return []
+
+    def error(self, err: NodeChatError) -> list[bytes]:
+        response = self._response("failed")
+        response["error"] = {"code": err.code or "server_error", "message": err.message}
+        return self._close() + [self._event("response.failed", response=response)]
+
+    async def completion(self, events: AsyncIterator[Event]) -> dict:
+        final: dict | None = None
+        async for event in events:
+            self.encode(event)
+            if type(event) is Finished:
+                final = self._last
+        return final or self._response("completed")
+
+    def _open_message(self) -> list[bytes]:
+        if self._open is not None:
+            return []
+        item = {"id": self._item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
+                "content": [{"type": "output_text", "text": "", "annotations": []}]}
+        self.output.append(item)
+        self._open = item
+        at = len(self.output) - 1
+        return [self._event("response.output_item.added", output_index=at, item={**item, "content": []}),
+                self._event("response.content_part.added", item_id=item["id"], output_index=at, content_index=0,
+                            part={"type": "output_text", "text": "", "annotations": []})]
+
+    def _close(self) -> list[bytes]:
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        at, part = len(self.output) - 1, item["content"][0]
+        item["status"] = "completed"
+        return [self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
+                            text=part["text"], logprobs=[]),
+                self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
+                            part=part),
+                self._event("response.output_item.done", output_index=at, item=item)]
+
+    def _response(self, status: str, usage: Usage | None = None) -> dict:
+        response = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                    "model": self.model, "output": list(self.output), **self.echo, "usage": None,
+                    "error": None, "incomplete_details": None}
+        if usage is not None:
+            response["usage"] = {"input_tokens": usage.input, "input_tokens_details": {"cached_tokens": usage.cached},
+                                 "output_tokens": usage.output,
+                                 "output_tokens_details": {"reasoning_tokens": usage.reasoning},
+                                 "total_tokens": usage.total}
+        self._last = response
+        return response
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        return sse_event(kind, {"type": kind, "sequence_number": next(self._sequence), **fields})
+
+    def _item_id(self, prefix: str) -> str:
+        return f"{prefix}_{self.id.removeprefix('resp_')}_{next(self._items)}"
+
+
+async def create_response(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
+    """``POST /v1/responses``, stream and not."""
+    body = request.json()
+    server_tools = chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
+    turn = responses_turn(body, request.user_id, chat.settings, server_tools)
+    turn.request_id = request.request_id
+    turn.model = turn.model or chat.providers.default_model
+    chat.providers.resolve(turn.model)
+    encoder = ResponsesEncoder(turn.model, body)
+    if body.get("stream") is True:
+        return SSEResponse(run_turn(chat, turn), encoder, keepalive=chat.settings.keepalive_seconds)
+    return WaitedResponse(lambda: encoder.completion(run_turn(chat, turn)))
+
+
+RESPONSES_ROUTES = Routes("/v1/responses", openai_errors, (
+    ("POST", "/v1/responses", create_response, "token"),
+), "responses")
+
+
+###############################################################################
 # Protocol: /api/chat (the seed's SSE and the AI SDK UI stream), conversations, memories
 ###############################################################################
 
@@ -8719,7 +8953,7 @@ async def metrics(chat: NodeChat, request: Request) -> TextResponse:
 #: Every HTTP route, by protocol; each app compiles its own :class:`Router`.
 ROUTES = (CHAT_PAGE_ROUTES, Routes("/healthz", json_error, (("GET", "/healthz", healthz, "anyone"),), "health"),
           Routes("/metrics", json_error, (("GET", "/metrics", metrics, "metrics"),), "metrics"),
-          OPENAI_ROUTES, ANTHROPIC_ROUTES, API_CHAT_ROUTES)
+          OPENAI_ROUTES, ANTHROPIC_ROUTES, RESPONSES_ROUTES, API_CHAT_ROUTES)
 
 
 class NodeChat:

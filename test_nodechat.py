@@ -2593,6 +2593,59 @@ def test_encoder_writes_exact_bytes(case):
     assert b"".join(wire) == expected
 
 
+def responses_event(kind: str, **fields) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + json.dumps({"type": kind, **fields}, separators=(",", ":")
+                                                              ).encode() + b"\n\n"
+
+
+def test_responses_encoder_writes_exact_bytes():
+    encoder = nodechat.ResponsesEncoder("m", {"instructions": "Be brief."}, id="resp_1", created=7)
+    events = (nodechat.TextDelta("Hi"), nodechat.TextDelta("!"),
+              nodechat.ToolCall("call_1", "weather", '{"city":"Oslo"}', client_side=True),
+              nodechat.Finished("tool_calls", nodechat.Usage(3, 2, cached=1)))
+    wire = b"".join(encoder.start() + [f for e in events for f in encoder.encode(e)] + encoder.end())
+    base = {"id": "resp_1", "object": "response", "created_at": 7, "model": "m", "parallel_tool_calls": True,
+            "tool_choice": "auto", "tools": [], "instructions": "Be brief.", "metadata": {}, "usage": None,
+            "error": None, "incomplete_details": None}
+
+    def response(status, output, **extra):
+        return {"id": "resp_1", "object": "response", "created_at": 7, "status": status, "model": "m",
+                "output": output, **{k: v for k, v in base.items() if k not in ("id", "object", "created_at", "model")},
+                **extra}
+
+    part = {"type": "output_text", "text": "Hi!", "annotations": []}
+    message = {"id": "msg_1_0", "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    call = {"id": "fc_1_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "weather",
+            "arguments": '{"city":"Oslo"}'}
+    usage = {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 1}, "output_tokens": 2,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 5}
+    assert wire == b"".join([
+        responses_event("response.created", sequence_number=0, response=response("in_progress", [])),
+        responses_event("response.in_progress", sequence_number=1, response=response("in_progress", [])),
+        responses_event("response.output_item.added", sequence_number=2, output_index=0,
+                        item={**message, "status": "in_progress", "content": []}),
+        responses_event("response.content_part.added", sequence_number=3, item_id="msg_1_0", output_index=0,
+                        content_index=0, part={"type": "output_text", "text": "", "annotations": []}),
+        responses_event("response.output_text.delta", sequence_number=4, item_id="msg_1_0", output_index=0,
+                        content_index=0, delta="Hi", logprobs=[]),
+        responses_event("response.output_text.delta", sequence_number=5, item_id="msg_1_0", output_index=0,
+                        content_index=0, delta="!", logprobs=[]),
+        responses_event("response.output_text.done", sequence_number=6, item_id="msg_1_0", output_index=0,
+                        content_index=0, text="Hi!", logprobs=[]),
+        responses_event("response.content_part.done", sequence_number=7, item_id="msg_1_0", output_index=0,
+                        content_index=0, part=part),
+        responses_event("response.output_item.done", sequence_number=8, output_index=0, item=message),
+        responses_event("response.output_item.added", sequence_number=9, output_index=1,
+                        item={**call, "status": "in_progress", "arguments": ""}),
+        responses_event("response.function_call_arguments.delta", sequence_number=10, item_id="fc_1_1",
+                        output_index=1, delta='{"city":"Oslo"}'),
+        responses_event("response.function_call_arguments.done", sequence_number=11, item_id="fc_1_1",
+                        output_index=1, arguments='{"city":"Oslo"}'),
+        responses_event("response.output_item.done", sequence_number=12, output_index=1, item=call),
+        responses_event("response.completed", sequence_number=13,
+                        response=response("completed", [message, call], usage=usage))])
+
+
 ERROR_CASES = {  # a failure mid-stream, in each protocol's shape
     "openai": (lambda: nodechat.OpenAIEncoder("m", id="chatcmpl-1", created=7),
                b'data: {"error":{"message":"boom","type":"upstream_error","param":null,"code":"x"}}\n\n'
@@ -2972,6 +3025,72 @@ def test_anthropic_raw_stream_has_event_lines_takes_either_key_and_ignores_beta(
     assert "anthropic-beta" not in upstream.headers[-1]  # an OpenAI-compatible upstream never sees it
     missing = httpx.get(url + "/v1/messages/nothing", headers={"x-api-key": "tok-alice"})
     assert missing.status_code == 404 and missing.json()["type"] == "error"
+
+
+###############################################################################
+# Protocol: OpenAI /v1/responses, through the official openai client
+###############################################################################
+
+
+RESPONSES_WEATHER = [{"type": "function", "name": "get_weather", "description": "Weather in a city.",
+                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def test_responses_create_with_instructions_format_and_usage(live, upstream):
+    _, url = live()
+    upstream.script(text('{"ok": true}'))
+    response = client(url).responses.create(
+        model="fake-1", instructions="Answer in JSON.", max_output_tokens=50,
+        input=[{"role": "developer", "content": "Be brief."},
+               {"role": "user", "content": [{"type": "input_text", "text": "status?"}]},
+               {"type": "reasoning", "id": "rs_1", "summary": []}],
+        text={"format": {"type": "json_schema", "name": "status", "schema": {"type": "object"}, "strict": True}})
+    assert response.status == "completed" and response.output_text == '{"ok": true}'
+    assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (7, 3, 10)
+    sent = upstream.requests[-1]
+    assert sent["messages"] == [{"role": "system", "content": "Answer in JSON."},
+                                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "status?"}]
+    assert sent["max_tokens"] == 50 and sent["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "status", "schema": {"type": "object"}, "strict": True}}
+    upstream.script(text("Cut", reason="length"))
+    cut = client(url).responses.create(model="fake-1", input="long story", max_output_tokens=1)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_stream_and_a_function_call_round_trip(live, upstream):
+    _, url = live()
+    upstream.script(tool_calls(("get_weather", {"city": "Oslo"}), say="Checking."))
+    with client(url).responses.stream(model="fake-1", input="weather in Oslo?", tools=RESPONSES_WEATHER) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [item.type for item in final.output] == ["message", "function_call"]
+    call = final.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}
+    assert upstream.requests[-1]["tools"] == [{"type": "function", "function": {
+        k: v for k, v in RESPONSES_WEATHER[0].items() if k != "type"}}]  # flat, as chat completions nests it
+    upstream.script(text("Sunny in Oslo."))
+    answer = client(url).responses.create(model="fake-1", tools=RESPONSES_WEATHER, input=[
+        {"role": "user", "content": "weather in Oslo?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert answer.output_text == "Sunny in Oslo."
+    assert upstream.requests[-1]["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function", "function": {
+            "name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+
+
+def test_responses_errors_in_openais_shape(live, upstream):
+    _, url = live()
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client(url).responses.create(model="fake-1", input="hi", previous_response_id="resp_x")
+    with pytest.raises(openai.BadRequestError, match="not available here: web_search"):
+        client(url).responses.create(model="fake-1", input="hi", tools=[{"type": "web_search"}])
+    upstream.script(drop(text("Half")[:2]))  # the upstream fails after the 200
+    with client(url).responses.stream(model="fake-1", input="hi") as stream:
+        kinds = [event.type for event in stream]
+    assert kinds[-1] == "response.failed"
 
 
 ###############################################################################
