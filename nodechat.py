@@ -6920,7 +6920,7 @@ def anthropic_model(chat: NodeChat, model: str) -> str:
     return model
 
 
-async def messages(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
+async def create_message(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
     """``POST /v1/messages`` (any query string, any ``anthropic-version``; ``anthropic-beta``
     is read by no OpenAI-compatible upstream, so it is never forwarded)."""
     body = request.json()
@@ -6946,7 +6946,7 @@ async def count_tokens(chat: NodeChat, request: Request) -> JSONResponse:
 
 
 ANTHROPIC_ROUTES = Routes("/v1/messages", anthropic_errors, (
-    ("POST", "/v1/messages", messages, "token"),
+    ("POST", "/v1/messages", create_message, "token"),
     ("POST", "/v1/messages/count_tokens", count_tokens, "token"),
 ), "anthropic")
 
