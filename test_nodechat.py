@@ -5515,9 +5515,11 @@ def test_a_full_disk_is_507_and_stores_nothing(live, upstream, small_disk):
 
 
 def test_a_read_only_data_dir_is_a_clear_error(live, upstream, small_disk):
-    _, url = live(data_dir=str(small_disk / "data"))
+    chat, url = live(data_dir=str(small_disk / "data"))
     api_chat(url, {"messages": [user("first")], "conversationId": "ro"})
-    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    # the title and the ledger are written after the answer: a file open for writing is EBUSY
+    eventually(lambda: not chat.agent.background and not chat.ledger.pending and not chat.ledger._writing.locked())
+    eventually(lambda: subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode == 0, interval=0.2)
     response, error = api_chat(url, {"messages": [user("second")], "conversationId": "ro"})
     assert response.status_code == 500 and error["error"] == "the data directory is read-only"
 
