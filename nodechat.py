@@ -6098,7 +6098,7 @@ async def stream_sse(send: Send, receive: Receive, events: AsyncIterator[Event],
     """
     task = asyncio.current_task()
     watcher = asyncio.create_task(watch_disconnect(receive, task))
-    out = SSEWriter(send, headers, keepalive)
+    out = SSEWriter(send, headers, keepalive, getattr(encoder, "ping", SSE_KEEPALIVE))
     opened = False
     try:
         try:
@@ -6168,8 +6168,10 @@ class SSEWriter:
     a cancellation on every request.  A ping and a frame never send at once (``SendGuard``).
     """
 
-    def __init__(self, send: Send, headers: Iterable[tuple[bytes, bytes]], keepalive: float):
+    def __init__(self, send: Send, headers: Iterable[tuple[bytes, bytes]], keepalive: float,
+                 ping: bytes = SSE_KEEPALIVE):
         self.send, self.headers, self.keepalive = send, list(headers), keepalive
+        self.ping = ping  # a protocol's own keep-alive (Anthropic's ``ping`` event), else a comment
         self.started = False
         self.last = time.monotonic()
         self._guard = SendGuard()
@@ -6223,7 +6225,7 @@ class SSEWriter:
 
     async def _send_ping(self) -> None:
         try:
-            await self.write(SSE_KEEPALIVE)
+            await self.write(self.ping)
         except OSError:  # the client is gone; the stream's own task sees the disconnect
             return
 
@@ -6808,7 +6810,10 @@ def sse_event(name: str, value: Any) -> bytes:
 class AnthropicEncoder:
     """The Messages stream: ``message_start``; content blocks with dense indexes, one open at
     a time, each started before its first delta; ``message_delta`` with the stop reason and
-    the usage; ``message_stop``.  And the Message object when not streaming."""
+    the usage; ``message_stop``; ``ping`` to keep it alive.  And the Message object when not
+    streaming."""
+
+    ping = b'event: ping\ndata: {"type":"ping"}\n\n'
 
     def __init__(self, model: str, input_tokens: int, id: str | None = None):
         self.id = id or "msg_" + uuid.uuid4().hex

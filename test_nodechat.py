@@ -3010,6 +3010,17 @@ def test_anthropic_count_tokens_models_and_errors_are_the_sdks_own(live, upstrea
     assert len(upstream.requests) == 1  # and no retry (x-should-retry: false)
 
 
+def test_anthropic_stream_is_kept_alive_with_its_own_ping(live, upstream):
+    _, url = live(keepalive_seconds=0.05)
+    upstream.script(drip(text("Slow", " answer"), 0.2), drip(text("Slow", " answer"), 0.2))
+    body = {"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", url + "/v1/messages", json=body, headers={"x-api-key": "tok-alice"}) as response:
+        raw = response.read().decode()
+    assert 'event: ping\ndata: {"type":"ping"}\n\n' in raw and ": keep-alive" not in raw
+    with claude(url).messages.stream(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]) as stream:
+        assert stream.get_final_text() == "Slow answer"  # the SDK skips the pings
+
+
 def test_anthropic_raw_stream_has_event_lines_takes_either_key_and_ignores_beta(live, upstream):
     _, url = live()
     body = {"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
