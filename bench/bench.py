@@ -303,12 +303,14 @@ async def chunked_answer(reader, writer, payload: bytes, on_chunk) -> None:
         buffer = buffer[pos:]
 
 
-async def one_request(reader, writer, payload: bytes) -> tuple[float, list[float], float]:
-    """One request's (ttfc, gaps between content chunks, total)."""
+async def one_request(reader, writer, payload: bytes, content: bytes = b'"content"'
+                      ) -> tuple[float, list[float], float]:
+    """One request's (ttfc, gaps between content chunks, total); ``content`` marks a chunk
+    that carries the answer's text."""
     clock = ChunkClock(time.perf_counter())
 
     def on_chunk(now: float, buffer: bytes, start: int, end: int) -> None:
-        if buffer.find(b'"content"', start, end) >= 0:
+        if buffer.find(content, start, end) >= 0:
             clock.tick()
 
     await chunked_answer(reader, writer, payload, on_chunk)
@@ -414,6 +416,10 @@ async def load(ports: list[int], target: str, point: Point, duration: float,
         "model": "bench", "stream": True, "bench_chunks": point.chunks, "bench_pace": point.pace,
         "bench_split": point.kind == SPLIT, "messages": [prompt(point)]})
     sse = http_payload("/api/chat", {"messages": [prompt(point)]})
+    doors = {"messages": (http_payload("/v1/messages", {"model": "bench", "max_tokens": 4096, "stream": True,
+                                                        "messages": [prompt(point)]}), b'"text_delta"'),
+             "responses": (http_payload("/v1/responses", {"model": "bench", "stream": True,
+                                                          "input": [prompt(point)]}), b'"response.output_text.delta"')}
     ttfcs, gaps, done = [], [], 0
     deadline = time.perf_counter() + duration
 
@@ -433,6 +439,8 @@ async def load(ports: list[int], target: str, point: Point, duration: float,
                 request = lambda count: one_request(reader, writer, http_payload("/api/chat", {
                     "messages": [prompt(point)],
                     "conversationId": f"{tag}-{count // TURNS_PER_CONVERSATION}"}))
+            elif target in doors:
+                request = lambda count: one_request(reader, writer, *doors[target])
             else:
                 request = lambda count: one_request(reader, writer, openai if target == "openai" else sse)
         count = 0
@@ -659,7 +667,7 @@ class Bench:
         parts = {"upstream": self.measure_upstream, "naive": self.measure_naive,
                  "openai": self.measure_openai_path, "tls": self.measure_tls,
                  "agent": self.measure_agent, "idle": self.measure_idle_websockets,
-                 "against": self.measure_against}
+                 "against": self.measure_against, "doors": self.measure_front_doors}
         for name, part in parts.items():
             if not self.args.only or name in self.args.only or name == "upstream":
                 part()
@@ -750,6 +758,19 @@ class Bench:
                                 runs.append(measure([node.port], [node.pid], target, point, self.duration))
         finally:
             shutil.rmtree(shm, ignore_errors=True)
+
+    def measure_front_doors(self) -> None:
+        """/v1/chat/completions, /v1/messages and /v1/responses on one server, each point's
+        repeats alternating between them: the cost of each protocol's encoder per event."""
+        with self.server("nodechat doors", self.nodechat) as node:
+            for target in ("openai", "messages", "responses"):
+                self.warm(node.port, target)
+            for point in AGENT_POINTS:
+                for _ in range(self.args.repeat):
+                    for target, label in (("openai", "/v1/chat/completions"), ("messages", "/v1/messages"),
+                                          ("responses", "/v1/responses")):
+                        runs = self.results.setdefault(point, {}).setdefault(f"door {label}", [])
+                        runs.append(measure([node.port], [node.pid], target, point, self.duration))
 
     def measure_idle_websockets(self) -> None:
         """Idle WebSockets on a fresh process, so that memory freed earlier hides nothing."""
@@ -940,6 +961,13 @@ def report_fits(results: dict) -> None:
         for name in agents:
             if fits.get((name, "", 1)):
                 print(f"{name}: {fits[name, '', 1][0] / openai[0]:.2f}x the OpenAI path per event (1 stream)")
+    doors = {label: fit(results, f"door {label}", "", 1)
+             for label in ("/v1/chat/completions", "/v1/messages", "/v1/responses")}
+    if all(doors.values()):
+        base = doors["/v1/chat/completions"]
+        print("front doors, one server, alternating: " + "; ".join(
+            f"{label} {f[0]:.1f} µs per event ({f[0] / base[0]:.2f}x), {f[1]:.2f} ms per request"
+            for label, f in doors.items()))
     for label in ("/v1", "/api/chat", "/api/chat stored tmpfs"):
         mine, theirs = fits.get((f"{label} (this)", "", 1)), fits.get((f"{label} (against)", "", 1))
         if mine and theirs:
@@ -1237,7 +1265,8 @@ def parse_args() -> argparse.Namespace:
                              f"on one PostgreSQL vs one (needs {PG_BIN})")
     parser.add_argument("--only", type=lambda v: set(v.split(",")), default=set(),
                         help="only these parts besides the upstream alone, comma-separated: "
-                             "naive, openai, tls, agent, idle, against (and with --paced-only, paced points only)")
+                             "naive, openai, tls, agent, idle, against, doors (and with --paced-only, paced "
+                             "points only)")
     parser.add_argument("--paced-only", action="store_true", help="only the paced scan")
     parser.add_argument("--against", metavar="DIR",
                         help="with --only against: another checkout's nodechat.py measured in the same run")
