@@ -6724,6 +6724,8 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise BadRequest(f"messages.{index}: role must be user or assistant", code="invalid_messages")
         messages += anthropic_message(message["role"], message.get("content"), index)
+    if not any(m["role"] != "system" for m in messages):
+        raise BadRequest("messages: no text, image, tool_use or tool_result block to answer", code="invalid_messages")
     params: dict[str, Any] = {"max_tokens": body["max_tokens"]}
     for key, name in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
         if body.get(key) is not None:
@@ -6989,6 +6991,9 @@ def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         if not isinstance(item, dict):
             raise BadRequest(f"input[{index}] must be an object", code="invalid_input")
         responses_item(item, messages)
+    if body.get("max_output_tokens") is not None and (type(body["max_output_tokens"]) is not int
+                                                      or body["max_output_tokens"] < 1):
+        raise BadRequest("'max_output_tokens' must be a positive integer", code="invalid_max_output_tokens")
     params: dict[str, Any] = {}
     for key, name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
                       ("parallel_tool_calls", "parallel_tool_calls")):
@@ -7055,6 +7060,8 @@ def responses_tools(tools: Any) -> list[dict]:
     hosted = [str(t.get("type")) for t in tools if t.get("type") != "function"]
     if hosted:
         raise BadRequest(f"tools: these are not available here: {', '.join(hosted[:5])}", code="invalid_tools")
+    if not all(isinstance(t.get("name"), str) and t["name"] for t in tools):
+        raise BadRequest("tools: every function tool needs a name", code="invalid_tools")
     return [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
                                               if k in t}} for t in tools]
 

@@ -3092,6 +3092,26 @@ def test_responses_stream_and_a_function_call_round_trip(live, upstream):
         {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [1, None]}]}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": {"a": 1}}]}),
+    ("/v1/messages", {"model": 5, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [1]}),
+    ("/v1/responses", {"model": "fake-1", "input": "x", "tools": [{"type": "function"}]}),
+    ("/v1/responses", {"model": "fake-1", "input": "x", "max_output_tokens": "a lot"}),
+    ("/v1/responses", {"model": "fake-1", "input": [{"type": "computer_call"}]}),
+    ("/v1/responses", {"model": "fake-1", "input": []}),
+])
+def test_front_doors_answer_odd_requests_with_a_400_in_their_shape(live, upstream, path, body):
+    _, url = live()
+    response = httpx.post(url + path, json=body, headers=AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (response.json().get("type") == "error") == (path == "/v1/messages") and upstream.requests == []
+
+
 def test_responses_errors_in_openais_shape(live, upstream):
     _, url = live()
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
