@@ -6733,8 +6733,10 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
+        if kind not in ("auto", "any", "tool", "none"):
+            raise BadRequest("tool_choice.type: auto, any, tool or none", code="invalid_tool_choice")
         params["tool_choice"] = {"type": "function", "function": {"name": str(choice.get("name", ""))}} \
-            if kind == "tool" else ANTHROPIC_TOOL_CHOICE.get(kind, "auto")
+            if kind == "tool" else ANTHROPIC_TOOL_CHOICE[kind]
         if choice.get("disable_parallel_tool_use") is True:
             params["parallel_tool_calls"] = False
     return Turn(messages=messages, user_id=user_id, model=body["model"], tools=server_tools,
@@ -6828,7 +6830,8 @@ class AnthropicEncoder:
         return [sse_event("message_start", {"type": "message_start", "message": {
             "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
             "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": 1}}})]
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0}}})]
 
     def encode(self, event: Event) -> list[bytes]:
         match event:
@@ -6843,8 +6846,9 @@ class AnthropicEncoder:
             case ToolCall(client_side=True):
                 frames = self._close() + self._block("tool_use", {"type": "tool_use", "id": event.id,
                                                                   "name": event.name, "input": {}})
-                if event.arguments:
-                    frames.append(self._delta({"type": "input_json_delta", "partial_json": event.arguments}))
+                args = event.args  # the SDKs parse the whole input as an object: nothing else goes out
+                frames.append(self._delta({"type": "input_json_delta",
+                                           "partial_json": compact_json(args) if isinstance(args, dict) else "{}"}))
                 return frames + self._close()
             case Finished(reason=reason, usage=usage):
                 usage = usage or Usage()
@@ -6946,14 +6950,20 @@ async def create_message(chat: NodeChat, request: Request) -> JSONResponse | SSE
 
 
 async def count_tokens(chat: NodeChat, request: Request) -> JSONResponse:
-    """``POST /v1/messages/count_tokens``: an estimate that errs high (characters / 3), as
-    Claude Code compacts a conversation by it: too low and it never does."""
+    """``POST /v1/messages/count_tokens``: an estimate that errs high, as Claude Code compacts a
+    conversation by it (too low and it never does): UTF-8 bytes / 3 (a CJK character is 3
+    bytes and about a token), and 1,600 tokens an image."""
     body = request.json()
     if isinstance(body, dict):
         body = {"max_tokens": 1, **body}
     turn = anthropic_turn(body, request.user_id, chat.settings, [])
-    chars = estimate_input({"messages": turn.messages, "tools": turn.client_tools})
-    return JSONResponse({"input_tokens": -(-chars // 3)})
+    text = compact_json([m.get("content") if isinstance(m.get("content"), str) else
+                         [p for p in m["content"] or () if p.get("type") == "text"] for m in turn.messages])
+    images = sum(1 for m in turn.messages if isinstance(m.get("content"), list)
+                 for p in m["content"] if p.get("type") == "image_url")
+    tools = compact_json(turn.client_tools) if turn.client_tools else ""
+    calls = compact_json([m.get("tool_calls") for m in turn.messages if m.get("tool_calls")])
+    return JSONResponse({"input_tokens": -(-len((text + tools + calls).encode()) // 3) + 1600 * images})
 
 
 ANTHROPIC_ROUTES = Routes("/v1/messages", anthropic_errors, (
@@ -7020,7 +7030,8 @@ def responses_item(item: dict, messages: list[dict]) -> None:
     message, as chat completions has them."""
     kind = item.get("type", "message")
     if kind == "message":
-        role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+        role = item.get("role")
+        role = "system" if role == "developer" else role
         if role not in ("user", "assistant", "system"):
             raise BadRequest("a message's role must be user, assistant, system or developer", code="invalid_input")
         content = item.get("content")
@@ -7036,10 +7047,12 @@ def responses_item(item: dict, messages: list[dict]) -> None:
             content = "".join(p["text"] for p in parts) if all(p["type"] == "text" for p in parts) else parts
         messages.append({"role": role, "content": content if isinstance(content, (str, list)) else ""})
     elif kind == "function_call":
-        call = {"id": str(item.get("call_id", "")), "type": "function",
-                "function": {"name": str(item.get("name", "")), "arguments": str(item.get("arguments", ""))}}
+        arguments = item.get("arguments", "")
+        call = {"id": str(item.get("call_id", "")), "type": "function", "function": {
+            "name": str(item.get("name", "")),
+            "arguments": arguments if isinstance(arguments, str) else compact_json(arguments)}}
         last = messages[-1] if messages else None
-        if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last.get("content")):
+        if last is not None and last["role"] == "assistant":  # its text and its calls: one message
             last.setdefault("tool_calls", []).append(call)
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -7127,9 +7140,10 @@ class ResponsesEncoder:
         return []
 
     def error(self, err: NodeChatError) -> list[bytes]:
+        frames = self._close("incomplete")
         response = self._response("failed")
         response["error"] = {"code": err.code or "server_error", "message": err.message}
-        return self._close() + [self._event("response.failed", response=response)]
+        return frames + [self._event("response.failed", response=response)]
 
     async def completion(self, events: AsyncIterator[Event]) -> dict:
         final: dict | None = None
@@ -7151,12 +7165,12 @@ class ResponsesEncoder:
                 self._event("response.content_part.added", item_id=item["id"], output_index=at, content_index=0,
                             part={"type": "output_text", "text": "", "annotations": []})]
 
-    def _close(self) -> list[bytes]:
+    def _close(self, status: str = "completed") -> list[bytes]:
         item, self._open = self._open, None
         if item is None:
             return []
         at, part = len(self.output) - 1, item["content"][0]
-        item["status"] = "completed"
+        item["status"] = status
         return [self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
                             text=part["text"], logprobs=[]),
                 self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
