@@ -6727,9 +6727,16 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
     if not any(m["role"] != "system" for m in messages):
         raise BadRequest("messages: no text, image, tool_use or tool_result block to answer", code="invalid_messages")
     params: dict[str, Any] = {"max_tokens": body["max_tokens"]}
-    for key, name in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
+    for key in ("temperature", "top_p"):
         if body.get(key) is not None:
-            params[name] = body[key]
+            if type(body[key]) not in (int, float):
+                raise BadRequest(f"{key}: a number", code=f"invalid_{key}")
+            params[key] = body[key]
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+            raise BadRequest("stop_sequences: an array of strings", code="invalid_stop_sequences")
+        params["stop"] = stops
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
@@ -6744,12 +6751,24 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
                 max_steps=settings.max_steps if server_tools else 1)
 
 
+def one_system_message(messages: list[dict]) -> list[dict]:
+    """The system messages a request opens with, as one: several chat templates (Mistral's,
+    Gemma's) refuse more than one, or one anywhere but first."""
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system" and isinstance(messages[lead]["content"], str):
+        lead += 1
+    if lead < 2:
+        return messages
+    return [{"role": "system", "content": "\n\n".join(m["content"] for m in messages[:lead])}, *messages[lead:]]
+
+
 def anthropic_text(value: Any) -> str:
-    """A ``system`` prompt or a ``tool_result``'s content: a string, or text blocks."""
+    """A ``system`` prompt or a ``tool_result``'s content: a string, or text blocks (one
+    paragraph each: Claude Code's blocks are separate instructions)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "".join(b["text"] for b in value if isinstance(b, dict) and isinstance(b.get("text"), str))
+        return "\n\n".join(b["text"] for b in value if isinstance(b, dict) and isinstance(b.get("text"), str))
     return ""
 
 
@@ -6765,11 +6784,17 @@ def anthropic_message(role: str, content: Any, index: int) -> list[dict]:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
             parts.append({"type": "text", "text": block["text"]})
-        elif kind == "image" and isinstance(block.get("source"), dict):
-            source = block["source"]
-            url = source.get("url") if source.get("type") == "url" else \
-                f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
-            parts.append({"type": "image_url", "image_url": {"url": str(url)}})
+        elif kind == "image":
+            source = block.get("source") if isinstance(block.get("source"), dict) else {}
+            if source.get("type") == "url" and isinstance(source.get("url"), str):
+                url = source["url"]
+            elif source.get("type") == "base64" and isinstance(source.get("data"), str) and source["data"]:
+                url = f"data:{source.get('media_type', 'image/png')};base64,{source['data']}"
+            else:
+                raise BadRequest(f"messages.{index}: an image needs a base64 or url source", code="invalid_messages")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind in ("document", "search_result", "container_upload"):
+            raise BadRequest(f"messages.{index}: {kind} blocks are not supported here", code="invalid_messages")
         elif kind == "tool_use" and role == "assistant":
             calls.append({"id": str(block.get("id", "")), "type": "function", "function": {
                 "name": str(block.get("name", "")), "arguments": compact_json(block.get("input") or {})}})
@@ -6781,7 +6806,7 @@ def anthropic_message(role: str, content: Any, index: int) -> list[dict]:
     messages = results
     if parts or calls:
         text_only = all(p["type"] == "text" for p in parts)
-        message: dict[str, Any] = {"role": role, "content": "".join(p["text"] for p in parts) if text_only
+        message: dict[str, Any] = {"role": role, "content": "\n\n".join(p["text"] for p in parts) if text_only
                                    else parts}
         if calls:
             message["content"] = message["content"] or None
@@ -7020,8 +7045,9 @@ def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: li
             k: form[k] for k in ("name", "schema", "strict", "description") if k in form}}
     elif isinstance(form, dict) and form.get("type") == "json_object":
         params["response_format"] = {"type": "json_object"}
-    return Turn(messages=messages, user_id=user_id, model=body.get("model"), tools=server_tools,
-                client_tools=responses_tools(body.get("tools")), params=params, protocol="responses",
+    return Turn(messages=one_system_message(messages), user_id=user_id, model=body.get("model"),
+                tools=server_tools, client_tools=responses_tools(body.get("tools")), params=params,
+                protocol="responses",
                 max_steps=settings.max_steps if server_tools else 1)
 
 

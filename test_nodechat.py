@@ -2945,15 +2945,16 @@ WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city.",
 def test_anthropic_sdk_reads_thinking_text_and_usage_streamed_or_not(live, upstream):
     _, url = live()
     upstream.script(text("Hello", " there", reasoning="Let me think."))
-    message = claude(url).messages.create(model="claude-sonnet-4-5", max_tokens=200, system="Be brief.",
-                                          messages=[{"role": "user", "content": "hi"}])
+    message = claude(url).messages.create(model="claude-sonnet-4-5", max_tokens=200, system=[
+        {"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind.", "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": "hi"}])
     assert [b.type for b in message.content] == ["thinking", "text"]
     assert message.content[0].thinking == "Let me think." and message.content[1].text == "Hello there"
     assert message.model == "claude-sonnet-4-5" and message.stop_reason == "end_turn"
     assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 3)
     sent = upstream.requests[-1]
     assert sent["model"] == "fake-1" and sent["max_tokens"] == 200  # a claude-* name no provider serves
-    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief.\n\nBe kind."}, {"role": "user", "content": "hi"}]
     upstream.script(text("Streamed", " answer"))
     with claude(url).messages.stream(model="fake-2", max_tokens=50,
                                      messages=[{"role": "user", "content": "again"}]) as stream:
@@ -3064,8 +3065,8 @@ def test_responses_create_with_instructions_format_and_usage(live, upstream):
     assert response.status == "completed" and response.output_text == '{"ok": true}'
     assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (7, 3, 10)
     sent = upstream.requests[-1]
-    assert sent["messages"] == [{"role": "system", "content": "Answer in JSON."},
-                                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "status?"}]
+    assert sent["messages"] == [{"role": "system", "content": "Answer in JSON.\n\nBe brief."},  # one, first
+                                {"role": "user", "content": "status?"}]
     assert sent["max_tokens"] == 50 and sent["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "status", "schema": {"type": "object"}, "strict": True}}
     upstream.script(text("Cut", reason="length"))
@@ -3110,6 +3111,14 @@ def test_responses_stream_and_a_function_call_round_trip(live, upstream):
     ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
                       "tool_choice": {"type": []}}),
     ("/v1/responses", {"model": "fake-1", "input": [{"role": ["x"], "content": "hi"}]}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                      "stop_sequences": "END"}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                      "temperature": "hot"}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "file", "file_id": "f1"}}]}]}),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "text", "data": "x"}}]}]}),
 ])
 def test_front_doors_answer_odd_requests_with_a_400_in_their_shape(live, upstream, path, body):
     _, url = live()
