@@ -6675,13 +6675,23 @@ async def retrieve_model(chat: NodeChat, request: Request) -> JSONResponse:
 
 async def chat_completions(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
     body = request.json()
-    server_tools = chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
-    turn = openai_turn(body, request.user_id, chat.settings, server_tools)
+    turn = openai_turn(body, request.user_id, chat.settings, stateless_tools(chat))
     turn.request_id = request.request_id
     turn.model = turn.model or chat.providers.default_model
     chat.providers.resolve(turn.model)  # an unknown model is a 404 before anything streams
     encoder = OpenAIEncoder(turn.model, bool((turn.params.get("stream_options") or {}).get("include_usage")))
-    if body.get("stream", False):
+    return stateless_response(chat, turn, encoder, body.get("stream") is True)
+
+
+def stateless_tools(chat: NodeChat) -> list[Tool]:
+    """The server's tools on a stateless door (``/v1/*``): none unless ``openai_server_tools``."""
+    return chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
+
+
+def stateless_response(chat: NodeChat, turn: Turn, encoder: Any, stream: bool) -> SSEResponse | WaitedResponse:
+    """A ``/v1/*`` turn's response: its encoder's stream, or the whole answer its encoder
+    collects (``completion``); either way it ends with its connection."""
+    if stream:
         return SSEResponse(run_turn(chat, turn), encoder, keepalive=chat.settings.keepalive_seconds)
     return WaitedResponse(lambda: encoder.completion(run_turn(chat, turn)))
 
@@ -6964,14 +6974,11 @@ async def create_message(chat: NodeChat, request: Request) -> JSONResponse | SSE
     """``POST /v1/messages`` (any query string, any ``anthropic-version``; ``anthropic-beta``
     is read by no OpenAI-compatible upstream, so it is never forwarded)."""
     body = request.json()
-    server_tools = chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
-    turn = anthropic_turn(body, request.user_id, chat.settings, server_tools)
+    turn = anthropic_turn(body, request.user_id, chat.settings, stateless_tools(chat))
     turn.request_id = request.request_id
     turn.model = anthropic_model(chat, turn.model)
     encoder = AnthropicEncoder(body["model"], -(-estimate_input({"messages": turn.messages}) // 4))
-    if body.get("stream") is True:
-        return SSEResponse(run_turn(chat, turn), encoder, keepalive=chat.settings.keepalive_seconds)
-    return WaitedResponse(lambda: encoder.completion(run_turn(chat, turn)))
+    return stateless_response(chat, turn, encoder, body.get("stream") is True)
 
 
 async def count_tokens(chat: NodeChat, request: Request) -> JSONResponse:
@@ -7225,15 +7232,12 @@ class ResponsesEncoder:
 async def create_response(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
     """``POST /v1/responses``, stream and not."""
     body = request.json()
-    server_tools = chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
-    turn = responses_turn(body, request.user_id, chat.settings, server_tools)
+    turn = responses_turn(body, request.user_id, chat.settings, stateless_tools(chat))
     turn.request_id = request.request_id
     turn.model = turn.model or chat.providers.default_model
     chat.providers.resolve(turn.model)
     encoder = ResponsesEncoder(turn.model, body)
-    if body.get("stream") is True:
-        return SSEResponse(run_turn(chat, turn), encoder, keepalive=chat.settings.keepalive_seconds)
-    return WaitedResponse(lambda: encoder.completion(run_turn(chat, turn)))
+    return stateless_response(chat, turn, encoder, body.get("stream") is True)
 
 
 RESPONSES_ROUTES = Routes("/v1/responses", openai_errors, (
