@@ -6317,13 +6317,18 @@ def error_headers(err: NodeChatError) -> tuple[tuple[bytes, bytes], ...]:
     return headers
 
 
+def error_response(err: NodeChatError, body: dict, request: Request | None) -> JSONResponse:
+    """A protocol's JSON error body, with the request's id beside it (as in ``x-request-id``)."""
+    if request is not None and request.request_id:
+        body["request_id"] = request.request_id
+    return JSONResponse(body, err.status, error_headers(err))
+
+
 def json_error(err: NodeChatError, request: Request | None = None) -> JSONResponse:
     """``{"error": text, "request_id": ...}``: the error body of the chat page, ``/healthz``
     and ``/api/*``."""
     body = {"error": err.message}
-    if request is not None and request.request_id:
-        body["request_id"] = request.request_id
-    return JSONResponse(body, err.status, error_headers(err))
+    return error_response(err, body, request)
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -6651,9 +6656,7 @@ def openai_errors(err: NodeChatError, request: Request | None = None) -> JSONRes
     """OpenAI's error envelope, which the ``openai`` clients turn into their exceptions
     (with the request id beside it, as in ``x-request-id``)."""
     body = openai_error_body(err)
-    if request is not None and request.request_id:
-        body["request_id"] = request.request_id
-    return JSONResponse(body, err.status, error_headers(err))
+    return error_response(err, body, request)
 
 
 async def list_models(chat: NodeChat, request: Request) -> JSONResponse:
@@ -6955,9 +6958,7 @@ def anthropic_error_body(err: NodeChatError) -> dict:
 def anthropic_errors(err: NodeChatError, request: Request | None = None) -> JSONResponse:
     """Anthropic's error body, which its SDKs raise as their own exception classes."""
     body = anthropic_error_body(err)
-    if request is not None and request.request_id:
-        body["request_id"] = request.request_id
-    return JSONResponse(body, err.status, error_headers(err))
+    return error_response(err, body, request)
 
 
 def anthropic_model(chat: NodeChat, model: str) -> str:
