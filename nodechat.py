@@ -223,17 +223,21 @@ BOOL_WORDS = types.MappingProxyType({"1": True, "true": True, "yes": True, "on":
                                      "0": False, "false": False, "no": False, "off": False})
 SEARCH_KEY_ENV = types.MappingProxyType({"brave": "BRAVE_API_KEY", "tavily": "TAVILY_API_KEY"})
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+PROVIDER_KINDS = ("openai", "anthropic")
 
 
 @dataclass(frozen=True)
 class ProviderConfig:
-    """One OpenAI-compatible upstream: a name, where it is, its key and (optionally) its models."""
+    """One upstream: a name, where it is, its key, (optionally) its models, and the API it
+    speaks: ``openai`` (chat completions) or ``anthropic`` (Messages)."""
 
     name: str
     base_url: str
     api_key: str = ""
     models: tuple[str, ...] = ()
     stream_usage: bool = True  # send stream_options.include_usage (false: for servers that refuse it)
+    kind: str = "openai"
 
 
 @dataclass(kw_only=True)
@@ -529,13 +533,21 @@ def _providers(values: dict[str, Any], environ: Mapping[str, str]) -> tuple[Prov
         name, base_url = entry.get("name"), entry.get("base_url")
         if not name or not base_url:
             raise ValueError("providers: every entry needs a name and a base_url")
+        kind = entry.get("kind", "openai")
+        if kind not in PROVIDER_KINDS:
+            raise ValueError(f"providers: {name!r} has kind {str(kind)[:40]!r}; use one of {', '.join(PROVIDER_KINDS)}")
         api_key = entry.get("api_key") or environ.get(entry.get("api_key_env", ""), "")
         providers.append(ProviderConfig(name, base_url, api_key, tuple(entry.get("models", ())),
-                                        entry.get("stream_usage", True) is not False))
+                                        entry.get("stream_usage", True) is not False, kind))
+    if providers:
+        return tuple(providers)
     base_url, api_key = values.get("base_url", ""), values.get("api_key", "")
-    if not providers and (base_url or api_key):
+    if base_url or api_key:
         providers.append(ProviderConfig("openai", base_url or DEFAULT_OPENAI_BASE_URL, api_key,
                                         stream_usage=values.get("stream_usage", True) is not False))
+    if environ.get("ANTHROPIC_API_KEY"):  # beside OpenAI's (the default when both are set)
+        providers.append(ProviderConfig("anthropic", environ.get("ANTHROPIC_BASE_URL") or DEFAULT_ANTHROPIC_BASE_URL,
+                                        environ["ANTHROPIC_API_KEY"], kind="anthropic"))
     return tuple(providers)
 
 
@@ -654,9 +666,12 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class ReasoningDelta:
-    """A piece of the model's reasoning (``reasoning_content`` / ``reasoning`` upstream)."""
+    """A piece of the model's reasoning (``reasoning_content`` / ``reasoning`` upstream, or
+    Anthropic's thinking).  A ``signature`` ends a signed thinking block (Anthropic's: a
+    tool-use turn sends its blocks back, signed); its ``text`` may be empty."""
 
     text: str
+    signature: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -3901,30 +3916,37 @@ class OpenAIProvider:
 
         ``http`` is nodechat's own :class:`UpstreamClient` (the fast path) or an httpx client
         (a host's own client, a proxy, or ``upstream_client = "httpx"``)."""
-        body = {**body, "stream": True}
+        body = openai_request(body)
         if self.stream_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         else:
             body.pop("stream_options", None)
-        chunks = CompletionDecoder(self)
+        async for event in self._decode(CompletionDecoder(self), "/chat/completions", body, http):
+            yield event
+
+    async def _decode(self, decoder: CompletionDecoder | MessagesDecoder, path: str, body: dict,
+                      http: UpstreamClient | httpx.AsyncClient, headers: Mapping[str, str] = {}
+                      ) -> AsyncIterator[Event]:
+        """POST ``body`` to ``path`` and turn the events of its stream into ours with ``decoder``."""
         deadline = time.monotonic() + self.stream_timeout  # a slow drip resets no clock here
-        async with self._batches(body, http) as batches:
+        async with self._batches(path, body, http, headers) as batches:
             async for batch in batches:
                 if time.monotonic() > deadline:  # checked on every read, keep-alive comments too
                     raise UpstreamTimeout(f"provider {self.label} took longer than {self.stream_timeout:g} s")
-                for event in chunks.feed(batch):
+                for event in decoder.feed(batch):
                     yield event
-        for event in chunks.close():
+        for event in decoder.close():
             yield event
 
     @contextlib.asynccontextmanager
-    async def _batches(self, body: dict, http: UpstreamClient | httpx.AsyncClient
-                       ) -> AsyncIterator[AsyncIterator[list[bytes]]]:
+    async def _batches(self, path: str, body: dict, http: UpstreamClient | httpx.AsyncClient,
+                       headers: Mapping[str, str] = {}) -> AsyncIterator[AsyncIterator[list[bytes]]]:
         """The response's events, a list of ``data`` per network read; each client's errors
         become this provider's UpstreamError or UpstreamTimeout."""
-        url = self.base_url + "/chat/completions"
+        url = self.base_url + path
+        headers = {**self.headers, **headers}
         if isinstance(http, UpstreamClient):
-            headers = {**self.headers, "Content-Type": "application/json", "Accept": "text/event-stream"}
+            headers.update({"Content-Type": "application/json", "Accept": "text/event-stream"})
             try:
                 async with http.stream(url, _upstream_json(body), headers, self.stream_timeout) as response:
                     if response.status >= 400:
@@ -3937,7 +3959,7 @@ class OpenAIProvider:
                 raise kind(f"provider {self.label}: {what}") from None
             return
         with self._errors():
-            response = await http.send(http.build_request("POST", url, json=body, headers=self.headers),
+            response = await http.send(http.build_request("POST", url, json=body, headers=headers),
                                        stream=True)
             try:
                 if response.status_code >= 400:
@@ -3947,11 +3969,13 @@ class OpenAIProvider:
             finally:
                 await response.aclose()
 
+    models_path = "/models"
+
     async def list_models(self, http: httpx.AsyncClient) -> list[str]:
         if self.models:
             return list(self.models)
         with self._errors():
-            response = await http.get(self.base_url + "/models", headers=self.headers, timeout=5.0)
+            response = await http.get(self.base_url + self.models_path, headers=self.headers, timeout=5.0)
             if response.status_code >= 400:
                 raise self._status_error(response.status_code, response.reason_phrase,
                                          response.headers, await _read_some(response, 4097))
@@ -4125,6 +4149,258 @@ def _error_text(payload: Any) -> str:
         return str(error.get("message") or error) if isinstance(error, dict) else str(error)
     return str(payload)
 
+def openai_request(body: dict) -> dict:
+    """A streamed chat-completions body without what only Anthropic's API takes: the
+    ``anthropic`` options, assistants' ``thinking_blocks`` and ``cache_control`` on parts (the
+    Messages door and an Anthropic upstream leave them in the history).  Without them the
+    messages are as before: text-only parts as one string."""
+    body = {**body, "stream": True}
+    body.pop("anthropic", None)
+    messages = body.get("messages") or ()
+    if any("thinking_blocks" in m or type(m.get("content")) is list
+           and any(type(p) is dict and "cache_control" in p for p in m["content"]) for m in messages):
+        body["messages"] = [plain_message(m) for m in messages]
+    return body
+
+
+def plain_message(message: dict) -> dict:
+    message = {k: v for k, v in message.items() if k != "thinking_blocks"}
+    content = message.get("content")
+    if type(content) is list:
+        parts = [{k: v for k, v in p.items() if k != "cache_control"} if type(p) is dict else p for p in content]
+        text_only = all(type(p) is dict and p.get("type") == "text" for p in parts)
+        message["content"] = "\n\n".join(str(p.get("text", "")) for p in parts) if text_only else parts
+    return message
+
+
+ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_MAX_TOKENS = 8192  # Messages requires max_tokens: this when the caller set none
+ANTHROPIC_FINISH = types.MappingProxyType({  # stop_reason -> finish reason
+    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+    "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"})
+ANTHROPIC_CHOICES = types.MappingProxyType({"auto": "auto", "required": "any", "none": "none"})
+BETA_PATTERN = re.compile(r"[A-Za-z0-9._-]+(\s*,\s*[A-Za-z0-9._-]+)*")  # anthropic-beta: a header value
+
+
+class AnthropicProvider(OpenAIProvider):
+    """Anthropic's Messages API, natively: thinking (signed, so a tool-use turn can send it
+    back), ``cache_control`` breakpoints and ``anthropic-beta`` reach Claude, which its
+    OpenAI-compatible layer drops.  The same HTTP client and fast path as the OpenAI stream;
+    its errors, 429 and 529 (overloaded, with ``retry-after``) named as this provider's."""
+
+    models_path = "/models?limit=1000"
+
+    def __init__(self, name: str, base_url: str, api_key: str = "", models: Iterable[str] = (),
+                 stream_timeout: float = 600.0, max_line_bytes: int = MAX_LINE_BYTES):
+        base_url = base_url.rstrip("/")  # ANTHROPIC_BASE_URL is the host; the API is under /v1
+        super().__init__(name, base_url if base_url.endswith("/v1") else base_url + "/v1", "", models,
+                         stream_timeout, max_line_bytes)
+        self.headers = {"anthropic-version": ANTHROPIC_VERSION} | ({"x-api-key": api_key} if api_key else {})
+        self.secrets = (api_key, *self.secrets)
+
+    async def stream(self, body: dict, http: UpstreamClient | httpx.AsyncClient) -> AsyncIterator[Event]:
+        request, headers = messages_request(body)
+        async for event in self._decode(MessagesDecoder(self), "/messages", request, http, headers):
+            yield event
+
+    async def count_tokens(self, body: dict, beta: str, http: httpx.AsyncClient) -> int:
+        """Its own count of a Messages request's input tokens."""
+        headers = {**self.headers, **({"anthropic-beta": beta} if BETA_PATTERN.fullmatch(beta) else {})}
+        with self._errors():
+            response = await http.post(self.base_url + "/messages/count_tokens", json=body, headers=headers,
+                                       timeout=10.0)
+            if response.status_code >= 400:
+                raise self._status_error(response.status_code, response.reason_phrase, response.headers,
+                                         await _read_some(response, 4097))
+            counted = response.json().get("input_tokens") if response.content.startswith(b"{") else None
+        if type(counted) is not int:
+            raise UpstreamError(f"provider {self.label} answered count_tokens with no input_tokens")
+        return counted
+
+
+def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
+    """A chat-completions body as a Messages request (and its ``anthropic-beta`` header):
+    system messages as ``system``, tool calls as ``tool_use`` blocks, tool messages as
+    ``tool_result`` blocks in the user's turn, images as image blocks; consecutive messages
+    of one role as one.  ``body["anthropic"]`` holds what only this API takes (``thinking``,
+    ``top_k``, ``metadata``, the betas), from the Messages door."""
+    native = dict(body.get("anthropic") or {})
+    system: list[dict] = []
+    messages: list[dict] = []
+    for message in body.get("messages") or ():
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system += anthropic_blocks(message.get("content"))
+            continue
+        if role == "tool":
+            role, blocks = "user", [tool_result_block(message)]
+        elif role == "assistant":
+            blocks = [*(message.get("thinking_blocks") or ()), *anthropic_blocks(message.get("content"))]
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                args = parse_arguments(function.get("arguments") or "{}")
+                blocks.append({"type": "tool_use", "id": re.sub(r"[^A-Za-z0-9_-]", "_", str(call.get("id") or "")),
+                               "name": str(function.get("name", "")), "input": args if isinstance(args, dict) else {}})
+        else:
+            role, blocks = "user", anthropic_blocks(message.get("content"))
+        if not blocks:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += blocks
+        else:
+            messages.append({"role": role, "content": blocks})
+    request: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": True,
+                               "max_tokens": body.get("max_tokens") or body.get("max_completion_tokens")
+                               or ANTHROPIC_MAX_TOKENS}
+    if system:
+        request["system"] = system
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            request[key] = body[key]
+    stop = body.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    if body.get("tools"):
+        request["tools"] = [{"name": f.get("name", ""), "description": f.get("description", ""),
+                             "input_schema": f.get("parameters") or {"type": "object", "properties": {}}}
+                            for f in (t.get("function") or {} for t in body["tools"])]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        choice = {"type": "tool", "name": str((choice.get("function") or {}).get("name", ""))}
+    elif choice in ANTHROPIC_CHOICES:
+        choice = {"type": ANTHROPIC_CHOICES[choice]}
+    if body.get("parallel_tool_calls") is False and body.get("tools"):
+        choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+    if choice:
+        request["tool_choice"] = choice
+    beta = native.pop("beta", "")
+    request.update(native)  # thinking, top_k, metadata: as the client sent them
+    return request, {"anthropic-beta": beta} if beta and BETA_PATTERN.fullmatch(beta) else {}
+
+
+def anthropic_blocks(content: Any) -> list[dict]:
+    """Message content (a string, or text and image parts) as Messages blocks; the parts'
+    ``cache_control`` kept, empty text left out (Messages refuses it)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and part.get("text"):
+            block = {"type": "text", "text": str(part["text"])}
+        elif part.get("type") == "image_url":
+            url = str((part.get("image_url") or {}).get("url", ""))
+            head, _, data = url.partition(";base64,")
+            block = {"type": "image", "source": {"type": "base64", "media_type": head[5:], "data": data}
+                     if head.startswith("data:") and data else {"type": "url", "url": url}}
+        else:
+            continue
+        if "cache_control" in part:
+            block["cache_control"] = part["cache_control"]
+        blocks.append(block)
+    return blocks
+
+
+def tool_result_block(message: dict) -> dict:
+    content = message.get("content")
+    block = {"type": "tool_result", "tool_use_id": re.sub(r"[^A-Za-z0-9_-]", "_", str(message.get("tool_call_id") or "")),
+             "content": content if isinstance(content, str) else anthropic_blocks(content)}
+    if isinstance(content, str) and content.startswith("Error: "):  # how tool_message says a tool failed
+        block["is_error"] = True
+    return block
+
+
+class MessagesDecoder:
+    """Turns the events of a Messages stream into ours, a batch at a time, as
+    CompletionDecoder does chat-completions chunks: text and thinking deltas merged per
+    batch, a signature ending its thinking, ``tool_use`` blocks assembled and out whole from
+    ``close()`` with the StepFinished (the stop reason mapped, the usage added up)."""
+
+    def __init__(self, provider: AnthropicProvider):
+        self.label, self.secrets = provider.label, provider.secrets
+        self.calls: dict[int, list] = {}  # block index -> [id, name, input pieces]
+        self.reason: str | None = None
+        self.tokens = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                       "output_tokens": 0}
+        self.counted = False
+        self.done = False
+
+    def feed(self, batch: list[bytes]) -> list[Event]:
+        events: list[Event] = []
+        pending: list[str] = []
+        pending_kind: type = TextDelta
+        for data in batch:
+            try:
+                event = parse_json(data)
+            except ValueError:
+                raise UpstreamError(f"provider {self.label} sent a malformed event: "
+                                    f"{redact(repr(data[:200]), self.secrets)}") from None
+            try:
+                kind = event["type"]
+                if kind == "content_block_delta":
+                    delta = event["delta"]
+                    what = delta["type"]
+                    if what == "text_delta" or what == "thinking_delta":
+                        piece, now = (delta["text"], TextDelta) if what == "text_delta" else (delta["thinking"], ReasoningDelta)
+                        if pending and pending_kind is not now:
+                            events.append(pending_kind("".join(pending)))
+                            pending = []
+                        pending_kind = now
+                        pending.append(piece)
+                    elif what == "input_json_delta":
+                        self.calls[event["index"]][2].append(delta["partial_json"])
+                    elif what == "signature_delta":
+                        thought = "".join(pending) if pending_kind is ReasoningDelta else ""
+                        if pending and pending_kind is not ReasoningDelta:
+                            events.append(pending_kind("".join(pending)))
+                        pending = []
+                        events.append(ReasoningDelta(thought, signature=str(delta["signature"])))
+                elif kind == "content_block_start":
+                    block = event["content_block"]
+                    if block["type"] == "tool_use":
+                        given = block.get("input")
+                        self.calls[event["index"]] = [str(block["id"]), str(block["name"]),
+                                                      [compact_json(given)] if given else []]
+                elif kind == "message_start":
+                    self._count(event["message"].get("usage"))
+                elif kind == "message_delta":
+                    self.reason = event["delta"].get("stop_reason") or self.reason
+                    self._count(event.get("usage"))
+                elif kind == "message_stop":
+                    self.done = True
+                elif kind == "error":
+                    raise UpstreamError(f"provider {self.label}: {redact(_error_text(event), self.secrets)[:1000]}")
+            except (AttributeError, TypeError, KeyError) as exc:  # an event of the wrong shape
+                raise UpstreamError(f"provider {self.label} sent a malformed event "
+                                    f"({type(exc).__name__}: {exc})") from None
+        if pending:
+            try:
+                events.append(pending_kind("".join(pending)))
+            except TypeError as exc:  # a delta that is not a string
+                raise UpstreamError(f"provider {self.label} sent a malformed event (TypeError: {exc})") from None
+        return events
+
+    def _count(self, usage: Any) -> None:
+        """``message_delta``'s usage is cumulative: its figures replace ``message_start``'s."""
+        if type(usage) is dict:
+            for key in self.tokens:
+                if type(usage.get(key)) is int:
+                    self.tokens[key] = min(max(usage[key], 0), MAX_TOKENS_PER_CALL)
+                    self.counted = True
+
+    def close(self) -> list[Event]:
+        if not self.done:
+            raise UpstreamError(f"provider {self.label} ended the stream before the answer was complete")
+        calls = [ToolCall(call_id, name, "".join(pieces) or "{}")
+                 for _, (call_id, name, pieces) in sorted(self.calls.items())]
+        tokens = self.tokens
+        cached = tokens["cache_read_input_tokens"]
+        usage = Usage(tokens["input_tokens"] + tokens["cache_creation_input_tokens"] + cached,
+                      tokens["output_tokens"], cached) if self.counted else None
+        return [*calls, StepFinished(ANTHROPIC_FINISH.get(self.reason or "", "stop"), usage)]
+
+
 class OfflineProvider:
     """The built-in ``echo`` model: replies with the last user message, word by word.
 
@@ -4164,9 +4440,14 @@ class ModelRouter:
     def __init__(self, settings: Settings, providers: Iterable[Provider] = ()):
         self._by_name: dict[str, Provider] = {p.name: p for p in providers}
         for config in settings.providers:
-            self._by_name.setdefault(config.name, OpenAIProvider(
-                config.name, config.base_url, config.api_key, config.models, settings.stream_timeout,
-                settings.max_upstream_line_bytes, config.stream_usage))
+            if config.kind == "anthropic":
+                provider = AnthropicProvider(config.name, config.base_url, config.api_key, config.models,
+                                             settings.stream_timeout, settings.max_upstream_line_bytes)
+            else:
+                provider = OpenAIProvider(config.name, config.base_url, config.api_key, config.models,
+                                          settings.stream_timeout, settings.max_upstream_line_bytes,
+                                          config.stream_usage)
+            self._by_name.setdefault(config.name, provider)
         if not self._by_name:
             self._by_name["offline"] = OfflineProvider()
         self.default = next(iter(self._by_name.values()))
@@ -4703,7 +4984,7 @@ TITLE_PROMPT = ("Generate a very short title (max 5 words) for this chat based o
                 "first message. Return ONLY the title, no quotes or punctuation.")
 TITLE_MAX_TOKENS = 24  # a title is five words; a small model left alone wrote 1,378 tokens
 TITLE_SECONDS = 30.0
-MODEL_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+MODEL_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "thinking_blocks")
 
 
 @dataclass
@@ -4932,6 +5213,7 @@ class Agent:
                     yield Finished("budget", turn.usage, model, exc.message)
                     return
                 calls, finish, reasoning = [], StepFinished("stop"), 0
+                thought, signed = [], []  # reasoning pieces, and the signed thinking blocks they made
                 try:
                     async for event in provider.stream(body, self.upstream()):
                         kind = type(event)
@@ -4947,6 +5229,11 @@ class Agent:
                             continue
                         elif kind is ReasoningDelta:
                             reasoning += len(event.text)
+                            thought.append(event.text)
+                            if event.signature:  # Anthropic's: sent back with this step's tool calls
+                                signed.append({"type": "thinking", "thinking": "".join(thought),
+                                               "signature": event.signature})
+                                thought = []
                             if call.first_token is None:
                                 call.first_token = time.monotonic()
                         yield event
@@ -4970,7 +5257,7 @@ class Agent:
                     turn.outcome = "tool_calls"
                     yield Finished("tool_calls", turn.usage, model)
                     return
-                step = [assistant_message("".join(text), calls, step_usage)]
+                step = [assistant_message("".join(text), calls, step_usage, signed)]
                 text = []
                 for call_ in calls:
                     yield call_
@@ -5083,9 +5370,13 @@ def model_message(message: dict) -> dict:
     return {k: message[k] for k in MODEL_MESSAGE_KEYS if k in message}
 
 
-def assistant_message(text: str, calls: list[ToolCall], usage: Usage | None = None) -> dict:
-    """The stored (and replayed) assistant message of one step; ``usage`` is kept with it."""
+def assistant_message(text: str, calls: list[ToolCall], usage: Usage | None = None,
+                      thinking: list[dict] | None = None) -> dict:
+    """The stored (and replayed) assistant message of one step; ``usage`` is kept with it,
+    and Anthropic's signed ``thinking`` blocks (an OpenAI-compatible upstream never sees them)."""
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if thinking:
+        message["thinking_blocks"] = thinking
     if calls:
         message["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.name, "arguments": c.arguments}}
@@ -6595,7 +6886,7 @@ class OpenAIEncoder:
             case TextDelta(text=text):  # the hot path: one string to quote, the rest fixed
                 quoted = _json_string(text).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
                 return [self._text_head + quoted.encode() + self._text_tail]
-            case ReasoningDelta(text=text):
+            case ReasoningDelta(text=text) if text:
                 return [self._chunk({"reasoning_content": text})]
             case ToolCall(client_side=True):
                 self._calls += 1
@@ -6721,10 +7012,12 @@ ANTHROPIC_ERRORS = types.MappingProxyType({  # status -> error.type, as Anthropi
     529: "overloaded_error"})
 
 
-def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool]) -> Turn:
+def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool], beta: str = "") -> Turn:
     """A Messages request as a turn: ``system``, text and image blocks, ``tool_use`` and
-    ``tool_result`` in OpenAI's shape; thinking blocks and ``cache_control`` dropped (an
-    OpenAI-compatible upstream takes neither); the client's tools passed through."""
+    ``tool_result`` in OpenAI's shape; the client's tools passed through.  Thinking blocks,
+    ``cache_control``, ``thinking``, ``top_k``, ``metadata`` and the ``anthropic-beta`` header
+    are kept for an Anthropic upstream (an OpenAI-compatible one never sees them:
+    ``openai_request``)."""
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
         raise BadRequest("messages: a non-empty array is required", code="invalid_messages")
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -6732,7 +7025,12 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
     if type(body.get("max_tokens")) is not int or body["max_tokens"] < 1:
         raise BadRequest("max_tokens: a positive integer is required", code="invalid_max_tokens")
     check_messages(body["messages"], settings)
-    messages = [{"role": "system", "content": text}] if (text := anthropic_text(body.get("system"))) else []
+    system = body.get("system")
+    if isinstance(system, list) and any(isinstance(b, dict) and "cache_control" in b for b in system):
+        messages = [{"role": "system", "content": [{"type": "text", "text": b["text"]} | cached(b) for b in system
+                                                   if isinstance(b, dict) and isinstance(b.get("text"), str)]}]
+    else:
+        messages = [{"role": "system", "content": text}] if (text := anthropic_text(system)) else []
     for index, message in enumerate(body["messages"]):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise BadRequest(f"messages.{index}: role must be user or assistant", code="invalid_messages")
@@ -6759,6 +7057,10 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
             if kind == "tool" else ANTHROPIC_TOOL_CHOICE[kind]
         if choice.get("disable_parallel_tool_use") is True:
             params["parallel_tool_calls"] = False
+    native = {key: body[key] for key in ("thinking", "top_k", "metadata") if body.get(key) is not None}
+    if beta:
+        native["beta"] = beta
+    params["anthropic"] = native
     return Turn(messages=messages, user_id=user_id, model=body["model"], tools=server_tools,
                 client_tools=anthropic_tools(body.get("tools")), params=params, protocol="anthropic",
                 max_steps=settings.max_steps if server_tools else 1)
@@ -6792,11 +7094,11 @@ def anthropic_message(role: str, content: Any, index: int) -> list[dict]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise BadRequest(f"messages.{index}.content: a string or an array of blocks", code="invalid_messages")
-    results, parts, calls = [], [], []
+    results, parts, calls, thinking = [], [], [], []
     for block in content:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append({"type": "text", "text": block["text"]} | cached(block))
         elif kind == "image":
             source = block.get("source") if isinstance(block.get("source"), dict) else {}
             if source.get("type") == "url" and isinstance(source.get("url"), str):
@@ -6805,7 +7107,7 @@ def anthropic_message(role: str, content: Any, index: int) -> list[dict]:
                 url = f"data:{source.get('media_type', 'image/png')};base64,{source['data']}"
             else:
                 raise BadRequest(f"messages.{index}: an image needs a base64 or url source", code="invalid_messages")
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            parts.append({"type": "image_url", "image_url": {"url": url}} | cached(block))
         elif kind in ("document", "search_result", "container_upload"):
             raise BadRequest(f"messages.{index}: {kind} blocks are not supported here", code="invalid_messages")
         elif kind == "tool_use" and role == "assistant":
@@ -6813,19 +7115,29 @@ def anthropic_message(role: str, content: Any, index: int) -> list[dict]:
                 "name": str(block.get("name", "")), "arguments": compact_json(block.get("input") or {})}})
         elif kind == "tool_result":
             text = anthropic_text(block.get("content"))
+            text = f"Error: {text}" if block.get("is_error") else text
             results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
-                            "content": f"Error: {text}" if block.get("is_error") else text})
-        # thinking, redacted_thinking and others: not for an OpenAI-compatible upstream
+                            "content": [{"type": "text", "text": text} | cached(block)] if "cache_control" in block
+                            else text})
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            thinking.append(block)  # signed: for an Anthropic upstream only, as it was
     messages = results
     if parts or calls:
-        text_only = all(p["type"] == "text" for p in parts)
+        text_only = all(p["type"] == "text" and "cache_control" not in p for p in parts)
         message: dict[str, Any] = {"role": role, "content": "\n\n".join(p["text"] for p in parts) if text_only
                                    else parts}
         if calls:
             message["content"] = message["content"] or None
             message["tool_calls"] = calls
+        if thinking:
+            message["thinking_blocks"] = thinking
         messages.append(message)
     return messages
+
+
+def cached(block: dict) -> dict:
+    """A block's ``cache_control``, to carry on its part (``{}`` when it has none)."""
+    return {"cache_control": block["cache_control"]} if "cache_control" in block else {}
 
 
 def anthropic_tools(tools: Any) -> list[dict]:
@@ -6878,9 +7190,14 @@ class AnthropicEncoder:
                 quoted = _json_string(text).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
                 frames.append(self._text_head + quoted.encode() + b"}}\n\n")
                 return frames
-            case ReasoningDelta(text=text):
-                return self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""}) + [
-                    self._delta({"type": "thinking_delta", "thinking": text})]
+            case ReasoningDelta(text=text, signature=signature):
+                frames = self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                if text:
+                    frames.append(self._delta({"type": "thinking_delta", "thinking": text}))
+                if signature:  # the block is whole: an Anthropic upstream's, passed on to be sent back
+                    frames.append(self._delta({"type": "signature_delta", "signature": signature}))
+                    frames += self._close()
+                return frames
             case ToolCall(client_side=True):
                 frames = self._close() + self._block("tool_use", {"type": "tool_use", "id": event.id,
                                                                   "name": event.name, "input": {}})
@@ -6911,9 +7228,11 @@ class AnthropicEncoder:
             match event:
                 case TextDelta(text=text) | ReasoningDelta(text=text):
                     kind, field_ = ("text", "text") if type(event) is TextDelta else ("thinking", "thinking")
-                    if not content or content[-1]["type"] != kind:
+                    if not content or content[-1]["type"] != kind or content[-1].get("signature"):
                         content.append({"type": kind, field_: ""} | ({"signature": ""} if kind == "thinking" else {}))
                     content[-1][field_] += text
+                    if kind == "thinking" and event.signature:
+                        content[-1]["signature"] = event.signature
                 case ToolCall(client_side=True):
                     args = event.args
                     content.append({"type": "tool_use", "id": event.id, "name": event.name,
@@ -6965,17 +7284,23 @@ def anthropic_model(chat: NodeChat, model: str) -> str:
     """The model that answers: the one asked for; for a ``claude-*`` name that its provider
     does not list in ``models`` (Claude Code asks for its own names), the default model."""
     provider, name = chat.providers.split(model)
-    if model.startswith("claude") and name not in provider.models and chat.providers.default_model:
-        return chat.providers.default_model
+    if model.startswith("claude") and name not in provider.models:
+        native = provider if isinstance(provider, AnthropicProvider) else \
+            next((p for p in chat.providers if isinstance(p, AnthropicProvider)), None)
+        if native is not None and not native.models:  # Claude itself: every claude-* name is its own
+            return model if native is provider else f"{native.name}/{model}"
+        if chat.providers.default_model:
+            return chat.providers.default_model
     chat.providers.resolve(model)
     return model
 
 
 async def create_message(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
     """``POST /v1/messages`` (any query string, any ``anthropic-version``; ``anthropic-beta``
-    is read by no OpenAI-compatible upstream, so it is never forwarded)."""
+    goes on to an Anthropic upstream only)."""
     body = request.json()
-    turn = anthropic_turn(body, request.user_id, chat.settings, stateless_tools(chat))
+    turn = anthropic_turn(body, request.user_id, chat.settings, stateless_tools(chat),
+                          request.headers.get("anthropic-beta", ""))
     turn.request_id = request.request_id
     turn.model = anthropic_model(chat, turn.model)
     encoder = AnthropicEncoder(body["model"], -(-estimate_input({"messages": turn.messages}) // 4))
@@ -6983,13 +7308,22 @@ async def create_message(chat: NodeChat, request: Request) -> JSONResponse | SSE
 
 
 async def count_tokens(chat: NodeChat, request: Request) -> JSONResponse:
-    """``POST /v1/messages/count_tokens``: an estimate that errs high, as Claude Code compacts a
-    conversation by it (too low and it never does): UTF-8 bytes / 3 (a CJK character is 3
-    bytes and about a token), and 1,600 tokens an image."""
+    """``POST /v1/messages/count_tokens``: an Anthropic upstream's own count; elsewhere an
+    estimate that errs high, as Claude Code compacts a conversation by it (too low and it
+    never does): UTF-8 bytes / 3 (a CJK character is 3 bytes and about a token), and 1,600
+    tokens an image."""
     body = request.json()
     if isinstance(body, dict):
         body = {"max_tokens": 1, **body}
     turn = anthropic_turn(body, request.user_id, chat.settings, [])
+    provider, name = chat.providers.resolve(anthropic_model(chat, turn.model))
+    if isinstance(provider, AnthropicProvider):
+        asked = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")} | {"model": name}
+        try:
+            return JSONResponse({"input_tokens": await provider.count_tokens(
+                asked, request.headers.get("anthropic-beta", ""), chat.http())})
+        except NodeChatError as exc:
+            log.warning("counting tokens: %s; estimating instead", exc.message)
     text = compact_json([m.get("content") if isinstance(m.get("content"), str) else
                          [p for p in m["content"] or () if p.get("type") == "text"] for m in turn.messages])
     images = sum(1 for m in turn.messages if isinstance(m.get("content"), list)
@@ -7391,7 +7725,7 @@ class ChatSSEEncoder:
         match event:
             case TextDelta(text=text):
                 return [sse_json({"type": "text", "content": text, "id": self.message_id})]
-            case ReasoningDelta(text=text):
+            case ReasoningDelta(text=text) if text:
                 return [sse_json({"type": "reasoning", "content": text, "id": self.message_id})]
             case ToolCall(id=call_id, name=name):
                 args = event.args
@@ -7446,7 +7780,7 @@ class UIStreamEncoder:
         match event:
             case TextDelta(text=text):
                 return self._delta("text", text)
-            case ReasoningDelta(text=text):
+            case ReasoningDelta(text=text) if text:
                 return self._delta("reasoning", text)
             case ToolCall(id=call_id, name=name):
                 extra = {"dynamic": True} if name in self.dynamic else {}
@@ -7982,7 +8316,7 @@ class WSEncoder:
             case TextDelta(text=text):
                 return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
                                            "done": False})]
-            case ReasoningDelta(text=text):
+            case ReasoningDelta(text=text) if text:
                 return [self._with_thread({"type": "chunk", "content_type": "text", "content": text,
                                            "done": False, "thinking": True})]
             case ToolCall(id=call_id, name=name):

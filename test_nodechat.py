@@ -2534,6 +2534,35 @@ ENCODER_CASES = {  # encoder, events -> the exact bytes on the wire (start + enc
                                b'"usage":{"input_tokens":2,"output_tokens":2,"cache_creation_input_tokens":0,'
                                b'"cache_read_input_tokens":1}}'),
             (b"message_stop", b'{"type":"message_stop"}')])),
+    "anthropic signed thinking": (lambda: nodechat.AnthropicEncoder("claude-x", 4, id="msg_1"), (
+        nodechat.ReasoningDelta("a"), nodechat.ReasoningDelta("b", signature="s1"),
+        nodechat.ReasoningDelta("", signature="s2"), nodechat.TextDelta("Hi"), nodechat.Finished("stop")), b"".join(
+        b"event: " + name + b"\ndata: " + data + b"\n\n" for name, data in [
+            (b"message_start", b'{"type":"message_start","message":{"id":"msg_1","type":"message","role":'
+                               b'"assistant","model":"claude-x","content":[],"stop_reason":null,"stop_sequence":null,'
+                               b'"usage":{"input_tokens":4,"output_tokens":1,"cache_creation_input_tokens":0,'
+                               b'"cache_read_input_tokens":0}}}'),
+            (b"content_block_start", b'{"type":"content_block_start","index":0,"content_block":'
+                                     b'{"type":"thinking","thinking":"","signature":""}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":'
+                                     b'{"type":"thinking_delta","thinking":"a"}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":'
+                                     b'{"type":"thinking_delta","thinking":"b"}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":'
+                                     b'{"type":"signature_delta","signature":"s1"}}'),
+            (b"content_block_stop", b'{"type":"content_block_stop","index":0}'),
+            (b"content_block_start", b'{"type":"content_block_start","index":1,"content_block":'
+                                     b'{"type":"thinking","thinking":"","signature":""}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":1,"delta":'
+                                     b'{"type":"signature_delta","signature":"s2"}}'),
+            (b"content_block_stop", b'{"type":"content_block_stop","index":1}'),
+            (b"content_block_start", b'{"type":"content_block_start","index":2,"content_block":{"type":"text","text":""}}'),
+            (b"content_block_delta", b'{"type":"content_block_delta","index":2,"delta":{"type":"text_delta","text":"Hi"}}'),
+            (b"content_block_stop", b'{"type":"content_block_stop","index":2}'),
+            (b"message_delta", b'{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+                               b'"usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,'
+                               b'"cache_read_input_tokens":0}}'),
+            (b"message_stop", b'{"type":"message_stop"}')])),
     "seed": (lambda: nodechat.ChatSSEEncoder("conv", message_id="msg_1"), TURN, b"".join([
         b'data: {"type":"reasoning","content":"hmm","id":"msg_1"}\n\n',
         b'data: {"type":"text","content":"Hi \\u2028","id":"msg_1"}\n\n',
@@ -3042,6 +3071,285 @@ def test_anthropic_raw_stream_has_event_lines_takes_either_key_and_ignores_beta(
     assert "anthropic-beta" not in upstream.headers[-1]  # an OpenAI-compatible upstream never sees it
     missing = httpx.get(url + "/v1/messages/nothing", headers={"x-api-key": "tok-alice"})
     assert missing.status_code == 404 and missing.json()["type"] == "error"
+
+
+###############################################################################
+# Providers: a native Anthropic upstream, scripted event by event
+###############################################################################
+
+
+def messages_event(kind: str, **fields) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
+
+
+def claude_turn(*blocks: tuple, stop: str = "end_turn", usage: dict | None = None) -> list[bytes]:
+    """A Messages stream, as Claude sends it: ``("thinking", text, signature)``, ``("text",
+    piece, ...)`` and ``("tool_use", id, name, input)`` blocks, each in several deltas."""
+    usage = usage or {"input_tokens": 11, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 5,
+                      "output_tokens": 1}
+    frames = [messages_event("message_start", message={
+        "id": "msg_up", "type": "message", "role": "assistant", "model": "claude-up", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": usage}), messages_event("ping")]
+    for index, (kind, *rest) in enumerate(blocks):
+        if kind == "thinking":
+            thought, signature = rest
+            frames.append(messages_event("content_block_start", index=index, content_block={
+                "type": "thinking", "thinking": "", "signature": ""}))
+            frames += [messages_event("content_block_delta", index=index, delta={"type": "thinking_delta",
+                                                                                  "thinking": piece})
+                       for piece in (thought[:4], thought[4:])]
+            frames.append(messages_event("content_block_delta", index=index, delta={
+                "type": "signature_delta", "signature": signature}))
+        elif kind == "text":
+            frames.append(messages_event("content_block_start", index=index, content_block={"type": "text", "text": ""}))
+            frames += [messages_event("content_block_delta", index=index, delta={"type": "text_delta", "text": piece})
+                       for piece in rest]
+        else:
+            call_id, name, args = rest
+            raw = json.dumps(args)
+            frames.append(messages_event("content_block_start", index=index, content_block={
+                "type": "tool_use", "id": call_id, "name": name, "input": {}}))
+            frames += [messages_event("content_block_delta", index=index, delta={"type": "input_json_delta",
+                                                                                  "partial_json": piece})
+                       for piece in ("", raw[:5], raw[5:])]
+        frames.append(messages_event("content_block_stop", index=index))
+    return frames + [
+        messages_event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
+                       usage={"output_tokens": 9}),
+        messages_event("message_stop")]
+
+
+class FakeAnthropic(FakeUpstream):
+    """Anthropic's Messages API, scripted: ``/v1/messages`` plays ``claude_turn()`` frames
+    (or ``failing()``), ``/v1/messages/count_tokens`` counts words, ``/v1/models`` lists."""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan" or scope["path"] == "/v1/messages":
+            return await super().__call__(scope, receive, send)
+        if scope["path"] == "/v1/models":
+            self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]} | {"query": scope["query_string"]})
+            return await self._send(send, 200, {"data": [{"type": "model", "id": m} for m in self.models],
+                                                "has_more": False})
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.requests.append(json.loads(body))
+        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        await self._send(send, 200, {"input_tokens": 1000 * len(self.requests[-1]["messages"]) + 7})
+
+
+@pytest.fixture
+def claude_upstream(tmp_path):
+    fake = FakeAnthropic(models=("claude-up", "claude-small"))
+    fake.title_turn = claude_turn(("text", "Chat About Tea"))
+    fake.config = tmp_path / "claude.toml"
+    with serve(fake) as url:
+        fake.url = url
+        yield fake
+
+
+def on_claude(fake: FakeAnthropic, key: str) -> dict:
+    """Settings for a nodechat whose one provider, ``claude``, is ``fake`` (as a user writes them)."""
+    fake.config.write_text(f'[[providers]]\nname = "claude"\nkind = "anthropic"\nbase_url = "{fake.url}"\n'
+                           f'api_key = "{key}"\n')
+    return {"config": fake.config, "base_url": "", "model": "claude-up"}
+
+
+def test_settings_read_anthropic_providers_from_toml_and_the_environment(tmp_path):
+    config = tmp_path / "nodechat.toml"
+    config.write_text('[[providers]]\nname = "claude"\nkind = "anthropic"\nbase_url = "https://example.com"\n'
+                      'api_key_env = "MY_KEY"\n')
+    settings = Settings.from_sources(config_path=config, environ={"MY_KEY": "k-1"})
+    assert settings.providers == (nodechat.ProviderConfig("claude", "https://example.com", "k-1", kind="anthropic"),)
+    both = Settings.from_sources(environ={"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-ant-x"})
+    assert [(p.name, p.kind, p.base_url) for p in both.providers] == [
+        ("openai", "openai", "https://api.openai.com/v1"), ("anthropic", "anthropic", "https://api.anthropic.com")]
+    assert nodechat.ModelRouter(both)["anthropic"].base_url == "https://api.anthropic.com/v1"
+    config.write_text('[[providers]]\nname = "x"\nkind = "gemini"\nbase_url = "https://example.com"\n')
+    with pytest.raises(ValueError, match="kind 'gemini'; use one of openai, anthropic"):
+        Settings.from_sources(config_path=config, environ={})
+
+
+def test_anthropic_upstream_thinking_text_and_two_tools_reach_an_openai_client(live, claude_upstream):
+    _, url = live(**on_claude(claude_upstream, "sk-ant-secret"))
+    claude_upstream.script(claude_turn(("thinking", "Two cities.", "sig-1"), ("text", "Checking", " both."),
+                                       ("tool_use", "toolu_1", "get_weather", {"city": "Oslo"}),
+                                       ("tool_use", "toolu_2", "get_weather", {"city": "Rome"}), stop="tool_use"))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                               "parameters": WEATHER_TOOL["input_schema"]}}]
+    chunks = list(client(url).chat.completions.create(
+        model="claude-up", stream=True, stream_options={"include_usage": True}, tools=tools, stop="END",
+        parallel_tool_calls=False, messages=[{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "weather in Oslo and Rome?"}]))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Two cities."
+    assert "".join(d.content or "" for d in deltas) == "Checking both."
+    calls = [call for d in deltas for call in d.tool_calls or ()]
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("toolu_1", "get_weather", {"city": "Oslo"}), ("toolu_2", "get_weather", {"city": "Rome"})]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    usage = chunks[-1].usage  # input counts the cached and the cache-written tokens, as OpenAI's does
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens) == (18, 9, 5)
+    sent, headers = claude_upstream.requests[-1], claude_upstream.headers[-1]
+    assert headers["x-api-key"] == "sk-ant-secret" and headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in headers
+    assert sent == {"model": "claude-up", "stream": True, "max_tokens": 8192,
+                    "system": [{"type": "text", "text": "Be brief."}],
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "weather in Oslo and Rome?"}]}],
+                    "stop_sequences": ["END"],
+                    "tools": [{"name": "get_weather", "description": "Weather in a city.",
+                               "input_schema": WEATHER_TOOL["input_schema"]}],
+                    "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}
+    claude_upstream.script(claude_turn(("text", "Sunny and warm.")))
+    answer = client(url).chat.completions.create(model="claude/claude-up", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "weather?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in calls]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "warm"},
+        {"role": "user", "content": "so?"}])
+    assert answer.choices[0].message.content == "Sunny and warm." and answer.choices[0].finish_reason == "stop"
+    assert claude_upstream.requests[-1]["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "weather?"}, {"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": "iVBO"}}]},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}}]},
+        {"role": "user", "content": [  # the results first, in one user turn with the next message
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "warm"},
+            {"type": "text", "text": "so?"}]}]
+    listed = [m.id for m in client(url).models.list()]
+    assert listed == ["claude-up", "claude-small"] and claude_upstream.headers[-1]["query"] == b"limit=1000"
+
+
+def test_claude_code_through_an_anthropic_upstream_keeps_thinking_signatures_cache_control_and_betas(
+        live, claude_upstream):
+    _, url = live(**on_claude(claude_upstream, "sk-ant-secret"))
+    claude_upstream.script(claude_turn(("thinking", "Look it up.", "sig-A"), ("text", "On it."),
+                                       ("tool_use", "toolu_9", "get_weather", {"city": "Oslo"}), stop="tool_use"))
+    with claude(url).messages.stream(
+            model="claude-up", max_tokens=1000, tools=[WEATHER_TOOL], thinking={"type": "enabled", "budget_tokens": 500},
+            extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14,made-up-2099-01-01"},
+            system=[{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+            messages=[{"role": "user", "content": "weather in Oslo?"}]) as stream:
+        first = stream.get_final_message()
+    assert [b.type for b in first.content] == ["thinking", "text", "tool_use"]
+    assert first.content[0].thinking == "Look it up." and first.content[0].signature == "sig-A"
+    assert first.content[2].input == {"city": "Oslo"} and first.stop_reason == "tool_use"
+    assert (first.usage.input_tokens, first.usage.cache_read_input_tokens, first.usage.output_tokens) == (13, 5, 9)
+    sent, headers = claude_upstream.requests[-1], claude_upstream.headers[-1]
+    assert headers["anthropic-beta"] == "interleaved-thinking-2025-05-14,made-up-2099-01-01"
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 500} and sent["model"] == "claude-up"
+    assert sent["system"] == [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    claude_upstream.script(claude_turn(("text", "Sunny.")))
+    history = [{"role": "user", "content": "weather in Oslo?"},
+               {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "sunny",
+                                             "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+    again = claude(url).messages.create(model="claude-up", max_tokens=1000, tools=[WEATHER_TOOL], messages=history,
+                                        thinking={"type": "enabled", "budget_tokens": 500})
+    assert again.content[0].text == "Sunny."
+    assert claude_upstream.requests[-1]["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "weather in Oslo?"}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Look it up.", "signature": "sig-A"}, {"type": "text", "text": "On it."},
+            {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": [
+            {"type": "text", "text": "sunny", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]}]
+    counted = claude(url).messages.count_tokens(model="claude-up", messages=history)
+    assert counted.input_tokens == 3007  # the upstream's own count
+    assert "max_tokens" not in claude_upstream.requests[-1] and claude_upstream.requests[-1]["model"] == "claude-up"
+
+
+def test_an_openai_upstream_never_sees_anthropic_only_fields(live, upstream):
+    _, url = live()
+    upstream.script(text("Sunny."))
+    claude(url).messages.create(
+        model="claude-x", max_tokens=100, tools=[WEATHER_TOOL], thinking={"type": "enabled", "budget_tokens": 500},
+        extra_body={"top_k": 5}, extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+        system=[{"type": "text", "text": "Sys.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}], messages=[
+            {"role": "user", "content": [{"type": "text", "text": "weather?", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                {"type": "redacted_thinking", "data": "xyz"},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny",
+                                          "cache_control": {"type": "ephemeral"}}]}])
+    sent = upstream.requests[-1]
+    assert sent["messages"] == [
+        {"role": "system", "content": "Sys."}, {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "toolu_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"}]
+    assert not {"anthropic", "thinking", "top_k"} & set(sent) and "anthropic-beta" not in upstream.headers[-1]
+
+
+def test_an_agent_turn_on_an_anthropic_upstream_sends_its_signed_thinking_back_with_the_tool_results(
+        live, claude_upstream):
+    chat, url = live(**on_claude(claude_upstream, "k"))
+    chat.tools.add(lambda city: f"sunny in {city}", name="weather", description="Weather.")
+    claude_upstream.script(claude_turn(("thinking", "Use the tool.", "sig-T"),
+                                       ("tool_use", "toolu_5", "weather", {"city": "Nice"}), stop="tool_use"),
+                           claude_turn(("text", "Sunny in Nice.")))
+    response, events = api_chat(url, {"messages": [user("weather in Nice?")], "conversationId": "c-claude"})
+    assert response.status_code == 200
+    assert "".join(e["content"] for e in events if isinstance(e, dict) and e.get("type") == "text") == "Sunny in Nice."
+    second = claude_upstream.requests[1]["messages"]
+    assert second[1] == {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "Use the tool.", "signature": "sig-T"},
+        {"type": "tool_use", "id": "toolu_5", "name": "weather", "input": {"city": "Nice"}}]}
+    assert second[2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_5",
+                                                      "content": "sunny in Nice"}]}
+    eventually(lambda: claude_upstream.title_requests or any(
+        r.get("system") == [{"type": "text", "text": nodechat.TITLE_PROMPT}] for r in claude_upstream.requests))
+
+
+@pytest.mark.parametrize("answer, status, says", [
+    (failing(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+             [(b"retry-after", b"7")]), 502, "returned HTTP 529: Overloaded (retry after 7 s)"),
+    (failing(429, {"type": "error", "error": {"type": "rate_limit_error", "message": "Slow down sk-ant-secret"}},
+             [(b"retry-after", b"3")]), 429, "returned HTTP 429: Slow down *** (retry after 3 s)"),
+])
+def test_anthropic_upstream_errors_name_the_provider_and_keep_retry_after(live, claude_upstream, answer, status, says):
+    _, url = live(**on_claude(claude_upstream, "sk-ant-secret"))
+    claude_upstream.script(answer)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client(url).chat.completions.create(model="claude-up", messages=[user("hi")])
+    assert failed.value.status_code == status and failed.value.response.headers["retry-after"] in ("7", "3")
+    assert f"provider 'claude' at {claude_upstream.url}/v1 {says}" in failed.value.message
+
+
+def test_anthropic_upstream_error_event_and_cut_stream_reach_the_client_as_errors(live, claude_upstream):
+    _, url = live(**on_claude(claude_upstream, "k"))
+    overloaded = messages_event("error", error={"type": "overloaded_error", "message": "Overloaded"})
+    claude_upstream.script(claude_turn(("text", "Par", "tial"))[:4] + [overloaded],
+                           claude_turn(("text", "Cut", " short"))[:5], drop(claude_turn(("text", "Cut"))[:4]))
+    for expected in ("Overloaded", "ended the stream before the answer was complete", "connection closed mid-body"):
+        with pytest.raises(openai.APIError, match=expected):
+            for _ in client(url).chat.completions.create(model="claude-up", stream=True, messages=[user("hi")]):
+                pass
+
+
+def test_messages_decoder_refuses_malformed_events():
+    provider = nodechat.AnthropicProvider("claude", "http://x", "sk-ant-secret")
+    for data in (b"not json", b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta"}}',
+                 b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":5}}',
+                 b'{"type":"content_block_delta","index":3,"delta":{"type":"input_json_delta","partial_json":"{"}}',
+                 b'{"type":"error","error":{"message":"bad key sk-ant-secret"}}'):
+        with pytest.raises(nodechat.UpstreamError) as failed:
+            nodechat.MessagesDecoder(provider).feed([data])
+        assert "provider 'claude' at http://x/v1" in failed.value.message and "sk-ant-secret" not in failed.value.message
+    decoder = nodechat.MessagesDecoder(provider)
+    assert decoder.feed([b'{"type":"message_start","message":{"usage":{"input_tokens":3}}}',
+                         b'{"type":"message_delta","delta":{"stop_reason":"max_tokens"},"usage":{"output_tokens":2}}',
+                         b'{"type":"message_stop"}']) == []
+    assert decoder.close() == [nodechat.StepFinished("length", nodechat.Usage(3, 2))]
 
 
 ###############################################################################
