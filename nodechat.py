@@ -311,6 +311,8 @@ class Settings:
     max_conversations_per_user: int = 10_000
     #: Memories stored per user (403 beyond).
     max_memories_per_user: int = 1_000
+    #: ``/v1/responses`` kept per user for ``previous_response_id`` (the oldest go first).
+    max_responses_per_user: int = 1_000
     #: Longest line accepted in a provider's event stream (502 beyond).
     max_upstream_line_bytes: int = 4 * 1024 * 1024
     #: On SIGTERM (``python nodechat.py``) or when the app closes, seconds in-flight turns
@@ -1406,15 +1408,17 @@ class JSONFileStore:
     ``conversations/<id>.json`` holds a conversation's owner and title (rewritten atomically),
     ``conversations/<id>.jsonl`` its messages (appended, one per line), ``users/<user>.jsonl``
     a log of the user's conversation metas (listing reads it, not every conversation), and
-    ``memories/<user>.json`` a user's memories.  Writers take a file lock, so several worker
+    ``memories/<user>.json`` a user's memories, ``usage/<user>/<month>.jsonl`` the ledger and
+    ``responses/<user>/<id>.json`` the ``/v1/responses`` kept.  Writers take a file lock, so several worker
     processes can share one directory; file work runs in a thread, off the event loop.
     """
 
     def __init__(self, root: str | os.PathLike, *, max_conversations_per_user: int = 0,
-                 max_memories_per_user: int = 0, cached_users: int = 256):
+                 max_memories_per_user: int = 0, max_responses_per_user: int = 0, cached_users: int = 256):
         self.root = Path(root)
         self.max_conversations = max_conversations_per_user
         self.max_memories = max_memories_per_user
+        self.max_responses = max_responses_per_user
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._memories_seen = LRU(cached_users)  # user -> _Cached(memories, MemoryIndex)
         self._listings_seen = LRU(cached_users)  # user -> _Cached({id: meta}, offset read)
@@ -1592,10 +1596,47 @@ class JSONFileStore:
         return await self._in_thread(read)
 
     def _usage(self, user_id: str, month: str) -> Path:
-        """A user's ledger file for ``month``; a user id that is no file name (a host's
-        ``authenticate`` may return any string) is hashed."""
-        folder = user_id if valid_id(user_id) else "h-" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
-        return self.root / "usage" / folder / f"{month}.jsonl"
+        """A user's ledger file for ``month``."""
+        return self.root / "usage" / user_folder(user_id) / f"{month}.jsonl"
+
+    # -- /v1/responses kept for previous_response_id ---------------------------------------------
+
+    async def put_response(self, user_id: str, response_id: str, record: dict) -> None:
+        """``responses/<user>/<id>.json``, the user's oldest beyond ``max_responses`` removed."""
+        path = self._response(user_id, response_id)
+
+        def put() -> None:
+            _write_json(path, record)
+            if self.max_responses:
+                kept = sorted(os.scandir(path.parent), key=lambda e: e.stat().st_mtime_ns, reverse=True)
+                for entry in kept[self.max_responses:]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+
+        await self._in_thread(put)
+
+    async def get_response(self, user_id: str, response_id: str) -> dict | None:
+        """The user's response ``response_id`` (None for another user's, or none)."""
+        if not valid_id(response_id):
+            return None
+        return await self._in_thread(_read_json, self._response(user_id, response_id))
+
+    async def delete_response(self, user_id: str, response_id: str) -> bool:
+        if not valid_id(response_id):
+            return False
+        path = self._response(user_id, response_id)
+
+        def delete() -> bool:
+            try:
+                path.unlink()
+                return True
+            except FileNotFoundError:
+                return False
+
+        return await self._in_thread(delete)
+
+    def _response(self, user_id: str, response_id: str) -> Path:
+        return self.root / "responses" / user_folder(user_id) / (validate_id(response_id, "response id") + ".json")
 
     async def check(self) -> None:
         """At start-up: move aside (with a warning) any JSON file that is torn or invalid,
@@ -1716,6 +1757,12 @@ class LRU(collections.OrderedDict):
         self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
+
+
+def user_folder(user_id: str) -> str:
+    """A user's folder name: a user id that is no file name (a host's ``authenticate`` may
+    return any string) is hashed."""
+    return user_id if valid_id(user_id) else "h-" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
 
 
 def _unavailable(conversation_id: str, why: str) -> Conflict:
@@ -1963,6 +2010,16 @@ PG_MIGRATIONS = (
         until timestamptz NOT NULL,
         PRIMARY KEY (user_id, key));
     """,
+    # /v1/responses kept for previous_response_id, per user
+    """
+    CREATE TABLE nodechat_responses (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        user_id text NOT NULL,
+        id text NOT NULL,
+        body json NOT NULL,
+        PRIMARY KEY (user_id, id));
+    CREATE INDEX nodechat_responses_by_age ON nodechat_responses (user_id, seq);
+    """,
 )
 
 CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at"
@@ -1996,15 +2053,17 @@ class PostgresStore:
     migrated then.  While the database is down every call raises StoreUnavailable (503);
     calls succeed again once it is back, with no restart.
 
-    ``max_conversations_per_user`` and ``max_memories_per_user``: 0 means no limit.
+    ``max_conversations_per_user``, ``max_memories_per_user`` and ``max_responses_per_user``:
+    0 means no limit.
     """
 
     def __init__(self, url: str, *, max_conversations_per_user: int = 0,
-                 max_memories_per_user: int = 0, pool_size: int = 10):
+                 max_memories_per_user: int = 0, max_responses_per_user: int = 0, pool_size: int = 10):
         self._asyncpg = _import_asyncpg()
         self.url = url
         self.max_conversations_per_user = max_conversations_per_user
         self.max_memories_per_user = max_memories_per_user
+        self.max_responses = max_responses_per_user
         self.pool_size = pool_size
         self._outages = (OSError, self._asyncpg.PostgresConnectionError, self._asyncpg.InterfaceError,
                          self._asyncpg.OperatorInterventionError,  # shutdown, crash, "starting up"
@@ -2164,6 +2223,30 @@ class PostgresStore:
                 "reasoning", "estimated")
         return [dict(zip(keys, row)) for row in rows]
 
+    # -- /v1/responses kept for previous_response_id ---------------------------------------------
+
+    async def put_response(self, user_id: str, response_id: str, record: dict) -> None:
+        async with self._transaction() as db:
+            await db.execute("INSERT INTO nodechat_responses (user_id, id, body) VALUES ($1, $2, $3) "
+                             "ON CONFLICT (user_id, id) DO UPDATE SET body = excluded.body",
+                             user_id, validate_id(response_id, "response id"), compact_json(record))
+            if self.max_responses:
+                await db.execute(
+                    "DELETE FROM nodechat_responses WHERE user_id = $1 AND seq <= (SELECT seq FROM "
+                    "nodechat_responses WHERE user_id = $1 ORDER BY seq DESC OFFSET $2 LIMIT 1)",
+                    user_id, self.max_responses)
+
+    async def get_response(self, user_id: str, response_id: str) -> dict | None:
+        async with self._connection() as db:
+            body = await db.fetchval("SELECT body FROM nodechat_responses WHERE user_id = $1 AND id = $2",
+                                     user_id, response_id)
+        return None if body is None else json.loads(body)
+
+    async def delete_response(self, user_id: str, response_id: str) -> bool:
+        async with self._connection() as db:
+            return await db.execute("DELETE FROM nodechat_responses WHERE user_id = $1 AND id = $2",
+                                    user_id, response_id) != "DELETE 0"
+
     # -- connections ---------------------------------------------------------------------------
 
     async def check(self) -> None:
@@ -2311,7 +2394,8 @@ def _tsquery(query: str) -> str:
 def make_store(settings: Settings) -> JSONFileStore | PostgresStore:
     """The store the settings ask for: PostgreSQL when ``database_url`` is set."""
     limits = dict(max_conversations_per_user=settings.max_conversations_per_user,
-                  max_memories_per_user=settings.max_memories_per_user)
+                  max_memories_per_user=settings.max_memories_per_user,
+                  max_responses_per_user=settings.max_responses_per_user)
     if settings.database_url:
         return PostgresStore(settings.database_url, **limits)
     return JSONFileStore(settings.data_dir, **limits)
@@ -6982,12 +7066,15 @@ def stateless_tools(chat: NodeChat) -> list[Tool]:
     return chat.tools.offered(chat.settings.tools, None) if chat.settings.openai_server_tools else []
 
 
-def stateless_response(chat: NodeChat, turn: Turn, encoder: Any, stream: bool) -> SSEResponse | WaitedResponse:
+def stateless_response(chat: NodeChat, turn: Turn, encoder: Any, stream: bool,
+                       events: Callable[[], AsyncIterator[Event]] | None = None) -> SSEResponse | WaitedResponse:
     """A ``/v1/*`` turn's response: its encoder's stream, or the whole answer its encoder
-    collects (``completion``); either way it ends with its connection."""
+    collects (``completion``); either way it ends with its connection.  ``events``: the
+    turn's events, when more than ``run_turn`` makes them."""
+    events = events or (lambda: run_turn(chat, turn))
     if stream:
-        return SSEResponse(run_turn(chat, turn), encoder, keepalive=chat.settings.keepalive_seconds)
-    return WaitedResponse(lambda: encoder.completion(run_turn(chat, turn)))
+        return SSEResponse(events(), encoder, keepalive=chat.settings.keepalive_seconds)
+    return WaitedResponse(lambda: encoder.completion(events()))
 
 
 OPENAI_ROUTES = Routes("/v1/", openai_errors, (
@@ -7344,30 +7431,32 @@ ANTHROPIC_ROUTES = Routes("/v1/messages", anthropic_errors, (
 ###############################################################################
 
 
-def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool]) -> Turn:
+def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: list[Tool],
+                   history: list[dict] = ()) -> tuple[Turn, list[dict]]:
     """A Responses request as a turn: ``instructions`` and ``developer`` messages as system
     messages, ``function_call`` and ``function_call_output`` items as tool calls and
     results, reasoning items dropped, flat function tools, ``text.format`` as
-    ``response_format``.  Stateless: the client sends the whole input each time."""
+    ``response_format``.  After ``history`` (a ``previous_response_id``'s), and with the
+    conversation so far without the instructions: what the response keeps, as OpenAI does
+    (instructions are not carried over)."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_body")
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise BadRequest("'model' must be a string", code="invalid_model")
-    if body.get("previous_response_id") is not None:
-        raise BadRequest("previous_response_id: responses are not stored here yet; send the whole "
-                         "input (as with store: false)", code="unsupported_parameter")
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise BadRequest("'input' must be a string or a non-empty array of items", code="invalid_input")
-    check_messages(items, settings)
-    messages = [{"role": "system", "content": body["instructions"]}] \
-        if isinstance(body.get("instructions"), str) and body["instructions"] else []
+    check_messages([*history, *items], settings)
+    conversation = list(history)
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise BadRequest(f"input[{index}] must be an object", code="invalid_input")
-        responses_item(item, messages)
+        responses_item(item, conversation)
+    messages = [{"role": "system", "content": body["instructions"]}] \
+        if isinstance(body.get("instructions"), str) and body["instructions"] else []
+    messages += conversation
     if body.get("max_output_tokens") is not None and (type(body["max_output_tokens"]) is not int
                                                       or body["max_output_tokens"] < 1):
         raise BadRequest("'max_output_tokens' must be a positive integer", code="invalid_max_output_tokens")
@@ -7390,7 +7479,7 @@ def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: li
     return Turn(messages=one_system_message(messages), user_id=user_id, model=body.get("model"),
                 tools=server_tools, client_tools=responses_tools(body.get("tools")), params=params,
                 protocol="responses",
-                max_steps=settings.max_steps if server_tools else 1)
+                max_steps=settings.max_steps if server_tools else 1), conversation
 
 
 def responses_item(item: dict, messages: list[dict]) -> None:
@@ -7459,11 +7548,13 @@ class ResponsesEncoder:
         self.model = model
         self.echo = {"parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
                      "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
-                     "instructions": body.get("instructions"), "metadata": body.get("metadata") or {}}
+                     "instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
+                     "previous_response_id": body.get("previous_response_id"), "store": body.get("store") is not False}
         self.output: list[dict] = []
         self._sequence = itertools.count()
         self._items = itertools.count()
         self._open: dict | None = None  # the message item being written
+        self._final_frames: list[bytes] | None = None
 
     def start(self) -> list[bytes]:
         response = self._response("in_progress")
@@ -7494,15 +7585,22 @@ class ResponsesEncoder:
                     self._event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
                                 arguments=event.arguments),
                     self._event("response.output_item.done", output_index=at, item=item)]
-            case Finished(reason=reason, usage=usage):
-                frames = self._close()
-                cut = reason in ("length", "budget")
-                response = self._response("incomplete" if cut else "completed", usage)
-                if cut:
-                    response["incomplete_details"] = {"reason": "max_output_tokens"}
-                return frames + [self._event("response.incomplete" if cut else "response.completed",
-                                             response=response)]
+            case Finished():
+                self.final(event)
+                return self._final_frames
         return []
+
+    def final(self, event: Finished) -> dict:
+        """The Response the turn ended with (worked out once: it is kept before it goes out)."""
+        if self._final_frames is None:
+            frames = self._close()
+            cut = event.reason in ("length", "budget")
+            response = self._response("incomplete" if cut else "completed", event.usage)
+            if cut:
+                response["incomplete_details"] = {"reason": "max_output_tokens"}
+            self._final_frames = frames + [self._event("response.incomplete" if cut else "response.completed",
+                                                       response=response)]
+        return self._last
 
     def end(self) -> list[bytes]:
         return []
@@ -7565,18 +7663,65 @@ class ResponsesEncoder:
 
 
 async def create_response(chat: NodeChat, request: Request) -> JSONResponse | SSEResponse:
-    """``POST /v1/responses``, stream and not."""
+    """``POST /v1/responses``, stream and not; kept (``store``, true unless false) for a
+    ``previous_response_id`` to continue, and for GET and DELETE."""
     body = request.json()
-    turn = responses_turn(body, request.user_id, chat.settings, stateless_tools(chat))
+    history = []
+    if isinstance(body, dict) and body.get("previous_response_id") is not None:
+        history = (await kept_response(chat, request.user_id, body["previous_response_id"],
+                                       "previous_response_not_found"))["messages"]
+    turn, conversation = responses_turn(body, request.user_id, chat.settings, stateless_tools(chat), history)
     turn.request_id = request.request_id
     turn.model = turn.model or chat.providers.default_model
     chat.providers.resolve(turn.model)
     encoder = ResponsesEncoder(turn.model, body)
-    return stateless_response(chat, turn, encoder, body.get("stream") is True)
+    if body.get("store") is False or not hasattr(chat.store, "put_response"):
+        return stateless_response(chat, turn, encoder, body.get("stream") is True)
+
+    async def keeping() -> AsyncIterator[Event]:
+        """The turn's events; the response is kept before its end goes out (a client may send
+        its ``previous_response_id`` as soon as it reads it)."""
+        async for event in run_turn(chat, turn):
+            if type(event) is Finished:
+                response = encoder.final(event)
+                messages = list(conversation)
+                for item in response["output"]:
+                    responses_item(item, messages)
+                await chat.store.put_response(turn.user_id, encoder.id, {"messages": messages, "response": response})
+            yield event
+
+    return stateless_response(chat, turn, encoder, body.get("stream") is True, keeping)
+
+
+async def kept_response(chat: NodeChat, user_id: str, response_id: Any, code: str = "response_not_found") -> dict:
+    """The caller's kept response; NotFound for anyone else's, as for one never made."""
+    if not isinstance(response_id, str):
+        raise BadRequest("a response id must be a string", code="invalid_response_id")
+    get = getattr(chat.store, "get_response", None)
+    record = await get(user_id, response_id) if get is not None and valid_id(response_id) else None
+    if record is None:
+        raise NotFound(f"Response with id '{response_id[:100]}' not found.", code=code)
+    return record
+
+
+async def retrieve_response(chat: NodeChat, request: Request) -> JSONResponse:
+    """``GET /v1/responses/{id}``: the Response as it ended."""
+    return JSONResponse((await kept_response(chat, request.user_id, request.params["id"]))["response"])
+
+
+async def delete_response(chat: NodeChat, request: Request) -> JSONResponse:
+    """``DELETE /v1/responses/{id}``: a later ``previous_response_id`` to it is a 404."""
+    response_id = request.params["id"]
+    delete = getattr(chat.store, "delete_response", None)
+    if delete is None or not valid_id(response_id) or not await delete(request.user_id, response_id):
+        raise NotFound(f"Response with id '{response_id[:100]}' not found.", code="response_not_found")
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
 RESPONSES_ROUTES = Routes("/v1/responses", openai_errors, (
     ("POST", "/v1/responses", create_response, "token"),
+    ("GET", "/v1/responses/{id}", retrieve_response, "token"),
+    ("DELETE", "/v1/responses/{id}", delete_response, "token"),
 ), "responses")
 
 

@@ -960,6 +960,20 @@ async def test_conversations_list_newest_first_in_pages(any_store):
 
 
 @pytest.mark.anyio
+async def test_every_store_keeps_responses_per_owner_and_bounded(any_store):
+    any_store = any_store(max_responses_per_user=2)
+    for n in range(3):
+        await any_store.put_response("alice", f"resp_{n}", {"messages": [], "response": {"id": f"resp_{n}"}})
+    await any_store.put_response("h/ost user", "resp_x", {"messages": [{"role": "user", "content": "x"}]})
+    assert await any_store.get_response("alice", "resp_0") is None  # the oldest went first
+    assert (await any_store.get_response("alice", "resp_2"))["response"] == {"id": "resp_2"}
+    assert await any_store.get_response("bob", "resp_2") is None
+    assert (await any_store.get_response("h/ost user", "resp_x"))["messages"][0]["content"] == "x"
+    assert not await any_store.delete_response("bob", "resp_2")
+    assert await any_store.delete_response("alice", "resp_2") and await any_store.get_response("alice", "resp_2") is None
+
+
+@pytest.mark.anyio
 async def test_quotas_refuse_the_next_conversation_and_memory(any_store):
     store = any_store(max_conversations_per_user=2, max_memories_per_user=2)
     await store.create_conversation("c1", "alice")
@@ -2637,7 +2651,8 @@ def test_responses_encoder_writes_exact_bytes():
               nodechat.Finished("tool_calls", nodechat.Usage(3, 2, cached=1)))
     wire = b"".join(encoder.start() + [f for e in events for f in encoder.encode(e)] + encoder.end())
     base = {"id": "resp_1", "object": "response", "created_at": 7, "model": "m", "parallel_tool_calls": True,
-            "tool_choice": "auto", "tools": [], "instructions": "Be brief.", "metadata": {}, "usage": None,
+            "tool_choice": "auto", "tools": [], "instructions": "Be brief.", "metadata": {},
+            "previous_response_id": None, "store": True, "usage": None,
             "error": None, "incomplete_details": None}
 
     def response(status, output, **extra):
@@ -3406,6 +3421,55 @@ def test_responses_stream_and_a_function_call_round_trip(live, upstream):
         {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
 
 
+def test_responses_continue_from_previous_response_id_and_are_kept_per_user(live, upstream):
+    _, url = live()
+    upstream.script(text("Hello Ada."), tool_calls(("get_weather", {"city": "Oslo"})), text("Sunny, Ada."))
+    first = client(url).responses.create(model="fake-1", instructions="Be terse.", input="My name is Ada.")
+    assert first.store is True and first.previous_response_id is None
+    with client(url).responses.stream(model="fake-1", previous_response_id=first.id, tools=RESPONSES_WEATHER,
+                                      input="weather in Oslo?") as stream:
+        second = stream.get_final_response()
+    call = second.output[-1]
+    assert upstream.requests[-1]["messages"] == [  # the instructions are not carried over, as OpenAI does
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada."},
+        {"role": "user", "content": "weather in Oslo?"}]
+    third = client(url).responses.create(model="fake-1", previous_response_id=second.id, tools=RESPONSES_WEATHER,
+                                         input=[{"type": "function_call_output", "call_id": call.call_id,
+                                                 "output": "sunny"}])
+    assert third.output_text == "Sunny, Ada." and third.previous_response_id == second.id
+    assert upstream.requests[-1]["messages"][3:] == [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function", "function": {
+            "name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    kept = client(url).responses.retrieve(second.id)  # as it ended (the stream helper adds parsed_arguments)
+    assert kept.model_dump() == second.model_dump() | {"output": [
+        {k: v for k, v in item.model_dump().items() if k != "parsed_arguments"} for item in second.output]}
+    for other in (client(url, "tok-bob").responses, ):  # another user's is not found, as if never made
+        with pytest.raises(openai.NotFoundError):
+            other.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError) as missing:
+            other.create(model="fake-1", previous_response_id=first.id, input="hi")
+        assert missing.value.body["code"] == "previous_response_not_found"
+        with pytest.raises(openai.NotFoundError):
+            other.delete(first.id)
+    client(url).responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError, match=f"Response with id '{first.id}' not found"):
+        client(url).responses.create(model="fake-1", previous_response_id=first.id, input="hi")
+    unkept = client(url).responses.create(model="fake-1", input="forget this", store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        client(url).responses.retrieve(unkept.id)
+    assert len(upstream.requests) == 4  # a refused previous_response_id calls no model
+
+
+def test_responses_kept_per_user_are_bounded_oldest_first(live, upstream):
+    _, url = live(max_responses_per_user=2)
+    made = [client(url).responses.create(model="fake-1", input=f"n{n}").id for n in range(3)]
+    with pytest.raises(openai.NotFoundError):
+        client(url).responses.retrieve(made[0])
+    assert [client(url).responses.retrieve(i).id for i in made[1:]] == made[1:]
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [1, None]}]}),
     ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}),
@@ -3439,8 +3503,12 @@ def test_front_doors_answer_odd_requests_with_a_400_in_their_shape(live, upstrea
 
 def test_responses_errors_in_openais_shape(live, upstream):
     _, url = live()
-    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+    with pytest.raises(openai.NotFoundError, match="Response with id 'resp_x' not found"):
         client(url).responses.create(model="fake-1", input="hi", previous_response_id="resp_x")
+    with pytest.raises(openai.BadRequestError, match="a response id must be a string"):
+        client(url).responses.create(model="fake-1", input="hi", extra_body={"previous_response_id": 5})
+    with pytest.raises(openai.NotFoundError):
+        client(url).responses.retrieve("../../etc/passwd")
     with pytest.raises(openai.BadRequestError, match="not available here: web_search"):
         client(url).responses.create(model="fake-1", input="hi", tools=[{"type": "web_search"}])
     upstream.script(drop(text("Half")[:2]))  # the upstream fails after the 200
