@@ -6969,3 +6969,54 @@ def test_real_llamacpp_server_through_nodechat(tmp_path, llamacpp):
                                                   stream=True, stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
         assert chunks[-1].usage.completion_tokens > 0
+
+
+def messages_shape(raw: str) -> list[str]:
+    """A Messages stream's structure, not its words: each event by name (and block or delta
+    type, and stop reason), runs of one delta kind as one."""
+    shape = []
+    for name, data in re.findall(r"^event: (\w+)\ndata: (.*)$", raw, re.M):
+        event = json.loads(data)
+        kind = (event.get("content_block") or event.get("delta") or {}).get("type") or \
+            (event.get("delta") or {}).get("stop_reason") or ""
+        entry = f"{name}:{kind}" if kind else name
+        if name != "ping" and (not shape or shape[-1] != entry or name != "content_block_delta"):
+            shape.append(entry)
+    return shape
+
+
+def test_messages_through_nodechat_have_llamacpps_own_structure(tmp_path, llamacpp):
+    """llama.cpp serves /v1/messages itself: nodechat's translation of its chat completions
+    must have the same events, blocks and stop reason (the words are the model's)."""
+    body = {"model": "smollm2", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    own = httpx.post(llamacpp + "/messages", json=body, timeout=120)
+    chat = NodeChat(environ={}, data_dir=str(tmp_path), base_url=llamacpp, model="smollm2")
+    with serve(chat) as url:
+        ours = httpx.post(url + "/v1/messages", json=body, timeout=120)
+        whole_ours = httpx.post(url + "/v1/messages", json={**body, "stream": False}, timeout=120).json()
+    whole_own = httpx.post(llamacpp + "/messages", json={**body, "stream": False}, timeout=120).json()
+    assert messages_shape(ours.text) == messages_shape(own.text) == [
+        "message_start", "content_block_start:text", "content_block_delta:text_delta", "content_block_stop",
+        "message_delta:max_tokens", "message_stop"]
+    assert set(whole_own) <= set(whole_ours) | {"stop_sequence"}
+    assert [b["type"] for b in whole_ours["content"]] == [b["type"] for b in whole_own["content"]] == ["text"]
+    assert whole_ours["stop_reason"] == whole_own["stop_reason"] == "max_tokens"
+    assert whole_ours["usage"]["output_tokens"] == whole_own["usage"]["output_tokens"] == 8
+
+
+def test_llamacpps_messages_api_as_a_native_anthropic_upstream(tmp_path, llamacpp):
+    config = tmp_path / "nodechat.toml"
+    config.write_text(f'[[providers]]\nname = "llama"\nkind = "anthropic"\nbase_url = "{llamacpp}"\n'
+                      'models = ["smollm2"]\n')
+    chat = NodeChat(environ={}, data_dir=str(tmp_path), config=config, model="smollm2")
+    with serve(chat) as url:
+        reply = client(url, timeout=120).chat.completions.create(
+            model="smollm2", max_tokens=8, messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert reply.choices[0].message.content.strip() and reply.choices[0].finish_reason in ("stop", "length")
+        assert 0 < reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 0
+        counted = claude(url).messages.count_tokens(model="smollm2", messages=[
+            {"role": "user", "content": "What is the capital of France?"}])
+        direct = httpx.post(llamacpp + "/messages/count_tokens", json={"model": "smollm2", "messages": [
+            {"role": "user", "content": "What is the capital of France?"}]}, timeout=60).json()
+        assert counted.input_tokens == direct["input_tokens"]  # the upstream's own count, not an estimate
