@@ -4309,7 +4309,7 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
     of one role as one.  ``body["anthropic"]`` holds what only this API takes (``thinking``,
     ``top_k``, ``metadata``, the betas), from the Messages door."""
     native = dict(body.get("anthropic") or {})
-    system: list[dict] = []
+    system: list[dict] = list(native.pop("system", ()))  # blocks for Claude only (Claude Code's attribution)
     messages: list[dict] = []
     for message in body.get("messages") or ():
         role = message.get("role")
@@ -7113,6 +7113,10 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         raise BadRequest("max_tokens: a positive integer is required", code="invalid_max_tokens")
     check_messages(body["messages"], settings)
     system = body.get("system")
+    attribution = [b for b in system if isinstance(b, dict) and str(b.get("text", "")).startswith(
+        "x-anthropic-billing-header:")] if isinstance(system, list) else []
+    if attribution:  # Claude Code's, for Anthropic; it changes with each prompt: another upstream's cache would miss
+        system = [b for b in system if b not in attribution]
     if isinstance(system, list) and any(isinstance(b, dict) and "cache_control" in b for b in system):
         messages = [{"role": "system", "content": [{"type": "text", "text": b["text"]} | cached(b) for b in system
                                                    if isinstance(b, dict) and isinstance(b.get("text"), str)]}]
@@ -7147,9 +7151,14 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
     native = {key: body[key] for key in ("thinking", "top_k", "metadata") if body.get(key) is not None}
     if beta:
         native["beta"] = beta
+    if attribution:
+        native["system"] = attribution
     params["anthropic"] = native
+    loaded = {block.get("tool_name") for message in body["messages"] if isinstance(message.get("content"), list)
+              for result in message["content"] if isinstance(result, dict) and isinstance(result.get("content"), list)
+              for block in result["content"] if isinstance(block, dict) and block.get("type") == "tool_reference"}
     return Turn(messages=messages, user_id=user_id, model=body["model"], tools=server_tools,
-                client_tools=anthropic_tools(body.get("tools")), params=params, protocol="anthropic",
+                client_tools=anthropic_tools(body.get("tools"), loaded), params=params, protocol="anthropic",
                 max_steps=settings.max_steps if server_tools else 1)
 
 
@@ -7166,11 +7175,14 @@ def one_system_message(messages: list[dict]) -> list[dict]:
 
 def anthropic_text(value: Any) -> str:
     """A ``system`` prompt or a ``tool_result``'s content: a string, or text blocks (one
-    paragraph each: Claude Code's blocks are separate instructions)."""
+    paragraph each: Claude Code's blocks are separate instructions).  A ``tool_reference``
+    (what Claude Code's ToolSearch finds) says which tool it loaded."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "\n\n".join(b["text"] for b in value if isinstance(b, dict) and isinstance(b.get("text"), str))
+        return "\n\n".join(b["text"] if isinstance(b.get("text"), str) else f"Tool loaded: {b['tool_name']}"
+                            for b in value if isinstance(b, dict) and (isinstance(b.get("text"), str) or (
+                                b.get("type") == "tool_reference" and isinstance(b.get("tool_name"), str))))
     return ""
 
 
@@ -7227,9 +7239,11 @@ def cached(block: dict) -> dict:
     return {"cache_control": block["cache_control"]} if "cache_control" in block else {}
 
 
-def anthropic_tools(tools: Any) -> list[dict]:
+def anthropic_tools(tools: Any, loaded: set = frozenset()) -> list[dict]:
     """Client tools (``name``, ``description``, ``input_schema``) as OpenAI function tools;
-    Anthropic's server tools (they have a ``type``) cannot run on another upstream: 400."""
+    Anthropic's server tools (they have a ``type``) cannot run on another upstream: 400.
+    A ``defer_loading`` tool is offered once a ``tool_reference`` has ``loaded`` it, as
+    Claude's tool search does."""
     if tools is None:
         return []
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
@@ -7240,7 +7254,7 @@ def anthropic_tools(tools: Any) -> list[dict]:
                          code="invalid_tools")
     return [{"type": "function", "function": {"name": t["name"], "description": str(t.get("description", "")),
                                               "parameters": t.get("input_schema") or {"type": "object"}}}
-            for t in tools]
+            for t in tools if t.get("defer_loading") is not True or t["name"] in loaded]
 
 
 def sse_event(name: str, value: Any) -> bytes:

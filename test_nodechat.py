@@ -3089,6 +3089,225 @@ def test_anthropic_raw_stream_has_event_lines_takes_either_key_and_ignores_beta(
 
 
 ###############################################################################
+# Protocol: /v1/messages through Claude Code itself (`claude -p`, from the npm registry)
+###############################################################################
+
+
+# Claude Code in print mode (`claude -p PROMPT --output-format json`) with ANTHROPIC_BASE_URL at
+# a live nodechat: its real system prompt (~8k tokens, Anthropic text blocks with
+# cache_control), its ~12-25 tools, `thinking` and `context_management` in the body,
+# `?beta=true` on the path, anthropic-beta headers, and its own stream parser.  Since 2.x the
+# package is a wrapper whose optionalDependencies carry a native binary per platform
+# (@anthropic-ai/claude-code-linux-x64, ~240 MB) that its postinstall links to bin/claude.exe:
+# all from the npm registry, nothing downloaded beyond it.  1.0.x and 2.0.x were pure JS (cli.js).
+#
+# Pinned, as the AI SDK is: an unpinned install may get an older `latest` than `npm view` says
+# (seen: 2.1.197 installed while the registry said 2.1.332).  In print mode 2.1.x makes no side
+# calls (2.0.x adds "Warmup" subagent calls, 1.0.x a haiku call after each Bash run; those take
+# scripted turns in order: run other versions with that in mind).
+CLAUDE_CODE_NEWEST = "2.1.332"
+CLAUDE_CODE_VERSIONS = tuple(v for v in os.environ.get("NODECHAT_CLAUDE_CODE_VERSIONS", "").split(",") if v) \
+    or (CLAUDE_CODE_NEWEST,)
+
+
+def _npm_install_package(package: str, version: str, npm: str) -> Path:
+    """``package@version`` in the cache (reused when present); installed beside it, then renamed,
+    so an interrupted install never leaves a half-filled cache behind."""
+    slug = package.strip("@").replace("/", "-")
+    target = AI_SDK_CACHE / f"{slug}-{version}"
+    marker = target / "node_modules" / package / "package.json"
+    if marker.exists() and json.loads(marker.read_text())["version"] == version:
+        return target
+    staging = AI_SDK_CACHE / f".{slug}-{version}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "package.json").write_text('{"private": true}\n')
+    done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", f"{package}@{version}"],
+                          cwd=staging, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        pytest.fail(f"npm install {package}@{version} failed:\n{done.stdout}\n{done.stderr}")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+class ClaudeCode:
+    """One installed Claude Code, run in print mode against a nodechat URL."""
+
+    def __init__(self, version: str, executable: Path):
+        self.version, self.executable = version, executable
+
+    def __repr__(self) -> str:
+        return f"claude-code@{self.version}"
+
+    def run(self, url: str, prompt: str, workdir: Path, *args: str, token: str = "tok-alice",
+            auth: str = "ANTHROPIC_API_KEY", timeout: float = 120) -> dict:
+        """``claude -p PROMPT --output-format json`` in ``workdir``; its one JSON result."""
+        home = workdir.parent / (workdir.name + "-home")
+        home.mkdir(exist_ok=True)
+        env = {
+            "PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": url, auth: token,
+            # nothing but nodechat: no telemetry, error reports, update checks or other traffic
+            "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1", "DISABLE_AUTOUPDATER": "1",
+            "DISABLE_BUG_COMMAND": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "CLAUDE_CODE_MAX_RETRIES": "0",  # a refused request fails at once, not after 10 backoffs
+            "NO_COLOR": "1", "TERM": "dumb"}
+        done = subprocess.run([str(self.executable), "-p", prompt, "--output-format", "json",
+                               "--model", "claude-sonnet-4-5", "--max-turns", "4", *args],
+                              env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        lines = done.stdout.strip().splitlines()
+        assert lines, f"{self} printed nothing (exit {done.returncode}):\n{done.stderr}"
+        result = json.loads(lines[-1])
+        assert done.returncode == 0 and not result["is_error"], (
+            f"{self} failed (exit {done.returncode}): {result.get('result')}\n{done.stdout}\n{done.stderr}")
+        return result
+
+
+@pytest.fixture(scope="session", params=CLAUDE_CODE_VERSIONS, ids=[f"claude-code@{v}" for v in CLAUDE_CODE_VERSIONS])
+def claude_code(request) -> ClaudeCode:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not (node and npm):
+        reason = "the Claude Code tests need node and npm (apt-get install nodejs npm), not found on PATH"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; CI must run them")
+        pytest.skip(reason)
+    installed = _npm_install_package("@anthropic-ai/claude-code", request.param, npm)
+    executable = installed / "node_modules" / ".bin" / "claude"
+    done = subprocess.run([str(executable), "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith(request.param), (
+        f"claude --version: exit {done.returncode}\n{done.stdout}\n{done.stderr}")  # e.g. no native binary
+    return ClaudeCode(request.param, executable)
+
+
+def main_loop_only(upstream, prompt: str) -> list[dict]:
+    """The upstream requests, each checked to be a call of Claude Code's main loop (one that
+    carries the prompt): a side call (2.0.x's "Warmup", 1.0.x's haiku calls) would have taken
+    a scripted turn meant for the main loop."""
+    side = [r for r in upstream.requests if not any(
+        m["role"] == "user" and isinstance(m["content"], str) and prompt in m["content"] for m in r["messages"])]
+    assert not side, "side calls took scripted turns: " + "; ".join(
+        f"{r['messages'][-1]['content'][:60]!r} ({len(r.get('tools') or [])} tools)" for r in side)
+    return upstream.requests
+
+
+def requests_by_status(url: str) -> dict[str, int]:
+    """nodechat_requests_total by ``protocol/status``, from /metrics."""
+    scrape = httpx.get(url + "/metrics").text
+    return {f"{m[1]}/{m[2]}": int(m[3]) for m in
+            re.finditer(r'^nodechat_requests_total\{protocol="([^"]*)",status="([^"]*)"\} (\d+)$', scrape, re.M)}
+
+
+def upstream_errors(url: str) -> str:
+    return "".join(line + "\n" for line in httpx.get(url + "/metrics").text.splitlines()
+                   if line.startswith("nodechat_upstream_errors_total{"))
+
+
+@pytest.mark.parametrize("auth", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])  # x-api-key, Bearer
+def test_claude_code_answers_in_print_mode(claude_code, live, upstream, tmp_path, auth):
+    _, url = live(metrics=True)
+    upstream.script(text("Hi ", "there!"))
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    result = claude_code.run(url, "say hi", workdir, auth=auth)
+    [sent] = main_loop_only(upstream, "say hi")
+    assert result["result"] == "Hi there!" and result["num_turns"] == 1
+    assert result["usage"]["input_tokens"] == 7 and result["usage"]["output_tokens"] == 3  # the upstream's
+    assert sent["model"] == "fake-1" and sent["stream"] is True  # claude-sonnet-4-5: no provider lists it
+    assert "Bash" in [t["function"]["name"] for t in sent["tools"]]
+    assert sent["messages"][-1]["role"] == "user" and sent["messages"][-1]["content"].endswith("say hi")
+    assert "thinking" not in sent and "context_management" not in sent and "metadata" not in sent
+    counts = requests_by_status(url)
+    assert counts.get("anthropic/200") == 1 and all(k.endswith("/200") for k in counts), counts
+    assert not upstream_errors(url)  # no error mid-stream (Claude Code would retry without stream)
+
+
+def test_claude_code_runs_a_tool_and_answers_with_its_result(claude_code, live, upstream, tmp_path):
+    _, url = live(metrics=True)
+    upstream.script(tool_calls(("Bash", {"command": "echo tool-ran-$((6*7))", "description": "Print a marker"}),
+                               say="Running it."),
+                    text("It printed 42."))
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    result = claude_code.run(url, "run the marker command", workdir, "--allowedTools", "Bash")
+    first, second = main_loop_only(upstream, "run the marker command")
+    assert result["result"] == "It printed 42." and result["num_turns"] == 2
+    assert result["permission_denials"] == []
+    assert [m["role"] for m in second["messages"]][-3:] == ["user", "assistant", "tool"]
+    call, output = second["messages"][-2], second["messages"][-1]
+    assert call["content"] == "Running it."
+    assert call["tool_calls"] == [{"id": "call_0_Bash", "type": "function", "function": {
+        "name": "Bash", "arguments": json.dumps({"command": "echo tool-ran-$((6*7))",
+                                                 "description": "Print a marker"}, separators=(",", ":"))}}]
+    assert output["tool_call_id"] == "call_0_Bash" and output["content"].startswith("tool-ran-42")  # ran here
+    assert second["messages"][0] == first["messages"][0]  # the system prompt: as the first call's
+    counts = requests_by_status(url)
+    assert counts.get("anthropic/200") == 2 and all(k.endswith("/200") for k in counts), counts
+    assert not upstream_errors(url)
+
+
+def test_claude_code_takes_thinking_and_parallel_tool_calls(claude_code, live, upstream, tmp_path):
+    """reasoning_content comes out as a thinking block with an empty signature; Claude Code sends
+    it back next call and nodechat drops it; two calls in one step both run."""
+    _, url = live(metrics=True)
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("the secret word is marmalade\n")
+    thinking_then_calls = text(reasoning="Read the file and list the folder.")[:2] + tool_calls(
+        ("Read", {"file_path": str(workdir / "notes.txt")}), ("Bash", {"command": "ls", "description": "List"}))[1:]
+    upstream.script(thinking_then_calls, text("The word is marmalade.", reasoning="Found it."))
+    result = claude_code.run(url, "what is the secret word?", workdir, "--allowedTools", "Bash", "Read")
+    _, second = main_loop_only(upstream, "what is the secret word?")
+    assert result["result"] == "The word is marmalade."
+    read, listed = second["messages"][-2:]
+    assert read["role"] == listed["role"] == "tool"
+    assert "marmalade" in read["content"] and "notes.txt" in listed["content"]
+    assert second["messages"][-3]["role"] == "assistant" and len(second["messages"][-3]["tool_calls"]) == 2
+    assert all(k.endswith("/200") for k in requests_by_status(url)) and not upstream_errors(url)
+
+
+def test_claude_code_shows_an_upstream_refusal(claude_code, live, upstream, tmp_path):
+    _, url = live(metrics=True)
+    upstream.script(failing(429, {"error": {"message": "slow down", "type": "rate_limit"}}))
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    with pytest.raises(AssertionError, match=r"429.*slow down"):
+        claude_code.run(url, "say hi", workdir)
+    assert len(upstream.requests) == 1  # CLAUDE_CODE_MAX_RETRIES=0
+
+
+def test_claude_code_billing_header_stays_out_of_the_upstream_prompt(claude_code, live, upstream, tmp_path):
+    """Its ``cc_version`` changes with the prompt: left in, every new session would miss an
+    upstream's prefix cache for the whole system prompt (~8k tokens)."""
+    _, url = live()
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    claude_code.run(url, "say hi", workdir)
+    claude_code.run(url, "say something else entirely", workdir)
+    first, second = upstream.requests
+    assert "x-anthropic-billing-header" not in first["messages"][0]["content"]
+    assert first["messages"][0] == second["messages"][0]
+
+
+def test_claude_code_tool_search_result_reaches_the_upstream(claude_code, live, upstream, tmp_path):
+    """ToolSearch answers with ``tool_reference`` blocks and then offers the tool with
+    ``defer_loading``: the upstream reads which tool loaded, and is offered it only then."""
+    _, url = live()
+    upstream.script(tool_calls(("ToolSearch", {"query": "select:CronList", "max_results": 5})), text("found"))
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    claude_code.run(url, "find the cron tool", workdir)
+    first, second = upstream.requests
+    offered = [t["function"]["name"] for t in first["tools"]]
+    assert "ToolSearch" in offered and "CronList" not in offered
+    assert "DeferredToolPlaceholder" not in offered  # deferred, never loaded
+    assert "CronList" in [t["function"]["name"] for t in second["tools"]]
+    result = next(m for m in second["messages"] if m["role"] == "tool")
+    assert result["content"] == "Tool loaded: CronList"
+
+
+###############################################################################
 # Providers: a native Anthropic upstream, scripted event by event
 ###############################################################################
 
@@ -3243,6 +3462,9 @@ def test_anthropic_upstream_thinking_text_and_two_tools_reach_an_openai_client(l
     assert listed == ["claude-up", "claude-small"] and claude_upstream.headers[-1]["query"] == b"limit=1000"
 
 
+BILLING = "x-anthropic-billing-header: cc_version=2.1.332.0b8; cc_entrypoint=sdk-cli;"
+
+
 def test_claude_code_through_an_anthropic_upstream_keeps_thinking_signatures_cache_control_and_betas(
         live, claude_upstream):
     _, url = live(**on_claude(claude_upstream, "sk-ant-secret"))
@@ -3251,7 +3473,8 @@ def test_claude_code_through_an_anthropic_upstream_keeps_thinking_signatures_cac
     with claude(url).messages.stream(
             model="claude-up", max_tokens=1000, tools=[WEATHER_TOOL], thinking={"type": "enabled", "budget_tokens": 500},
             extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14,made-up-2099-01-01"},
-            system=[{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+            system=[{"type": "text", "text": BILLING}, {"type": "text", "text": "You are Claude Code.",
+                                                        "cache_control": {"type": "ephemeral"}}],
             messages=[{"role": "user", "content": "weather in Oslo?"}]) as stream:
         first = stream.get_final_message()
     assert [b.type for b in first.content] == ["thinking", "text", "tool_use"]
@@ -3261,7 +3484,8 @@ def test_claude_code_through_an_anthropic_upstream_keeps_thinking_signatures_cac
     sent, headers = claude_upstream.requests[-1], claude_upstream.headers[-1]
     assert headers["anthropic-beta"] == "interleaved-thinking-2025-05-14,made-up-2099-01-01"
     assert sent["thinking"] == {"type": "enabled", "budget_tokens": 500} and sent["model"] == "claude-up"
-    assert sent["system"] == [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    assert sent["system"] == [{"type": "text", "text": BILLING},  # Claude Code's attribution: Anthropic's to read
+                              {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
     claude_upstream.script(claude_turn(("text", "Sunny.")))
     history = [{"role": "user", "content": "weather in Oslo?"},
                {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
@@ -3288,7 +3512,8 @@ def test_an_openai_upstream_never_sees_anthropic_only_fields(live, upstream):
     claude(url).messages.create(
         model="claude-x", max_tokens=100, tools=[WEATHER_TOOL], thinking={"type": "enabled", "budget_tokens": 500},
         extra_body={"top_k": 5}, extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
-        system=[{"type": "text", "text": "Sys.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}], messages=[
+        system=[{"type": "text", "text": BILLING}, {"type": "text", "text": "Sys.",
+                                                    "cache_control": {"type": "ephemeral", "ttl": "1h"}}], messages=[
             {"role": "user", "content": [{"type": "text", "text": "weather?", "cache_control": {"type": "ephemeral"}}]},
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "hm", "signature": "sig"},
@@ -4429,27 +4654,6 @@ class AISDK:
                          "messages": messages, **spec})
 
 
-def _npm_install(version: str, npm: str) -> Path:
-    """``ai@version`` in the cache (reused when present); installed beside it, then renamed,
-    so an interrupted install never leaves a half-filled cache behind."""
-    target = AI_SDK_CACHE / f"ai-{version}"
-    marker = target / "node_modules" / "ai" / "package.json"
-    if marker.exists() and json.loads(marker.read_text())["version"] == version:
-        return target
-    staging = AI_SDK_CACHE / f".ai-{version}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / "package.json").write_text('{"private": true}\n')
-    done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", f"ai@{version}"],
-                          cwd=staging, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        pytest.fail(f"npm install ai@{version} failed:\n{done.stdout}\n{done.stderr}")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
-
-
 @pytest.fixture(scope="session", params=AI_SDK_VERSIONS, ids=[f"ai@{v}" for v in AI_SDK_VERSIONS])
 def aisdk(request, tmp_path_factory) -> AISDK:
     return installed_aisdk(request.param, tmp_path_factory)
@@ -4467,7 +4671,7 @@ def installed_aisdk(version: str, tmp_path_factory) -> AISDK:
         if os.environ.get("CI") == "true":
             pytest.fail(reason + "; CI must run them")
         pytest.skip(reason)
-    installed = _npm_install(version, npm)
+    installed = _npm_install_package("ai", version, npm)
     workdir = tmp_path_factory.mktemp(f"ai-{version}")
     (workdir / "client.mjs").write_text(AISDK_CLIENT)
     (workdir / "resume.mjs").write_text(AISDK_RESUME)
