@@ -7457,6 +7457,12 @@ def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         raise BadRequest("request body must be a JSON object", code="invalid_body")
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise BadRequest("'model' must be a string", code="invalid_model")
+    for key in ("conversation", "prompt"):  # kept elsewhere (OpenAI's Conversations, prompt templates): never ignored
+        if body.get(key) is not None:
+            raise BadRequest(f"'{key}' is not supported here; send the input (and previous_response_id)",
+                             code="unsupported_parameter")
+    if body.get("background") is True:
+        raise BadRequest("'background' is not supported here; stream the response instead", code="unsupported_parameter")
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
@@ -7578,12 +7584,18 @@ class ResponsesEncoder:
     def encode(self, event: Event) -> list[bytes]:
         match event:
             case TextDelta(text=text):
-                frames = self._open_message()
+                frames = self._open_item("message")
                 item = self._open
                 item["content"][0]["text"] += text
                 return frames + [self._event("response.output_text.delta", item_id=item["id"],
                                              output_index=len(self.output) - 1, content_index=0, delta=text,
                                              logprobs=[])]
+            case ReasoningDelta(text=text) if text:  # a reasoning item with its text, as open models' have
+                frames = self._open_item("reasoning")
+                item = self._open
+                item["content"][0]["text"] += text
+                return frames + [self._event("response.reasoning_text.delta", item_id=item["id"],
+                                             output_index=len(self.output) - 1, content_index=0, delta=text)]
             case ToolCall(client_side=True):
                 frames = self._close()
                 item = {"id": self._item_id("fc"), "type": "function_call", "status": "in_progress",
@@ -7633,17 +7645,26 @@ class ResponsesEncoder:
                 final = self._last
         return final or self._response("completed")
 
-    def _open_message(self) -> list[bytes]:
+    def _open_item(self, kind: str) -> list[bytes]:
+        """Open a ``message`` or ``reasoning`` item (closing the other kind) with its one part."""
         if self._open is not None:
-            return []
-        item = {"id": self._item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
-                "content": [{"type": "output_text", "text": "", "annotations": []}]}
+            if self._open["type"] == kind:
+                return []
+            frames = self._close()
+        else:
+            frames = []
+        if kind == "message":
+            item = {"id": self._item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "", "annotations": []}]}
+        else:
+            item = {"id": self._item_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
+                    "content": [{"type": "reasoning_text", "text": ""}]}
         self.output.append(item)
         self._open = item
         at = len(self.output) - 1
-        return [self._event("response.output_item.added", output_index=at, item={**item, "content": []}),
-                self._event("response.content_part.added", item_id=item["id"], output_index=at, content_index=0,
-                            part={"type": "output_text", "text": "", "annotations": []})]
+        return frames + [self._event("response.output_item.added", output_index=at, item={**item, "content": []}),
+                         self._event("response.content_part.added", item_id=item["id"], output_index=at,
+                                     content_index=0, part=dict(item["content"][0]))]
 
     def _close(self, status: str = "completed") -> list[bytes]:
         item, self._open = self._open, None
@@ -7651,10 +7672,12 @@ class ResponsesEncoder:
             return []
         at, part = len(self.output) - 1, item["content"][0]
         item["status"] = status
-        return [self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
-                            text=part["text"], logprobs=[]),
-                self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
-                            part=part),
+        done = self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
+                           text=part["text"], logprobs=[]) if item["type"] == "message" else \
+            self._event("response.reasoning_text.done", item_id=item["id"], output_index=at, content_index=0,
+                        text=part["text"])
+        return [done, self._event("response.content_part.done", item_id=item["id"], output_index=at,
+                                  content_index=0, part=part),
                 self._event("response.output_item.done", output_index=at, item=item)]
 
     def _response(self, status: str, usage: Usage | None = None) -> dict:

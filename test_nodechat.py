@@ -56,6 +56,7 @@ from pathlib import Path
 import httpx
 import msgpack
 import anthropic
+from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 import openai
 import pytest
 import uvicorn
@@ -3687,6 +3688,25 @@ def test_responses_continue_from_previous_response_id_and_are_kept_per_user(live
     assert len(upstream.requests) == 4  # a refused previous_response_id calls no model
 
 
+def test_responses_carry_the_models_reasoning_as_a_reasoning_item(live, upstream):
+    _, url = live()
+    upstream.script(text("Paris.", reasoning="The capital of France."), text("Lyon is second."))
+    with client(url).responses.stream(model="fake-1", input="capital of France?") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[2:6] == ["response.output_item.added", "response.content_part.added",
+                          "response.reasoning_text.delta", "response.reasoning_text.done"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "The capital of France."
+    assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == "Paris."
+    assert final.output[0].content[0].text == "The capital of France." and final.output[0].id.startswith("rs_")
+    after = client(url).responses.create(model="fake-1", previous_response_id=final.id, input="and the second?")
+    assert after.output_text == "Lyon is second."
+    assert upstream.requests[-1]["messages"] == [  # reasoning is the model's own: not sent back
+        {"role": "user", "content": "capital of France?"}, {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "and the second?"}]
+
+
 def test_responses_kept_per_user_are_bounded_oldest_first(live, upstream):
     _, url = live(max_responses_per_user=2)
     made = [client(url).responses.create(model="fake-1", input=f"n{n}").id for n in range(3)]
@@ -3734,12 +3754,174 @@ def test_responses_errors_in_openais_shape(live, upstream):
         client(url).responses.create(model="fake-1", input="hi", extra_body={"previous_response_id": 5})
     with pytest.raises(openai.NotFoundError):
         client(url).responses.retrieve("../../etc/passwd")
+    for refused in ({"conversation": "conv_1"}, {"background": True}, {"prompt": {"id": "pmpt_1"}}):
+        with pytest.raises(openai.BadRequestError, match=f"'{next(iter(refused))}' is not supported here"):
+            client(url).responses.create(model="fake-1", input="hi", extra_body=refused)
     with pytest.raises(openai.BadRequestError, match="not available here: web_search"):
         client(url).responses.create(model="fake-1", input="hi", tools=[{"type": "web_search"}])
     upstream.script(drop(text("Half")[:2]))  # the upstream fails after the 200
     with client(url).responses.stream(model="fake-1", input="hi") as stream:
         kinds = [event.type for event in stream]
     assert kinds[-1] == "response.failed"
+
+
+###############################################################################
+# OpenAI's own agents on /v1/responses: the Agents SDK (PyPI) and Codex CLI (npm)
+###############################################################################
+
+
+def agent_with_weather(url: str, looked_up: list[str], **settings) -> Agent:
+    """An agent on nodechat's /v1 (no global client, no tracing export), with one function tool."""
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        looked_up.append(city)
+        return f"sunny in {city}"
+
+    model = OpenAIResponsesModel("fake-1", openai.AsyncOpenAI(base_url=url + "/v1", api_key="tok-alice",
+                                                              max_retries=0))
+    return Agent(name="helper", instructions="Be brief.", model=model, tools=[get_weather],
+                 model_settings=ModelSettings(**settings))
+
+
+NO_TRACING = RunConfig(tracing_disabled=True)
+
+
+@pytest.mark.anyio
+async def test_agents_sdk_runs_a_function_tool_over_responses(live, upstream):
+    _, url = live()
+    looked_up: list[str] = []
+    agent = agent_with_weather(url, looked_up)
+    upstream.script(tool_calls(("get_weather", {"city": "Paris"})), text("It is ", "sunny in Paris."))
+    async with asyncio.timeout(TIMEOUT):
+        result = await Runner.run(agent, "Weather in Paris?", run_config=NO_TRACING)
+    assert result.final_output == "It is sunny in Paris." and looked_up == ["Paris"]
+    first, second = upstream.requests
+    assert first["messages"] == [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Weather in Paris?"}]
+    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
+    assert first["tools"][0]["function"]["strict"] is True  # the SDK's strict schema passes through
+    call_id = second["messages"][2]["tool_calls"][0]["id"]
+    assert second["messages"][2:] == [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "sunny in Paris"}]
+
+    upstream.script(tool_calls(("get_weather", {"city": "Oslo"})), text("Oslo: ", "sunny."))
+    streamed = Runner.run_streamed(agent, "Weather in Oslo?", run_config=NO_TRACING)
+    async with asyncio.timeout(TIMEOUT):
+        events = [event async for event in streamed.stream_events()]
+    assert streamed.final_output == "Oslo: sunny." and looked_up == ["Paris", "Oslo"]
+    raw = [e.data.type for e in events if e.type == "raw_response_event"]
+    assert raw.count("response.completed") == 2 and "response.function_call_arguments.done" in raw
+    assert [e.item.type for e in events if e.type == "run_item_stream_event"] == [
+        "tool_call_item", "tool_call_output_item", "message_output_item"]
+    assert "".join(e.data.delta for e in events if e.type == "raw_response_event"
+                   and e.data.type == "response.output_text.delta") == "Oslo: sunny."
+
+
+@pytest.mark.anyio
+async def test_agents_sdk_chains_runs_and_tool_steps_by_response_id(live, upstream):
+    _, url = live()
+    looked_up: list[str] = []
+    agent = agent_with_weather(url, looked_up)
+    upstream.script(text("Hello."))
+    async with asyncio.timeout(TIMEOUT):
+        first = await Runner.run(agent, "hi", run_config=NO_TRACING)
+        assert first.final_output == "Hello." and first.last_response_id.startswith("resp_")
+        upstream.script(tool_calls(("get_weather", {"city": "Oslo"})), text("Sunny."))
+        # auto_previous_response_id: each step sends only its new items (the tool's output)
+        second = await Runner.run(agent, "Weather in Oslo?", previous_response_id=first.last_response_id,
+                                  auto_previous_response_id=True, run_config=NO_TRACING)
+    assert second.final_output == "Sunny." and looked_up == ["Oslo"]
+    _, asked, answered = upstream.requests
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+               {"role": "user", "content": "Weather in Oslo?"}]
+    assert [m for m in asked["messages"] if m["role"] != "system"] == history
+    call_id = answered["messages"][-2]["tool_calls"][0]["id"]
+    assert [m for m in answered["messages"] if m["role"] != "system"] == history + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "sunny in Oslo"}]
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(openai.NotFoundError, match="not found"):
+            await Runner.run(agent, "again", previous_response_id="resp_" + "0" * 32, run_config=NO_TRACING)
+    assert len(upstream.requests) == 3
+
+
+@pytest.mark.anyio
+async def test_agents_sdk_conversation_id_is_refused_not_ignored(live, upstream):
+    _, url = live()
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(openai.BadRequestError, match="conversation"):
+            await Runner.run(agent_with_weather(url, []), "again", conversation_id="conv_123", run_config=NO_TRACING)
+    assert upstream.requests == []
+
+
+CODEX_VERSION = "0.171.0"  # pinned like AI_SDK_NEWEST; bump by hand (`npm view @openai/codex version`)
+# What Codex needs turned off to offer only function tools when its model is not in its catalog
+# (fake-1): the sub-agent tools come as {"type": "namespace"} and web search as {"type": "web_search"},
+# both of which nodechat refuses with a 400.  Plugins off: no network sync at start.
+FUNCTION_TOOLS_ONLY = ("--disable", "multi_agent", "-c", 'web_search="disabled"', "--disable", "plugins")
+
+
+@pytest.fixture(scope="session")
+def codex() -> str:
+    npm = shutil.which("npm")
+    if not npm:
+        reason = "the Codex tests need node and npm, not found on PATH"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; CI must run them")
+        pytest.skip(reason)
+    return str(_npm_install_package("@openai/codex", CODEX_VERSION, npm) / "node_modules" / ".bin" / "codex")
+
+
+def codex_exec(codex: str, url: str, tmp_path: Path, prompt: str, *options: str) -> tuple[int, list[dict], str]:
+    """``codex exec --json`` with a provider at nodechat's /v1; its JSONL events and its stderr."""
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        'model = "fake-1"\nmodel_provider = "nodechat"\n\n[model_providers.nodechat]\nname = "nodechat"\n'
+        f'base_url = "{url}/v1"\nwire_api = "responses"\nenv_key = "NODECHAT_TOKEN"\n'
+        'request_max_retries = 0\nstream_max_retries = 0\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+    env.update(CODEX_HOME=str(home), NODECHAT_TOKEN="tok-alice", NO_COLOR="1")
+    done = subprocess.run([codex, "exec", "--json", "--skip-git-repo-check", "--sandbox", "read-only",
+                           "-C", str(work), *options, prompt], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=6 * TIMEOUT)
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return done.returncode, events, done.stderr
+
+
+def items(events: list[dict], kind: str) -> list[dict]:
+    return [e["item"] for e in events if e.get("type") == "item.completed" and e["item"].get("type") == kind]
+
+
+def test_codex_exec_answers_and_runs_a_command_through_responses(live, upstream, codex, tmp_path):
+    _, url = live()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "marker.txt").write_text("MARKER-42\n")
+    upstream.script(tool_calls(("exec_command", {"cmd": "cat marker.txt"})), text("Saw ", "MARKER-42."))
+    code, events, stderr = codex_exec(codex, url, tmp_path, "What is in marker.txt?", *FUNCTION_TOOLS_ONLY)
+    assert code == 0, (stderr[-2000:], events)
+    [command] = items(events, "command_execution")
+    assert "cat marker.txt" in command["command"] and "MARKER-42" in command["aggregated_output"]
+    assert [m["text"] for m in items(events, "agent_message")] == ["Saw MARKER-42."]
+    first, second = upstream.requests
+    assert "exec_command" in [t["function"]["name"] for t in first["tools"]]
+    assert first["messages"][0]["role"] == "system"  # Codex's developer messages, as one system message
+    [result] = [m for m in second["messages"] if m["role"] == "tool"]
+    assert result["tool_call_id"] == "call_0_exec_command" and "MARKER-42" in result["content"]
+
+
+def test_codex_with_its_default_tools_is_told_which_ones_cannot_run_here(live, upstream, codex, tmp_path):
+    """Codex offers its sub-agent tools (``namespace``) and web search by default: nodechat
+    cannot run OpenAI's hosted tools, so it says which (400), rather than drop them unsaid."""
+    _, url = live()
+    code, events, stderr = codex_exec(codex, url, tmp_path, "Say hello.", "--disable", "plugins")
+    assert code != 0 and "not available here: namespace, web_search" in stderr + json.dumps(events)
+    assert upstream.requests == []
 
 
 ###############################################################################
