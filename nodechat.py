@@ -7077,9 +7077,17 @@ def stateless_response(chat: NodeChat, turn: Turn, encoder: Any, stream: bool,
     return WaitedResponse(lambda: encoder.completion(events()))
 
 
+def models_errors(err: NodeChatError, request: Request | None = None) -> JSONResponse:
+    """``/v1/models`` serves both SDKs: Anthropic's error body to a caller that sends
+    ``anthropic-version`` (Anthropic's SDKs, Claude Code's model discovery), else OpenAI's."""
+    if request is not None and "anthropic-version" in request.headers:
+        return anthropic_errors(err, request)
+    return openai_errors(err, request)
+
+
 OPENAI_ROUTES = Routes("/v1/", openai_errors, (
-    ("GET", "/v1/models", list_models, "token"),
-    ("GET", "/v1/models/{id}", retrieve_model, "token"),
+    ("GET", "/v1/models", list_models, "token", models_errors),
+    ("GET", "/v1/models/{id}", retrieve_model, "token", models_errors),
     ("POST", "/v1/chat/completions", chat_completions, "token"),
 ), "openai")
 
@@ -7128,6 +7136,7 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         messages += anthropic_message(message["role"], message.get("content"), index)
     if not any(m["role"] != "system" for m in messages):
         raise BadRequest("messages: no text, image, tool_use or tool_result block to answer", code="invalid_messages")
+    check_messages(messages, settings)  # the system prompt too
     params: dict[str, Any] = {"max_tokens": body["max_tokens"]}
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
@@ -7477,6 +7486,7 @@ def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: li
     messages = [{"role": "system", "content": body["instructions"]}] \
         if isinstance(body.get("instructions"), str) and body["instructions"] else []
     messages += conversation
+    check_messages(messages, settings)  # instructions and function_call_output too
     if body.get("max_output_tokens") is not None and (type(body["max_output_tokens"]) is not int
                                                       or body["max_output_tokens"] < 1):
         raise BadRequest("'max_output_tokens' must be a positive integer", code="invalid_max_output_tokens")

@@ -3044,6 +3044,12 @@ def test_anthropic_count_tokens_models_and_errors_are_the_sdks_own(live, upstrea
     wide = claude(url).messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "你好" * 100}])
     assert wide.input_tokens >= 200  # a CJK character is about a token
     assert [m.id for m in claude(url).models.list()] == ["fake-1", "fake-2"]
+    with pytest.raises(anthropic.AuthenticationError) as refused:  # /v1/models answers each SDK in its shape
+        claude(url, "wrong").models.list()
+    assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(url, "wrong").models.list()
+    assert refused.value.code == "invalid_api_key" and "error" not in refused.value.body  # the SDK unwraps "error"
     with pytest.raises(anthropic.AuthenticationError) as refused:
         claude(url, "wrong").messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert refused.value.body["error"]["type"] == "authentication_error"
@@ -3059,6 +3065,14 @@ def test_anthropic_count_tokens_models_and_errors_are_the_sdks_own(live, upstrea
     with pytest.raises(anthropic.RateLimitError, match="token budget exceeded"):
         retrying.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert len(upstream.requests) == 1  # and no retry (x-should-retry: false)
+
+
+def test_a_messages_system_prompt_counts_against_max_message_chars(live, upstream):
+    _, url = live(max_message_chars=1_000)
+    with pytest.raises(anthropic.APIStatusError, match="message 0 has 1001 characters") as large:
+        claude(url).messages.create(model="m", max_tokens=5, system="s" * 1001, messages=[{"role": "user", "content": "x"}])
+    assert large.value.status_code == 413 and large.value.body["error"]["type"] == "request_too_large"
+    assert upstream.requests == []
 
 
 def test_anthropic_stream_is_kept_alive_with_its_own_ping(live, upstream):
@@ -3747,13 +3761,18 @@ def test_front_doors_answer_odd_requests_with_a_400_in_their_shape(live, upstrea
 
 
 def test_responses_errors_in_openais_shape(live, upstream):
-    _, url = live()
+    _, url = live(max_message_chars=40_000)
     with pytest.raises(openai.NotFoundError, match="Response with id 'resp_x' not found"):
         client(url).responses.create(model="fake-1", input="hi", previous_response_id="resp_x")
     with pytest.raises(openai.BadRequestError, match="a response id must be a string"):
         client(url).responses.create(model="fake-1", input="hi", extra_body={"previous_response_id": 5})
     with pytest.raises(openai.NotFoundError):
         client(url).responses.retrieve("../../etc/passwd")
+    with pytest.raises(openai.APIStatusError, match="message 1 has 40001 characters") as large:
+        client(url).responses.create(model="fake-1", input=[
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "x" * 40_001}])
+    assert large.value.status_code == 413
     for refused in ({"conversation": "conv_1"}, {"background": True}, {"prompt": {"id": "pmpt_1"}}):
         with pytest.raises(openai.BadRequestError, match=f"'{next(iter(refused))}' is not supported here"):
             client(url).responses.create(model="fake-1", input="hi", extra_body=refused)
