@@ -116,12 +116,27 @@ TAIL = _chunk(b"data: " + (HEAD + '{},"finish_reason":"stop"}]}').encode() + b"\
               b'"model":"bench","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":5,'
               b'"total_tokens":10}}\n\ndata: [DONE]\n\n') + b"0\r\n\r\n"
 MODELS = b'{"object":"list","data":[{"id":"bench","object":"model"}]}'
+# The same answer in Anthropic's Messages events (the native Anthropic provider's upstream)
+MESSAGES_HEAD = _chunk(
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_up","type":"message",'
+    b'"role":"assistant","model":"bench","content":[],"stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\nevent: content_block_start\ndata: '
+    b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n')
+MESSAGES_PIECE = _chunk(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                        b'"delta":{"type":"text_delta","text":"tok "}}\n\n')
+MESSAGES_TAIL = _chunk(
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\nevent: message_delta\n'
+    b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":5}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n') + b"0\r\n\r\n"
 
 
 def stream_request(body: dict) -> tuple[int, float, bool]:
     """(chunks, pace, one write per chunk) asked for: /v1 passes bench_* fields through; the
     agent paths pass none, so their last message says "bench N PACE [split]"."""
-    words = str((body.get("messages") or [{}])[-1].get("content", "")).split()
+    content = (body.get("messages") or [{}])[-1].get("content", "")
+    if isinstance(content, list):  # Messages: text blocks
+        content = " ".join(block.get("text", "") for block in content)
+    words = str(content).split()
     if words[:1] == ["bench"] and len(words) >= 3:
         return int(words[1]), float(words[2]), "split" in words[3:]
     return (int(body.get("bench_chunks", 20)), float(body.get("bench_pace", 0)),
@@ -142,14 +157,16 @@ async def upstream_connection(reader: asyncio.StreamReader, writer: asyncio.Stre
                              b"content-length: %d\r\n\r\n%s" % (len(MODELS), MODELS))
                 continue
             chunks, pace, split = stream_request(body)
+            messages_api = b"/messages" in request.split(b"\r\n")[0]
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"transfer-encoding: chunked\r\n\r\n")
+                         b"transfer-encoding: chunked\r\n\r\n" + (MESSAGES_HEAD if messages_api else b""))
+            piece = MESSAGES_PIECE if messages_api else PIECE
             for index in range(chunks):
                 if index and (pace or split):  # split: each chunk its own write, drained
                     await writer.drain()
                     await asyncio.sleep(pace)
-                writer.write(PIECE)
-            writer.write(TAIL)
+                writer.write(piece)
+            writer.write(MESSAGES_TAIL if messages_api else TAIL)
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
         pass
@@ -419,7 +436,9 @@ async def load(ports: list[int], target: str, point: Point, duration: float,
     doors = {"messages": (http_payload("/v1/messages", {"model": "bench", "max_tokens": 4096, "stream": True,
                                                         "messages": [prompt(point)]}), b'"text_delta"'),
              "responses": (http_payload("/v1/responses", {"model": "bench", "stream": True,
-                                                          "input": [prompt(point)]}), b'"response.output_text.delta"')}
+                                                          "input": [prompt(point)]}), b'"response.output_text.delta"'),
+             "claude": (http_payload("/v1/chat/completions", {"model": "claude/bench", "stream": True,  # Messages upstream
+                                                              "messages": [prompt(point)]}), b'"content"')}
     ttfcs, gaps, done = [], [], 0
     deadline = time.perf_counter() + duration
 
@@ -667,7 +686,8 @@ class Bench:
         parts = {"upstream": self.measure_upstream, "naive": self.measure_naive,
                  "openai": self.measure_openai_path, "tls": self.measure_tls,
                  "agent": self.measure_agent, "idle": self.measure_idle_websockets,
-                 "against": self.measure_against, "doors": self.measure_front_doors}
+                 "against": self.measure_against, "doors": self.measure_front_doors,
+                 "kinds": self.measure_upstream_kinds}
         for name, part in parts.items():
             if not self.args.only or name in self.args.only or name == "upstream":
                 part()
@@ -770,6 +790,24 @@ class Bench:
                     for target, label in (("openai", "/v1/chat/completions"), ("messages", "/v1/messages"),
                                           ("responses", "/v1/responses")):
                         runs = self.results.setdefault(point, {}).setdefault(f"door {label}", [])
+                        runs.append(measure([node.port], [node.pid], target, point, self.duration))
+
+    def measure_upstream_kinds(self) -> None:
+        """/v1/chat/completions on one server with two providers, the same fake answer in
+        chat-completions chunks and in Messages events, each point's repeats alternating:
+        the native Anthropic provider's cost per event against the OpenAI provider's."""
+        config = os.path.join(self.work, "two-providers.toml")
+        with open(config, "w") as file:
+            file.write(f'[[providers]]\nname = "openai"\nbase_url = "http://127.0.0.1:{self.up_port}/v1"\n\n'
+                       f'[[providers]]\nname = "claude"\nkind = "anthropic"\n'
+                       f'base_url = "http://127.0.0.1:{self.up_port}"\nmodels = ["bench"]\n')
+        with self.server("nodechat upstreams", self.nodechat, {"NODECHAT_CONFIG": config}) as node:
+            for target in ("openai", "claude"):
+                self.warm(node.port, target)
+            for point in AGENT_POINTS:
+                for _ in range(self.args.repeat):
+                    for target, label in (("openai", "OpenAI"), ("claude", "Anthropic")):
+                        runs = self.results.setdefault(point, {}).setdefault(f"upstream kind {label}", [])
                         runs.append(measure([node.port], [node.pid], target, point, self.duration))
 
     def measure_idle_websockets(self) -> None:
@@ -968,6 +1006,12 @@ def report_fits(results: dict) -> None:
         print("front doors, one server, alternating: " + "; ".join(
             f"{label} {f[0]:.1f} µs per event ({f[0] / base[0]:.2f}x), {f[1]:.2f} ms per request"
             for label, f in doors.items()))
+    kinds = {label: fit(results, f"upstream kind {label}", "", 1) for label in ("OpenAI", "Anthropic")}
+    if all(kinds.values()):
+        base = kinds["OpenAI"]
+        print("upstream kinds, /v1 on one server, alternating: " + "; ".join(
+            f"{label} {f[0]:.1f} µs per event ({f[0] / base[0]:.2f}x), {f[1]:.2f} ms per request"
+            for label, f in kinds.items()))
     for label in ("/v1", "/api/chat", "/api/chat stored tmpfs"):
         mine, theirs = fits.get((f"{label} (this)", "", 1)), fits.get((f"{label} (against)", "", 1))
         if mine and theirs:
@@ -1265,7 +1309,7 @@ def parse_args() -> argparse.Namespace:
                              f"on one PostgreSQL vs one (needs {PG_BIN})")
     parser.add_argument("--only", type=lambda v: set(v.split(",")), default=set(),
                         help="only these parts besides the upstream alone, comma-separated: "
-                             "naive, openai, tls, agent, idle, against, doors (and with --paced-only, paced "
+                             "naive, openai, tls, agent, idle, against, doors, kinds (and with --paced-only, paced "
                              "points only)")
     parser.add_argument("--paced-only", action="store_true", help="only the paced scan")
     parser.add_argument("--against", metavar="DIR",
