@@ -150,6 +150,7 @@ __all__ = [
     "BadRequest",
     "BudgetExceeded",
     "Conflict",
+    "Fallback",
     "Finished",
     "Forbidden",
     "InsufficientStorage",
@@ -294,6 +295,15 @@ class Settings:
     requests_per_minute: int = 0
     #: Per-user overrides of the four limits above, by user id (TOML ``[users.alice]``).
     users: dict[str, dict] = field(default_factory=dict)
+    #: Per model, the models to answer instead, in order, when it fails before its answer
+    #: begins (TOML ``[fallbacks] "gpt-4o" = ["claude/claude-sonnet-4-5", "local/llama"]``).
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Longest ``Retry-After`` waited for before a failed provider's one retry (longer: the next model).
+    max_retry_wait: float = 5.0
+    #: Failures in a row after which a provider is skipped for ``circuit_seconds``, then tried
+    #: again with one call.
+    circuit_failures: int = 5
+    circuit_seconds: float = 30.0
     #: Tokens whose callers may read every user's usage (``GET /api/usage?user=``).
     admin_tokens: frozenset[str] = frozenset()
     #: ``GET /metrics`` in Prometheus' text format, outside the chat auth (off by default).
@@ -419,6 +429,7 @@ class Settings:
         for name in ("internal_tokens", "admin_tokens"):
             values[name] = frozenset(_split(values.get(name, ())))
         values["users"] = _user_limits(values.get("users", {}), values)
+        values["fallbacks"] = _fallbacks(values.get("fallbacks", {}))
         for name in ("cors_origins", "allowed_hosts", "fetch_allowed_networks"):
             values[name] = tuple(_split(values.get(name, ())))
         if values.get("tools") is not None:
@@ -483,6 +494,14 @@ def _user_limits(users: Any, values: Mapping[str, Any]) -> dict[str, dict]:
                 raise ValueError(f"users.{user}.{key}: a whole number, 0 or more")
         checked[str(user)] = dict(limits)
     return checked
+
+
+def _fallbacks(fallbacks: Any) -> dict[str, tuple[str, ...]]:
+    """``[fallbacks]``: model -> the models to try instead, in order."""
+    if not isinstance(fallbacks, Mapping) or not all(
+            isinstance(v, (list, tuple)) and all(isinstance(m, str) and m for m in v) for v in fallbacks.values()):
+        raise ValueError('fallbacks: a table of model -> a list of models, e.g. "gpt-4o" = ["local/llama"]')
+    return {str(model): tuple(others) for model, others in fallbacks.items()}
 
 
 def _split(value: str | Iterable[str]) -> list[str]:
@@ -794,6 +813,15 @@ class StepFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class Fallback:
+    """The model asked for failed before its answer began: ``model`` answers instead
+    (``reason`` says why), and the protocols that name the model say so."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The turn is over: the last step's reason (``stop``, ``length``, ``tool_calls``,
     ``content_filter``), ``max_steps``, or ``budget`` (the user's token budget ran out
@@ -826,7 +854,7 @@ class JobUpdate:
 
 
 Event = Union[
-    TextDelta, ReasoningDelta, ToolCall, ToolResult, StepFinished, Finished, Saved, JobUpdate,
+    TextDelta, ReasoningDelta, ToolCall, ToolResult, StepFinished, Finished, Saved, JobUpdate, Fallback,
 ]
 
 
@@ -4043,9 +4071,10 @@ class OpenAIProvider:
                                                  await response.read(4097))
                     yield response.events()
             except (_StreamError, _StreamTimeout) as exc:  # "origin: what happened" -> this provider
-                kind = UpstreamTimeout if isinstance(exc, _StreamTimeout) else UpstreamError
                 what = redact(exc.message.partition(": ")[2], self.secrets)
-                raise kind(f"provider {self.label}: {what}") from None
+                if isinstance(exc, _StreamTimeout):
+                    raise UpstreamTimeout(f"provider {self.label}: {what}") from None
+                raise UpstreamError(f"provider {self.label}: {what}", code="upstream_connection") from None
             return
         with self._errors():
             response = await http.send(http.build_request("POST", url, json=body, headers=headers),
@@ -4083,7 +4112,8 @@ class OpenAIProvider:
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"provider {self.label} timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"provider {self.label} failed: {type(exc).__name__}: {exc}") from exc
+            raise UpstreamError(f"provider {self.label} failed: {type(exc).__name__}: {exc}",
+                                code="upstream_connection") from exc
         except ValueError as exc:  # SSEDecoder: a line or event past max_upstream_line_bytes
             raise UpstreamError(f"provider {self.label}: {exc}") from None
 
@@ -4556,6 +4586,7 @@ class ModelRouter:
         if not self._by_name:
             self._by_name["offline"] = OfflineProvider()
         self.default = next(iter(self._by_name.values()))
+        self.fallbacks = settings.fallbacks
         self.default_model = settings.model or next(iter(self.default.models), "")
         if not self.default_model and getattr(self.default, "base_url", "") == DEFAULT_OPENAI_BASE_URL:
             self.default_model = "gpt-4o-mini"
@@ -4583,6 +4614,18 @@ class ModelRouter:
         prefix, slash, rest = model.partition("/")
         return (self._by_name[prefix], rest) if slash and prefix in self._by_name else (self.default, model)
 
+    def candidates(self, model: str | None) -> list[tuple[Provider, str, str]]:
+        """``model`` and its ``fallbacks``, each as (provider, its name for it, the full name);
+        a fallback no provider serves is left out, with a warning."""
+        model = model or self.default_model
+        found = [(*self.resolve(model), model)]
+        for other in self.fallbacks.get(model, ()):
+            try:
+                found.append((*self.resolve(other), other))
+            except NodeChatError as exc:
+                log.warning("fallback %r of %r: %s", other, model, exc.message)
+        return found
+
     async def list_models(self, http: httpx.AsyncClient) -> list[dict]:
         """Every provider's models in OpenAI's shape; a provider that is down is skipped."""
         async def one(provider: Provider) -> list[dict]:
@@ -4598,6 +4641,81 @@ class ModelRouter:
 
         lists = await asyncio.gather(*(one(p) for p in self._by_name.values()))
         return [model for models in lists for model in models]
+
+
+RETRIED_STATUSES = frozenset({408, 409, 429})  # and every 5xx (529 too): the upstream's trouble, not the caller's
+
+
+def upstream_status(exc: BaseException) -> int | None:
+    """The HTTP status an upstream answered with, from the error it became (None: no answer)."""
+    code = getattr(exc, "code", None) or ""
+    return int(code[9:]) if code.startswith("upstream_") and code[9:].isdigit() else None
+
+
+def worth_another_try(exc: BaseException) -> bool:
+    """Whether a call that failed before its answer began may go to another try: no
+    connection, a timeout, 408, 409, 429 or any 5xx.  Never the caller's own errors (400,
+    401, 403, 404, 422...): another model would refuse the same request; nor a malformed
+    answer."""
+    if isinstance(exc, UpstreamTimeout):
+        return True
+    if not isinstance(exc, UpstreamError) or isinstance(exc, MCPError):
+        return False
+    if exc.code == "upstream_connection":  # refused, reset, cut, or no HTTP at all
+        return True
+    status = upstream_status(exc)  # None: it answered, with something malformed
+    return status is not None and (status in RETRIED_STATUSES or status >= 500)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds (it may be seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime  # rare: not worth its import at start-up
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class Circuits:
+    """Each provider's failures in a row: past ``failures`` it is skipped for ``seconds``
+    (open), then one call may try it (half-open); an answer closes it.  Per app: two
+    instances in one process share nothing."""
+
+    def __init__(self, failures: int, seconds: float):
+        self.failures, self.seconds = failures, seconds
+        self._state: dict[str, list] = {}  # provider -> [failures in a row, opened at, a trial runs]
+
+    def allows(self, provider: str) -> bool:
+        state = self._state.get(provider)
+        if not self.failures or state is None or state[0] < self.failures:
+            return True
+        if state[2] or time.monotonic() - state[1] < self.seconds:
+            return False
+        state[2] = True  # half-open: this call is the one that tries it
+        return True
+
+    def reopens_in(self, provider: str) -> float:
+        state = self._state.get(provider)
+        return max(0.0, state[1] + self.seconds - time.monotonic()) if state else 0.0
+
+    def succeeded(self, provider: str) -> None:
+        state = self._state.pop(provider, None)
+        if state is not None and self.failures and state[0] >= self.failures:
+            log.warning("provider %s answers again: no longer skipped", provider)
+
+    def failed(self, provider: str) -> None:
+        state = self._state.setdefault(provider, [0, 0.0, False])
+        state[0] += 1
+        if self.failures and state[0] >= self.failures and (state[0] == self.failures or state[2]):
+            log.warning("provider %s failed %d times in a row: skipped for %g s", provider, state[0], self.seconds)
+            state[1] = time.monotonic()
+        state[2] = False
 
 
 def message_text(message: dict) -> str:
@@ -5176,10 +5294,12 @@ class Agent:
         self.settings = settings
         self.ledger = ledger or Ledger(settings, store, Metrics())
         self.metrics = self.ledger.metrics
+        self.circuits = Circuits(settings.circuit_failures, settings.circuit_seconds)
         self.background: set[asyncio.Task] = set()  # titles being made; cancelled on close
 
     async def run(self, turn: Turn) -> AsyncIterator[Event]:
-        provider, model = self.providers.resolve(turn.model)
+        candidates = self.providers.candidates(turn.model)
+        model = candidates[0][1]
         self.metrics.turns.inc((), 1)
         try:
             history, created = turn.messages, None
@@ -5188,7 +5308,7 @@ class Agent:
             system = await self._system_prompt(turn, history)
             messages = [{"role": "system", "content": system}] if system else []
             messages += [model_message(m) for m in history]
-            async with contextlib.aclosing(self._steps(turn, provider, model, messages)) as steps:
+            async with contextlib.aclosing(self._steps(turn, candidates, messages)) as steps:
                 async for event in steps:  # closed with run(): a partial answer is saved then
                     yield event
             if created:  # after the answer, never holding its stream, never competing with it
@@ -5260,19 +5380,20 @@ class Agent:
                        **params: Any) -> str:
         """One model call without tools, its text only (titles, workflows), on ``turn``'s
         user's ledger and budget."""
-        provider, name = self.providers.resolve(model)
+        candidates = self.providers.candidates(model)
+        provider, name, _ = candidates[0]
         body = {**params, "model": name, "messages": messages}
         call = model_call(turn, provider, name)
         await self.ledger.hold(call, body)
         parts, usage = [], None
         try:
-            async for event in provider.stream(body, self.upstream()):
-                if type(event) is TextDelta:
-                    parts.append(event.text)
-                elif type(event) is StepFinished:
-                    usage = reported(event)
+            async with contextlib.aclosing(self._attempts(call, candidates, body)) as events:
+                async for event in events:
+                    if type(event) is TextDelta:
+                        parts.append(event.text)
+                    elif type(event) is StepFinished:
+                        usage = reported(event)
         except BaseException as exc:
-            self.metrics.failed(call.provider, exc)
             await asyncio.shield(self.ledger.record(
                 call, call_usage(body, parts, 0, []) if read_by_model(exc, parts) else Usage()))
             raise
@@ -5296,8 +5417,62 @@ class Agent:
             answer = ""
         return fallback_title(answer) if answer.strip() else fallback_title(text)
 
-    async def _steps(self, turn: Turn, provider: Provider, model: str,
+    async def _attempts(self, call: Call, candidates: list[tuple[Provider, str, str]], body: dict
+                        ) -> AsyncIterator[Event]:
+        """One model call's events: the model asked for, else its fallbacks in order.
+
+        A provider that failed before its answer began (no connection, a timeout, 408, 409,
+        429, 5xx) is tried once more first, after its ``Retry-After`` when that is at most
+        ``max_retry_wait`` (longer: the next model).  Once any of the answer has come, an
+        error is the caller's to see.  A provider that keeps failing is skipped a while
+        (``Circuits``); the last one left is not skipped but refused at once.  ``call`` says
+        which provider answered, for the ledger."""
+        failure: NodeChatError | None = None
+        for index, (provider, name, full) in enumerate(candidates):
+            if not self.circuits.allows(provider.name):
+                if index < len(candidates) - 1:
+                    continue
+                raise failure or UpstreamError(
+                    f"provider {getattr(provider, 'label', provider.name)} failed {self.settings.circuit_failures} "
+                    f"times in a row; it is tried again in {self.circuits.reopens_in(provider.name):.0f} s",
+                    code="upstream_unavailable", retry_after=str(math.ceil(self.circuits.reopens_in(provider.name))))
+            if index:
+                call.provider, call.url, call.model = (provider.name, getattr(provider, "base_url", provider.name),
+                                                       model_label(name))
+            for attempt in (0, 1):
+                started = False
+                try:
+                    async with contextlib.aclosing(provider.stream({**body, "model": name}, self.upstream())) as events:
+                        async for event in events:
+                            if not started:
+                                started = True
+                                if index:
+                                    yield Fallback(full, failure.message if failure else
+                                                   f"{candidates[0][2]} is skipped: it failed again and again")
+                            yield event
+                except BaseException as exc:
+                    self.metrics.failed(provider.name, exc)
+                    if not isinstance(exc, NodeChatError) or not worth_another_try(exc):
+                        raise
+                    self.circuits.failed(provider.name)
+                    if started:
+                        raise
+                    failure = exc
+                    wait = retry_after_seconds(exc.retry_after) or 0.0
+                    if attempt or wait > self.settings.max_retry_wait or not self.circuits.allows(provider.name):
+                        break
+                    log.info("provider %s failed (%s); trying it once more in %g s", provider.name, exc.message, wait)
+                    await asyncio.sleep(wait)
+                    continue
+                self.circuits.succeeded(provider.name)
+                return
+            if index < len(candidates) - 1:
+                log.warning("model %s failed (%s); falling back to %s", full, failure.message, candidates[index + 1][2])
+        raise failure
+
+    async def _steps(self, turn: Turn, candidates: list[tuple[Provider, str, str]],
                      messages: list[dict]) -> AsyncIterator[Event]:
+        answering = candidates[0][1]  # the model that answers: another when it falls back
         by_name = {t.name: t for t in turn.tools}
         client_names = {spec.get("function", {}).get("name") for spec in turn.client_tools}
         schemas = [t.schema() for t in turn.tools] + list(turn.client_tools)
@@ -5305,6 +5480,7 @@ class Agent:
         text, stopped, cut = [], False, None
         try:
             for number in range(turn.max_steps):
+                provider, model, _ = candidates[0]
                 body = {**turn.params, "model": model, "messages": messages}
                 if schemas:
                     body["tools"] = schemas
@@ -5315,35 +5491,38 @@ class Agent:
                     if not number:
                         raise
                     turn.outcome = "budget"
-                    yield Finished("budget", turn.usage, model, exc.message)
+                    yield Finished("budget", turn.usage, answering, exc.message)
                     return
                 calls, finish, reasoning = [], StepFinished("stop"), 0
                 thought, signed = [], []  # reasoning pieces, and the signed thinking blocks they made
                 try:
-                    async for event in provider.stream(body, self.upstream()):
-                        kind = type(event)
-                        if kind is TextDelta:
-                            text.append(event.text)
-                            if call.first_token is None:
-                                call.first_token = time.monotonic()
-                        elif kind is ToolCall:
-                            calls.append(event)
-                            continue
-                        elif kind is StepFinished:
-                            finish = event
-                            continue
-                        elif kind is ReasoningDelta:
-                            reasoning += len(event.text)
-                            thought.append(event.text)
-                            if event.signature:  # Anthropic's: sent back with this step's tool calls
-                                signed.append({"type": "thinking", "thinking": "".join(thought),
-                                               "signature": event.signature})
-                                thought = []
-                            if call.first_token is None:
-                                call.first_token = time.monotonic()
-                        yield event
+                    async with contextlib.aclosing(self._attempts(call, candidates, body)) as events:
+                        async for event in events:
+                            kind = type(event)
+                            if kind is TextDelta:
+                                text.append(event.text)
+                                if call.first_token is None:
+                                    call.first_token = time.monotonic()
+                            elif kind is ToolCall:
+                                calls.append(event)
+                                continue
+                            elif kind is StepFinished:
+                                finish = event
+                                continue
+                            elif kind is ReasoningDelta:
+                                reasoning += len(event.text)
+                                thought.append(event.text)
+                                if event.signature:  # Anthropic's: sent back with this step's tool calls
+                                    signed.append({"type": "thinking", "thinking": "".join(thought),
+                                                   "signature": event.signature})
+                                    thought = []
+                                if call.first_token is None:
+                                    call.first_token = time.monotonic()
+                            elif kind is Fallback:  # the turn's next steps start where this one answered
+                                answering = event.model
+                                candidates = candidates[[c[2] for c in candidates].index(event.model):]
+                            yield event
                 except BaseException as exc:  # failed or cut: what it used, estimated
-                    self.metrics.failed(call.provider, exc)
                     cut = call_usage(body, text, reasoning, calls) if read_by_model(exc, text or reasoning or calls) \
                         else Usage()
                     await asyncio.shield(self.ledger.record(call, cut))
@@ -5360,7 +5539,7 @@ class Agent:
                             yield dataclasses.replace(call_, client_side=True)
                     yield StepFinished("tool_calls", step_usage)
                     turn.outcome = "tool_calls"
-                    yield Finished("tool_calls", turn.usage, model)
+                    yield Finished("tool_calls", turn.usage, answering)
                     return
                 step = [assistant_message("".join(text), calls, step_usage, signed)]
                 text = []
@@ -5380,10 +5559,10 @@ class Agent:
                 yield StepFinished(finish.reason, step_usage)
                 if not calls:
                     turn.outcome = finish.reason
-                    yield Finished(finish.reason, turn.usage, model)
+                    yield Finished(finish.reason, turn.usage, answering)
                     return
             turn.outcome = "max_steps"
-            yield Finished("max_steps", turn.usage, model)
+            yield Finished("max_steps", turn.usage, answering)
         except (asyncio.CancelledError, GeneratorExit):  # cancelled, or closed by its reader
             stopped = True
             raise
@@ -6973,15 +7152,19 @@ class OpenAIEncoder:
                  created: int | None = None):
         self.id = id or "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time()) if created is None else created
-        self.model = model
         self.include_usage = include_usage
         self._calls = 0
+        self._answering(model)
+        self._end = b']}\n\n' if not include_usage else b'],"usage":null}\n\n'  # OpenAI's: null until the last
+        self._text_tail = b'},"logprobs":null,"finish_reason":null}' + self._end
+
+    def _answering(self, model: str) -> None:
+        """The model every chunk names from now on (another when the one asked for fell back)."""
+        self.model = model
         self._head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
                       '"choices":[{"index":0,"delta":' % (
                           compact_json(self.id), self.created, compact_json(model))).encode()
         self._text_head = self._head + b'{"content":'
-        self._end = b']}\n\n' if not include_usage else b'],"usage":null}\n\n'  # OpenAI's: null until the last
-        self._text_tail = b'},"logprobs":null,"finish_reason":null}' + self._end
 
     def start(self) -> list[bytes]:
         return [self._chunk({"role": "assistant", "content": ""})]
@@ -6996,6 +7179,8 @@ class OpenAIEncoder:
             case ToolCall(client_side=True):
                 self._calls += 1
                 return [self._chunk({"tool_calls": [self._tool_call(event, self._calls - 1)]})]
+            case Fallback(model=model):
+                self._answering(model)
             case Finished(reason=reason, usage=usage):
                 frames = [self._chunk({}, OPENAI_REASONS.get(reason, "stop"))]
                 if self.include_usage:
@@ -7021,6 +7206,8 @@ class OpenAIEncoder:
                     reasoning.append(piece)
                 case ToolCall(client_side=True):
                     calls.append(self._tool_call(event, len(calls)))
+                case Fallback(model=model):
+                    self._answering(model)
                 case Finished(reason=reason_, usage=usage):
                     reason = OPENAI_REASONS.get(reason_, "stop")
         message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
@@ -7368,6 +7555,8 @@ class AnthropicEncoder:
                     args = event.args
                     content.append({"type": "tool_use", "id": event.id, "name": event.name,
                                     "input": args if isinstance(args, dict) else {}})
+                case Fallback(model=model):
+                    self.model = model
                 case Finished(reason=reason_, usage=usage_):
                     reason, usage = reason_, usage_ or Usage()
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
@@ -7621,6 +7810,8 @@ class ResponsesEncoder:
                 return frames + [self._event("response.output_text.delta", item_id=item["id"],
                                              output_index=len(self.output) - 1, content_index=0, delta=text,
                                              logprobs=[])]
+            case Fallback(model=model):
+                self.model = model
             case ReasoningDelta(text=text) if text:  # a reasoning item with its text, as open models' have
                 frames = self._open_item("reasoning")
                 item = self._open
@@ -8523,6 +8714,7 @@ class WSEncoder:
         self.client_tools = frozenset(client_tools)
         self.done_sent = False
         self.usage: Usage | None = None  # the turn's, on its done chunk
+        self.model: str | None = None  # ... and the model that answered
 
     def encode(self, event: Event) -> list[dict]:
         match event:
@@ -8550,8 +8742,8 @@ class WSEncoder:
                         update[key] = getattr(event, key)
                 frames = [self._with_thread(update)]
                 return frames + self.end() if event.status in TERMINAL_JOB_STATUSES else frames
-            case Finished(usage=usage, note=note):
-                self.usage = usage
+            case Finished(usage=usage, note=note, model=model):
+                self.usage, self.model = usage, model
                 if note:  # the budget ran out between two steps: shown as NodeTool shows errors
                     return [self._with_thread({"type": "error", "message": note, "error": note,
                                                "code": "budget_exceeded"})]
@@ -8568,6 +8760,8 @@ class WSEncoder:
         done = {"type": "chunk", "content": "", "done": True}
         if self.usage is not None:
             done["usage"] = self.usage.openai()
+        if self.model:
+            done["model"] = self.model  # the one that answered (a fallback's, when it fell back)
         return [self._with_thread(done)]
 
     def error(self, err: NodeChatError) -> list[dict]:

@@ -2926,8 +2926,8 @@ def test_unknown_model_is_404(tmp_path):
 
 def test_upstream_errors_name_the_provider_and_status(live, upstream):
     _, url = live()
-    upstream.script(failing(500, {"error": {"message": "boom"}}),
-                    failing(429, {"error": {"message": "slow down"}}))
+    upstream.script(*[failing(500, {"error": {"message": "boom"}})] * 2,  # tried once more first
+                    *[failing(429, {"error": {"message": "slow down"}})] * 2)
     with pytest.raises(openai.APIStatusError) as err:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 502
@@ -2938,7 +2938,7 @@ def test_upstream_errors_name_the_provider_and_status(live, upstream):
 
 def test_upstream_that_hangs_times_out(live, upstream):
     _, url = live(read_timeout=0.5)
-    upstream.script(hang(), hang())
+    upstream.script(*[hang()] * 4)  # each call is tried once more
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as err:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "x"}])
@@ -3323,6 +3323,92 @@ def test_claude_code_tool_search_result_reaches_the_upstream(claude_code, live, 
 
 
 ###############################################################################
+# Providers fail: one more try, fallbacks, circuits
+###############################################################################
+
+
+def with_fallbacks(upstream, tmp_path, **settings) -> dict:
+    """Settings for two providers: ``down`` (nothing listens there) and ``fake`` (the scripted
+    upstream); ``down/m`` falls back to ``fake/fake-2``."""
+    config = tmp_path / "fallbacks.toml"
+    config.write_text(f'[[providers]]\nname = "fake"\nbase_url = "{upstream.url}"\n\n'
+                      f'[[providers]]\nname = "down"\nbase_url = "http://127.0.0.1:{free_port()}/v1"\n'
+                      'models = ["m", "n"]\n\n[fallbacks]\n"down/m" = ["fake/fake-2"]\n"fake-1" = ["fake/fake-2"]\n')
+    return {"config": config, "base_url": "", "model": "fake-1", "metrics": True, **settings}
+
+
+def upstream_calls(url: str) -> dict[str, int]:
+    """nodechat_upstream_requests_total by ``provider/status``."""
+    scrape = httpx.get(url + "/metrics").text
+    return {f"{m[1]}/{m[2]}": int(m[3]) for m in re.finditer(
+        r'^nodechat_upstream_requests_total\{provider="([^"]*)",status="([^"]*)"\} (\d+)$', scrape, re.M)}
+
+
+def test_a_429_with_retry_after_is_waited_for_and_tried_once_more(live, upstream, tmp_path):
+    _, url = live(**with_fallbacks(upstream, tmp_path))
+    upstream.script(failing(429, {"error": {"message": "slow down"}}, [(b"retry-after", b"1")]), text("Fine."))
+    started = time.monotonic()
+    chunks = list(client(url).chat.completions.create(model="fake-1", stream=True, messages=[user("hi")]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Fine."
+    assert time.monotonic() - started >= 1 and {c.model for c in chunks} == {"fake-1"}  # the same model answered
+    assert [r["model"] for r in upstream.requests] == ["fake-1", "fake-1"]
+    assert upstream_calls(url) == {"fake/429": 1, "fake/200": 1}
+
+
+def test_a_provider_that_refuses_connections_falls_back_in_every_protocol(live, upstream, tmp_path):
+    _, url = live(**with_fallbacks(upstream, tmp_path))
+    chunks = list(client(url).chat.completions.create(model="down/m", stream=True, messages=[user("hi")]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ok"
+    assert {c.model for c in chunks[1:]} == {"fake/fake-2"}  # each chunk after the fallback names who answers
+    assert upstream.requests[-1]["model"] == "fake-2"
+    whole = client(url).chat.completions.create(model="down/m", messages=[user("hi")])
+    assert whole.model == "fake/fake-2" and whole.choices[0].message.content == "ok"
+    response, events = api_chat(url, {**ui_request("hi", "c-fallback"), "model": "down/m"})
+    finish = next(e for e in events if isinstance(e, dict) and e.get("type") == "finish")
+    assert finish["messageMetadata"]["model"] == "fake/fake-2"
+    async def over_ws() -> dict:
+        async with ws_connect(url) as ws:
+            await ws.send({"type": "message", "role": "user", "content": "hi", "model": "down/m"})
+            return (await ws.turn())[-1]
+    assert asyncio.run(over_ws())["model"] == "fake/fake-2"  # the done chunk names who answered
+    usage = httpx.get(url + "/api/usage?group_by=model", headers=AUTH).json()
+    assert "fake-2" in {g["model"] for g in usage["groups"]} and "m" not in {g["model"] for g in usage["groups"]}
+    assert upstream_calls(url)["down/0"] == 5  # tried twice a call, until five failures in a row: skipped
+
+
+def test_a_500_before_any_event_falls_back_and_a_failure_mid_stream_does_not(live, upstream, tmp_path):
+    _, url = live(**with_fallbacks(upstream, tmp_path))
+    upstream.script(*[failing(500, {"error": {"message": "boom"}})] * 2, text("From the fallback."))
+    answer = client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+    assert answer.choices[0].message.content == "From the fallback." and answer.model == "fake/fake-2"
+    assert [r["model"] for r in upstream.requests] == ["fake-1", "fake-1", "fake-2"]
+    upstream.script(drop(text("Half", " an answer")[:3]))
+    with pytest.raises(openai.APIError, match="connection closed mid-body"):
+        for _ in client(url).chat.completions.create(model="fake-1", stream=True, messages=[user("hi")]):
+            pass
+    assert len(upstream.requests) == 4  # the client had text: no second try, no fallback
+    upstream.script(failing(400, {"error": {"message": "bad request"}}))
+    with pytest.raises(openai.BadRequestError, match="bad request"):
+        client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+    assert len(upstream.requests) == 5  # the caller's own error: no other model would take it
+
+
+def test_a_provider_failing_again_and_again_is_skipped_a_while(live, upstream, tmp_path, caplog):
+    chat, url = live(**with_fallbacks(upstream, tmp_path, circuit_failures=2, circuit_seconds=1))
+    for _ in range(3):
+        assert client(url).chat.completions.create(model="down/m", messages=[user("hi")]).model == "fake/fake-2"
+    assert upstream_calls(url)["down/0"] == 2  # skipped after two failures in a row
+    assert "provider down failed 2 times in a row: skipped for 1 s" in caplog.text
+    refused = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"model": "down/n", "messages": [user("x")]})
+    assert refused.status_code == 502 and "failed 2 times in a row; it is tried again in 1 s" in refused.text
+    assert refused.headers["retry-after"] == "1" and upstream_calls(url)["down/0"] == 2  # no fallback: refused at once
+    time.sleep(1.1)
+    client(url).chat.completions.create(model="down/m", messages=[user("hi")])
+    assert upstream_calls(url)["down/0"] == 3  # one call tried it again (once: it is open again), then fell back
+    assert "provider down failed 3 times in a row: skipped for 1 s" in caplog.text
+
+
+###############################################################################
 # Providers: a native Anthropic upstream, scripted event by event
 ###############################################################################
 
@@ -3420,6 +3506,11 @@ def test_settings_read_anthropic_providers_from_toml_and_the_environment(tmp_pat
     config.write_text('[[providers]]\nname = "x"\nkind = "gemini"\nbase_url = "https://example.com"\n')
     with pytest.raises(ValueError, match="kind 'gemini'; use one of openai, anthropic"):
         Settings.from_sources(config_path=config, environ={})
+    config.write_text('[fallbacks]\n"gpt-4o" = ["local/llama", "claude/claude-sonnet-4-5"]\n')
+    assert Settings.from_sources(config_path=config, environ={}).fallbacks == {
+        "gpt-4o": ("local/llama", "claude/claude-sonnet-4-5")}
+    with pytest.raises(ValueError, match="fallbacks: a table of model -> a list of models"):
+        Settings.from_sources({"fallbacks": {"gpt-4o": "local/llama"}}, environ={})
 
 
 @pytest.mark.parametrize("upstream_client", ["nodechat", "httpx"])
@@ -3586,7 +3677,7 @@ def test_an_agent_turn_on_an_anthropic_upstream_sends_its_signed_thinking_back_w
              [(b"retry-after", b"3")]), 429, "returned HTTP 429: Slow down *** (retry after 3 s)"),
 ])
 def test_anthropic_upstream_errors_name_the_provider_and_keep_retry_after(live, claude_upstream, answer, status, says):
-    _, url = live(**on_claude(claude_upstream, "sk-ant-secret"))
+    _, url = live(**on_claude(claude_upstream, "sk-ant-secret"), max_retry_wait=1)  # no second try
     claude_upstream.script(answer)
     with pytest.raises(openai.APIStatusError) as failed:
         client(url).chat.completions.create(model="claude-up", messages=[user("hi")])
@@ -4130,7 +4221,7 @@ def test_new_conversation_gets_a_title_from_the_model_or_the_message(live, upstr
     assert upstream.title_requests[0]["messages"][1]["content"] == "Tell me all about oolong tea please"
     upstream.title_turn = failing(500, {"error": {"message": "down"}})
     api_chat(url, {"messages": [user("Plan a trip to Kyoto in spring, please!")], "conversationId": "t-2"})
-    eventually(lambda: len(upstream.title_requests) == 2)
+    eventually(lambda: len(upstream.title_requests) == 3)  # the failing one is tried once more
     assert httpx.get(url + "/api/conversations/t-2", headers=auth).json()["title"] == "Plan a trip to Kyoto"
     listed = httpx.get(url + "/api/conversations", headers=auth).json()["conversations"]
     assert {c["id"] for c in listed} == {"t-1", "t-2"}
@@ -5161,7 +5252,7 @@ async def test_ws_streams_an_answer_ending_in_one_done_chunk(live, upstream, bin
     assert "".join(m["content"] for m in chunks if not m.get("thinking") and not m["done"]) == "Hello"
     assert [m["content"] for m in chunks if m.get("thinking")] == ["hm"]
     assert sum(m["done"] for m in chunks) == 1 and got[-1] == {
-        "type": "chunk", "content": "", "done": True, "thread_id": got[0]["thread_id"],
+        "type": "chunk", "content": "", "done": True, "thread_id": got[0]["thread_id"], "model": "fake-1",
         "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}  # the upstream's
     assert len({m["thread_id"] for m in got}) == 1 and got[0]["thread_id"].startswith("thread_")
     final = [m for m in got if m["type"] == "message"]
@@ -5959,7 +6050,7 @@ def test_an_event_that_is_not_json_is_502(live, upstream):
 
 
 def test_the_upstreams_retry_after_is_passed_on(live, upstream):
-    _, url = live()
+    _, url = live(max_retry_wait=1)  # longer than that: no second try, the caller learns when to retry
     upstream.script(failing(429, {"error": {"message": "slow down"}}, [(b"retry-after", b"7")]))
     response = httpx.post(url + "/v1/chat/completions", headers=AUTH,
                           json={"model": "fake-1", "messages": [{"role": "user", "content": "x"}]})
@@ -5974,7 +6065,7 @@ def test_a_stream_cut_mid_tool_call_runs_no_tool(live, upstream):
     chat, url = live()
     ran = []
     chat.tools.add(lambda city: ran.append(city), name="weather", description="Weather.")
-    upstream.script(drop(tool_calls(("weather", {"city": "Oslo"}))[:2]))
+    upstream.script(*[drop(tool_calls(("weather", {"city": "Oslo"}))[:2])] * 2)  # nothing said: tried twice
     response, error = api_chat(url, {"messages": [user("weather?")]})
     assert response.status_code == 502 and f"provider {upstream.url}" in error["error"]
     assert ran == []
@@ -6426,7 +6517,7 @@ def test_upstream_error_bodies_never_repeat_the_provider_key(live, upstream):
 
 def test_stream_timeout_holds_against_an_upstream_sending_only_comments(live, upstream):
     _, url = live(stream_timeout=1)
-    upstream.script(drip([b": keep-alive\n\n"] * 200, 0.05))
+    upstream.script(*[drip([b": keep-alive\n\n"] * 200, 0.05)] * 2)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
@@ -6541,7 +6632,7 @@ def test_malformed_events_never_repeat_the_key(live, upstream, frame):
 def test_credentials_in_the_base_url_stay_out_of_errors(live, upstream):
     base = upstream.url.replace("http://", "http://proxyuser:hunter2pass@") + "?key=QUERYSECRET123"
     _, url = live(base_url=base)
-    upstream.script(failing(500, {"error": {"message": "boom"}}))
+    upstream.script(*[failing(500, {"error": {"message": "boom"}})] * 2)
     with pytest.raises(openai.APIStatusError) as caught:
         client(url).chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}])
     assert "hunter2pass" not in caught.value.message and "QUERYSECRET123" not in caught.value.message
