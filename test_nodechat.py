@@ -3284,12 +3284,12 @@ def test_claude_code_takes_thinking_and_parallel_tool_calls(claude_code, live, u
 
 def test_claude_code_shows_an_upstream_refusal(claude_code, live, upstream, tmp_path):
     _, url = live(metrics=True)
-    upstream.script(failing(429, {"error": {"message": "slow down", "type": "rate_limit"}}))
+    upstream.script(*[failing(429, {"error": {"message": "slow down", "type": "rate_limit"}})] * 2)
     workdir = tmp_path / "project"
     workdir.mkdir()
     with pytest.raises(AssertionError, match=r"429.*slow down"):
         claude_code.run(url, "say hi", workdir)
-    assert len(upstream.requests) == 1  # CLAUDE_CODE_MAX_RETRIES=0
+    assert len(upstream.requests) == 2  # nodechat's one more try; none of Claude Code's (CLAUDE_CODE_MAX_RETRIES=0)
 
 
 def test_claude_code_billing_header_stays_out_of_the_upstream_prompt(claude_code, live, upstream, tmp_path):
@@ -7340,7 +7340,7 @@ def test_page_markdown_subset(site, open_page):
 
 def test_page_errors_are_readable(site, upstream, open_page):
     page = open_page(site().url, allow=("status of 502",))
-    upstream.script(failing(500, {"error": {"message": "upstream exploded"}}))
+    upstream.script(*[failing(500, {"error": {"message": "upstream exploded"}})] * 2)  # and its one more try
     send_message(page, "First")
     expect(answers(page).last.get_by_role("alert")).to_contain_text("Error 502", timeout=WAIT_MS)
     expect(answers(page).last.get_by_role("alert")).to_contain_text("upstream exploded", timeout=WAIT_MS)
@@ -7503,7 +7503,7 @@ def messages_shape(raw: str) -> list[str]:
 def test_messages_through_nodechat_have_llamacpps_own_structure(tmp_path, llamacpp):
     """llama.cpp serves /v1/messages itself: nodechat's translation of its chat completions
     must have the same events, blocks and stop reason (the words are the model's)."""
-    body = {"model": "smollm2", "max_tokens": 8, "stream": True,
+    body = {"model": "smollm2", "max_tokens": 8, "stream": True, "temperature": 0,  # the same words both ways
             "messages": [{"role": "user", "content": "What is the capital of France?"}]}
     own = httpx.post(llamacpp + "/messages", json=body, timeout=120)
     chat = NodeChat(environ={}, data_dir=str(tmp_path), base_url=llamacpp, model="smollm2")
@@ -7511,13 +7511,14 @@ def test_messages_through_nodechat_have_llamacpps_own_structure(tmp_path, llamac
         ours = httpx.post(url + "/v1/messages", json=body, timeout=120)
         whole_ours = httpx.post(url + "/v1/messages", json={**body, "stream": False}, timeout=120).json()
     whole_own = httpx.post(llamacpp + "/messages", json={**body, "stream": False}, timeout=120).json()
-    assert messages_shape(ours.text) == messages_shape(own.text) == [
+    shape = messages_shape(ours.text)
+    assert shape == messages_shape(own.text) and shape[:4] + shape[5:] == [
         "message_start", "content_block_start:text", "content_block_delta:text_delta", "content_block_stop",
-        "message_delta:max_tokens", "message_stop"]
+        "message_stop"] and shape[4] in ("message_delta:max_tokens", "message_delta:end_turn")
     assert set(whole_own) <= set(whole_ours) | {"stop_sequence"}
     assert [b["type"] for b in whole_ours["content"]] == [b["type"] for b in whole_own["content"]] == ["text"]
-    assert whole_ours["stop_reason"] == whole_own["stop_reason"] == "max_tokens"
-    assert whole_ours["usage"]["output_tokens"] == whole_own["usage"]["output_tokens"] == 8
+    assert whole_ours["stop_reason"] == whole_own["stop_reason"] and shape[4].endswith(whole_ours["stop_reason"])
+    assert whole_ours["usage"]["output_tokens"] == whole_own["usage"]["output_tokens"] <= 8
 
 
 def test_llamacpps_messages_api_as_a_native_anthropic_upstream(tmp_path, llamacpp):
