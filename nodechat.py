@@ -239,6 +239,7 @@ class ProviderConfig:
     models: tuple[str, ...] = ()
     stream_usage: bool = True  # send stream_options.include_usage (false: for servers that refuse it)
     kind: str = "openai"
+    send_reasoning: bool | None = None  # the model's reasoning back with a turn's tool calls (None: DeepSeek's only)
 
 
 @dataclass(kw_only=True)
@@ -558,8 +559,11 @@ def _providers(values: dict[str, Any], environ: Mapping[str, str]) -> tuple[Prov
         if kind not in PROVIDER_KINDS:
             raise ValueError(f"providers: {name!r} has kind {str(kind)[:40]!r}; use one of {', '.join(PROVIDER_KINDS)}")
         api_key = entry.get("api_key") or environ.get(entry.get("api_key_env", ""), "")
+        reasoning = entry.get("send_reasoning")
+        if reasoning is not None and type(reasoning) is not bool:
+            raise ValueError(f"providers: {name!r} has send_reasoning {str(reasoning)[:20]!r}; use true or false")
         providers.append(ProviderConfig(name, base_url, api_key, tuple(entry.get("models", ())),
-                                        entry.get("stream_usage", True) is not False, kind))
+                                        entry.get("stream_usage", True) is not False, kind, reasoning))
     if providers:
         return tuple(providers)
     base_url, api_key = values.get("base_url", ""), values.get("api_key", "")
@@ -689,10 +693,12 @@ class TextDelta:
 class ReasoningDelta:
     """A piece of the model's reasoning (``reasoning_content`` / ``reasoning`` upstream, or
     Anthropic's thinking).  A ``signature`` ends a signed thinking block (Anthropic's: a
-    tool-use turn sends its blocks back, signed); its ``text`` may be empty."""
+    tool-use turn sends its blocks back, signed); its ``text`` may be empty.  ``redacted``
+    is a whole encrypted block, sent back the same way."""
 
     text: str
     signature: str = ""
+    redacted: str = ""  # an Anthropic ``redacted_thinking`` block's data (its text is empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1641,10 +1647,14 @@ class JSONFileStore:
         def put() -> None:
             _write_json(path, record)
             if prune:
-                kept = sorted(os.scandir(path.parent), key=lambda e: e.stat().st_mtime_ns, reverse=True)
-                for entry in kept[self.max_responses:]:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+                kept = []
+                for entry in os.scandir(path.parent):
+                    with contextlib.suppress(OSError):  # deleted meanwhile, by a DELETE or another worker
+                        if entry.name.endswith(".json") and not entry.name.startswith("."):
+                            kept.append((entry.stat().st_mtime_ns, entry.path))
+                for _, old in sorted(kept, reverse=True)[self.max_responses:]:
+                    with contextlib.suppress(OSError):
+                        os.unlink(old)
 
         await self._in_thread(put)
 
@@ -3992,6 +4002,7 @@ def _proxy_configured() -> bool:
 
 
 PASSTHROUGH_STATUSES = frozenset({400, 404, 409, 413, 422, 429})  # the caller's fault: keep them
+VIA_HEADER = "x-nodechat-via"  # which app sent an upstream request (one that comes back to it is a loop)
 
 
 class Provider(typing.Protocol):
@@ -4013,7 +4024,7 @@ class OpenAIProvider:
 
     def __init__(self, name: str, base_url: str, api_key: str = "", models: Iterable[str] = (),
                  stream_timeout: float = 600.0, max_line_bytes: int = MAX_LINE_BYTES,
-                 stream_usage: bool = True):
+                 stream_usage: bool = True, send_reasoning: bool | None = None):
         self.max_line_bytes = max_line_bytes
         self.stream_usage = stream_usage  # ask for stream_options.include_usage (some servers refuse it)
         self.name = name
@@ -4027,13 +4038,15 @@ class OpenAIProvider:
         self.label = shown if name == "openai" else f"{name!r} at {shown}"
         self.secrets = (api_key, parts.password or "", *(v for _, v in parse_qsl(parts.query)))
         self.stream_timeout = stream_timeout
+        #: DeepSeek's thinking mode wants its reasoning back with a turn's tool calls
+        self.send_reasoning = "deepseek" in (parts.hostname or "") if send_reasoning is None else send_reasoning
 
     async def stream(self, body: dict, http: UpstreamClient | httpx.AsyncClient) -> AsyncIterator[Event]:
         """The answer to one chat-completions request, always streamed from the upstream.
 
         ``http`` is nodechat's own :class:`UpstreamClient` (the fast path) or an httpx client
         (a host's own client, a proxy, or ``upstream_client = "httpx"``)."""
-        body = openai_request(body)
+        body = openai_request(body, self.base_url == DEFAULT_OPENAI_BASE_URL, self.send_reasoning)
         if self.stream_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         else:
@@ -4174,8 +4187,10 @@ class CompletionDecoder:
                         continue
                     delta = choice.get("delta") or {}
                     text = delta.get("content")
-                    if "reasoning_content" in delta or "reasoning" in delta:
-                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if "reasoning_content" in delta or "reasoning" in delta or "reasoning_details" in delta:
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or \
+                            "".join(d.get("text") or d.get("summary") or "" for d in delta.get("reasoning_details") or ()
+                                    if type(d) is dict)  # OpenRouter's, when it sends no plain text beside
                         if reasoning:
                             if pending and pending_kind is not ReasoningDelta:
                                 events.append(pending_kind("".join(pending)))
@@ -4268,22 +4283,35 @@ def _error_text(payload: Any) -> str:
         return str(error.get("message") or error) if isinstance(error, dict) else str(error)
     return str(payload)
 
-def openai_request(body: dict) -> dict:
+def openai_request(body: dict, cache_keys: bool = False, send_reasoning: bool = False) -> dict:
     """A streamed chat-completions body without what only Anthropic's API takes: the
     ``anthropic`` options, assistants' ``thinking_blocks`` and ``cache_control`` on parts (the
     Messages door and an Anthropic upstream leave them in the history).  Without them the
-    messages are as before: text-only parts as one string."""
+    messages are as before: text-only parts as one string.  A conversation's cache key
+    goes out as ``prompt_cache_key`` where ``cache_keys`` says the server takes it (OpenAI's:
+    requests with one key land where the conversation's prefix is cached).  The model's
+    reasoning goes back only with ``send_reasoning`` (DeepSeek's thinking mode wants it on
+    the tool-call messages of the turn under way, as ``reasoning_content``; others refuse
+    it or pay for it again)."""
     body = {**body, "stream": True}
     body.pop("anthropic", None)
+    cache_key = body.pop("nodechat_cache_key", None)
+    if cache_key and cache_keys and "prompt_cache_key" not in body:
+        body["prompt_cache_key"] = cache_key
     messages = body.get("messages") or ()
-    if any("thinking_blocks" in m or type(m.get("content")) is list
+    if any("thinking_blocks" in m or "reasoning" in m or "reasoning_content" in m or type(m.get("content")) is list
            and any(type(p) is dict and "cache_control" in p for p in m["content"]) for m in messages):
-        body["messages"] = [plain_message(m) for m in messages]
+        turn_starts = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
+        body["messages"] = [plain_message(m, send_reasoning and i > turn_starts and "tool_calls" in m)
+                            for i, m in enumerate(messages)]
     return body
 
 
-def plain_message(message: dict) -> dict:
-    message = {k: v for k, v in message.items() if k != "thinking_blocks"}
+def plain_message(message: dict, with_reasoning: bool = False) -> dict:
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    message = {k: v for k, v in message.items() if k not in ("thinking_blocks", "reasoning", "reasoning_content")}
+    if with_reasoning and reasoning:
+        message["reasoning_content"] = reasoning
     content = message.get("content")
     if type(content) is list:
         parts = [{k: v for k, v in p.items() if k != "cache_control"} if type(p) is dict else p for p in content]
@@ -4298,7 +4326,10 @@ ANTHROPIC_FINISH = types.MappingProxyType({  # stop_reason -> finish reason
     "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
     "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"})
 ANTHROPIC_CHOICES = types.MappingProxyType({"auto": "auto", "required": "any", "none": "none"})
-BETA_PATTERN = re.compile(r"[A-Za-z0-9._-]+(\s*,\s*[A-Za-z0-9._-]+)*")  # anthropic-beta: a header value
+MESSAGES_ERROR_STATUS = types.MappingProxyType({  # an error event's type -> the status it stands for
+    "invalid_request_error": 400, "authentication_error": 401, "permission_error": 403, "not_found_error": 404,
+    "request_too_large": 413, "rate_limit_error": 429, "api_error": 500, "overloaded_error": 529})
+BETA_PATTERN = re.compile(r"[A-Za-z0-9._-]+([ \t]*,[ \t]*[A-Za-z0-9._-]+)*")  # anthropic-beta: a header value
 
 
 class AnthropicProvider(OpenAIProvider):
@@ -4359,7 +4390,7 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
             role, blocks = "user", [tool_result_block(message)]
         elif role == "assistant":
             thinking = message.get("thinking_blocks")
-            blocks = [*(b for b in thinking if isinstance(b, dict))] if isinstance(thinking, list) else []
+            blocks = [b for b in thinking if signed_thinking(b)] if isinstance(thinking, list) else []
             blocks += anthropic_blocks(message.get("content"))
             for call in message.get("tool_calls") or ():
                 function = call.get("function") or {}
@@ -4377,6 +4408,11 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
     request: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": True,
                                "max_tokens": body.get("max_tokens") or body.get("max_completion_tokens")
                                or ANTHROPIC_MAX_TOKENS}
+    if body.get("nodechat_cache_key") and messages and not any(
+            "cache_control" in b for m in messages for b in m["content"]) and not any("cache_control" in b for b in system):
+        if system:  # a conversation: cache its system prompt, and all of it up to the newest message
+            system[-1] = {**system[-1], "cache_control": {"type": "ephemeral"}}
+        messages[-1]["content"][-1] = {**messages[-1]["content"][-1], "cache_control": {"type": "ephemeral"}}
     if system:
         request["system"] = system
     for key in ("temperature", "top_p"):
@@ -4404,6 +4440,14 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
             request[key] = value
     beta = native.get("beta", "")
     return request, {"anthropic-beta": beta} if isinstance(beta, str) and BETA_PATTERN.fullmatch(beta) else {}
+
+
+def signed_thinking(block: Any) -> bool:
+    """A thinking block Claude takes back: signed (another model's reasoning, passed on as
+    thinking with an empty signature, would be refused on every later request)."""
+    return isinstance(block, dict) and (
+        block.get("type") == "thinking" and isinstance(block.get("signature"), str) and bool(block["signature"])
+        or block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str))
 
 
 def anthropic_blocks(content: Any) -> list[dict]:
@@ -4490,6 +4534,11 @@ class MessagesDecoder:
                         given = block.get("input")
                         self.calls[event["index"]] = [str(block["id"]), str(block["name"]),
                                                       [compact_json(given)] if given else []]
+                    elif block["type"] == "redacted_thinking":
+                        if pending:
+                            events.append(pending_kind("".join(pending)))
+                            pending = []
+                        events.append(ReasoningDelta("", redacted=str(block.get("data", ""))))
                     elif block.get("text") or block.get("thinking"):  # a server that starts a block with text
                         now = TextDelta if block["type"] == "text" else ReasoningDelta
                         if pending and pending_kind is not now:
@@ -4504,8 +4553,11 @@ class MessagesDecoder:
                     self._count(event.get("usage"))
                 elif kind == "message_stop":
                     self.done = True
-                elif kind == "error":
-                    raise UpstreamError(f"provider {self.label}: {redact(_error_text(event), self.secrets)[:1000]}")
+                elif kind == "error":  # overloaded before any answer: worth another try, as a 529 is
+                    status = MESSAGES_ERROR_STATUS.get(str((event.get("error") or {}).get("type")), 500)
+                    raise UpstreamError(f"provider {self.label}: {redact(_error_text(event), self.secrets)[:1000]}",
+                                        code=f"upstream_{status}", status=status if status in PASSTHROUGH_STATUSES
+                                        else None)
             except (AttributeError, TypeError, KeyError) as exc:  # an event of the wrong shape
                 raise UpstreamError(f"provider {self.label} sent a malformed event "
                                     f"({type(exc).__name__}: {exc})") from None
@@ -4573,6 +4625,7 @@ class ModelRouter:
     """Routes a model name to its provider: ``provider/model``, or a bare name to the default."""
 
     def __init__(self, settings: Settings, providers: Iterable[Provider] = ()):
+        self.via = uuid.uuid4().hex  # this app's mark on its upstream requests
         self._by_name: dict[str, Provider] = {p.name: p for p in providers}
         for config in settings.providers:
             if config.kind == "anthropic":
@@ -4581,7 +4634,8 @@ class ModelRouter:
             else:
                 provider = OpenAIProvider(config.name, config.base_url, config.api_key, config.models,
                                           settings.stream_timeout, settings.max_upstream_line_bytes,
-                                          config.stream_usage)
+                                          config.stream_usage, config.send_reasoning)
+            provider.headers[VIA_HEADER] = self.via  # a base_url that points back at this app: 508, no loop
             self._by_name.setdefault(config.name, provider)
         if not self._by_name:
             self._by_name["offline"] = OfflineProvider()
@@ -5207,7 +5261,8 @@ TITLE_PROMPT = ("Generate a very short title (max 5 words) for this chat based o
                 "first message. Return ONLY the title, no quotes or punctuation.")
 TITLE_MAX_TOKENS = 24  # a title is five words; a small model left alone wrote 1,378 tokens
 TITLE_SECONDS = 30.0
-MODEL_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "thinking_blocks")
+MODEL_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "thinking_blocks", "reasoning",
+                      "reasoning_content")
 
 
 @dataclass
@@ -5386,13 +5441,20 @@ class Agent:
         call = model_call(turn, provider, name)
         await self.ledger.hold(call, body)
         parts, usage = [], None
+        def take(event: Event) -> None:
+            nonlocal usage
+            if type(event) is TextDelta:
+                parts.append(event.text)
+            elif type(event) is StepFinished:
+                usage = reported(event)
+
         try:
-            async with contextlib.aclosing(self._attempts(call, candidates, body)) as events:
-                async for event in events:
-                    if type(event) is TextDelta:
-                        parts.append(event.text)
-                    elif type(event) is StepFinished:
-                        usage = reported(event)
+            stream, first = await self._open(call, candidates, body)
+            async with contextlib.aclosing(stream):
+                for event in first:
+                    take(event)
+                async for event in stream:
+                    take(event)
         except BaseException as exc:
             await asyncio.shield(self.ledger.record(
                 call, call_usage(body, parts, 0, []) if read_by_model(exc, parts) else Usage()))
@@ -5417,16 +5479,20 @@ class Agent:
             answer = ""
         return fallback_title(answer) if answer.strip() else fallback_title(text)
 
-    async def _attempts(self, call: Call, candidates: list[tuple[Provider, str, str]], body: dict
-                        ) -> AsyncIterator[Event]:
-        """One model call's events: the model asked for, else its fallbacks in order.
+    async def _open(self, call: Call, candidates: list[tuple[Provider, str, str]], body: dict
+                    ) -> tuple[AsyncIterator[Event], list[Event]]:
+        """Start one model call: the model asked for, else its fallbacks in order, until one
+        answers; its stream, and the events it began with (a Fallback first, when it fell back).
 
         A provider that failed before its answer began (no connection, a timeout, 408, 409,
         429, 5xx) is tried once more first, after its ``Retry-After`` when that is at most
         ``max_retry_wait`` (longer: the next model).  Once any of the answer has come, an
         error is the caller's to see.  A provider that keeps failing is skipped a while
         (``Circuits``); the last one left is not skipped but refused at once.  ``call`` says
-        which provider answered, for the ledger."""
+        which provider answered, for the ledger.
+
+        It hands the provider's own stream on rather than yielding from it: a generator in
+        between cost every event a hop (0.2 µs of the 7 a /v1 event costs)."""
         failure: NodeChatError | None = None
         for index, (provider, name, full) in enumerate(candidates):
             if not self.circuits.allows(provider.name):
@@ -5440,23 +5506,18 @@ class Agent:
                 call.provider, call.url, call.model = (provider.name, getattr(provider, "base_url", provider.name),
                                                        model_label(name))
             for attempt in (0, 1):
-                started = False
+                stream = provider.stream({**body, "model": name}, self.upstream())
                 try:
-                    async with contextlib.aclosing(provider.stream({**body, "model": name}, self.upstream())) as events:
-                        async for event in events:
-                            if not started:
-                                started = True
-                                if index:
-                                    yield Fallback(full, failure.message if failure else
-                                                   f"{candidates[0][2]} is skipped: it failed again and again")
-                            yield event
+                    first = [await anext(stream)]
+                except StopAsyncIteration:
+                    first = []
                 except BaseException as exc:
+                    with contextlib.suppress(Exception):
+                        await stream.aclose()
                     self.metrics.failed(provider.name, exc)
                     if not isinstance(exc, NodeChatError) or not worth_another_try(exc):
                         raise
                     self.circuits.failed(provider.name)
-                    if started:
-                        raise
                     failure = exc
                     wait = retry_after_seconds(exc.retry_after) or 0.0
                     if attempt or wait > self.settings.max_retry_wait or not self.circuits.allows(provider.name):
@@ -5465,7 +5526,10 @@ class Agent:
                     await asyncio.sleep(wait)
                     continue
                 self.circuits.succeeded(provider.name)
-                return
+                if index:
+                    first.insert(0, Fallback(full, failure.message if failure else
+                                             f"{candidates[0][2]} is skipped: it failed again and again"))
+                return stream, first
             if index < len(candidates) - 1:
                 log.warning("model %s failed (%s); falling back to %s", full, failure.message, candidates[index + 1][2])
         raise failure
@@ -5479,9 +5543,13 @@ class Agent:
         context = ToolContext(turn.user_id, turn.conversation_id, self.store, self.http)
         text, stopped, cut = [], False, None
         try:
+            cache_key = turn.conversation_id and hashlib.sha256(
+                f"{turn.user_id}\0{turn.conversation_id}".encode()).hexdigest()[:32]
             for number in range(turn.max_steps):
                 provider, model, _ = candidates[0]
                 body = {**turn.params, "model": model, "messages": messages}
+                if cache_key:  # a conversation: its requests share their prefix (see openai_request)
+                    body["nodechat_cache_key"] = cache_key
                 if schemas:
                     body["tools"] = schemas
                 call = model_call(turn, provider, model)
@@ -5494,10 +5562,23 @@ class Agent:
                     yield Finished("budget", turn.usage, answering, exc.message)
                     return
                 calls, finish, reasoning = [], StepFinished("stop"), 0
-                thought, signed = [], []  # reasoning pieces, and the signed thinking blocks they made
+                thought, signed, reasoned = [], [], []  # reasoning pieces: since the last signature, signed, all
                 try:
-                    async with contextlib.aclosing(self._attempts(call, candidates, body)) as events:
-                        async for event in events:
+                    stream, pending = await self._open(call, candidates, body)  # its failures: counted there
+                except BaseException:
+                    await asyncio.shield(self.ledger.record(call, Usage()))
+                    raise
+                try:
+                    async with contextlib.aclosing(stream):
+                        following = stream.__anext__
+                        while True:
+                            if pending:
+                                event = pending.pop(0)
+                            else:
+                                try:
+                                    event = await following()
+                                except StopAsyncIteration:
+                                    break
                             kind = type(event)
                             if kind is TextDelta:
                                 text.append(event.text)
@@ -5512,10 +5593,13 @@ class Agent:
                             elif kind is ReasoningDelta:
                                 reasoning += len(event.text)
                                 thought.append(event.text)
+                                reasoned.append(event.text)
                                 if event.signature:  # Anthropic's: sent back with this step's tool calls
                                     signed.append({"type": "thinking", "thinking": "".join(thought),
                                                    "signature": event.signature})
                                     thought = []
+                                elif event.redacted:
+                                    signed.append({"type": "redacted_thinking", "data": event.redacted})
                                 if call.first_token is None:
                                     call.first_token = time.monotonic()
                             elif kind is Fallback:  # the turn's next steps start where this one answered
@@ -5523,6 +5607,9 @@ class Agent:
                                 candidates = candidates[[c[2] for c in candidates].index(event.model):]
                             yield event
                 except BaseException as exc:  # failed or cut: what it used, estimated
+                    self.metrics.failed(call.provider, exc)
+                    if isinstance(exc, NodeChatError) and worth_another_try(exc):
+                        self.circuits.failed(call.provider)
                     cut = call_usage(body, text, reasoning, calls) if read_by_model(exc, text or reasoning or calls) \
                         else Usage()
                     await asyncio.shield(self.ledger.record(call, cut))
@@ -5541,7 +5628,7 @@ class Agent:
                     turn.outcome = "tool_calls"
                     yield Finished("tool_calls", turn.usage, answering)
                     return
-                step = [assistant_message("".join(text), calls, step_usage, signed)]
+                step = [assistant_message("".join(text), calls, step_usage, signed, "".join(reasoned))]
                 text = []
                 for call_ in calls:
                     yield call_
@@ -5624,9 +5711,14 @@ class Agent:
         return await self.store.append_messages(turn.conversation_id, messages)
 
     async def _system_prompt(self, turn: Turn, history: list[dict]) -> str | None:
+        """The system prompt and what the model remembers of the user.  The memories are
+        the ones the conversation's first message finds (then the newest), not the newest
+        message's: the prompt then stays the same turn after turn until a memory changes,
+        and a provider's prompt cache keeps the whole conversation (searched per message, it
+        missed from the first byte on most turns)."""
         system = turn.system
         if turn.remember:
-            query = _last_user_text(history)
+            query = _first_user_text(history)
             limit = self.settings.memory_context_limit
             found = await self.store.search_memories(turn.user_id, query, limit)
             if len(found) < limit:  # top up with the newest memories
@@ -5655,10 +5747,13 @@ def model_message(message: dict) -> dict:
 
 
 def assistant_message(text: str, calls: list[ToolCall], usage: Usage | None = None,
-                      thinking: list[dict] | None = None) -> dict:
+                      thinking: list[dict] | None = None, reasoning: str = "") -> dict:
     """The stored (and replayed) assistant message of one step; ``usage`` is kept with it,
-    and Anthropic's signed ``thinking`` blocks (an OpenAI-compatible upstream never sees them)."""
+    the model's ``reasoning``, and Anthropic's signed ``thinking`` blocks.  Which of them go
+    back to a model is the provider's to say (``openai_request``, ``messages_request``)."""
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if reasoning:
+        message["reasoning"] = reasoning
     if thinking:
         message["thinking_blocks"] = thinking
     if calls:
@@ -5740,10 +5835,6 @@ def fallback_title(text: str) -> str:
 
 def _first_user_text(messages: list[dict]) -> str:
     return next((message_text(m) for m in messages if m.get("role") == "user"), "")
-
-
-def _last_user_text(messages: list[dict]) -> str:
-    return next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
 
 
 ###############################################################################
@@ -7103,7 +7194,8 @@ def openai_turn(body: Any, user_id: str, settings: Settings, server_tools: list[
     through, every other field (temperature, max_tokens...) handed to the model unchanged."""
     body = _openai_body(body)
     check_messages(body["messages"], settings)
-    params = {k: v for k, v in body.items() if k not in ("model", "messages", "stream", "stream_options", "tools")}
+    params = {k: v for k, v in body.items()  # nodechat's own keys too: a /v1 caller never sets them
+              if k not in ("model", "messages", "stream", "stream_options", "tools", "anthropic", "nodechat_cache_key")}
     if body.get("stream_options") is not None:
         params["stream_options"] = body["stream_options"]
     return Turn(messages=body["messages"], user_id=user_id, model=body.get("model"), tools=server_tools,
@@ -7154,9 +7246,17 @@ class OpenAIEncoder:
         self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
         self._calls = 0
+        self._thought: list[str] = []  # reasoning since the last signed block
         self._answering(model)
         self._end = b']}\n\n' if not include_usage else b'],"usage":null}\n\n'  # OpenAI's: null until the last
         self._text_tail = b'},"logprobs":null,"finish_reason":null}' + self._end
+
+    def _signed(self, event: ReasoningDelta) -> dict:
+        """The signed (or redacted) thinking block ``event`` ends."""
+        if event.redacted:
+            return {"type": "redacted_thinking", "data": event.redacted}
+        thought, self._thought = "".join(self._thought) + event.text, []
+        return {"type": "thinking", "thinking": thought, "signature": event.signature}
 
     def _answering(self, model: str) -> None:
         """The model every chunk names from now on (another when the one asked for fell back)."""
@@ -7174,8 +7274,13 @@ class OpenAIEncoder:
             case TextDelta(text=text):  # the hot path: one string to quote, the rest fixed
                 quoted = _json_string(text).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
                 return [self._text_head + quoted.encode() + self._text_tail]
-            case ReasoningDelta(text=text) if text:
-                return [self._chunk({"reasoning_content": text})]
+            case ReasoningDelta(text=text, signature="", redacted=""):
+                if text:
+                    self._thought.append(text)
+                    return [self._chunk({"reasoning_content": text})]
+            case ReasoningDelta():  # a signed block ends: whole, as LiteLLM's thinking_blocks, to send back
+                delta = {"reasoning_content": event.text} if event.text else {}
+                return [self._chunk({**delta, "thinking_blocks": [self._signed(event)]})]
             case ToolCall(client_side=True):
                 self._calls += 1
                 return [self._chunk({"tool_calls": [self._tool_call(event, self._calls - 1)]})]
@@ -7197,13 +7302,17 @@ class OpenAIEncoder:
 
     async def completion(self, events: AsyncIterator[Event]) -> dict:
         """Collect a whole turn into one ``chat.completion``."""
-        text, reasoning, calls, reason, usage = [], [], [], "stop", None
+        text, reasoning, calls, reason, usage, signed = [], [], [], "stop", None, []
         async for event in events:
             match event:
                 case TextDelta(text=piece):
                     text.append(piece)
                 case ReasoningDelta(text=piece):
                     reasoning.append(piece)
+                    if event.signature or event.redacted:
+                        signed.append(self._signed(event))
+                    else:
+                        self._thought.append(piece)
                 case ToolCall(client_side=True):
                     calls.append(self._tool_call(event, len(calls)))
                 case Fallback(model=model):
@@ -7213,6 +7322,8 @@ class OpenAIEncoder:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
         if reasoning:
             message["reasoning_content"] = "".join(reasoning)
+        if signed:
+            message["thinking_blocks"] = signed
         if calls:
             message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
@@ -7370,10 +7481,12 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         native["beta"] = beta
     if attribution:
         native["system"] = attribution
-    params["anthropic"] = native
+    if native:
+        params["anthropic"] = native
     loaded = {block.get("tool_name") for message in body["messages"] if isinstance(message.get("content"), list)
               for result in message["content"] if isinstance(result, dict) and isinstance(result.get("content"), list)
-              for block in result["content"] if isinstance(block, dict) and block.get("type") == "tool_reference"}
+              for block in result["content"] if isinstance(block, dict) and block.get("type") == "tool_reference"
+              and isinstance(block.get("tool_name"), str)}
     return Turn(messages=messages, user_id=user_id, model=body["model"], tools=server_tools,
                 client_tools=anthropic_tools(body.get("tools"), loaded), params=params, protocol="anthropic",
                 max_steps=settings.max_steps if server_tools else 1)
@@ -7508,6 +7621,9 @@ class AnthropicEncoder:
                 quoted = _json_string(text).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
                 frames.append(self._text_head + quoted.encode() + b"}}\n\n")
                 return frames
+            case ReasoningDelta(redacted=data) if data:  # encrypted: one whole block
+                return self._close() + self._block("redacted_thinking", {"type": "redacted_thinking",
+                                                                         "data": data}) + self._close()
             case ReasoningDelta(text=text, signature=signature):
                 frames = self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
                 if text:
@@ -7544,6 +7660,8 @@ class AnthropicEncoder:
         reason, usage = "stop", Usage()
         async for event in events:
             match event:
+                case ReasoningDelta(redacted=data) if data:
+                    content.append({"type": "redacted_thinking", "data": data})
                 case TextDelta(text=text) | ReasoningDelta(text=text):
                     kind, field_ = ("text", "text") if type(event) is TextDelta else ("thinking", "thinking")
                     if not content or content[-1]["type"] != kind or content[-1].get("signature"):
@@ -7638,7 +7756,8 @@ async def count_tokens(chat: NodeChat, request: Request) -> JSONResponse:
     turn = anthropic_turn(body, request.user_id, chat.settings, [])
     provider, name = chat.providers.resolve(anthropic_model(chat, turn.model))
     if isinstance(provider, AnthropicProvider):
-        asked = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")} | {"model": name}
+        asked = {k: v for k, v in body.items() if k in ("messages", "system", "tools", "tool_choice", "thinking")
+                 } | {"model": name}
         try:
             return JSONResponse({"input_tokens": await provider.count_tokens(
                 asked, request.headers.get("anthropic-beta", ""), chat.http())})
@@ -7702,7 +7821,7 @@ def responses_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         raise BadRequest("'max_output_tokens' must be a positive integer", code="invalid_max_output_tokens")
     params: dict[str, Any] = {}
     for key, name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                      ("parallel_tool_calls", "parallel_tool_calls")):
+                      ("parallel_tool_calls", "parallel_tool_calls"), ("prompt_cache_key", "prompt_cache_key")):
         if body.get(key) is not None:
             params[name] = body[key]
     choice = body.get("tool_choice")
@@ -7929,6 +8048,11 @@ async def create_response(chat: NodeChat, request: Request) -> JSONResponse | SS
     if isinstance(body, dict) and body.get("previous_response_id") is not None:
         history = (await kept_response(chat, request.user_id, body["previous_response_id"],
                                        "previous_response_not_found"))["messages"]
+        size = len(compact_json(history)) + len(request.body)
+        if size > chat.settings.max_body_bytes:  # kept, it would grow with every link of the chain
+            raise PayloadTooLarge(f"the conversation is {size} bytes with this input; at most "
+                                  f"{chat.settings.max_body_bytes} (max_body_bytes) are continued: start a new one",
+                                  code="conversation_too_large")
     turn, conversation = responses_turn(body, request.user_id, chat.settings, stateless_tools(chat), history)
     turn.request_id = request.request_id
     turn.model = turn.model or chat.providers.default_model
@@ -7940,14 +8064,16 @@ async def create_response(chat: NodeChat, request: Request) -> JSONResponse | SS
     async def keeping() -> AsyncIterator[Event]:
         """The turn's events; the response is kept before its end goes out (a client may send
         its ``previous_response_id`` as soon as it reads it)."""
-        async for event in run_turn(chat, turn):
-            if type(event) is Finished:
-                response = encoder.final(event)
-                messages = list(conversation)
-                for item in response["output"]:
-                    responses_item(item, messages)
-                await chat.store.put_response(turn.user_id, encoder.id, {"messages": messages, "response": response})
-            yield event
+        async with contextlib.aclosing(run_turn(chat, turn)) as events:
+            async for event in events:
+                if type(event) is Finished:
+                    response = encoder.final(event)
+                    messages = list(conversation)
+                    for item in response["output"]:
+                        responses_item(item, messages)
+                    await chat.store.put_response(turn.user_id, encoder.id,
+                                                  {"messages": messages, "response": response})
+                yield event
 
     return stateless_response(chat, turn, encoder, body.get("stream") is True, keeping)
 
@@ -8004,8 +8130,22 @@ def api_chat_turn(body: Any, user_id: str, settings: Settings, tools: list[Tool]
     return Turn(messages=decode_ui_messages(body["messages"]), user_id=user_id, model=model,
                 tools=tools, conversation_id=conversation_id, remember=True,
                 system=settings.system_prompt, max_steps=settings.max_steps, capped=True,
-                regenerate=body.get("trigger") == "regenerate-message",
+                regenerate=body.get("trigger") == "regenerate-message", params=response_format(body),
                 protocol="aisdk" if ui_stream else "seed")
+
+
+def response_format(body: dict) -> dict:
+    """An agent request's ``response_format`` (OpenAI's: ``json_schema`` or ``json_object``)
+    as the model's parameter: the answer's shape, on every step (a model calling tools
+    answers in it at the end)."""
+    form = body.get("response_format")
+    if form is None:
+        return {}
+    if not isinstance(form, dict) or form.get("type") not in ("json_schema", "json_object", "text") or (
+            form["type"] == "json_schema" and not isinstance(form.get("json_schema"), dict)):
+        raise BadRequest('response_format: {"type": "json_schema", "json_schema": {"name", "schema"}} '
+                         'or {"type": "json_object"}', code="invalid_response_format")
+    return {"response_format": form}
 
 
 def wants_ui_stream(query: Mapping[str, str], headers: Mapping[str, str], body: Any = None) -> bool:
@@ -8678,7 +8818,8 @@ def nodetool_turn(frame: dict, user_id: str, settings: Settings, tools: list[Too
     model = frame.get("model") if isinstance(frame.get("model"), str) else None
     return Turn(messages=[nodetool_message(frame)], user_id=user_id, model=model, tools=tools,
                 conversation_id=thread_id, remember=True, system=settings.system_prompt,
-                max_steps=settings.max_steps, capped=True, protocol="ws", request_id=new_id("req"))
+                max_steps=settings.max_steps, capped=True, protocol="ws", request_id=new_id("req"),
+                params=response_format(frame))
 
 
 def nodetool_message(frame: dict) -> dict:
@@ -9979,6 +10120,10 @@ class NodeChat:
             return send(message)
 
         try:
+            if headers.get(VIA_HEADER) == self.providers.via:
+                raise NodeChatError("this request came from this nodechat itself: a provider's base_url "
+                                    "(OPENAI_BASE_URL, ANTHROPIC_BASE_URL?) points back at it",
+                                    code="loop_detected", status=508)
             if route is None or route.auth != "metrics":  # a scraper is no browser, its Host any
                 self.gate.check_browser(scope, headers)
             if method == "OPTIONS" and (route or allowed) and self.settings.cors_origins:

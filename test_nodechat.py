@@ -146,8 +146,10 @@ class FakeUpstream:
     def __init__(self, models=("fake-1", "fake-2")):
         self.turns: list = []
         self.requests: list[dict] = []
+        self.bodies: list[bytes] = []  # the requests as they came, byte for byte
         self.title_requests: list[dict] = []
         self.title_turn = text("Chat About Tea")
+        self.default_turn = text("ok")  # with no turn left
         self.headers: list[dict] = []
         self.models = models
         self.disconnects = 0
@@ -177,8 +179,9 @@ class FakeUpstream:
             turn = self.title_turn
         else:
             self.requests.append(request)
+            self.bodies.append(body)
             self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
-            turn = self.turns.pop(0) if self.turns else text("ok")
+            turn = self.turns.pop(0) if self.turns else self.default_turn
         if isinstance(turn, tuple) and turn[0] == "error":
             return await self._send(send, turn[1], turn[2], *turn[3:])
         await send({"type": "http.response.start", "status": 200,
@@ -3418,8 +3421,9 @@ def messages_event(kind: str, **fields) -> bytes:
 
 
 def claude_turn(*blocks: tuple, stop: str = "end_turn", usage: dict | None = None) -> list[bytes]:
-    """A Messages stream, as Claude sends it: ``("thinking", text, signature)``, ``("text",
-    piece, ...)`` and ``("tool_use", id, name, input)`` blocks, each in several deltas."""
+    """A Messages stream, as Claude sends it: ``("thinking", text, signature)``, ``("redacted",
+    data)``, ``("text", piece, ...)`` and ``("tool_use", id, name, input)`` blocks, each in
+    several deltas."""
     usage = usage or {"input_tokens": 11, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 5,
                       "output_tokens": 1}
     frames = [messages_event("message_start", message={
@@ -3435,6 +3439,9 @@ def claude_turn(*blocks: tuple, stop: str = "end_turn", usage: dict | None = Non
                        for piece in (thought[:4], thought[4:])]
             frames.append(messages_event("content_block_delta", index=index, delta={
                 "type": "signature_delta", "signature": signature}))
+        elif kind == "redacted":
+            frames.append(messages_event("content_block_start", index=index, content_block={
+                "type": "redacted_thinking", "data": rest[0]}))
         elif kind == "text":
             frames.append(messages_event("content_block_start", index=index, content_block={"type": "text", "text": ""}))
             frames += [messages_event("content_block_delta", index=index, delta={"type": "text_delta", "text": piece})
@@ -3480,6 +3487,7 @@ class FakeAnthropic(FakeUpstream):
 def claude_upstream(tmp_path):
     fake = FakeAnthropic(models=("claude-up", "claude-small"))
     fake.title_turn = claude_turn(("text", "Chat About Tea"))
+    fake.default_turn = claude_turn(("text", "ok"))
     fake.config = tmp_path / "claude.toml"
     with serve(fake) as url:
         fake.url = url
@@ -3570,12 +3578,14 @@ def test_anthropic_upstream_thinking_text_and_two_tools_reach_an_openai_client(l
     claude_upstream.script(claude_turn(("text", "Hm.")))
     client(url).chat.completions.create(model="claude-up", messages=[user("hi")], extra_body={  # LiteLLM's spelling
         "thinking": {"type": "enabled", "budget_tokens": 100}, "top_k": 3,
-        "anthropic": {"model": "claude-other", "stream": False, "messages": [], "beta": "a\r\nx-evil: 1"}})
+        "anthropic": {"model": "claude-other", "stream": False, "messages": [], "beta": "context-1m-2025-08-07",
+                      "system": [{"type": "text", "text": "INJECTED"}], "metadata": {"user_id": "victim"}}})
     sent = claude_upstream.requests[-1]
     assert (sent["model"], sent["stream"], sent["thinking"], sent["top_k"]) == (
         "claude-up", True, {"type": "enabled", "budget_tokens": 100}, 3)  # nothing overrides what nodechat chose
     assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    assert "anthropic-beta" not in claude_upstream.headers[-1] and "x-evil" not in claude_upstream.headers[-1]
+    assert "anthropic-beta" not in claude_upstream.headers[-1]  # nodechat's own options: never a /v1 caller's
+    assert "INJECTED" not in json.dumps(sent) and "metadata" not in sent
     for history in ([{"role": "assistant", "content": "x", "tool_calls": 5}],  # a /v1 caller's odd history: a 400
                     [{"role": "assistant", "content": "x", "tool_calls": [{"function": 7}]}]):
         with pytest.raises(openai.BadRequestError, match="cannot be put in Anthropic's shape"):
@@ -3665,7 +3675,13 @@ def test_an_agent_turn_on_an_anthropic_upstream_sends_its_signed_thinking_back_w
         {"type": "thinking", "thinking": "Use the tool.", "signature": "sig-T"},
         {"type": "tool_use", "id": "toolu_5", "name": "weather", "input": {"city": "Nice"}}]}
     assert second[2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_5",
-                                                      "content": "sunny in Nice"}]}
+                                                      "content": "sunny in Nice",
+                                                      "cache_control": {"type": "ephemeral"}}]}
+    first = claude_upstream.requests[0]  # a conversation: cached up to the system prompt and the newest message
+    assert first["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert first["messages"][-1]["content"][-1] == {"type": "text", "text": "weather in Nice?",
+                                                    "cache_control": {"type": "ephemeral"}}
+    assert "cache_control" not in json.dumps(second[:2])  # one breakpoint in the messages: the newest
     eventually(lambda: claude_upstream.title_requests or any(
         r.get("system") == [{"type": "text", "text": nodechat.TITLE_PROMPT}] for r in claude_upstream.requests))
 
@@ -3688,12 +3704,70 @@ def test_anthropic_upstream_errors_name_the_provider_and_keep_retry_after(live, 
 def test_anthropic_upstream_error_event_and_cut_stream_reach_the_client_as_errors(live, claude_upstream):
     _, url = live(**on_claude(claude_upstream, "k"))
     overloaded = messages_event("error", error={"type": "overloaded_error", "message": "Overloaded"})
-    claude_upstream.script(claude_turn(("text", "Par", "tial"))[:4] + [overloaded],
+    claude_upstream.script(drip(claude_turn(("text", "Par", "tial"))[:4] + [overloaded], 0.05),  # after "Par"
                            claude_turn(("text", "Cut", " short"))[:5], drop(claude_turn(("text", "Cut"))[:4]))
     for expected in ("Overloaded", "ended the stream before the answer was complete", "connection closed mid-body"):
         with pytest.raises(openai.APIError, match=expected):
             for _ in client(url).chat.completions.create(model="claude-up", stream=True, messages=[user("hi")]):
                 pass
+
+
+def test_claudes_redacted_and_signed_thinking_round_trip_and_unsigned_thinking_stays_home(live, claude_upstream):
+    _, url = live(**on_claude(claude_upstream, "k"))
+    claude_upstream.script(claude_turn(("redacted", "ENCRYPTED"), ("text", "Hm."),
+                                       ("tool_use", "toolu_1", "get_weather", {"city": "Oslo"}), stop="tool_use"))
+    message = claude(url).messages.create(model="claude-up", max_tokens=100, tools=[WEATHER_TOOL],
+                                          messages=[{"role": "user", "content": "weather?"}])
+    assert [b.type for b in message.content] == ["redacted_thinking", "text", "tool_use"]
+    assert message.content[0].data == "ENCRYPTED"
+    claude_upstream.script(claude_turn(("text", "Sunny.")))
+    claude(url).messages.create(model="claude-up", max_tokens=100, tools=[WEATHER_TOOL], messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "another model's", "signature": ""},
+                                          *[b.model_dump(exclude_none=True) for b in message.content]]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}])
+    assistant = claude_upstream.requests[-1]["messages"][1]["content"]
+    assert [b["type"] for b in assistant] == ["redacted_thinking", "text", "tool_use"]  # unsigned: left out
+    claude_upstream.script(claude_turn(("thinking", "Hmm.", "sig-1"), ("text", "Hi.")))
+    chunks = list(client(url).chat.completions.create(model="claude-up", stream=True, messages=[user("hi")]))
+    blocks = [b for c in chunks if c.choices for b in (c.choices[0].delta.model_extra.get("thinking_blocks") or ())]
+    assert blocks == [{"type": "thinking", "thinking": "Hmm.", "signature": "sig-1"}]  # LiteLLM's spelling, to send back
+    claude_upstream.script(claude_turn(("thinking", "Hmm.", "sig-2"), ("text", "Hi.")))
+    whole = client(url).chat.completions.create(model="claude-up", messages=[user("hi")])
+    assert whole.choices[0].message.model_extra["thinking_blocks"] == [
+        {"type": "thinking", "thinking": "Hmm.", "signature": "sig-2"}]
+
+
+def test_an_overloaded_error_event_before_any_answer_is_tried_once_more(live, claude_upstream):
+    _, url = live(**on_claude(claude_upstream, "k"))
+    overloaded = messages_event("error", error={"type": "overloaded_error", "message": "Overloaded"})
+    claude_upstream.script(claude_turn(("text", "x"))[:2] + [overloaded], claude_turn(("text", "Fine.")))
+    assert client(url).chat.completions.create(model="claude-up", messages=[user("hi")]).choices[0].message.content \
+        == "Fine."
+    odd = claude(url).messages.create(model="claude-up", max_tokens=10, messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "tool_reference", "tool_name": ["x"]}]}]}])
+    assert odd.content[0].text == "ok"  # an odd tool_reference is left out, never a 500
+
+
+def test_a_provider_that_points_back_at_nodechat_is_no_loop(tmp_path):
+    port = free_port()
+    chat = NodeChat(environ={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}"},
+                    data_dir=str(tmp_path), model="claude-x")
+    with serve(chat, port=port) as url:
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError, match="points back at it") as looped:
+            client(url).chat.completions.create(model="claude-x", messages=[user("hi")])
+    assert looped.value.status_code == 502 and time.monotonic() - started < 5
+
+
+def test_a_conversations_cache_key_goes_to_openai_only():
+    body = {"model": "m", "messages": [user("hi")], "nodechat_cache_key": "k1"}
+    assert nodechat.openai_request(body, cache_keys=True)["prompt_cache_key"] == "k1"
+    assert "prompt_cache_key" not in nodechat.openai_request(body) and "nodechat_cache_key" not in \
+        nodechat.openai_request(body)
+    assert nodechat.openai_request({**body, "prompt_cache_key": "mine"}, cache_keys=True)["prompt_cache_key"] == "mine"
+    assert not any("cache_control" in json.dumps(m) for m in nodechat.messages_request(
+        {"model": "m", "messages": [user("hi")]})[0]["messages"])  # no conversation: no cache writes to pay for
 
 
 def test_messages_decoder_refuses_malformed_events():
@@ -4169,6 +4243,83 @@ def test_memory_saved_in_one_conversation_is_known_in_the_next(live, upstream):
     upstream.script(text("?"))
     api_chat(url, {"messages": [user("What drink do I like?")]})
     assert "green tea" not in json.dumps(upstream.requests[-1]["messages"])
+
+
+def messages_bytes(body: bytes) -> bytes:
+    """A request's ``messages`` array as it was sent, byte for byte, without its closing ``]``."""
+    start = body.index(b'"messages":') + len(b'"messages":')
+    _, end = json.JSONDecoder().raw_decode(body.decode(), start)
+    return body[:end - 1]
+
+
+def test_each_request_of_a_conversation_begins_with_the_whole_previous_one(live, upstream):
+    """Providers cache the longest identical prefix of a request: the memories, the history
+    and the tool calls of a conversation stay byte for byte what they were."""
+    chat, url = live(memory_context_limit=2)
+    chat.tools.add(lambda city: f"sunny in {city}", name="weather", description="Weather.")
+    for fact in ("Likes green tea", "Lives in Oslo", "Has a cat named Miso", "Plays chess", "Speaks Norwegian"):
+        asyncio.run(chat.store.add_memory("alice", fact))
+    upstream.script(text("Hi."), tool_calls(("weather", {"city": "Oslo"})), text("Sunny."), text("Yes."),
+                    text("Miso!", reasoning="The cat."), text("Bye."))
+    for said in ("Hello, I like tea", "weather in Oslo?", "do you play chess?", "what is my cat called?", "bye"):
+        response, _ = api_chat(url, {"messages": [user(said)], "conversationId": "c-cache"})
+        assert response.status_code == 200
+    assert len(upstream.bodies) == 6  # a step with a tool call, and five answers
+    for before, after in zip(upstream.bodies, upstream.bodies[1:]):
+        assert messages_bytes(after).startswith(messages_bytes(before))
+    system = upstream.requests[-1]["messages"][0]["content"]
+    assert "Likes green tea" in system  # the memories the conversation's first message found, every turn
+
+
+def test_reasoning_in_each_spelling_reaches_v1_and_is_stored_with_the_answer(live, upstream):
+    _, url = live()
+    spellings = ({"reasoning_content": "One."}, {"reasoning": "Two."},
+                 {"reasoning_details": [{"type": "reasoning.text", "text": "Three."}]})
+    for delta in spellings:
+        upstream.script([chunk(delta), *text("ok")[1:]])
+    said = ["".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in
+                    client(url).chat.completions.create(model="fake-1", stream=True, messages=[user("hi")])
+                    if c.choices) for _ in spellings]
+    assert said == ["One.", "Two.", "Three."]
+    upstream.script(text("Answer.", reasoning="Thinking it over."))
+    api_chat(url, {"messages": [user("think")], "conversationId": "c-reason"})
+    stored = httpx.get(url + "/api/conversations/c-reason", headers=AUTH).json()["messages"]
+    assert stored[-1]["reasoning"] == "Thinking it over." and stored[-1]["content"] == "Answer."
+    upstream.script(text("Again."))
+    api_chat(url, {"messages": [user("more")], "conversationId": "c-reason"})
+    assert "reasoning" not in json.dumps(upstream.requests[-1]["messages"])  # an OpenAI-compatible model: never back
+
+
+def test_deepseek_gets_its_reasoning_back_with_the_turns_tool_calls_only(live, upstream, tmp_path):
+    config = tmp_path / "deepseek.toml"
+    config.write_text(f'[[providers]]\nname = "deepseek"\nbase_url = "{upstream.url}"\nsend_reasoning = true\n')
+    chat, url = live(config=config, base_url="")
+    chat.tools.add(lambda city: f"sunny in {city}", name="weather", description="Weather.")
+    thinking_call = [chunk({"reasoning_content": "Use the tool."}), *tool_calls(("weather", {"city": "Oslo"}))[1:]]
+    upstream.script(thinking_call, text("Sunny.", reasoning="Done."), text("Bye."))
+    api_chat(url, {"messages": [user("weather?")], "conversationId": "c-deep"})
+    call_message = upstream.requests[1]["messages"][-2]
+    assert call_message["tool_calls"] and call_message["reasoning_content"] == "Use the tool."
+    api_chat(url, {"messages": [user("thanks")], "conversationId": "c-deep"})
+    assert "reasoning_content" not in json.dumps(upstream.requests[-1]["messages"])  # an earlier turn's: left out
+
+
+def test_response_format_on_the_agent_doors_reaches_the_model(live, upstream):
+    _, url = live()
+    form = {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}, "strict": True}}
+    upstream.script(text('{"city": "Oslo"}'))
+    response, _ = api_chat(url, {"messages": [user("where?")], "response_format": form})
+    assert response.status_code == 200 and upstream.requests[-1]["response_format"] == form
+    response, error = api_chat(url, {"messages": [user("where?")], "response_format": {"type": "yaml"}})
+    assert response.status_code == 400 and "response_format" in error["error"]
+
+    async def over_ws() -> None:
+        async with ws_connect(url) as ws:
+            await ws.send({"type": "message", "role": "user", "content": "where?", "response_format": form})
+            await ws.turn()
+    upstream.script(text('{"city": "Oslo"}'))
+    asyncio.run(over_ws())
+    assert upstream.requests[-1]["response_format"] == form
 
 
 def test_search_memory_tool_ranks_the_users_memories(live, upstream):
