@@ -2878,11 +2878,16 @@ async def fetch_page(url: str, http: httpx.AsyncClient, settings: Settings,
                 url = str(_httpx().URL(url).join(response.headers["location"]))
                 continue  # each target is resolved and checked again before it is fetched
             body = bytearray()
+            kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            binary = not kind.startswith("text/") and kind not in READABLE_TYPES and not kind.endswith(("+json", "+xml"))
             async for piece in response.aiter_bytes():
                 body += piece
-                if len(body) >= settings.fetch_max_bytes:
+                if len(body) >= (FILE_SNIFF_BYTES if binary else settings.fetch_max_bytes):
                     break
-            kind = response.headers.get("content-type", "")
+            if binary:  # an image or another file: what it is, not its bytes
+                return {"url": url, "status": response.status_code, "title": "",
+                        "text": describe_file(kind, bytes(body), response.headers.get("content-length")),
+                        "truncated": False}
             text = bytes(body[:settings.fetch_max_bytes]).decode(response.encoding or "utf-8", errors="replace")
             if "html" in kind or text.lstrip()[:1] == "<":
                 title, text = await asyncio.to_thread(html_to_text, text)
@@ -2892,6 +2897,46 @@ async def fetch_page(url: str, http: httpx.AsyncClient, settings: Settings,
                     "text": text[:settings.fetch_max_chars],
                     "truncated": len(text) > settings.fetch_max_chars or len(body) >= settings.fetch_max_bytes}
     raise ValueError(f"more than {FETCH_REDIRECTS} redirects")
+
+
+READABLE_TYPES = frozenset({"", "application/json", "application/xml", "application/xhtml+xml",
+                            "application/javascript", "application/x-javascript"})
+FILE_SNIFF_BYTES = 65536  # of an image or other file, enough for its size in pixels
+
+
+def describe_file(kind: str, head: bytes, length: str | None) -> str:
+    """A fetched image or file in a sentence (the model reads no bytes): its type, size and,
+    for an image, its width and height."""
+    size = image_size(head)
+    what = "An image" if kind.startswith("image/") else "A file"
+    parts = [kind] + ([f"{size[0]}x{size[1]} pixels"] if size else []) + (
+        [f"{int(length):,} bytes"] if length and length.isdigit() else [])
+    return f"{what} ({', '.join(parts)}); its content is not text, so it is not shown here."
+
+
+def image_size(head: bytes) -> tuple[int, int] | None:
+    """Width and height from the first bytes of a PNG, GIF, JPEG or WebP; None for others."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:4] == b"GIF8" and len(head) >= 10:
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+        chunk = head[12:16]
+        if chunk == b"VP8X":
+            return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+        if chunk == b"VP8L":
+            bits = int.from_bytes(head[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8 ":
+            return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    if head[:2] == b"\xff\xd8":
+        at = 2
+        while at + 9 < len(head) and head[at] == 0xFF:
+            marker, length = head[at + 1], int.from_bytes(head[at + 2:at + 4], "big")
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                return int.from_bytes(head[at + 7:at + 9], "big"), int.from_bytes(head[at + 5:at + 7], "big")
+            at += 2 + length
+    return None
 
 
 async def pinned_target(url: str, allow_private: bool = False, allowed: tuple = ()) -> tuple[str, dict]:

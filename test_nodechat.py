@@ -62,7 +62,7 @@ import pytest
 import uvicorn
 import websockets
 from starlette.applications import Starlette
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 import nodechat
@@ -1579,11 +1579,15 @@ async def test_fetch_allows_a_public_address_literal():
     await nodechat.check_public_url("https://93.184.216.34/page")  # checked only, not fetched
 
 
+PNG_3X2 = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x03\x00\x00\x00\x02\x08\x02\x00\x00\x00"
+           + b"\x00" * 4000)  # a PNG's header: 3 x 2 pixels
 TEA_PAGE = Starlette(routes=[
     Route("/tea", lambda r: HTMLResponse("<html><head><title>Tea</title><style>p{}</style></head><body>"
                                          "<script>alert(1)</script><h1>Green tea</h1><p>Brew at 80&deg;C.</p>"
                                          "</body></html>")),
-    Route("/go", lambda r: RedirectResponse("/tea"))])
+    Route("/go", lambda r: RedirectResponse("/tea")),
+    Route("/cup.png", lambda r: Response(PNG_3X2, media_type="image/png")),
+    Route("/menu.pdf", lambda r: Response(b"%PDF-1.7\n" + b"\x00" * 500, media_type="application/pdf"))])
 
 
 def fetch_result(url: str, upstream, page: str):
@@ -1605,6 +1609,20 @@ def test_fetch_tool_reads_a_page_as_text_following_redirects(live, upstream):
         page = fetch_result(url, upstream, site_url + "/go")["result"]
     assert page["title"] == "Tea" and page["url"] == site_url + "/tea"
     assert page["text"] == "Green tea\nBrew at 80°C."
+
+
+def test_fetch_tool_describes_an_image_or_a_file_instead_of_reading_its_bytes(live, upstream):
+    _, url = live(allow_private_fetch=True)
+    with serve(TEA_PAGE) as site_url:
+        image = fetch_result(url, upstream, site_url + "/cup.png")["result"]
+        pdf = fetch_result(url, upstream, site_url + "/menu.pdf")["result"]
+    assert image["text"] == ("An image (image/png, 3x2 pixels, 4,029 bytes); its content is not text, "
+                             "so it is not shown here.")
+    assert pdf["text"].startswith("A file (application/pdf, 510 bytes)") and "\x00" not in json.dumps(pdf)
+    sizes = {"gif": b"GIF89a\x05\x00\x07\x00", "webp": b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00"
+             b"\x00\x00\x00\x09\x00\x00\x04\x00\x00",
+             "jpeg": b"\xff\xd8\xff\xe0\x00\x04\x00\x00\xff\xc0\x00\x11\x08\x00\x20\x00\x40\x03" + b"\x00" * 8}
+    assert {k: nodechat.image_size(v) for k, v in sizes.items()} == {"gif": (5, 7), "webp": (10, 5), "jpeg": (64, 32)}
 
 
 def test_fetch_tool_can_be_turned_off(make_chat):
