@@ -1618,7 +1618,7 @@ def test_fetch_tool_describes_an_image_or_a_file_instead_of_reading_its_bytes(li
         pdf = fetch_result(url, upstream, site_url + "/menu.pdf")["result"]
     assert image["text"] == ("An image (image/png, 3x2 pixels, 4,029 bytes); its content is not text, "
                              "so it is not shown here.")
-    assert pdf["text"].startswith("A file (application/pdf, 510 bytes)") and "\x00" not in json.dumps(pdf)
+    assert pdf["text"].startswith("A file (application/pdf, 509 bytes)") and "\x00" not in json.dumps(pdf)
     sizes = {"gif": b"GIF89a\x05\x00\x07\x00", "webp": b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00"
              b"\x00\x00\x00\x09\x00\x00\x04\x00\x00",
              "jpeg": b"\xff\xd8\xff\xe0\x00\x04\x00\x00\xff\xc0\x00\x11\x08\x00\x20\x00\x40\x03" + b"\x00" * 8}
