@@ -99,6 +99,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -324,6 +325,12 @@ class Settings:
     max_memories_per_user: int = 1_000
     #: ``/v1/responses`` kept per user for ``previous_response_id`` (the oldest go first).
     max_responses_per_user: int = 1_000
+    #: Largest image or file a message carries inline (base64), decoded (413 beyond); it does
+    #: not count against ``max_message_chars``.
+    max_attachment_bytes: int = 3 * 1024 * 1024
+    #: Models that see images (``fnmatch`` patterns of their names); for any other, an agent
+    #: turn's images are left out of what it reads, and the answer says so.
+    vision_models: tuple[str, ...] = ("*",)
     #: Longest line accepted in a provider's event stream (502 beyond).
     max_upstream_line_bytes: int = 4 * 1024 * 1024
     #: On SIGTERM (``python nodechat.py``) or when the app closes, seconds in-flight turns
@@ -431,8 +438,9 @@ class Settings:
             values[name] = frozenset(_split(values.get(name, ())))
         values["users"] = _user_limits(values.get("users", {}), values)
         values["fallbacks"] = _fallbacks(values.get("fallbacks", {}))
-        for name in ("cors_origins", "allowed_hosts", "fetch_allowed_networks"):
-            values[name] = tuple(_split(values.get(name, ())))
+        for name in ("cors_origins", "allowed_hosts", "fetch_allowed_networks", "vision_models"):
+            if name in values:
+                values[name] = tuple(_split(values[name]))
         if values.get("tools") is not None:
             values["tools"] = tuple(_split(values["tools"]))
         if values.get("mcp_config"):
@@ -1634,6 +1642,29 @@ class JSONFileStore:
         """A user's ledger file for ``month``."""
         return self.root / "usage" / user_folder(user_id) / f"{month}.jsonl"
 
+    # -- attachments: stored once, by their content, however many messages hold them -----------
+
+    async def put_blob(self, digest: str, data: bytes) -> None:
+        """``blobs/<ab>/<sha256>``, written once (fsynced, then renamed into place)."""
+        path = self._blob(digest)
+        await self._in_thread(lambda: path.exists() or _write_bytes(path, data))
+
+    async def get_blob(self, digest: str) -> bytes | None:
+        path = self._blob(digest)
+
+        def read() -> bytes | None:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return await self._in_thread(read)
+
+    def _blob(self, digest: str) -> Path:
+        if not BLOB_DIGEST.fullmatch(digest):
+            raise BadRequest("an attachment is named by its SHA-256, 64 hexadecimal digits", code="invalid_blob")
+        return self.root / "blobs" / digest[:2] / digest
+
     # -- /v1/responses kept for previous_response_id ---------------------------------------------
 
     async def put_response(self, user_id: str, response_id: str, record: dict) -> None:
@@ -1800,6 +1831,9 @@ class LRU(collections.OrderedDict):
         self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
+
+
+BLOB_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def user_folder(user_id: str) -> str:
@@ -2063,6 +2097,12 @@ PG_MIGRATIONS = (
         PRIMARY KEY (user_id, id));
     CREATE INDEX nodechat_responses_by_age ON nodechat_responses (user_id, seq);
     """,
+    # attachments (images in stored messages), by their content's SHA-256
+    """
+    CREATE TABLE nodechat_blobs (
+        digest text PRIMARY KEY,
+        data bytea NOT NULL);
+    """,
 )
 
 CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at"
@@ -2265,6 +2305,17 @@ class PostgresStore:
         keys = ("at", "user", "conversation", "protocol", "model", "provider", "input", "output", "cached",
                 "reasoning", "estimated")
         return [dict(zip(keys, row)) for row in rows]
+
+    # -- attachments: stored once, by their content -------------------------------------------
+
+    async def put_blob(self, digest: str, data: bytes) -> None:
+        async with self._connection() as db:
+            await db.execute("INSERT INTO nodechat_blobs (digest, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                             digest, data)
+
+    async def get_blob(self, digest: str) -> bytes | None:
+        async with self._connection() as db:
+            return await db.fetchval("SELECT data FROM nodechat_blobs WHERE digest = $1", digest)
 
     # -- /v1/responses kept for previous_response_id ---------------------------------------------
 
@@ -5335,6 +5386,7 @@ class Turn:
     protocol: str = "openai"  # for the ledger and metrics: openai, aisdk, seed, ws
     request_id: str = ""  # the x-request-id of the request that started it (logs)
     started: float = field(default_factory=time.monotonic)
+    notice: str | None = None  # said with the answer's end (an image the model could not see)
     # what happened, for the turn's log line and metrics: filled in as it runs
     first_token: float | None = None
     usage: Usage = field(default_factory=Usage)
@@ -5363,6 +5415,9 @@ def content_from_parts(parts: Iterable[Any]) -> str | list[dict]:
     return content
 
 
+INLINE_ATTACHMENT = re.compile(r'(?:"data:[\w.+/-]*;base64,|"data":")([A-Za-z0-9+/=]*)"')  # a data: URL, Anthropic's base64
+
+
 def check_messages(messages: list, settings: Settings) -> None:
     """PayloadTooLarge past the message count or a message's size."""
     if len(messages) > settings.max_messages:
@@ -5370,7 +5425,17 @@ def check_messages(messages: list, settings: Settings) -> None:
                               code="too_many_messages")
     for index, message in enumerate(messages):
         content = message.get("content") or message.get("parts") if isinstance(message, dict) else message
-        size = len(content) if isinstance(content, str) else len(compact_json(content))
+        if isinstance(content, str):
+            size = len(content)
+        else:  # an image or file inline (base64) counts against max_attachment_bytes, not the text's limit
+            encoded = compact_json(content)
+            size = len(encoded)
+            for attached in INLINE_ATTACHMENT.finditer(encoded):
+                size -= len(attached.group(1))
+                if len(attached.group(1)) * 3 // 4 > settings.max_attachment_bytes:
+                    raise PayloadTooLarge(f"message {index} has an attachment of about "
+                                          f"{len(attached.group(1)) * 3 // 4} bytes; at most "
+                                          f"{settings.max_attachment_bytes} are accepted", code="attachment_too_large")
         if size > settings.max_message_chars:
             raise PayloadTooLarge(f"message {index} has {size} characters; at most "
                                   f"{settings.max_message_chars} are accepted", code="message_too_large")
@@ -5395,6 +5460,7 @@ class Agent:
         self.ledger = ledger or Ledger(settings, store, Metrics())
         self.metrics = self.ledger.metrics
         self.circuits = Circuits(settings.circuit_failures, settings.circuit_seconds)
+        self.attachments = DataURLs(ATTACHMENT_CACHE_BYTES)  # stored images as the model reads them
         self.background: set[asyncio.Task] = set()  # titles being made; cancelled on close
 
     async def run(self, turn: Turn) -> AsyncIterator[Event]:
@@ -5408,6 +5474,10 @@ class Agent:
             system = await self._system_prompt(turn, history)
             messages = [{"role": "system", "content": system}] if system else []
             messages += [model_message(m) for m in history]
+            if turn.conversation_id:
+                messages = await self._show_attachments(messages)
+            if turn.capped and not any(fnmatch.fnmatchcase(candidates[0][2], p) for p in self.settings.vision_models):
+                messages, turn.notice = without_images(messages, candidates[0][2])
             async with contextlib.aclosing(self._steps(turn, candidates, messages)) as steps:
                 async for event in steps:  # closed with run(): a partial answer is saved then
                     yield event
@@ -5459,10 +5529,68 @@ class Agent:
         if at is not None and any(m.get("role") == "assistant" for m in stored[at + 1:]):
             raise Conflict("this message was already answered; regenerate it for a new answer",
                            code="already_answered")
-        saved = await self.store.append_messages(cid, unstored_messages(stored, turn.messages))
+        saved = await self.store.append_messages(cid, await self._keep_attachments(
+            unstored_messages(stored, turn.messages)))
         if asked and at is None and all(m.get("ui_id") != asked for m in saved):
             raise Conflict("this message is already being answered", code="already_answered")
         return stored + saved, meta["created_at"] if created else None
+
+    async def _keep_attachments(self, messages: list[dict]) -> list[dict]:
+        """Messages as they are stored: each inline image (a ``data:`` URL) put in the store
+        once, by its content, and named by a ``nodechat-blob:`` URL, so a conversation's
+        message file does not grow by the image every time it is sent."""
+        if not hasattr(self.store, "put_blob"):  # a host's store without attachments: kept inline
+            return messages
+        kept = []
+        for message in messages:
+            content = message.get("content")
+            if type(content) is list and any(attachment_url(p) for p in content):
+                parts = []
+                for part in content:
+                    url = attachment_url(part)
+                    if url.startswith(BLOB_URL):
+                        raise BadRequest("an image's url must be a data: or http(s) URL", code="invalid_messages")
+                    if url.startswith("data:") and ";base64," in url:
+                        media, _, payload = url[5:].partition(";base64,")
+                        try:
+                            data = base64.b64decode(payload, validate=True)
+                        except ValueError:
+                            raise BadRequest("an image's data: URL is not valid base64", code="invalid_messages") from None
+                        digest = hashlib.sha256(data).hexdigest()
+                        await self.store.put_blob(digest, data)
+                        self.attachments.put(digest, url)
+                        part = {**part, "image_url": {**part["image_url"], "url": f"{BLOB_URL}{media};sha256,{digest}"}}
+                    parts.append(part)
+                message = {**message, "content": parts}
+            kept.append(message)
+        return kept
+
+    async def _show_attachments(self, messages: list[dict]) -> list[dict]:
+        """Stored messages as the model reads them: each ``nodechat-blob:`` image a ``data:``
+        URL again, read from the store once and then kept in memory (a turn never reads or
+        encodes the same image again)."""
+        shown = []
+        for message in messages:
+            content = message.get("content")
+            if type(content) is list and any(attachment_url(p).startswith(BLOB_URL) for p in content):
+                parts = []
+                for part in content:
+                    url = attachment_url(part)
+                    if url.startswith(BLOB_URL):
+                        media, _, digest = url[len(BLOB_URL):].partition(";sha256,")
+                        inline = self.attachments.get(digest)
+                        if inline is None:
+                            data = await self.store.get_blob(digest) if BLOB_DIGEST.fullmatch(digest) else None
+                            if data is None:  # gone: the model is told, rather than the turn failing
+                                parts.append({"type": "text", "text": "[an image that is no longer stored]"})
+                                continue
+                            inline = f"data:{media};base64,{base64.b64encode(data).decode()}"
+                            self.attachments.put(digest, inline)
+                        part = {**part, "image_url": {**part["image_url"], "url": inline}}
+                    parts.append(part)
+                message = {**message, "content": parts}
+            shown.append(message)
+        return shown
 
     async def _drop_answer(self, cid: str, stored: list[dict], incoming: list[dict]) -> list[dict]:
         """Forget the stored answer (and its tool messages) to the message being regenerated:
@@ -5671,7 +5799,7 @@ class Agent:
                             yield dataclasses.replace(call_, client_side=True)
                     yield StepFinished("tool_calls", step_usage)
                     turn.outcome = "tool_calls"
-                    yield Finished("tool_calls", turn.usage, answering)
+                    yield Finished("tool_calls", turn.usage, answering, turn.notice)
                     return
                 step = [assistant_message("".join(text), calls, step_usage, signed, "".join(reasoned))]
                 text = []
@@ -5691,10 +5819,10 @@ class Agent:
                 yield StepFinished(finish.reason, step_usage)
                 if not calls:
                     turn.outcome = finish.reason
-                    yield Finished(finish.reason, turn.usage, answering)
+                    yield Finished(finish.reason, turn.usage, answering, turn.notice)
                     return
             turn.outcome = "max_steps"
-            yield Finished("max_steps", turn.usage, answering)
+            yield Finished("max_steps", turn.usage, answering, turn.notice)
         except (asyncio.CancelledError, GeneratorExit):  # cancelled, or closed by its reader
             stopped = True
             raise
@@ -5785,6 +5913,59 @@ def unstored_messages(stored: list[dict], incoming: list[dict]) -> list[dict]:
                          default=-1)
     known_ids = {m.get("ui_id") for m in stored if m.get("ui_id")}
     return [m for m in incoming[last_assistant + 1:] if not m.get("ui_id") or m["ui_id"] not in known_ids]
+
+
+BLOB_URL = "nodechat-blob:"  # an image in a stored message: nodechat-blob:<media type>;sha256,<hex>
+ATTACHMENT_CACHE_BYTES = 64 * 1024 * 1024  # stored images kept as data: URLs per app
+
+
+def without_images(messages: list[dict], model: str) -> tuple[list[dict], str | None]:
+    """The messages a text-only model reads: each image a line saying one was there; and
+    the notice for the user (None when there was no image)."""
+    left_out = 0
+    read = []
+    for message in messages:
+        content = message.get("content")
+        if type(content) is list and any(attachment_url(p) for p in content):
+            left_out += sum(1 for p in content if attachment_url(p))
+            message = {**message, "content": [{"type": "text", "text": "[an image the model cannot see]"}
+                                              if attachment_url(p) else p for p in content]}
+        read.append(message)
+    if not left_out:
+        return messages, None
+    return read, (f"{model} cannot see images: {left_out} image{'s were' if left_out > 1 else ' was'} left out "
+                  "of what it read")
+
+
+def attachment_url(part: Any) -> str:
+    """The URL of an ``image_url`` content part ("" for any other part)."""
+    if type(part) is dict and part.get("type") == "image_url" and type(part.get("image_url")) is dict:
+        url = part["image_url"].get("url")
+        return url if type(url) is str else ""
+    return ""
+
+
+class DataURLs:
+    """Stored images as ``data:`` URLs, the most recently used first, at most ``limit``
+    bytes of them (an LRU by size, not by count: one image may be megabytes)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, 0
+        self._urls: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def get(self, digest: str) -> str | None:
+        url = self._urls.get(digest)
+        if url is not None:
+            self._urls.move_to_end(digest)
+        return url
+
+    def put(self, digest: str, url: str) -> None:
+        if digest in self._urls or len(url) > self.limit:
+            return
+        self._urls[digest] = url
+        self.size += len(url)
+        while self.size > self.limit:
+            self.size -= len(self._urls.popitem(last=False)[1])
 
 
 def model_message(message: dict) -> dict:
@@ -8838,6 +9019,32 @@ async def delete_memory(chat: NodeChat, request: Request) -> JSONResponse:
     return JSONResponse({"deleted": True, "id": memory_id})
 
 
+@dataclass
+class BytesResponse:
+    """A stored attachment's bytes: never a document a browser would render (its type is
+    not the client's to choose), cached by the browser (its name is its content)."""
+
+    data: bytes
+
+    async def __call__(self, send: Send, receive: Receive) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/octet-stream"), (b"content-length", str(len(self.data)).encode()),
+            (b"x-content-type-options", b"nosniff"), (b"content-security-policy", b"sandbox; default-src 'none'"),
+            (b"cache-control", b"private, max-age=31536000, immutable")]})
+        await send({"type": "http.response.body", "body": self.data})
+
+
+async def get_attachment(chat: NodeChat, request: Request) -> BytesResponse:
+    """``GET /api/attachments/{sha256}``: an image stored with a conversation (named by its
+    content: only someone who has it, or has seen it, knows the name)."""
+    digest = request.params["id"]
+    data = await chat.store.get_blob(digest) if BLOB_DIGEST.fullmatch(digest) and hasattr(
+        chat.store, "get_blob") else None
+    if data is None:
+        raise NotFound("no such attachment", code="attachment_not_found")
+    return BytesResponse(data)
+
+
 API_CHAT_ROUTES = Routes("/api/", json_error, (
     ("POST", "/api/chat", api_chat, "session", api_chat_errors),
     ("GET", "/api/chat/{id}/stream", resume_stream, "session"),
@@ -8848,6 +9055,7 @@ API_CHAT_ROUTES = Routes("/api/", json_error, (
     ("DELETE", "/api/conversations/{id}", delete_conversation, "session"),
     ("GET", "/api/memories", list_memories, "session"),
     ("DELETE", "/api/memories/{id}", delete_memory, "session"),
+    ("GET", "/api/attachments/{id}", get_attachment, "session"),
     ("GET", "/api/usage", usage_report, "anyone"),  # checks its caller itself: admin tokens too
 ), "api")
 
@@ -8928,11 +9136,11 @@ class WSEncoder:
                         update[key] = getattr(event, key)
                 frames = [self._with_thread(update)]
                 return frames + self.end() if event.status in TERMINAL_JOB_STATUSES else frames
-            case Finished(usage=usage, note=note, model=model):
+            case Finished(reason=reason, usage=usage, note=note, model=model):
                 self.usage, self.model = usage, model
-                if note:  # the budget ran out between two steps: shown as NodeTool shows errors
+                if note:  # the budget ran out between two steps, or an image was left out: as NodeTool shows errors
                     return [self._with_thread({"type": "error", "message": note, "error": note,
-                                               "code": "budget_exceeded"})]
+                                               "code": "budget_exceeded" if reason == "budget" else "notice"})]
         return []
 
     def start(self) -> list[dict]:
@@ -9261,7 +9469,12 @@ main { flex: 1; display: flex; flex-direction: column; min-width: 0; }
 #log > * { max-width: 46rem; margin-inline: auto; }
 #hello { color: var(--muted); text-align: center; margin-top: 20vh; }
 .msg { margin-bottom: 1.1rem; overflow-wrap: anywhere; }
-.user { display: flex; justify-content: flex-end; }
+.user { display: flex; justify-content: flex-end; flex-wrap: wrap; gap: .4rem; }
+img.attachment { max-width: 12rem; max-height: 12rem; border-radius: 10px; }
+#attached { display: flex; gap: .4rem; max-width: 48rem; margin: 0 auto; padding: 0 1rem; }
+#attached[hidden] { display: none; }
+.thumb { padding: 0; border: 1px solid var(--line); border-radius: 8px; background: none; }
+.thumb img { display: block; height: 3.5rem; border-radius: 8px; }
 .user p { margin: 0; background: var(--mine); padding: .55rem .85rem; border-radius: 14px;
   white-space: pre-wrap; max-width: 85%; }
 .md > :first-child { margin-top: 0; } .md > :last-child { margin-bottom: 0; }
@@ -9343,8 +9556,11 @@ dialog input { width: 100%; margin: .3rem 0 .8rem; padding: .45rem .6rem; }
       <p id="hello">Ask anything. Enter sends, Shift+Enter starts a new line.</p>
     </div>
     <p id="error" role="alert" hidden></p>
+    <div id="attached" aria-label="Images to send" hidden></div>
     <form id="composer">
       <label for="input" class="sr">Message</label>
+      <button type="button" id="attach" aria-label="Attach images" title="Attach images (or paste them)">+</button>
+      <input type="file" id="attach-file" accept="image/*" multiple hidden>
       <textarea id="input" rows="1" placeholder="Message nodechat" autofocus></textarea>
       <button type="submit" id="send" class="primary">Send</button>
       <button type="button" id="stop" hidden>Stop</button>
@@ -9366,7 +9582,7 @@ dialog input { width: 100%; margin: .3rem 0 .8rem; padding: .45rem .6rem; }
 const $ = (id) => document.getElementById(id);
 const ui = Object.fromEntries(["menu", "side", "model", "new", "signout", "convs", "convs-empty",
   "mems", "mems-empty", "spend", "log", "hello", "error", "composer", "input", "send", "stop", "login",
-  "login-form", "token", "login-error"].map((id) => [id.replace("-", "_"), $(id)]));
+  "login-form", "token", "login-error", "attach", "attach-file", "attached"].map((id) => [id.replace("-", "_"), $(id)]));
 // Relative URLs resolve against the mount root, with or without its trailing slash.
 const BASE = new URL(location.pathname.replace(/\/*$/, "/"), location.origin);
 const TOKEN_KEY = "nodechat.token", MODEL_KEY = "nodechat.model", CHAT_KEY = "nodechat.conversation";
@@ -9563,7 +9779,47 @@ function addMessage(role) {
   return article;
 }
 
-function addUser(text) { make("p", "", text, addMessage("user")); }
+function addUser(text, images = []) {
+  const turn = addMessage("user");
+  for (const url of images) showImage(turn, url);
+  if (text) make("p", "", text, turn);
+}
+
+function showImage(parent, url) {  // a stored one is fetched with the token, then shown inline
+  const img = make("img", "attachment", undefined, parent);
+  img.alt = "An attached image";
+  const stored = /^nodechat-blob:([\w.+\/-]+);sha256,([0-9a-f]{64})$/.exec(url);
+  if (!stored) { img.src = url; return; }
+  api("api/attachments/" + stored[2]).then((res) => res.arrayBuffer()).then((data) => {
+    const reader = new FileReader();
+    reader.onload = () => { img.src = reader.result; };
+    reader.readAsDataURL(new Blob([data], { type: stored[1] }));
+  }).catch(() => { img.alt = "An image that is no longer stored"; });
+}
+
+// -- images to send: picked or pasted, shown above the composer until sent ---------------------
+let attached = [];  // data: URLs
+
+function attach(files) {
+  for (const file of files) {
+    if (!file.type.startsWith("image/")) continue;
+    const reader = new FileReader();
+    reader.onload = () => { attached.push(reader.result); showAttached(); };
+    reader.readAsDataURL(file);
+  }
+}
+
+function showAttached() {
+  ui.attached.replaceChildren();
+  attached.forEach((url, index) => {
+    const button = make("button", "thumb", undefined, ui.attached);
+    button.type = "button";
+    button.setAttribute("aria-label", `Remove image ${index + 1}`);
+    make("img", "", undefined, button).src = url;
+    button.addEventListener("click", () => { attached.splice(index, 1); showAttached(); });
+  });
+  ui.attached.hidden = !attached.length;
+}
 
 function textPart(turn, text = "") {
   const div = make("div", "md", undefined, turn);
@@ -9625,7 +9881,8 @@ function renderHistory(messages) {  // stored messages are in OpenAI's shape
     if (m.usage) { tokens += m.usage.input + m.usage.output; estimated ||= m.usage.estimated; }
     if (m.role === "user") {
       endTurn();
-      addUser(text);
+      addUser(text, Array.isArray(m.content) ? m.content.filter((p) => p.type === "image_url")
+        .map((p) => p.image_url.url) : []);
       turn = null;
     } else if (m.role === "tool" && cards[m.tool_call_id]) {  // errors are stored as "Error: ..."
       setToolResult(cards[m.tool_call_id], text.replace(/^Error: /, ""), text.startsWith("Error: "));
@@ -9648,13 +9905,18 @@ function renderHistory(messages) {  // stored messages are in OpenAI's shape
 // The answer is the server's: leaving (a reload, another conversation) only stops reading it,
 // GET api/chat/{id}/stream reads it again from its start, and Stop asks the server to stop it.
 async function send(text) {
-  const message = { id: newId(), role: "user", parts: [{ type: "text", text }] };
+  const images = attached;
+  attached = [];
+  showAttached();
+  const parts = images.map((url) => ({ type: "file", mediaType: url.slice(5, url.indexOf(";")), url }));
+  if (text) parts.unshift({ type: "text", text });
+  const message = { id: newId(), role: "user", parts };
   // The server keeps the history: sending only the new message is enough.
   const body = { id: conversationId, messages: [message], trigger: "submit-message" };
   if (ui.model.value) body.model = ui.model.value;
   const first = !ui.log.querySelector("article");
   sessionStorage.setItem(CHAT_KEY, conversationId);
-  addUser(text);
+  addUser(text, images);
   const result = await follow((signal) => postChat(body, signal));
   if (result === "auth") { ui.log.lastElementChild.remove(); ui.input.value = text; }
   // The title of a new conversation is written in the background after the answer.
@@ -9851,7 +10113,7 @@ function grow() {  // CSSOM styles are allowed under the CSP; style attributes a
 ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.input.value.trim();
-  if (!text || controller) return;
+  if ((!text && !attached.length) || controller) return;
   ui.input.value = "";
   grow();
   send(text);
@@ -9863,6 +10125,12 @@ ui.input.addEventListener("keydown", (event) => {
   } else if (event.key === "Escape") stop();
 });
 ui.input.addEventListener("input", grow);
+ui.input.addEventListener("paste", (event) => {
+  const files = [...(event.clipboardData?.files || [])].filter((f) => f.type.startsWith("image/"));
+  if (files.length) { event.preventDefault(); attach(files); }
+});
+ui.attach.addEventListener("click", () => ui.attach_file.click());
+ui.attach_file.addEventListener("change", () => { attach(ui.attach_file.files); ui.attach_file.value = ""; });
 ui.stop.addEventListener("click", stop);
 ui.new.addEventListener("click", () => { newChat(); setMenu(false); ui.input.focus(); });
 ui.model.addEventListener("change", () => localStorage.setItem(MODEL_KEY, ui.model.value));

@@ -28,12 +28,14 @@ Module section -> where its tests are:
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import gc
+import hashlib
 import ipaddress
 import json
 import logging
@@ -51,6 +53,7 @@ import textwrap
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import httpx
@@ -964,6 +967,15 @@ async def test_conversations_list_newest_first_in_pages(any_store):
 
 
 @pytest.mark.anyio
+async def test_every_store_keeps_attachments_by_their_content(any_store):
+    store = any_store()
+    digest = hashlib.sha256(b"png bytes").hexdigest()
+    await store.put_blob(digest, b"png bytes")
+    await store.put_blob(digest, b"png bytes")  # again: one copy
+    assert await store.get_blob(digest) == b"png bytes" and await store.get_blob("0" * 64) is None
+
+
+@pytest.mark.anyio
 async def test_every_store_keeps_responses_per_owner_and_bounded(any_store):
     any_store = any_store(max_responses_per_user=2)
     for n in range(3):
@@ -1066,7 +1078,7 @@ async def test_five_instances_starting_at_once_migrate_the_schema_once(database_
         await within(30, asyncio.gather(*(s.check() for s in stores)))
         async with stores[0]._connection() as db:
             versions = [r[0] for r in await db.fetch("SELECT version FROM nodechat_schema_version")]
-        assert versions == [1, 2, 3, 4]  # each once
+        assert versions == [1, 2, 3, 4, 5]  # each once
         assert len({id(s._pool) for s in stores}) == 5  # instances share nothing
         await stores[0].create_conversation("shared", "alice")
         await within(30, asyncio.gather(*(
@@ -4289,6 +4301,47 @@ def test_each_request_of_a_conversation_begins_with_the_whole_previous_one(live,
     assert "Likes green tea" in system  # the memories the conversation's first message found, every turn
 
 
+def test_an_image_is_stored_once_beside_the_conversation_and_sent_again_unchanged(live, upstream, tmp_path):
+    chat, url = live(max_message_chars=10_000, max_attachment_bytes=100_000)
+    image = base64.b64encode(PNG_3X2 * 20).decode()  # 80 KB: past max_message_chars, within the attachment cap
+    picture = {"type": "file", "mediaType": "image/png", "url": f"data:image/png;base64,{image}"}
+    ask = {"id": "c-img", "trigger": "submit-message", "messages": [
+        {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "what is this?"}, picture]}]}
+    upstream.script(text("A cup."), text("Still a cup."))
+    response, _ = api_chat(url, ask)
+    assert response.status_code == 200
+    sent = upstream.requests[-1]["messages"][-1]["content"]
+    assert sent[1] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
+    stored = (tmp_path / "data" / "conversations" / "c-img.jsonl").read_bytes()
+    assert image.encode() not in stored and b"nodechat-blob:image/png;sha256," in stored  # the file stays small
+    [blob] = (tmp_path / "data" / "blobs").glob("*/*")
+    assert blob.read_bytes() == PNG_3X2 * 20 and blob.name == hashlib.sha256(PNG_3X2 * 20).hexdigest()
+    blob.unlink()  # the next turn reads it from memory, not from disk
+    api_chat(url, {"id": "c-img", "trigger": "submit-message", "messages": [
+        {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "sure?"}]}]})
+    assert upstream.requests[-1]["messages"][1]["content"] == sent  # the same bytes as the first time
+    too_big = base64.b64encode(b"\x00" * 100_002).decode()
+    response, error = api_chat(url, {"messages": [{"role": "user", "parts": [
+        {"type": "file", "mediaType": "image/png", "url": f"data:image/png;base64,{too_big}"}]}]})
+    assert response.status_code == 413 and "attachment" in error["error"]
+    forged = {"type": "file", "mediaType": "image/png", "url": "nodechat-blob:image/png;sha256," + "0" * 64}
+    response, error = api_chat(url, {"id": "c-img2", "trigger": "submit-message", "messages": [
+        {"id": "u3", "role": "user", "parts": [{"type": "text", "text": "x"}, forged]}]})
+    assert response.status_code == 400
+
+
+def test_a_text_only_model_reads_that_an_image_was_there_and_the_user_is_told(live, upstream):
+    _, url = live(vision_models="gpt-4o*,claude-*")
+    picture = {"type": "file", "mediaType": "image/png", "url": "data:image/png;base64," + base64.b64encode(
+        PNG_3X2).decode()}
+    response, events = api_chat(url, {"id": "c-blind", "trigger": "submit-message", "messages": [
+        {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "what is this?"}, picture]}]})
+    assert upstream.requests[-1]["messages"][-1]["content"] == [
+        {"type": "text", "text": "what is this?"}, {"type": "text", "text": "[an image the model cannot see]"}]
+    finish = next(e for e in events if isinstance(e, dict) and e.get("type") == "finish")
+    assert finish["messageMetadata"]["notice"] == "fake-1 cannot see images: 1 image was left out of what it read"
+
+
 def test_reasoning_in_each_spelling_reaches_v1_and_is_stored_with_the_answer(live, upstream):
     _, url = live()
     spellings = ({"reasoning_content": "One."}, {"reasoning": "Two."},
@@ -7505,6 +7558,49 @@ def test_page_markdown_subset(site, open_page):
     page = open_page(site().url)
     for source, html in MARKDOWN_CASES:
         assert page.evaluate("markdown", source) == html, source
+
+
+def real_png(width: int, height: int) -> bytes:
+    """A PNG a browser decodes: grey pixels, zlib-compressed rows, each chunk with its CRC."""
+    def chunk_(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    rows = b"".join(b"\x00" + b"\x80\x80\x80" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk_(b"IHDR", width.to_bytes(4, "big") + height.to_bytes(4, "big")
+                                         + b"\x08\x02\x00\x00\x00")
+            + chunk_(b"IDAT", zlib.compress(rows)) + chunk_(b"IEND", b""))
+
+
+DOT_GIF = base64.b64encode(b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00"
+                           b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;").decode()
+
+
+def test_page_attaches_images_picked_or_pasted_and_shows_them_again_after_a_reload(site, upstream, open_page, tmp_path):
+    page = open_page(site().url)
+    picture = tmp_path / "cup.png"
+    picture.write_bytes(real_png(3, 2))
+    page.locator("#attach-file").set_input_files(str(picture))
+    expect(page.get_by_role("button", name="Remove image 1")).to_be_visible(timeout=WAIT_MS)
+    page.get_by_label("Message", exact=True).evaluate("""(input) => {  // a paste, as a browser makes one
+        const data = new DataTransfer();
+        const bytes = Uint8Array.from(atob("%s"), (c) => c.charCodeAt(0));
+        data.items.add(new File([bytes], "dot.gif", {type: "image/gif"}));
+        input.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true}));
+    }""" % DOT_GIF)
+    expect(page.get_by_role("button", name="Remove image 2")).to_be_visible(timeout=WAIT_MS)
+    upstream.script(text("A cup and a dot."))
+    send_message(page, "what are these?")
+    expect(answers(page).last).to_contain_text("A cup and a dot.", timeout=WAIT_MS)
+    sent = upstream.requests[-1]["messages"][-1]["content"]
+    assert [p["type"] for p in sent] == ["text", "image_url", "image_url"]
+    assert sent[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(real_png(3, 2)).decode()
+    assert sent[2]["image_url"]["url"] == "data:image/gif;base64," + DOT_GIF
+    mine = page.locator("article[aria-label=You] img.attachment")
+    expect(mine).to_have_count(2, timeout=WAIT_MS)
+    expect(page.locator("#attached")).to_be_hidden(timeout=WAIT_MS)
+    page.reload()  # the history: the images come back from the store
+    expect(page.locator("article[aria-label=You] img.attachment")).to_have_count(2, timeout=WAIT_MS)
+    page.wait_for_function("[...document.querySelectorAll('img.attachment')].every((i) => i.src.startsWith("
+                           "'data:image/') && i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)
 
 
 def test_page_errors_are_readable(site, upstream, open_page):

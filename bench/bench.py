@@ -985,7 +985,7 @@ def report_fits(results: dict) -> None:
     agents = ("nodechat /api/chat", "nodechat /api/chat stored", "nodechat /chat ws", "nodechat /chat ws tmpfs",
               "nodechat /api/chat stored tmpfs")
     rows += [(name, "", 1) for name in agents]
-    rows += [(f"{label} ({name})", "", 1) for label in ("/api/chat", "/api/chat stored tmpfs")
+    rows += [(f"{label} ({name})", "", 1) for label in ("/v1", "/api/chat", "/api/chat stored tmpfs")
              for name in ("this", "against")]
     print("\n| server | upstream | streams | CPU per streamed event | fixed CPU per request |")
     print("|---|---|---|---|---|")
