@@ -4562,6 +4562,14 @@ def anthropic_blocks(content: Any) -> list[dict]:
             head, _, data = url.partition(";base64,")
             block = {"type": "image", "source": {"type": "base64", "media_type": head[5:], "data": data}
                      if head.startswith("data:") and data else {"type": "url", "url": url}}
+        elif part.get("type") == "file" and isinstance(part.get("file"), dict):
+            head, _, data = str(part["file"].get("file_data", "")).partition(";base64,")
+            if head[5:].startswith("text/"):  # Claude reads a text document as text
+                source = {"type": "text", "media_type": "text/plain", "data": base64.b64decode(data).decode(
+                    errors="replace")}
+            else:
+                source = {"type": "base64", "media_type": head[5:] or "application/pdf", "data": data}
+            block = {"type": "document", "source": source, "title": str(part["file"].get("filename", ""))[:200]}
         else:
             continue
         if "cache_control" in part:
@@ -5405,6 +5413,8 @@ def content_from_parts(parts: Iterable[Any]) -> str | list[dict]:
             content.append({"type": "text", "text": part["text"]})
         elif kind == "file" and str(part.get("mediaType", "")).startswith("image/"):
             content.append({"type": "image_url", "image_url": {"url": str(part.get("url", ""))}})
+        elif kind == "file" and str(part.get("url", "")).startswith("data:"):  # a PDF, a text file...
+            content.append(file_part(str(part["url"]), str(part.get("filename") or "attachment")))
         elif kind == "image_url":
             image = part.get("image") or part.get("image_url") or {}
             url = image.get("uri") or image.get("url") if isinstance(image, dict) else image
@@ -5413,6 +5423,11 @@ def content_from_parts(parts: Iterable[Any]) -> str | list[dict]:
     if all(p["type"] == "text" for p in content):
         return "".join(p["text"] for p in content)
     return content
+
+
+def file_part(url: str, filename: str) -> dict:
+    """A file (a ``data:`` URL) as OpenAI's chat content part for one."""
+    return {"type": "file", "file": {"filename": filename[:200], "file_data": url}}
 
 
 INLINE_ATTACHMENT = re.compile(r'(?:"data:[\w.+/-]*;base64,|"data":")([A-Za-z0-9+/=]*)"')  # a data: URL, Anthropic's base64
@@ -5559,7 +5574,7 @@ class Agent:
                         digest = hashlib.sha256(data).hexdigest()
                         await self.store.put_blob(digest, data)
                         self.attachments.put(digest, url)
-                        part = {**part, "image_url": {**part["image_url"], "url": f"{BLOB_URL}{media};sha256,{digest}"}}
+                        part = with_attachment_url(part, f"{BLOB_URL}{media};sha256,{digest}")
                     parts.append(part)
                 message = {**message, "content": parts}
             kept.append(message)
@@ -5582,11 +5597,11 @@ class Agent:
                         if inline is None:
                             data = await self.store.get_blob(digest) if BLOB_DIGEST.fullmatch(digest) else None
                             if data is None:  # gone: the model is told, rather than the turn failing
-                                parts.append({"type": "text", "text": "[an image that is no longer stored]"})
+                                parts.append({"type": "text", "text": "[an attachment that is no longer stored]"})
                                 continue
                             inline = f"data:{media};base64,{base64.b64encode(data).decode()}"
                             self.attachments.put(digest, inline)
-                        part = {**part, "image_url": {**part["image_url"], "url": inline}}
+                        part = with_attachment_url(part, inline)
                     parts.append(part)
                 message = {**message, "content": parts}
             shown.append(message)
@@ -5926,10 +5941,11 @@ def without_images(messages: list[dict], model: str) -> tuple[list[dict], str | 
     read = []
     for message in messages:
         content = message.get("content")
-        if type(content) is list and any(attachment_url(p) for p in content):
-            left_out += sum(1 for p in content if attachment_url(p))
+        if type(content) is list and any(p.get("type") == "image_url" for p in content if type(p) is dict):
+            left_out += sum(1 for p in content if type(p) is dict and p.get("type") == "image_url")
             message = {**message, "content": [{"type": "text", "text": "[an image the model cannot see]"}
-                                              if attachment_url(p) else p for p in content]}
+                                              if type(p) is dict and p.get("type") == "image_url" else p
+                                              for p in content]}
         read.append(message)
     if not left_out:
         return messages, None
@@ -5938,11 +5954,21 @@ def without_images(messages: list[dict], model: str) -> tuple[list[dict], str | 
 
 
 def attachment_url(part: Any) -> str:
-    """The URL of an ``image_url`` content part ("" for any other part)."""
-    if type(part) is dict and part.get("type") == "image_url" and type(part.get("image_url")) is dict:
-        url = part["image_url"].get("url")
-        return url if type(url) is str else ""
+    """The URL of an ``image_url`` or ``file`` content part ("" for any other part)."""
+    if type(part) is dict:
+        holder, key = ATTACHMENT_KEYS.get(part.get("type"), (None, None))
+        inner = part.get(holder) if holder else None
+        if type(inner) is dict and type(inner.get(key)) is str:
+            return inner[key]
     return ""
+
+
+def with_attachment_url(part: dict, url: str) -> dict:
+    holder, key = ATTACHMENT_KEYS[part["type"]]
+    return {**part, holder: {**part[holder], key: url}}
+
+
+ATTACHMENT_KEYS = types.MappingProxyType({"image_url": ("image_url", "url"), "file": ("file", "file_data")})
 
 
 class DataURLs:
@@ -7763,6 +7789,15 @@ def anthropic_message(role: str, content: Any, index: int) -> list[dict]:
             else:
                 raise BadRequest(f"messages.{index}: an image needs a base64 or url source", code="invalid_messages")
             parts.append({"type": "image_url", "image_url": {"url": url}} | cached(block))
+        elif kind == "document" and isinstance(block.get("source"), dict):
+            source = block["source"]
+            if source.get("type") == "base64" and isinstance(source.get("data"), str) and source["data"]:
+                parts.append(file_part(f"data:{source.get('media_type', 'application/pdf')};base64,{source['data']}",
+                                       str(block.get("title") or "document")) | cached(block))
+            elif source.get("type") == "text" and isinstance(source.get("data"), str):
+                parts.append({"type": "text", "text": source["data"]} | cached(block))
+            else:
+                raise BadRequest(f"messages.{index}: a document needs a base64 or text source", code="invalid_messages")
         elif kind in ("document", "search_result", "container_upload"):
             raise BadRequest(f"messages.{index}: {kind} blocks are not supported here", code="invalid_messages")
         elif kind == "tool_use" and role == "assistant":
@@ -8086,6 +8121,8 @@ def responses_item(item: dict, messages: list[dict]) -> None:
                     parts.append({"type": "text", "text": part["text"]})
                 elif part.get("type") == "input_image" and isinstance(part.get("image_url"), str):
                     parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+                elif part.get("type") == "input_file" and str(part.get("file_data", "")).startswith("data:"):
+                    parts.append(file_part(part["file_data"], str(part.get("filename") or "attachment")))
             content = "".join(p["text"] for p in parts) if all(p["type"] == "text" for p in parts) else parts
         messages.append({"role": role, "content": content if isinstance(content, (str, list)) else ""})
     elif kind == "function_call":

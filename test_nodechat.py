@@ -3963,7 +3963,7 @@ def test_responses_kept_per_user_are_bounded_oldest_first(live, upstream):
     ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "file", "file_id": "f1"}}]}]}),
     ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
-        {"type": "document", "source": {"type": "text", "data": "x"}}]}]}),
+        {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}]}]}),
 ])
 def test_front_doors_answer_odd_requests_with_a_400_in_their_shape(live, upstream, path, body):
     _, url = live()
@@ -4328,6 +4328,40 @@ def test_an_image_is_stored_once_beside_the_conversation_and_sent_again_unchange
     response, error = api_chat(url, {"id": "c-img2", "trigger": "submit-message", "messages": [
         {"id": "u3", "role": "user", "parts": [{"type": "text", "text": "x"}, forged]}]})
     assert response.status_code == 400
+
+
+PDF = base64.b64encode(b"%PDF-1.7\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n").decode()
+
+
+def test_a_file_reaches_the_model_from_every_door_and_is_stored_once(live, upstream, claude_upstream, tmp_path):
+    chat, url = live()
+    pdf_part = {"type": "file", "file": {"filename": "menu.pdf", "file_data": f"data:application/pdf;base64,{PDF}"}}
+    api_chat(url, {"id": "c-file", "trigger": "submit-message", "messages": [{"id": "u1", "role": "user", "parts": [
+        {"type": "text", "text": "summarise"},
+        {"type": "file", "mediaType": "application/pdf", "filename": "menu.pdf",
+         "url": f"data:application/pdf;base64,{PDF}"}]}]})
+    assert upstream.requests[-1]["messages"][-1]["content"][1] == pdf_part
+    assert PDF.encode() not in (tmp_path / "data" / "conversations" / "c-file.jsonl").read_bytes()
+    api_chat(url, {"id": "c-file", "trigger": "submit-message", "messages": [
+        {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "more"}]}]})
+    assert upstream.requests[-1]["messages"][1]["content"][1] == pdf_part  # read back from the store
+    claude(url).messages.create(model="fake-1", max_tokens=10, messages=[{"role": "user", "content": [
+        {"type": "document", "title": "menu.pdf", "source": {"type": "base64", "media_type": "application/pdf",
+                                                             "data": PDF}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Tea: 3 EUR"}}]}])
+    assert upstream.requests[-1]["messages"][-1]["content"] == [pdf_part, {"type": "text", "text": "Tea: 3 EUR"}]
+    client(url).responses.create(model="fake-1", input=[{"role": "user", "content": [
+        {"type": "input_file", "filename": "menu.pdf", "file_data": f"data:application/pdf;base64,{PDF}"}]}])
+    assert upstream.requests[-1]["messages"][-1]["content"] == [pdf_part]
+    _, on_claude_url = live(**on_claude(claude_upstream, "k"))
+    client(on_claude_url).chat.completions.create(model="claude-up", messages=[{"role": "user", "content": [
+        pdf_part, {"type": "file", "file": {"filename": "notes.txt", "file_data": "data:text/plain;base64,"
+                                            + base64.b64encode(b"Tea: 3 EUR").decode()}}]}])
+    assert claude_upstream.requests[-1]["messages"][0]["content"] == [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+         "title": "menu.pdf"},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Tea: 3 EUR"},
+         "title": "notes.txt"}]
 
 
 def test_a_text_only_model_reads_that_an_image_was_there_and_the_user_is_told(live, upstream):
