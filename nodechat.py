@@ -10391,8 +10391,8 @@ class NodeChat:
             log.info("serving the built-in offline model %r: it echoes your message, and "
                      "'/tool NAME {json}' calls a tool", OFFLINE_MODEL)
             log.info("for a real model set OPENAI_API_KEY (and OPENAI_BASE_URL for any other "
-                     "OpenAI-compatible server, e.g. http://localhost:11434/v1 for Ollama), or "
-                     "list [[providers]] in a TOML file given with --config")
+                     "OpenAI-compatible server, e.g. http://localhost:11434/v1 for Ollama) or "
+                     "ANTHROPIC_API_KEY, or list [[providers]] in a TOML file given with --config")
             return
         try:
             names = await asyncio.wait_for(providers.default.list_models(self.http()), 5)
@@ -10680,6 +10680,8 @@ def _environment_help() -> str:
     """The environment variables, for ``--help``: every setting has one."""
     lines = ["environment (every setting also has NODECHAT_<NAME>, e.g. NODECHAT_MAX_STEPS=30):"]
     lines += [f"  {key:<30} {name}" for key, name in ENV_KEYS.items()]
+    lines.append(f"  {'ANTHROPIC_API_KEY':<30} an Anthropic provider (its Messages API), beside OpenAI's")
+    lines.append(f"  {'ANTHROPIC_BASE_URL':<30} ... and where it is (https://api.anthropic.com)")
     lines.append(f"  {'BRAVE_API_KEY, TAVILY_API_KEY':<30} search_api_key for those backends")
     lines.append(f"  {'NODECHAT_CONFIG':<30} a TOML settings file (as --config)")
     return "\n".join(lines)

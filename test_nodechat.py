@@ -7188,6 +7188,7 @@ def test_cli_help_lists_the_environment(capsys):
         nodechat.main(["--help"])
     out = capsys.readouterr().out
     assert "OPENAI_BASE_URL" in out and "NODECHAT_<NAME>" in out and "NODECHAT_TOKENS" in out
+    assert "ANTHROPIC_API_KEY" in out
 
 
 ###############################################################################
