@@ -4,6 +4,9 @@ An LLM agent with tools, memory and saved conversations behind the protocols cha
 front ends already speak:
 
 * ``POST /v1/chat/completions`` and ``GET /v1/models`` -- OpenAI-compatible, streaming or not;
+* ``POST /v1/messages`` -- Anthropic's Messages API (its SDKs, Claude Code);
+* ``POST /v1/responses`` -- OpenAI's Responses API (the Agents SDK, Codex), kept for
+  ``previous_response_id``;
 * ``POST /api/chat`` -- Server-Sent Events for AI SDK front ends (``useChat``), with
   conversations, auto titles, memory and a 20-step tool limit;
 * ``/chat`` -- NodeTool's WebSocket (MessagePack or JSON), with workflows and job updates.
@@ -20,8 +23,8 @@ Mount it in a Starlette or FastAPI app (every route answers under the prefix)::
     app = Starlette(routes=[Mount("/ai", app=chat)], lifespan=chat.lifespan)
 
 Settings come from keyword arguments, else a TOML file (``--config`` or ``NODECHAT_CONFIG``),
-else the environment (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, and ``NODECHAT_<NAME>`` for every
-setting); see :class:`Settings` and the README.  ``GET /`` is a small chat page.
+else the environment (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``, and
+``NODECHAT_<NAME>`` for every setting); see :class:`Settings` and the README.  ``GET /`` is a small chat page.
 
 Scale out with ``NODECHAT_DATABASE_URL=postgresql://...`` (the ``postgres`` extra): any number
 of processes on any number of machines share one PostgreSQL.
@@ -39,9 +42,10 @@ Follow a request from the bottom up:
 2. The protocol's section: its handler decodes the body into a ``Turn`` and picks its encoder;
    errors take the protocol's own shape.  ``/chat`` starts at ``chat_websocket``.
 3. ``run_turn`` (Workflows): ``Turns`` admits the turn (the ``Ledger``'s rate limit and budget
-   first), then ``Agent.run`` (or a workflow) yields events: the provider's stream (Providers)
-   through nodechat's HTTP/1.1 client (Upstream HTTP client) over the sans-IO readers in Wire,
-   and the tools' results.  Each model call holds its share of the budget, and its usage goes
+   first), then ``Agent.run`` (or a workflow) yields events: the provider's stream (Providers;
+   ``Agent._open`` tries once more, then the model's fallbacks, until one begins) through
+   nodechat's HTTP/1.1 client (Upstream HTTP client) over the sans-IO readers in Wire, and
+   the tools' results.  Each model call holds its share of the budget, and its usage goes
    to the ledger (Accounting).
 4. Back in the protocol's section, its encoder turns each event into bytes, written by
    ``stream_sse`` (HTTP server) or ``ChatSession.send``.  An ``/api/chat`` turn on a stored
@@ -4093,7 +4097,7 @@ def _proxy_configured() -> bool:
 
 
 ###############################################################################
-# Providers: OpenAI-compatible servers and the built-in echo model
+# Providers: OpenAI-compatible servers, Anthropic's Messages API, the built-in echo model, fallbacks
 ###############################################################################
 
 
