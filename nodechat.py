@@ -117,6 +117,7 @@ import re
 import socket
 import ssl
 import time
+import threading
 import tomllib
 import types
 import typing
@@ -1453,10 +1454,18 @@ class JSONFileStore:
 
     ``conversations/<id>.json`` holds a conversation's owner and title (rewritten atomically),
     ``conversations/<id>.jsonl`` its messages (appended, one per line), ``users/<user>.jsonl``
-    a log of the user's conversation metas (listing reads it, not every conversation), and
+    a log of the user's conversation metas, and of each append's ``updated_at`` (listing reads
+    it, not every conversation), and
     ``memories/<user>.json`` a user's memories, ``usage/<user>/<month>.jsonl`` the ledger and
     ``responses/<user>/<id>.json`` the ``/v1/responses`` kept.  Writers take a file lock, so several worker
     processes can share one directory; file work runs in a thread, off the event loop.
+
+    Appends are made durable by group commit (``_synced``): a writer appends under the file's
+    lock, lets go of it, and waits for a flush that fsyncs each file written since the last
+    one began, once, while later writers gather for the next (PostgreSQL's WAL flush works
+    so).  Sixteen turns of one user appending to their listing share one fsync of it instead of
+    queueing on its lock for one each.  A message append no longer rewrites the owner file
+    either: a conversation's ``updated_at`` is its newest listing line.
     """
 
     def __init__(self, root: str | os.PathLike, *, max_conversations_per_user: int = 0,
@@ -1467,13 +1476,25 @@ class JSONFileStore:
         self.max_responses = max_responses_per_user
         self._responses_put = LRU(cached_users)  # user -> responses put by this process (when to prune)
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._unsynced: dict[Path, None] = {}  # appended to since the flush under way began
+        self._next_flush: asyncio.Future | None = None  # what the writers of _unsynced wait for
+        self._flushing: asyncio.Task | None = None
         self._memories_seen = LRU(cached_users)  # user -> _Cached(memories, MemoryIndex)
         self._listings_seen = LRU(cached_users)  # user -> _Cached({id: meta}, offset read)
+        self._folding = threading.Lock()  # one thread at a time brings a listing's fold up to date
 
     # -- conversations -----------------------------------------------------------------------
 
     async def get_conversation(self, conversation_id: str) -> dict | None:
-        return await self._in_thread(self._meta, conversation_id)
+        def get() -> dict | None:
+            meta = self._meta(conversation_id)
+            if meta is not None and ID_PATTERN.fullmatch(str(meta.get("user_id", ""))):
+                listed = self._read_listing(meta["user_id"]).get(conversation_id)
+                if listed and listed.get("updated_at", "") > meta.get("updated_at", ""):
+                    meta = {**meta, "updated_at": listed["updated_at"]}
+            return meta
+
+        return await self._in_thread(get)
 
     async def create_conversation(self, conversation_id: str, user_id: str, title: str = "") -> dict:
         path = self._conversation(conversation_id, ".json")
@@ -1495,10 +1516,12 @@ class JSONFileStore:
                     meta = {"id": conversation_id, "user_id": user_id, "title": title,
                             "created_at": stamp, "updated_at": stamp}
                     _write_json(path, meta)
-                    _append_lines(self._listing(user_id), [meta])
+                    _append_lines(self._listing(user_id), [meta], sync=False)
                 return meta
 
-        return await self._in_thread(create)
+        meta = await self._in_thread(create)
+        await self._synced(self._listing(user_id))
+        return meta
 
     async def update_conversation(self, conversation_id: str, **fields: Any) -> None:
         await self._in_thread(self._update, conversation_id, fields)
@@ -1508,7 +1531,7 @@ class JSONFileStore:
         """The user's conversations, most recently updated first; ``before`` (an
         ``updated_at``) asks for the page after the one that ended there."""
         def page() -> list[dict]:
-            metas = self._read_listing(user_id).values()
+            metas = list(self._read_listing(user_id).values())
             if before:
                 metas = [m for m in metas if m["updated_at"] < before]
             return sorted(metas, key=lambda m: (m["updated_at"], m["id"]), reverse=True)[:limit]
@@ -1537,24 +1560,33 @@ class JSONFileStore:
 
     async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]:
         path = self._conversation(conversation_id, ".jsonl")
-        stamped = [{"id": new_id("msg"), "created_at": now_iso(), **m} for m in messages]
+        stamped = [{"id": new_id("msg"), "created_at": "", **m} for m in messages]
 
-        def append() -> list[dict]:
+        def append() -> tuple[list[dict], Path | None]:
             with _locked(path):
-                if not self._conversation(conversation_id, ".json").exists():
+                meta = self._meta(conversation_id)
+                if meta is None:
                     raise NotFound("conversation not found", code="conversation_not_found")
                 fresh = _new_ui_ids(_read_lines(path) if any("ui_id" in m for m in stamped) else [], stamped)
-                if fresh:
-                    size = _append_lines(path, fresh)
-                    try:
-                        self._update(conversation_id, {})
-                    except OSError:  # all or nothing: the messages go again too
-                        with path.open("r+b") as fh:
-                            fh.truncate(size)
-                        raise
-                return fresh
+                if not fresh:
+                    return fresh, None
+                listing, stamp = self._listing(meta["user_id"]), now_iso()  # in order, under the lock
+                for message in fresh:
+                    message["created_at"] = message["created_at"] or stamp
+                size = _append_lines(path, fresh, sync=False)
+                try:
+                    with _locked(listing):
+                        _append_lines(listing, [{"id": conversation_id, "updated_at": stamp}], sync=False)
+                except OSError:  # all or nothing: the messages go again too
+                    with path.open("r+b") as fh:
+                        fh.truncate(size)
+                    raise
+                return fresh, listing
 
-        return await self._in_thread(append)
+        fresh, listing = await self._in_thread(append)
+        if listing is not None:
+            await self._synced(path, listing)
+        return fresh
 
     async def load_messages(self, conversation_id: str) -> list[dict]:
         return await self._in_thread(_read_lines, self._conversation(conversation_id, ".jsonl"))
@@ -1775,7 +1807,25 @@ class JSONFileStore:
     def _read_listing(self, user_id: str, compact: bool = True) -> dict[str, dict]:
         """The user's conversations by id, folded from the listing log; only lines
         appended since the last read are parsed, and a log mostly made of superseded
-        lines is rewritten compactly."""
+        lines is rewritten compactly (folded again under its lock, so that no line
+        appended meanwhile is lost).  The dict is shared: iterate a ``list()`` of it."""
+        with self._folding:
+            entry = self._fold_listing(user_id)
+            crowded = entry.lines > 2 * len(entry.value) + 64
+        if compact and crowded:
+            path = self._listing(user_id)
+            with _locked(path):
+                with self._folding:
+                    self._listings_seen.pop(user_id, None)
+                    folded = _jsonl(list(self._fold_listing(user_id).value.values()))
+                _write_bytes(path, folded)
+                with self._folding:
+                    self._listings_seen.pop(user_id, None)
+                    entry = self._fold_listing(user_id)
+        return entry.value
+
+    def _fold_listing(self, user_id: str) -> _Cached:
+        """The cached fold of a listing, brought up to date (the caller holds ``_folding``)."""
         path = self._listing(user_id)
         key = _file_key(path)
         entry = self._listings_seen.get(user_id)
@@ -1791,16 +1841,44 @@ class JSONFileStore:
                 entry.lines += 1
                 if record.get("deleted"):
                     entry.value.pop(record.get("id"), None)
-                elif record.get("id"):
+                elif "user_id" in record:  # the whole meta: created, or a new title
                     entry.value[record["id"]] = record
+                elif record.get("id") in entry.value:  # a message appended: a newer updated_at
+                    entry.value[record["id"]] = {**entry.value[record["id"]], **record}
             entry.offset += len(complete)
         entry.key = key
         self._listings_seen[user_id] = entry
-        if compact and entry.lines > 2 * len(entry.value) + 64:
-            with _locked(path):
-                _write_bytes(path, _jsonl(list(entry.value.values())))
-            self._listings_seen.pop(user_id, None)
-        return entry.value
+        return entry
+
+    async def _synced(self, *paths: Path) -> None:
+        """Wait until ``paths`` (appended to, their locks let go) are on disk: the next
+        flush fsyncs every file appended to before it began, each once.  One flush runs at a
+        time; writers arriving during it gather for the next.  A failed fsync fails every
+        writer of that flush."""
+        self._unsynced.update(dict.fromkeys(paths))
+        if self._next_flush is None:
+            self._next_flush = asyncio.get_running_loop().create_future()
+        flushed = self._next_flush
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+        await asyncio.shield(flushed)
+
+    async def _flush(self) -> None:
+        try:
+            while self._next_flush is not None:
+                paths, flushed = list(self._unsynced), self._next_flush
+                self._unsynced, self._next_flush = {}, None
+                try:
+                    await self._in_thread(_fsync_files, paths)
+                except BaseException as exc:
+                    flushed.set_exception(exc)
+                    flushed.exception()  # retrieved: a writer that left meanwhile leaves no warning
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                else:
+                    flushed.set_result(None)
+        finally:  # cleared here, not by a done callback a later writer could run before
+            self._flushing = None
 
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         """File work in the store's own threads (tools' DNS lookups and HTML parsing in the
@@ -1955,9 +2033,10 @@ def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
 
-def _append_lines(path: Path, records: list[dict]) -> int:
+def _append_lines(path: Path, records: list[dict], sync: bool = True) -> int:
     """Append records (the caller holds the lock) and return the size before; a failed
-    write is cut off again, so a full disk leaves no half-written line behind."""
+    write is cut off again, so a full disk leaves no half-written line behind.  With
+    ``sync=False`` the caller makes them durable later (``JSONFileStore._synced``)."""
     data = _jsonl(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab+") as fh:
@@ -1969,12 +2048,26 @@ def _append_lines(path: Path, records: list[dict]) -> int:
         try:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         except OSError:
             with contextlib.suppress(OSError):
                 fh.truncate(size)
             raise
     return size
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """fsync each file (any descriptor of a file flushes what every writer wrote to it)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # deleted meanwhile: nothing of it to keep
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -2520,6 +2613,8 @@ async def copy_json_store(source_dir: str | os.PathLike, store: PostgresStore,
             continue
         messages, torn = _source_lines(path.with_suffix(".jsonl"))
         counts["skipped"] += torn
+        if messages and str(messages[-1].get("created_at", "")) > str(meta.get("updated_at", "")):
+            meta = {**meta, "updated_at": messages[-1]["created_at"]}  # appends move only the listing's
         counts["new_rows"] += await _copy_conversation(store, meta, messages)
         counts["conversations"] += 1
         counts["messages"] += len(messages)

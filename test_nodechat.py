@@ -6624,6 +6624,37 @@ def test_listing_reads_only_the_users_own_index(tmp_path):
     assert [c["id"] for c in listed] == ["light-1"] and seconds < 0.2
 
 
+def test_concurrent_appends_of_one_user_share_flushes_and_all_land(tmp_path):
+    """Sixteen writers of one user append at once (their listing one file): every append is
+    there, in order, after each call returns; the listing orders the conversations by their
+    newest append, and a title set meanwhile survives the appends around it.  A flush that
+    lost a writer's wake-up would hang this (hence the timeout)."""
+    store = nodechat.JSONFileStore(tmp_path)
+
+    async def writer(n: int) -> None:
+        cid = f"w{n}"
+        await store.create_conversation(cid, "alice", "untitled")
+        for k in range(10):
+            saved = await store.append_messages(cid, [{"role": "user", "content": f"{n}-{k}"}])
+            assert (tmp_path / "conversations" / f"{cid}.jsonl").read_text().count("\n") == k + 1
+            if k == 5:
+                await store.update_conversation(cid, title=f"title {n}")
+        assert (await store.get_conversation(cid))["updated_at"] == saved[-1]["created_at"]
+
+    async def run():
+        await asyncio.wait_for(asyncio.gather(*(writer(n) for n in range(16))), 30)
+        await store.append_messages("w3", [{"role": "user", "content": "last"}])
+        return await nodechat.JSONFileStore(tmp_path).list_conversations("alice")  # read from the files
+
+    listed = asyncio.run(run())
+    assert listed[0]["id"] == "w3" and len(listed) == 16
+    assert sorted(c["title"] for c in listed) == sorted(f"title {n}" for n in range(16))
+    assert [c["updated_at"] for c in listed] == sorted((c["updated_at"] for c in listed), reverse=True)
+    for n in range(16):
+        lines = (tmp_path / "conversations" / f"w{n}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["content"] for line in lines][:10] == [f"{n}-{k}" for k in range(10)]
+
+
 def test_per_user_quotas_give_clear_errors(live, upstream):
     _, url = live(max_conversations_per_user=2, max_memories_per_user=1)
     for n in range(2):
@@ -6700,8 +6731,8 @@ def fill(folder: Path) -> Path:
 def test_a_full_disk_is_507_and_stores_nothing(live, upstream, small_disk):
     _, url = live(data_dir=str(small_disk / "data"))
     api_chat(url, {"messages": [user("first")], "conversationId": "full"})
-    filler = fill(small_disk)
-    response, error = api_chat(url, {"messages": [user("second")], "conversationId": "full"})
+    filler = fill(small_disk)  # an append that fits in its file's last page still goes in: this one cannot
+    response, error = api_chat(url, {"messages": [user("second " + "x" * 8192)], "conversationId": "full"})
     assert response.status_code == 507 and error["error"] == "the data directory is full"
     filler.unlink()
     stored = httpx.get(url + "/api/conversations/full", headers=AUTH).json()["messages"]
