@@ -10715,7 +10715,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-open", action="store_true",
                         help="serve without tokens on a non-loopback address (not recommended)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes sharing the port (default 1); see the README's "
+                        "'Several cores' for what they share")
     args = parser.parse_args(argv)
+    if args.workers < 1 or (args.workers > 1 and not hasattr(os, "fork")):
+        parser.error("--workers takes a number from 1 up, and more than 1 needs os.fork (POSIX)")
 
     import uvicorn
 
@@ -10732,9 +10737,72 @@ def main(argv: list[str] | None = None) -> None:
             handler.setFormatter(JSONLines())
     scrub_server_logs()
     _release_free_memory()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=max(1, int(app.settings.shutdown_grace_seconds)),
-                **server_options())
+    options = dict(host=args.host, port=args.port, log_level=args.log_level,
+                   timeout_graceful_shutdown=max(1, int(app.settings.shutdown_grace_seconds)),
+                   **server_options())
+    if args.workers == 1:
+        uvicorn.run(app, **options)
+    else:
+        serve_workers(uvicorn.Config(app, **options), args.workers)
+
+
+def serve_workers(config: Any, workers: int) -> None:
+    """``--workers N``: N processes forked from this one, each serving the one listening
+    socket with its own event loop (the kernel hands each connection to one of them).
+
+    Forked, not spawned as uvicorn's own ``workers`` are: the app built from the command
+    line goes to each as it is, whatever the file is called, and the module's pages are
+    shared until written.  A worker that dies is started again (after a second, if it died
+    within one); SIGINT or SIGTERM stops them all, each finishing its requests as uvicorn
+    does.  What the workers share is the data directory (the JSON store's file locks) or
+    the database; everything else (turns in flight, rate limits, metrics) is per worker."""
+    import signal
+
+    import uvicorn
+
+    listening = config.bind_socket()
+    children: dict[int, float] = {}  # pid -> when it started
+    stopping = False
+
+    def start() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: uvicorn's own signal handling from here on
+            code = 1
+            try:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_DFL)
+                uvicorn.Server(config).run(sockets=[listening])
+                code = 0
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    log.info("serving with %d worker processes on %s:%s", workers, config.host, config.port)
+    for _ in range(workers):
+        start()
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        log.warning("worker %d ended (status %d); starting another", pid, os.waitstatus_to_exitcode(status))
+        if time.monotonic() - started < 1:
+            time.sleep(1)  # a worker that cannot start is not restarted in a tight loop
+        if not stopping:
+            start()
+    listening.close()
 
 
 def _release_free_memory() -> None:

@@ -44,6 +44,7 @@ import pwd
 import random
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -1227,6 +1228,66 @@ def nodechat_processes(count: int, env: dict, tmp_path: Path):
             process.terminate()
         for process in processes:
             process.wait(15)
+
+
+def child_pids(pid: int) -> set[int]:
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.add(int(stat.parent.name))
+    return children
+
+
+def test_workers_share_the_port_and_the_data_dir_and_come_back(upstream, tmp_path):
+    """``python nodechat.py --workers 2``: two processes answer on one port and keep their
+    conversations in one data directory (each turn may land on either); a worker killed
+    with -9 is replaced, the others serving meanwhile; SIGTERM stops them all."""
+    port = free_port()
+    env = {**os.environ, "OPENAI_BASE_URL": upstream.url, "NODECHAT_MODEL": "fake-1",
+           "NODECHAT_TOKENS": "tok-1:alice"}
+    server = subprocess.Popen([sys.executable, str(Path(nodechat.__file__)), "--port", str(port), "--workers", "2",
+                               "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return len(child_pids(server.pid)) == 2 and httpx.get(url + "/healthz").status_code == 200
+            return False
+
+        eventually(up, timeout=30)
+        workers = child_pids(server.pid)
+
+        def conversation(n: int) -> None:  # a new connection per turn: the kernel picks the worker
+            for turn in range(4):
+                response, events = api_chat(url, {"messages": [user(f"c{n} turn {turn}")],
+                                                  "conversationId": f"w{n}"}, token="tok-1")
+                assert response.status_code == 200 and events[-1]["type"] == "finish", events
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(conversation, range(4)))
+        auth = {"Authorization": "Bearer tok-1"}
+        for n in range(4):
+            stored = httpx.get(f"{url}/api/conversations/w{n}", headers=auth).json()["messages"]
+            assert [m["content"] for m in stored] == [c for t in range(4) for c in (f"c{n} turn {t}", "ok")]
+        listed = httpx.get(url + "/api/conversations", headers=auth).json()["conversations"]
+        assert sorted(c["id"] for c in listed) == ["w0", "w1", "w2", "w3"]
+        assert listed == sorted(listed, key=lambda c: c["updated_at"], reverse=True)
+
+        killed = min(workers)
+        os.kill(killed, signal.SIGKILL)
+        for n in range(4):  # served throughout, by the one left or its replacement
+            assert api_chat(url, {"messages": [user(f"after {n}")]}, token="tok-1")[0].status_code == 200
+        eventually(lambda: len(child_pids(server.pid)) == 2 and killed not in child_pids(server.pid), timeout=15)
+        replaced = child_pids(server.pid)
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert server.returncode == 0, output
+    assert f"worker {killed} ended" in output
+    assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                   for pid in replaced)
 
 
 def test_three_processes_share_one_database(postgres, database_url, upstream, tmp_path):
