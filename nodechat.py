@@ -4921,7 +4921,7 @@ def worth_another_try(exc: BaseException) -> bool:
     if exc.code == "upstream_connection":  # refused, reset, cut, or no HTTP at all
         return True
     status = upstream_status(exc)  # None: it answered, with something malformed
-    return status is not None and (status in RETRIED_STATUSES or status >= 500)
+    return status is not None and status != 508 and (status in RETRIED_STATUSES or status >= 500)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -4965,6 +4965,13 @@ class Circuits:
         state = self._state.pop(provider, None)
         if state is not None and self.failures and state[0] >= self.failures:
             log.warning("provider %s answers again: no longer skipped", provider)
+
+    def abandoned(self, provider: str) -> None:
+        """A call that ended telling nothing of the provider (stopped by its caller): the
+        next call may try it, as this one would have."""
+        state = self._state.get(provider)
+        if state is not None:
+            state[2] = False
 
     def failed(self, provider: str) -> None:
         state = self._state.setdefault(provider, [0, 0.0, False])
@@ -5785,10 +5792,11 @@ class Agent:
             if not self.circuits.allows(provider.name):
                 if index < len(candidates) - 1:
                     continue
+                wait = max(1, math.ceil(self.circuits.reopens_in(provider.name)))  # never 0: a trial may be under way
                 raise failure or UpstreamError(
                     f"provider {getattr(provider, 'label', provider.name)} failed {self.settings.circuit_failures} "
-                    f"times in a row; it is tried again in {self.circuits.reopens_in(provider.name):.0f} s",
-                    code="upstream_unavailable", retry_after=str(math.ceil(self.circuits.reopens_in(provider.name))))
+                    f"times in a row; it is tried again in {wait} s",
+                    code="upstream_unavailable", status=503, retry_after=str(wait))
             if index:
                 call.provider, call.url, call.model = (provider.name, getattr(provider, "base_url", provider.name),
                                                        model_label(name))
@@ -5803,6 +5811,10 @@ class Agent:
                         await stream.aclose()
                     self.metrics.failed(provider.name, exc)
                     if not isinstance(exc, NodeChatError) or not worth_another_try(exc):
+                        if upstream_status(exc) is not None:  # it answered (the caller's 4xx): it is up
+                            self.circuits.succeeded(provider.name)
+                        else:  # stopped, or a malformed answer: a trial it was, if any, is over untold
+                            self.circuits.abandoned(provider.name)
                         raise
                     self.circuits.failed(provider.name)
                     failure = exc

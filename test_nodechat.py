@@ -3494,12 +3494,31 @@ def test_a_provider_failing_again_and_again_is_skipped_a_while(live, upstream, t
     assert upstream_calls(url)["down/0"] == 2  # skipped after two failures in a row
     assert "provider down failed 2 times in a row: skipped for 1 s" in caplog.text
     refused = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"model": "down/n", "messages": [user("x")]})
-    assert refused.status_code == 502 and "failed 2 times in a row; it is tried again in 1 s" in refused.text
+    assert refused.status_code == 503 and "failed 2 times in a row; it is tried again in 1 s" in refused.text
     assert refused.headers["retry-after"] == "1" and upstream_calls(url)["down/0"] == 2  # no fallback: refused at once
     time.sleep(1.1)
     client(url).chat.completions.create(model="down/m", messages=[user("hi")])
     assert upstream_calls(url)["down/0"] == 3  # one call tried it again (once: it is open again), then fell back
     assert "provider down failed 3 times in a row: skipped for 1 s" in caplog.text
+
+
+def test_a_trial_call_that_the_caller_got_wrong_does_not_keep_the_provider_skipped(live, upstream):
+    """Half-open, the one call that tries the provider again gets a 400 (the caller's own
+    error: the provider is up): the next calls go to it, not refused until a restart.  The
+    refusal while it is skipped is a 503 that never says to come back in 0 seconds."""
+    _, url = live(base_url=upstream.url, model="fake-1", circuit_failures=2, circuit_seconds=1)
+    upstream.script(failing(500, {"error": {"message": "down"}}), failing(500, {"error": {"message": "down"}}))
+    assert httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": [user("x")]}).status_code == 502
+    refused = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": [user("x")]})
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "upstream_unavailable" and len(upstream.requests) == 2
+    time.sleep(1.1)
+    upstream.script(failing(400, {"error": {"message": "bad tool schema"}}), text("back"), text("again"))
+    trial = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": [user("x")]})
+    assert trial.status_code == 400 and "bad tool schema" in trial.text
+    for answer in ("back", "again"):
+        reply = client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+        assert reply.choices[0].message.content == answer
 
 
 ###############################################################################
