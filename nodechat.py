@@ -1678,15 +1678,16 @@ class JSONFileStore:
         """A user's ledger file for ``month``."""
         return self.root / "usage" / user_folder(user_id) / f"{month}.jsonl"
 
-    # -- attachments: stored once, by their content, however many messages hold them -----------
+    # -- attachments: stored once per user, by their content, however many messages hold them ---
 
-    async def put_blob(self, digest: str, data: bytes) -> None:
-        """``blobs/<ab>/<sha256>``, written once (fsynced, then renamed into place)."""
-        path = self._blob(digest)
+    async def put_blob(self, user_id: str, digest: str, data: bytes) -> None:
+        """``blobs/<user>/<ab>/<sha256>``, written once (fsynced, then renamed into place).
+        Per user: a name anyone could compute from a file tells nobody else it was sent."""
+        path = self._blob(user_id, digest)
         await self._in_thread(lambda: path.exists() or _write_bytes(path, data))
 
-    async def get_blob(self, digest: str) -> bytes | None:
-        path = self._blob(digest)
+    async def get_blob(self, user_id: str, digest: str) -> bytes | None:
+        path = self._blob(user_id, digest)
 
         def read() -> bytes | None:
             try:
@@ -1696,10 +1697,10 @@ class JSONFileStore:
 
         return await self._in_thread(read)
 
-    def _blob(self, digest: str) -> Path:
+    def _blob(self, user_id: str, digest: str) -> Path:
         if not BLOB_DIGEST.fullmatch(digest):
             raise BadRequest("an attachment is named by its SHA-256, 64 hexadecimal digits", code="invalid_blob")
-        return self.root / "blobs" / digest[:2] / digest
+        return self.root / "blobs" / user_folder(user_id) / digest[:2] / digest
 
     # -- /v1/responses kept for previous_response_id ---------------------------------------------
 
@@ -2200,6 +2201,13 @@ PG_MIGRATIONS = (
         digest text PRIMARY KEY,
         data bytea NOT NULL);
     """,
+    # ... per user: the name is the content's hash, which tells whoever can compute it nothing
+    # of anyone else's (rows from before have no user, and nobody reads them)
+    """
+    ALTER TABLE nodechat_blobs ADD COLUMN user_id text NOT NULL DEFAULT '';
+    ALTER TABLE nodechat_blobs DROP CONSTRAINT nodechat_blobs_pkey;
+    ALTER TABLE nodechat_blobs ADD PRIMARY KEY (user_id, digest);
+    """,
 )
 
 CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at"
@@ -2405,14 +2413,15 @@ class PostgresStore:
 
     # -- attachments: stored once, by their content -------------------------------------------
 
-    async def put_blob(self, digest: str, data: bytes) -> None:
+    async def put_blob(self, user_id: str, digest: str, data: bytes) -> None:
         async with self._connection() as db:
-            await db.execute("INSERT INTO nodechat_blobs (digest, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                             digest, data)
+            await db.execute("INSERT INTO nodechat_blobs (user_id, digest, data) VALUES ($1, $2, $3) "
+                             "ON CONFLICT DO NOTHING", user_id, digest, data)
 
-    async def get_blob(self, digest: str) -> bytes | None:
+    async def get_blob(self, user_id: str, digest: str) -> bytes | None:
         async with self._connection() as db:
-            return await db.fetchval("SELECT data FROM nodechat_blobs WHERE digest = $1", digest)
+            return await db.fetchval("SELECT data FROM nodechat_blobs WHERE user_id = $1 AND digest = $2",
+                                     user_id, digest)
 
     # -- /v1/responses kept for previous_response_id ---------------------------------------------
 
@@ -5596,7 +5605,7 @@ class Agent:
             messages = [{"role": "system", "content": system}] if system else []
             messages += [model_message(m) for m in history]
             if turn.conversation_id:
-                messages = await self._show_attachments(messages)
+                messages = await self._show_attachments(messages, turn.user_id)
             if turn.capped and not any(fnmatch.fnmatchcase(candidates[0][2], p) for p in self.settings.vision_models):
                 messages, turn.notice = without_images(messages, candidates[0][2])
             async with contextlib.aclosing(self._steps(turn, candidates, messages)) as steps:
@@ -5650,13 +5659,18 @@ class Agent:
         if at is not None and any(m.get("role") == "assistant" for m in stored[at + 1:]):
             raise Conflict("this message was already answered; regenerate it for a new answer",
                            code="already_answered")
-        saved = await self.store.append_messages(cid, await self._keep_attachments(
-            unstored_messages(stored, turn.messages)))
+        try:
+            kept = await self._keep_attachments(unstored_messages(stored, turn.messages), turn.user_id)
+        except BadRequest:
+            if created:  # refused before anything of it was kept: no empty conversation left behind
+                await self.store.delete_conversation(cid)
+            raise
+        saved = await self.store.append_messages(cid, kept)
         if asked and at is None and all(m.get("ui_id") != asked for m in saved):
             raise Conflict("this message is already being answered", code="already_answered")
         return stored + saved, meta["created_at"] if created else None
 
-    async def _keep_attachments(self, messages: list[dict]) -> list[dict]:
+    async def _keep_attachments(self, messages: list[dict], user_id: str) -> list[dict]:
         """Messages as they are stored: each inline image (a ``data:`` URL) put in the store
         once, by its content, and named by a ``nodechat-blob:`` URL, so a conversation's
         message file does not grow by the image every time it is sent."""
@@ -5678,15 +5692,15 @@ class Agent:
                         except ValueError:
                             raise BadRequest("an image's data: URL is not valid base64", code="invalid_messages") from None
                         digest = hashlib.sha256(data).hexdigest()
-                        await self.store.put_blob(digest, data)
-                        self.attachments.put(digest, url)
+                        await self.store.put_blob(user_id, digest, data)
+                        self.attachments.put(f"{media};{digest}", url)
                         part = with_attachment_url(part, f"{BLOB_URL}{media};sha256,{digest}")
                     parts.append(part)
                 message = {**message, "content": parts}
             kept.append(message)
         return kept
 
-    async def _show_attachments(self, messages: list[dict]) -> list[dict]:
+    async def _show_attachments(self, messages: list[dict], user_id: str) -> list[dict]:
         """Stored messages as the model reads them: each ``nodechat-blob:`` image a ``data:``
         URL again, read from the store once and then kept in memory (a turn never reads or
         encodes the same image again)."""
@@ -5699,14 +5713,14 @@ class Agent:
                     url = attachment_url(part)
                     if url.startswith(BLOB_URL):
                         media, _, digest = url[len(BLOB_URL):].partition(";sha256,")
-                        inline = self.attachments.get(digest)
+                        inline = self.attachments.get(f"{media};{digest}")
                         if inline is None:
-                            data = await self.store.get_blob(digest) if BLOB_DIGEST.fullmatch(digest) else None
+                            data = await self.store.get_blob(user_id, digest) if BLOB_DIGEST.fullmatch(digest) else None
                             if data is None:  # gone: the model is told, rather than the turn failing
                                 parts.append({"type": "text", "text": "[an attachment that is no longer stored]"})
                                 continue
                             inline = f"data:{media};base64,{base64.b64encode(data).decode()}"
-                            self.attachments.put(digest, inline)
+                            self.attachments.put(f"{media};{digest}", inline)
                         part = with_attachment_url(part, inline)
                     parts.append(part)
                 message = {**message, "content": parts}
@@ -9183,10 +9197,11 @@ class BytesResponse:
 
 
 async def get_attachment(chat: NodeChat, request: Request) -> BytesResponse:
-    """``GET /api/attachments/{sha256}``: an image stored with a conversation (named by its
-    content: only someone who has it, or has seen it, knows the name)."""
+    """``GET /api/attachments/{sha256}``: an image stored with one of the caller's
+    conversations.  Blobs are kept per user, so another user's is a 404 like an unknown one:
+    a name computed from a guessed file tells nobody whether someone sent it."""
     digest = request.params["id"]
-    data = await chat.store.get_blob(digest) if BLOB_DIGEST.fullmatch(digest) and hasattr(
+    data = await chat.store.get_blob(request.user_id, digest) if BLOB_DIGEST.fullmatch(digest) and hasattr(
         chat.store, "get_blob") else None
     if data is None:
         raise NotFound("no such attachment", code="attachment_not_found")

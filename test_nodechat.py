@@ -971,9 +971,10 @@ async def test_conversations_list_newest_first_in_pages(any_store):
 async def test_every_store_keeps_attachments_by_their_content(any_store):
     store = any_store()
     digest = hashlib.sha256(b"png bytes").hexdigest()
-    await store.put_blob(digest, b"png bytes")
-    await store.put_blob(digest, b"png bytes")  # again: one copy
-    assert await store.get_blob(digest) == b"png bytes" and await store.get_blob("0" * 64) is None
+    await store.put_blob("alice", digest, b"png bytes")
+    await store.put_blob("alice", digest, b"png bytes")  # again: one copy
+    assert await store.get_blob("alice", digest) == b"png bytes" and await store.get_blob("alice", "0" * 64) is None
+    assert await store.get_blob("bob", digest) is None  # per user: bob cannot learn that alice sent it
 
 
 @pytest.mark.anyio
@@ -1079,7 +1080,7 @@ async def test_five_instances_starting_at_once_migrate_the_schema_once(database_
         await within(30, asyncio.gather(*(s.check() for s in stores)))
         async with stores[0]._connection() as db:
             versions = [r[0] for r in await db.fetch("SELECT version FROM nodechat_schema_version")]
-        assert versions == [1, 2, 3, 4, 5]  # each once
+        assert versions == [1, 2, 3, 4, 5, 6]  # each once
         assert len({id(s._pool) for s in stores}) == 5  # instances share nothing
         await stores[0].create_conversation("shared", "alice")
         await within(30, asyncio.gather(*(
@@ -4394,8 +4395,13 @@ def test_an_image_is_stored_once_beside_the_conversation_and_sent_again_unchange
     assert sent[1] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
     stored = (tmp_path / "data" / "conversations" / "c-img.jsonl").read_bytes()
     assert image.encode() not in stored and b"nodechat-blob:image/png;sha256," in stored  # the file stays small
-    [blob] = (tmp_path / "data" / "blobs").glob("*/*")
+    [blob] = (tmp_path / "data" / "blobs").glob("*/*/*")
     assert blob.read_bytes() == PNG_3X2 * 20 and blob.name == hashlib.sha256(PNG_3X2 * 20).hexdigest()
+    served = httpx.get(f"{url}/api/attachments/{blob.name}", headers=AUTH)
+    assert served.status_code == 200 and served.content == PNG_3X2 * 20
+    # bob can compute the name from the same file, and learns nothing: a 404 like an unknown one
+    assert httpx.get(f"{url}/api/attachments/{blob.name}", headers={"Authorization": "Bearer tok-bob"}
+                     ).status_code == 404
     blob.unlink()  # the next turn reads it from memory, not from disk
     api_chat(url, {"id": "c-img", "trigger": "submit-message", "messages": [
         {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "sure?"}]}]})
@@ -4408,6 +4414,7 @@ def test_an_image_is_stored_once_beside_the_conversation_and_sent_again_unchange
     response, error = api_chat(url, {"id": "c-img2", "trigger": "submit-message", "messages": [
         {"id": "u3", "role": "user", "parts": [{"type": "text", "text": "x"}, forged]}]})
     assert response.status_code == 400
+    assert httpx.get(url + "/api/conversations/c-img2", headers=AUTH).status_code == 404  # nothing left behind
 
 
 PDF = base64.b64encode(b"%PDF-1.7\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n").decode()
