@@ -518,6 +518,15 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
     return 0.0
 
 
+def child_pids(pid: int) -> set[int]:
+    children = set()
+    for stat in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if stat.isdigit() and int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                children.add(int(stat))
+    return children
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -535,14 +544,14 @@ def child_env(extra: dict) -> dict:
 class Server:
     """One process under test on core 1: start to ready, idle RSS, peak RSS, its log."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict, log_dir: str, core: int = 1):
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict, log_dir: str, cores: set = frozenset({1})):
         self.name, self.port = name, port
         self.log = os.path.join(log_dir, f"{name.replace(' ', '_').replace('/', '')}-{port}.log")
         began = time.perf_counter()
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(env), stdout=out,
                                          stderr=subprocess.STDOUT)
-        os.sched_setaffinity(self.proc.pid, {core})
+        os.sched_setaffinity(self.proc.pid, cores)  # before --workers forks: they inherit it
         wait_for_port(port, self.proc, self.log)
         self.ready_s = time.perf_counter() - began
         time.sleep(0.3)
@@ -672,9 +681,9 @@ class Bench:
         run_async(load([port], target, Point("", 4, 20), 0.3, None))
 
     @contextlib.contextmanager
-    def server(self, name: str, cmd_for, env: dict | None = None):
+    def server(self, name: str, cmd_for, env: dict | None = None, cores: set = frozenset({1})):
         port = free_port()
-        server = Server(name, cmd_for(port), port, {**self.env, **(env or {})}, self.work)
+        server = Server(name, cmd_for(port), port, {**self.env, **(env or {})}, self.work, cores)
         self.servers[name] = server
         try:
             yield server
@@ -687,7 +696,7 @@ class Bench:
                  "openai": self.measure_openai_path, "tls": self.measure_tls,
                  "agent": self.measure_agent, "idle": self.measure_idle_websockets,
                  "against": self.measure_against, "doors": self.measure_front_doors,
-                 "kinds": self.measure_upstream_kinds}
+                 "kinds": self.measure_upstream_kinds, "workers": self.measure_workers}
         for name, part in parts.items():
             if not self.args.only or name in self.args.only or name == "upstream":
                 part()
@@ -809,6 +818,24 @@ class Bench:
                     for target, label in (("openai", "OpenAI"), ("claude", "Anthropic")):
                         runs = self.results.setdefault(point, {}).setdefault(f"upstream kind {label}", [])
                         runs.append(measure([node.port], [node.pid], target, point, self.duration))
+
+    def measure_workers(self) -> None:
+        """``--workers 1`` against ``--workers 2``, both free to run on either core (where the
+        fake upstream and the load generator run too: on this 2-core machine a second worker
+        competes with them), data dir on disk: /api/chat turns on stored conversations at 16
+        streams, and paced /v1 streams.  CPU is the workers' own."""
+        cap = {"NODECHAT_MAX_TURNS_PER_USER": str(AGENT_TURN_CAP)}
+        for count in (1, 2):
+            command = lambda port: [*self.nodechat(port), "--workers", str(count)]
+            with self.server(f"nodechat {count} worker", command, cap, cores={0, 1}) as node:
+                deadline = time.time() + 10
+                while count > 1 and len(child_pids(node.pid)) < count and time.time() < deadline:
+                    time.sleep(0.1)
+                pids = sorted(child_pids(node.pid)) if count > 1 else [node.pid]
+                self.warm(node.port, "sse-conversation")
+                name = f"nodechat --workers {count}"
+                self.run_points(name, [node.port], pids, "sse-conversation", [Point("", 16, 20)])
+                self.run_points(name, [node.port], pids, "openai", [self.paced(s) for s in self.scan[-3:]])
 
     def measure_idle_websockets(self) -> None:
         """Idle WebSockets on a fresh process, so that memory freed earlier hides nothing."""
