@@ -15,6 +15,7 @@ Run it::
 
     python nodechat.py                      # offline "echo" model, no key needed
     OPENAI_API_KEY=sk-... python nodechat.py --model gpt-4o-mini
+    python nodechat.py --workers 4          # four processes on one port (README: Several cores)
     uvicorn nodechat:create_app --factory --workers 4
 
 Mount it in a Starlette or FastAPI app (every route answers under the prefix)::
