@@ -7752,8 +7752,9 @@ def test_page_attaches_images_picked_or_pasted_and_shows_them_again_after_a_relo
     expect(page.locator("#attached")).to_be_hidden(timeout=WAIT_MS)
     page.reload()  # the history: the images come back from the store
     expect(page.locator("article[aria-label=You] img.attachment")).to_have_count(2, timeout=WAIT_MS)
-    page.wait_for_function("[...document.querySelectorAll('img.attachment')].every((i) => i.src.startsWith("
-                           "'data:image/') && i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)
+    # polled from here: wait_for_function polls with an eval the page's CSP refuses (when it is not true at once)
+    eventually(lambda: page.evaluate("[...document.querySelectorAll('img.attachment')].every((i) => i.src.startsWith("
+                                     "'data:image/') && i.complete && i.naturalWidth > 0)"), timeout=WAIT_MS / 1000)
 
 
 def test_page_errors_are_readable(site, upstream, open_page):
