@@ -6567,12 +6567,16 @@ class Turns:
     An ``/api/chat`` turn on a stored conversation also has a :class:`TurnStream` and its own
     task (``tasks``), so it goes on when its client leaves, and a reload reads it again.
     This class holds all of that in this process; :class:`PostgresTurns` holds it for every
-    process that shares the database.
+    process that shares the database.  With ``held_in`` (a JSON data directory's
+    ``turns/``), one turn per conversation also holds across the processes sharing that
+    directory (``--workers``): see :meth:`_hold`.
     """
 
-    def __init__(self, settings: Settings, ledger: Ledger):
+    def __init__(self, settings: Settings, ledger: Ledger, held_in: Path | None = None):
         self.settings = settings
         self.ledger = ledger  # the rate limits and budgets a turn passes first
+        self.held_in = held_in if fcntl is not None else None
+        self._held: dict[tuple[str, str], int] = {}  # (user, conversation) -> its locked file
         self.tasks: set[asyncio.Task] = set()  # turns that outlive their connection
         self._turns: dict[str, int] = {}  # user -> capped turns running now
         # (user, conversation) -> its turn's stream, or None (a turn without one); per user:
@@ -6591,13 +6595,42 @@ class Turns:
         if capped and self._turns.get(user, 0) >= limit:
             raise self._too_many(limit)
         if cid is not None and (user, cid) in self._busy:
-            raise Conflict("a turn is already running in this conversation; wait for it or stop it",
-                           code="conversation_busy")
+            raise self._busy_conversation()
+        if cid is not None and self.held_in is not None:
+            held = self._hold(user, cid)
+            if held is not None:
+                self._held[user, cid] = held
         if capped:
             self._turns[user] = self._turns.get(user, 0) + 1
         if cid is not None:
             self._busy[user, cid] = stream
         return Admitted(user, cid, capped, stream)
+
+    def _hold(self, user: str, cid: str) -> int | None:
+        """Lock ``turns/<user>/<conversation>.lock`` for the turn, without waiting (another
+        process's turn there: 409).  The kernel lets it go when the descriptor closes or the
+        process dies, kill -9 included, so a dead worker never leaves a conversation busy.
+        A directory it cannot write to is left to the store to report."""
+        folder = self.held_in / user_folder(user)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            held = os.open(folder / f"{validate_id(cid, 'conversation id')}.lock",
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(held)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise self._busy_conversation() from None
+            return None
+        return held
+
+    @staticmethod
+    def _busy_conversation() -> Conflict:
+        return Conflict("a turn is already running in this conversation; wait for it or stop it",
+                        code="conversation_busy")
 
     def _too_many(self, limit: int) -> TooManyRequests:
         self.ledger.metrics.rejected("concurrency")
@@ -6615,6 +6648,9 @@ class Turns:
                 del self._turns[user]
         if admitted.conversation_id is not None:
             self._busy.pop((user, admitted.conversation_id), None)
+            held = self._held.pop((user, admitted.conversation_id), None)
+            if held is not None:
+                os.close(held)
 
     async def stream(self, user: str, conversation_id: str) -> TurnStream | None:
         """The stream of the user's turn running on that conversation, if a reader may
@@ -6952,7 +6988,9 @@ class PostgresTurns(Turns):
 
 
 def make_turns(settings: Settings, store: Store, ledger: Ledger) -> Turns:
-    return PostgresTurns(settings, store, ledger) if isinstance(store, PostgresStore) else Turns(settings, ledger)
+    if isinstance(store, PostgresStore):
+        return PostgresTurns(settings, store, ledger)
+    return Turns(settings, ledger, store.root / "turns" if isinstance(store, JSONFileStore) else None)
 
 
 ###############################################################################
@@ -10783,7 +10821,8 @@ def serve_workers(config: Any, workers: int) -> None:
     shared until written.  A worker that dies is started again (after a second, if it died
     within one); SIGINT or SIGTERM stops them all, each finishing its requests as uvicorn
     does.  What the workers share is the data directory (the JSON store's file locks) or
-    the database; everything else (turns in flight, rate limits, metrics) is per worker."""
+    the database (and, with JSON files, one turn per conversation: ``Turns._hold``); the rest
+    of what turns in flight hold, rate limits and metrics are per worker."""
     import signal
 
     import uvicorn

@@ -1291,6 +1291,25 @@ def test_workers_share_the_port_and_the_data_dir_and_come_back(upstream, tmp_pat
                    for pid in replaced)
 
 
+def test_one_turn_per_conversation_holds_across_apps_on_one_data_dir(live, upstream):
+    """Two apps on one JSON data directory, as ``--workers`` runs them: while a turn runs in a
+    conversation on one, the other answers 409 for that conversation (and serves the others);
+    once it ends, the other may answer there."""
+    _, first = live()
+    _, second = live()
+    upstream.script(stall(text("slow")[:2]))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(api_chat, first, {"messages": [user("hold")], "conversationId": "c-shared"})
+        eventually(lambda: upstream.open_streams == 1)
+        response, error = api_chat(second, {"messages": [user("me too")], "conversationId": "c-shared"})
+        assert response.status_code == 409 and "already running in this conversation" in error["error"]
+        assert api_chat(second, {"messages": [user("elsewhere")], "conversationId": "c-other"})[0].status_code == 200
+        httpx.post(first + "/api/chat/c-shared/stop", headers=AUTH, json={})
+        held.result(timeout=TIMEOUT)
+    response, events = api_chat(second, {"messages": [user("now")], "conversationId": "c-shared"})
+    assert response.status_code == 200 and events[-1]["type"] == "finish"
+
+
 def test_three_processes_share_one_database(postgres, database_url, upstream, tmp_path):
     users = {f"tok-{n}": f"user{n}" for n in range(4)}
     env = {"NODECHAT_DATABASE_URL": database_url, "OPENAI_BASE_URL": upstream.url,
