@@ -5793,9 +5793,10 @@ class Agent:
         """Start one model call: the model asked for, else its fallbacks in order, until one
         answers; its stream, and the events it began with (a Fallback first, when it fell back).
 
-        A provider that failed before its answer began (no connection, a timeout, 408, 409,
-        429, 5xx) is tried once more first, after its ``Retry-After`` when that is at most
-        ``max_retry_wait`` (longer: the next model).  Once any of the answer has come, an
+        A provider that failed before its answer began (no connection, 408, 409, 429, 5xx) is
+        tried once more first, after its ``Retry-After`` when that is at most
+        ``max_retry_wait`` (longer: the next model); one that timed out goes straight to the
+        next model, since a second try would wait as long again.  Once any of the answer has come, an
         error is the caller's to see.  A provider that keeps failing is skipped a while
         (``Circuits``); the last one left is not skipped but refused at once.  ``call`` says
         which provider answered, for the ledger.
@@ -5834,7 +5835,8 @@ class Agent:
                     self.circuits.failed(provider.name)
                     failure = exc
                     wait = retry_after_seconds(exc.retry_after) or 0.0
-                    if attempt or wait > self.settings.max_retry_wait or not self.circuits.allows(provider.name):
+                    if attempt or wait > self.settings.max_retry_wait or not self.circuits.allows(provider.name) \
+                            or isinstance(exc, UpstreamTimeout):  # a stalled provider: not a second wait as long
                         break
                     log.info("provider %s failed (%s); trying it once more in %g s", provider.name, exc.message, wait)
                     await asyncio.sleep(wait)

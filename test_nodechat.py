@@ -3522,6 +3522,16 @@ def test_a_provider_failing_again_and_again_is_skipped_a_while(live, upstream, t
     assert "provider down failed 3 times in a row: skipped for 1 s" in caplog.text
 
 
+def test_a_call_that_timed_out_goes_straight_to_the_fallback(live, upstream, tmp_path):
+    """A stalled provider is not waited for twice: its timeout sends the call to the next model."""
+    _, url = live(**with_fallbacks(upstream, tmp_path, read_timeout=1))
+    upstream.script(stall([]), text("Fine."))
+    started = time.monotonic()
+    reply = client(url).chat.completions.create(model="fake-1", messages=[user("hi")])
+    assert reply.choices[0].message.content == "Fine." and reply.model == "fake/fake-2"
+    assert [r["model"] for r in upstream.requests] == ["fake-1", "fake-2"] and time.monotonic() - started < 1.9
+
+
 def test_a_trial_call_that_the_caller_got_wrong_does_not_keep_the_provider_skipped(live, upstream):
     """Half-open, the one call that tries the provider again gets a 400 (the caller's own
     error: the provider is up): the next calls go to it, not refused until a restart.  The
