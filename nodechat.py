@@ -10805,6 +10805,7 @@ def main(argv: list[str] | None = None) -> None:
             handler.setFormatter(JSONLines())
     scrub_server_logs()
     _release_free_memory()
+    _tune_collector()
     options = dict(host=args.host, port=args.port, log_level=args.log_level,
                    timeout_graceful_shutdown=max(1, int(app.settings.shutdown_grace_seconds)),
                    **server_options())
@@ -10872,6 +10873,18 @@ def serve_workers(config: Any, workers: int) -> None:
         if not stopping:
             start()
     listening.close()
+
+
+def _tune_collector() -> None:
+    """The cyclic collector, for a server process of our own (never a host's: mounted, its
+    process is the host's to tune).  Everything built at start-up is frozen out of its scans,
+    and it runs after 20,000 new container objects instead of 700: each streamed chunk makes a
+    few (its parsed JSON, its event), and with 768 paced streams the collector took 10% of the
+    server's core (py-spy --native).  What a turn leaves in cycles is still collected."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def _release_free_memory() -> None:
