@@ -6613,11 +6613,13 @@ class Turns:
         process's turn there: 409).  The kernel lets it go when the descriptor closes or the
         process dies, kill -9 included, so a dead worker never leaves a conversation busy.
         A directory it cannot write to is left to the store to report."""
-        folder = self.held_in / user_folder(user)
+        path = os.path.join(self.held_in, user_folder(user), validate_id(cid, "conversation id") + ".lock")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            held = os.open(folder / f"{validate_id(cid, 'conversation id')}.lock",
-                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                held = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # the user's first turn here: their folder first
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                held = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
         try:

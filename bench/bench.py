@@ -778,15 +778,27 @@ class Bench:
                     self.server("nodechat ab against", against, env) as theirs:
                 for node in (mine, theirs):
                     self.warm(node.port, "sse-conversation")
-                for target, label in (("openai", "/v1"), ("sse", "/api/chat"),
-                                      ("sse-conversation", "/api/chat stored tmpfs")):
-                    for point in AGENT_POINTS:
-                        for _ in range(self.args.repeat):
-                            for node, name in ((mine, "this"), (theirs, "against")):
-                                runs = self.results.setdefault(point, {}).setdefault(f"{label} ({name})", [])
-                                runs.append(measure([node.port], [node.pid], target, point, self.duration))
+                self._alternate(mine, theirs, (("openai", "/v1"), ("sse", "/api/chat"),
+                                               ("sse-conversation", "/api/chat stored tmpfs")))
+            disk = {**env, "NODECHAT_DATA_DIR": os.path.join(self.work, "against-disk")}
+            with self.server("nodechat ab disk", self.nodechat, {**disk, "NODECHAT_DATA_DIR": disk[
+                    "NODECHAT_DATA_DIR"] + "-this"}) as mine, \
+                    self.server("nodechat ab disk against", against, {**disk, "NODECHAT_DATA_DIR": disk[
+                        "NODECHAT_DATA_DIR"] + "-against"}) as theirs:  # the stores' fsyncs in the figures
+                for node in (mine, theirs):
+                    self.warm(node.port, "sse-conversation")
+                self._alternate(mine, theirs, (("sse-conversation", "/api/chat stored disk"), ("ws", "/chat disk")))
         finally:
             shutil.rmtree(shm, ignore_errors=True)
+
+    def _alternate(self, mine: Server, theirs: Server, targets: tuple) -> None:
+        """Each point's repeats alternating between the two servers."""
+        for target, label in targets:
+            for point in AGENT_POINTS:
+                for _ in range(self.args.repeat):
+                    for node, name in ((mine, "this"), (theirs, "against")):
+                        runs = self.results.setdefault(point, {}).setdefault(f"{label} ({name})", [])
+                        runs.append(measure([node.port], [node.pid], target, point, self.duration))
 
     def measure_front_doors(self) -> None:
         """/v1/chat/completions, /v1/messages and /v1/responses on one server, each point's
@@ -1005,6 +1017,9 @@ def report_points(results: dict) -> None:
                   f"{gap} |")
 
 
+AGAINST_LABELS = ("/v1", "/api/chat", "/api/chat stored tmpfs", "/api/chat stored disk", "/chat disk")
+
+
 def report_fits(results: dict) -> None:
     rows = [(name, "", streams) for streams in (1, 16, 64) for name in ("upstream", "naive", "nodechat")]
     rows += [(name, SPLIT, 64) for name in ("upstream", "naive", "nodechat")]
@@ -1012,8 +1027,7 @@ def report_fits(results: dict) -> None:
     agents = ("nodechat /api/chat", "nodechat /api/chat stored", "nodechat /chat ws", "nodechat /chat ws tmpfs",
               "nodechat /api/chat stored tmpfs")
     rows += [(name, "", 1) for name in agents]
-    rows += [(f"{label} ({name})", "", 1) for label in ("/v1", "/api/chat", "/api/chat stored tmpfs")
-             for name in ("this", "against")]
+    rows += [(f"{label} ({name})", "", 1) for label in AGAINST_LABELS for name in ("this", "against")]
     print("\n| server | upstream | streams | CPU per streamed event | fixed CPU per request |")
     print("|---|---|---|---|---|")
     fits = {}
@@ -1039,15 +1053,21 @@ def report_fits(results: dict) -> None:
         print("upstream kinds, /v1 on one server, alternating: " + "; ".join(
             f"{label} {f[0]:.1f} µs per event ({f[0] / base[0]:.2f}x), {f[1]:.2f} ms per request"
             for label, f in kinds.items()))
-    for label in ("/v1", "/api/chat", "/api/chat stored tmpfs"):
+    for label in AGAINST_LABELS:
         mine, theirs = fits.get((f"{label} (this)", "", 1)), fits.get((f"{label} (against)", "", 1))
         if mine and theirs:
             print(f"{label}: this checkout {mine[0] / theirs[0]:.2f}x the other per event, "
                   f"{mine[1] / theirs[1]:.2f}x per request (same run, alternating)")
+    for label in ("/api/chat stored disk", "/chat disk"):  # 16 streams: what group commit is for
+        runs = {name: results.get(Point("", 16, 20), {}).get(f"{label} ({name})") for name in ("this", "against")}
+        if all(runs.values()):
+            print(f"{label}, 16 streams x 20 chunks: this checkout {med(runs['this'], 'rps'):.0f} turns/s, "
+                  f"{med(runs['this'], 'cpu_ms'):.2f} ms CPU a turn; the other {med(runs['against'], 'rps'):.0f} "
+                  f"turns/s, {med(runs['against'], 'cpu_ms'):.2f} ms")
     disk, tmpfs = fits.get(("nodechat /chat ws", "", 1)), fits.get(("nodechat /chat ws tmpfs", "", 1))
     if disk and tmpfs:
-        print(f"/chat fixed cost per turn: {disk[1]:.2f} ms with its two fsynced appends (data dir on disk; "
-              f"each append fsyncs the messages, the meta and a listing line), {tmpfs[1]:.2f} ms without (tmpfs)")
+        print(f"/chat fixed cost per turn: {disk[1]:.2f} ms with its two durable appends (data dir on disk), "
+              f"{tmpfs[1]:.2f} ms without (tmpfs)")
     tls, plain = fits.get(("nodechat", "TLS", 1)), openai
     if tls and plain:
         print(f"nodechat per event, 1 stream: {plain[0]:.1f} µs plain HTTP, {tls[0]:.1f} µs over TLS "
