@@ -118,11 +118,13 @@ import re
 import socket
 import ssl
 import time
+import queue
 import threading
 import tomllib
 import types
 import typing
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1476,7 +1478,7 @@ class JSONFileStore:
         self.max_memories = max_memories_per_user
         self.max_responses = max_responses_per_user
         self._responses_put = LRU(cached_users)  # user -> responses put by this process (when to prune)
-        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = FileThreads(STORE_THREADS, "nodechat-store")
         self._unsynced: dict[Path, None] = {}  # appended to since the flush under way began
         self._next_flush: asyncio.Future | None = None  # what the writers of _unsynced wait for
         self._flushing: asyncio.Task | None = None
@@ -1885,16 +1887,63 @@ class JSONFileStore:
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         """File work in the store's own threads (tools' DNS lookups and HTML parsing in the
         default pool never hold it up); a full disk is 507 and a read-only one a clear 500."""
-        if self._threads is None:
-            self._threads = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, "nodechat-store")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+            return await self._threads.run(fn, *args)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InsufficientStorage("the data directory is full", code="storage_full") from exc
             log.error("data directory: %s", exc)
             reason = "read-only" if exc.errno == errno.EROFS else f"not writable ({exc.strerror})"
             raise NodeChatError(f"the data directory is {reason}", code="storage_error") from exc
+
+
+class FileThreads:
+    """The JSON store's threads.  A job goes on a queue with the future it settles; a thread
+    runs it and hands its result to the loop with one ``call_soon_threadsafe``.
+
+    ``run_in_executor`` chains a concurrent future to an asyncio one through four callbacks
+    and a semaphore: 13 µs of CPU a hop against 2.9 µs this way (16 callers on uvloop,
+    measured alone), and a stored turn makes eight hops.  The threads start with the first
+    job and end when their owner is collected.  A job whose caller was cancelled still runs
+    to its end (as with an executor): file work is never cut half-way."""
+
+    def __init__(self, count: int, name: str):
+        self.count, self.name = count, name
+        self._jobs: queue.SimpleQueue | None = None
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        if self._jobs is None:
+            self._jobs = jobs = queue.SimpleQueue()
+            for number in range(self.count):
+                threading.Thread(target=_run_jobs, args=(jobs,), name=f"{self.name}_{number}", daemon=True).start()
+            weakref.finalize(self, _stop_jobs, jobs, self.count)
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()
+        self._jobs.put((loop, settled, fn, args))
+        return await settled
+
+
+def _run_jobs(jobs: queue.SimpleQueue) -> None:
+    while (job := jobs.get()) is not None:
+        loop, settled, fn, args = job
+        job = None  # nothing of a finished job is kept while the thread waits for the next
+        try:
+            outcome = (fn(*args), None)
+        except BaseException as exc:
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(_settle, settled, *outcome)
+        loop = settled = fn = args = outcome = None
+
+
+def _settle(settled: asyncio.Future, result: Any, failure: BaseException | None) -> None:
+    if not settled.cancelled():
+        settled.set_result(result) if failure is None else settled.set_exception(failure)
+
+
+def _stop_jobs(jobs: queue.SimpleQueue, count: int) -> None:
+    for _ in range(count):
+        jobs.put(None)
 
 
 class LRU(collections.OrderedDict):
