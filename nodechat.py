@@ -6437,8 +6437,10 @@ async def run_turn(chat: NodeChat, turn: Turn, workflow_id: str | None = None) -
         async for event in events:
             yield event
     finally:
-        await chat.turns.leave(admitted)
-        await events.aclose()
+        try:
+            await events.aclose()  # a stopped answer is saved before the conversation is free again
+        finally:
+            await chat.turns.leave(admitted)
 
 
 ###############################################################################
@@ -10882,21 +10884,28 @@ def serve_workers(config: Any, workers: int) -> None:
     import uvicorn
 
     listening = config.bind_socket()
+    parent, signals = os.getpid(), {signal.SIGINT, signal.SIGTERM}
     children: dict[int, float] = {}  # pid -> when it started
-    stopping = False
+    stopping = failed = False
 
     def start() -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker: uvicorn's own signal handling from here on
-            code = 1
-            try:
-                for signum in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(signum, signal.SIG_DFL)
-                uvicorn.Server(config).run(sockets=[listening])
-                code = 0
-            finally:
-                os._exit(code)
-        children[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # no stop between the fork and its bookkeeping
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker: uvicorn's own signal handling from here on
+                server = None
+                try:
+                    for signum in signals:
+                        signal.signal(signum, signal.SIG_DFL)
+                    _end_with(parent)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+                    server = uvicorn.Server(config)
+                    server.run(sockets=[listening])  # uvicorn exits (SystemExit) if the app will not start
+                finally:
+                    os._exit(0 if server is not None and server.started else WORKER_STARTUP_FAILURE)
+            children[pid] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
@@ -10905,7 +10914,7 @@ def serve_workers(config: Any, workers: int) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in signals:
         signal.signal(signum, stop)
     log.info("serving with %d worker processes on %s:%s", workers, config.host, config.port)
     for _ in range(workers):
@@ -10918,12 +10927,36 @@ def serve_workers(config: Any, workers: int) -> None:
         started = children.pop(pid, None)
         if started is None or stopping:
             continue
-        log.warning("worker %d ended (status %d); starting another", pid, os.waitstatus_to_exitcode(status))
+        code = os.waitstatus_to_exitcode(status)
+        if code == WORKER_STARTUP_FAILURE:  # the app will not start: neither will the next worker
+            log.error("worker %d could not start the app; stopping the others", pid)
+            failed = True
+            stop(signal.SIGTERM, None)
+            continue
+        log.warning("worker %d ended (status %d); starting another", pid, code)
         if time.monotonic() - started < 1:
-            time.sleep(1)  # a worker that cannot start is not restarted in a tight loop
+            time.sleep(1)  # a worker that dies at once is not restarted in a tight loop
         if not stopping:
             start()
     listening.close()
+    if failed:
+        sys.exit(WORKER_STARTUP_FAILURE)
+
+
+WORKER_STARTUP_FAILURE = 3  # uvicorn's exit status when the app does not start
+
+
+def _end_with(parent: int) -> None:
+    """A worker ends with the process that forked it, even one killed with -9 (Linux's
+    PR_SET_PDEATHSIG; elsewhere a worker outlives it until stopped)."""
+    import signal
+
+    with contextlib.suppress(ImportError, OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before that was set
+        os._exit(0)
 
 
 def _tune_collector() -> None:

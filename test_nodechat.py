@@ -1291,6 +1291,31 @@ def test_workers_share_the_port_and_the_data_dir_and_come_back(upstream, tmp_pat
                    for pid in replaced)
 
 
+def test_workers_that_cannot_start_the_app_stop_and_say_so_and_end_with_their_parent(tmp_path):
+    """An app that will not start (its data directory is a file) ends ``--workers 2`` with
+    uvicorn's status 3, not restarts without end; a parent killed with -9 takes its workers
+    with it, so none is left holding the port."""
+    (tmp_path / "file").touch()
+    failed = subprocess.run([sys.executable, str(Path(nodechat.__file__)), "--port", str(free_port()), "--workers", "2",
+                             "--data-dir", str(tmp_path / "file")], env={**os.environ}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 3 and "could not start the app" in failed.stderr
+    assert failed.stderr.count("starting another") == 0
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(Path(nodechat.__file__)), "--port", str(port), "--workers", "2",
+                               "--data-dir", str(tmp_path / "data")], env={**os.environ}, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        eventually(lambda: len(child_pids(server.pid)) == 2, timeout=30)
+        workers = child_pids(server.pid)
+        server.kill()
+        server.wait(10)
+        eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=15)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            server.kill()
+
+
 def test_one_turn_per_conversation_holds_across_apps_on_one_data_dir(live, upstream):
     """Two apps on one JSON data directory, as ``--workers`` runs them: while a turn runs in a
     conversation on one, the other answers 409 for that conversation (and serves the others);
