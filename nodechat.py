@@ -1492,7 +1492,7 @@ class JSONFileStore:
         def get() -> dict | None:
             meta = self._meta(conversation_id)
             if meta is not None and ID_PATTERN.fullmatch(str(meta.get("user_id", ""))):
-                listed = self._read_listing(meta["user_id"]).get(conversation_id)
+                listed = self._read_listing(meta["user_id"], compact=False).get(conversation_id)
                 if listed and listed.get("updated_at", "") > meta.get("updated_at", ""):
                     meta = {**meta, "updated_at": listed["updated_at"]}
             return meta
@@ -1605,7 +1605,7 @@ class JSONFileStore:
                 if keep is None:
                     raise NotFound("message not found", code="message_not_found")
                 if keep < len(records):
-                    _write_bytes(path, _jsonl(records[:keep]))
+                    _write_bytes(path, _jsonl(records[:keep]), replaces_appends=True)
 
         await self._in_thread(truncate)
 
@@ -1689,14 +1689,16 @@ class JSONFileStore:
         path = self._blob(user_id, digest)
         await self._in_thread(lambda: path.exists() or _write_bytes(path, data))
 
-    async def get_blob(self, user_id: str, digest: str) -> bytes | None:
-        path = self._blob(user_id, digest)
+    async def get_blob(self, user_id: str, digest: str, named: bool = False) -> bytes | None:
+        """The user's blob.  ``named``: the caller read the digest from the user's own stored
+        message, so one kept before blobs were per user (``blobs/<ab>/<sha256>``) is theirs too."""
+        paths = [self._blob(user_id, digest)] + ([self.root / "blobs" / digest[:2] / digest] if named else [])
 
         def read() -> bytes | None:
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                return None
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    return path.read_bytes()
+            return None
 
         return await self._in_thread(read)
 
@@ -1822,7 +1824,7 @@ class JSONFileStore:
                 with self._folding:
                     self._listings_seen.pop(user_id, None)
                     folded = _jsonl(list(self._fold_listing(user_id).value.values()))
-                _write_bytes(path, folded)
+                _write_bytes(path, folded, replaces_appends=True)
                 with self._folding:
                     self._listings_seen.pop(user_id, None)
                     entry = self._fold_listing(user_id)
@@ -1831,15 +1833,23 @@ class JSONFileStore:
     def _fold_listing(self, user_id: str) -> _Cached:
         """The cached fold of a listing, brought up to date (the caller holds ``_folding``)."""
         path = self._listing(user_id)
-        key = _file_key(path)
-        entry = self._listings_seen.get(user_id)
-        if entry is None or key is None or entry.key is None or entry.key[0] != key[0] \
-                or key[2] < entry.offset:
-            entry = _Cached(key, {})
-        if key is not None and key[2] > entry.offset:
-            with path.open("rb") as fh:
-                fh.seek(entry.offset)
-                tail = fh.read()
+        try:
+            listing = path.open("rb")
+        except FileNotFoundError:
+            listing = None
+        with listing or contextlib.nullcontext():
+            # the key of the file opened, not of the path: a compaction elsewhere may replace it
+            stat = os.fstat(listing.fileno()) if listing else None
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size) if stat else None
+            entry = self._listings_seen.get(user_id)
+            if entry is None or key is None or entry.key is None or entry.key[0] != key[0] \
+                    or key[2] < entry.offset:
+                entry = _Cached(key, {})
+            tail = b""
+            if key is not None and key[2] > entry.offset:
+                listing.seek(entry.offset)
+                tail = listing.read()
+        if tail:
             complete = tail[:tail.rfind(b"\n") + 1]
             for record in _parse_lines(complete, path):
                 entry.lines += 1
@@ -2066,8 +2076,11 @@ def _write_json(path: Path, value: Any) -> None:
     _write_bytes(path, json.dumps(value, ensure_ascii=False).encode())
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write atomically: a temporary file in the same directory, fsync, then os.replace."""
+def _write_bytes(path: Path, data: bytes, replaces_appends: bool = False) -> None:
+    """Write atomically: a temporary file in the same directory, fsync, then os.replace.
+    ``replaces_appends``: the file is one that appends go to, made durable by a flush that
+    opens it by name (``_synced``); the rename is made durable first (the directory fsynced),
+    or a crash could bring back the old file, whose last appends that flush never saw."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -2076,6 +2089,12 @@ def _write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if replaces_appends:
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -2468,10 +2487,11 @@ class PostgresStore:
             await db.execute("INSERT INTO nodechat_blobs (user_id, digest, data) VALUES ($1, $2, $3) "
                              "ON CONFLICT DO NOTHING", user_id, digest, data)
 
-    async def get_blob(self, user_id: str, digest: str) -> bytes | None:
+    async def get_blob(self, user_id: str, digest: str, named: bool = False) -> bytes | None:
+        """As :meth:`JSONFileStore.get_blob`: ``named``, a row from before migration 6 (no user) too."""
         async with self._connection() as db:
-            return await db.fetchval("SELECT data FROM nodechat_blobs WHERE user_id = $1 AND digest = $2",
-                                     user_id, digest)
+            return await db.fetchval("SELECT data FROM nodechat_blobs WHERE digest = $2 AND (user_id = $1 OR "
+                                     "($3 AND user_id = '')) ORDER BY user_id DESC LIMIT 1", user_id, digest, named)
 
     # -- /v1/responses kept for previous_response_id ---------------------------------------------
 
@@ -5711,11 +5731,12 @@ class Agent:
                            code="already_answered")
         try:
             kept = await self._keep_attachments(unstored_messages(stored, turn.messages), turn.user_id)
-        except BadRequest:
-            if created:  # refused before anything of it was kept: no empty conversation left behind
-                await self.store.delete_conversation(cid)
+            saved = await self.store.append_messages(cid, kept)
+        except NodeChatError:
+            if created:  # refused, or the store failed, before its first message: no empty conversation
+                with contextlib.suppress(NodeChatError):
+                    await self.store.delete_conversation(cid)
             raise
-        saved = await self.store.append_messages(cid, kept)
         if asked and at is None and all(m.get("ui_id") != asked for m in saved):
             raise Conflict("this message is already being answered", code="already_answered")
         return stored + saved, meta["created_at"] if created else None
@@ -5726,7 +5747,7 @@ class Agent:
         message file does not grow by the image every time it is sent."""
         if not hasattr(self.store, "put_blob"):  # a host's store without attachments: kept inline
             return messages
-        kept = []
+        kept, blobs = [], {}  # every part checked before any is kept: a refused turn keeps nothing
         for message in messages:
             content = message.get("content")
             if type(content) is list and any(attachment_url(p) for p in content):
@@ -5742,12 +5763,14 @@ class Agent:
                         except ValueError:
                             raise BadRequest("an image's data: URL is not valid base64", code="invalid_messages") from None
                         digest = hashlib.sha256(data).hexdigest()
-                        await self.store.put_blob(user_id, digest, data)
+                        blobs[digest] = data
                         self.attachments.put(f"{media};{digest}", url)
                         part = with_attachment_url(part, f"{BLOB_URL}{media};sha256,{digest}")
                     parts.append(part)
                 message = {**message, "content": parts}
             kept.append(message)
+        for digest, data in blobs.items():
+            await self.store.put_blob(user_id, digest, data)
         return kept
 
     async def _show_attachments(self, messages: list[dict], user_id: str) -> list[dict]:
@@ -5765,7 +5788,8 @@ class Agent:
                         media, _, digest = url[len(BLOB_URL):].partition(";sha256,")
                         inline = self.attachments.get(f"{media};{digest}")
                         if inline is None:
-                            data = await self.store.get_blob(user_id, digest) if BLOB_DIGEST.fullmatch(digest) else None
+                            data = await self.store.get_blob(user_id, digest, named=True) \
+                                if BLOB_DIGEST.fullmatch(digest) else None
                             if data is None:  # gone: the model is told, rather than the turn failing
                                 parts.append({"type": "text", "text": "[an attachment that is no longer stored]"})
                                 continue

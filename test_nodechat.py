@@ -975,6 +975,16 @@ async def test_every_store_keeps_attachments_by_their_content(any_store):
     await store.put_blob("alice", digest, b"png bytes")  # again: one copy
     assert await store.get_blob("alice", digest) == b"png bytes" and await store.get_blob("alice", "0" * 64) is None
     assert await store.get_blob("bob", digest) is None  # per user: bob cannot learn that alice sent it
+    old = hashlib.sha256(b"kept before blobs were per user").hexdigest()
+    if isinstance(store, nodechat.JSONFileStore):
+        (store.root / "blobs" / old[:2]).mkdir(parents=True)
+        (store.root / "blobs" / old[:2] / old).write_bytes(b"kept before blobs were per user")
+    else:
+        async with store._connection() as db:
+            await db.execute("INSERT INTO nodechat_blobs (user_id, digest, data) VALUES ('', $1, $2)",
+                             old, b"kept before blobs were per user")
+    assert await store.get_blob("alice", old) is None  # asked for by digest alone: nobody's
+    assert await store.get_blob("alice", old, named=True) == b"kept before blobs were per user"  # her message's
 
 
 @pytest.mark.anyio
