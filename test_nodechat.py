@@ -5668,6 +5668,26 @@ async def test_ws_streams_an_answer_ending_in_one_done_chunk(live, upstream, bin
 
 
 @pytest.mark.anyio
+async def test_ws_json_chunks_are_compact_json_in_the_documented_key_order(live, upstream):
+    """Text chunks (written from fixed pieces, the message sent per token) read exactly as the
+    other messages do: compact JSON, non-ASCII as is, escapes where JSON needs them."""
+    _, url = live()
+    upstream.script(text('Caf\u00e9 "q" \\ \n\t\x01 \U0001F600', "!"))
+    async with websockets.connect(url.replace("http://", "ws://") + "/chat",
+                                  additional_headers=AUTH, open_timeout=10) as ws:
+        await ws.send(json.dumps({"role": "user", "content": "hi", "thread_id": "t-raw"}))
+        frames = []
+        while not (frames and json.loads(frames[-1]).get("done")):
+            frames.append(await asyncio.wait_for(ws.recv(), 10))
+    chunks = [f for f in frames if json.loads(f)["type"] == "chunk" and not json.loads(f)["done"]]
+    assert "".join(json.loads(f)["content"] for f in chunks) == 'Caf\u00e9 "q" \\ \n\t\x01 \U0001F600!'
+    for frame in frames:
+        assert frame == json.dumps(json.loads(frame), ensure_ascii=False, separators=(",", ":"))
+    assert list(json.loads(chunks[0])) == ["type", "content_type", "content", "done", "thread_id"]
+    assert json.loads(chunks[0])["thread_id"] == "t-raw"
+
+
+@pytest.mark.anyio
 @ENCODINGS
 async def test_ws_server_side_tool_sends_tool_call_then_tool_result(live, upstream, binary):
     chat, url = live()
