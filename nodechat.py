@@ -10905,6 +10905,9 @@ def main(argv: list[str] | None = None) -> None:
         serve_workers(uvicorn.Config(app, **options), args.workers)
 
 
+WORKER_STARTUP_FAILURE = 3  # uvicorn's exit status when the app does not start
+
+
 def serve_workers(config: Any, workers: int) -> None:
     """``--workers N``: N processes forked from this one, each serving the one listening
     socket with its own event loop (the kernel hands each connection to one of them).
@@ -10912,8 +10915,9 @@ def serve_workers(config: Any, workers: int) -> None:
     Forked, not spawned as uvicorn's own ``workers`` are: the app built from the command
     line goes to each as it is, whatever the file is called, and the module's pages are
     shared until written.  A worker that dies is started again (after a second, if it died
-    within one); SIGINT or SIGTERM stops them all, each finishing its requests as uvicorn
-    does.  What the workers share is the data directory (the JSON store's file locks) or
+    within one), unless the app would not start in it: then all stop, with uvicorn's status
+    3.  SIGINT or SIGTERM stops them all, each finishing its requests as uvicorn does, and a
+    worker ends with its parent, even one killed with -9.  What the workers share is the data directory (the JSON store's file locks) or
     the database (and, with JSON files, one turn per conversation: ``Turns._hold``); the rest
     of what turns in flight hold, rate limits and metrics are per worker."""
     import signal
@@ -10979,8 +10983,6 @@ def serve_workers(config: Any, workers: int) -> None:
     if failed:
         sys.exit(WORKER_STARTUP_FAILURE)
 
-
-WORKER_STARTUP_FAILURE = 3  # uvicorn's exit status when the app does not start
 
 
 def _end_with(parent: int) -> None:
