@@ -1475,6 +1475,7 @@ class JSONFileStore:
     def __init__(self, root: str | os.PathLike, *, max_conversations_per_user: int = 0,
                  max_memories_per_user: int = 0, max_responses_per_user: int = 0, cached_users: int = 256):
         self.root = Path(root)
+        self._conversations, self._users = self.root / "conversations", self.root / "users"  # joined once
         self.max_conversations = max_conversations_per_user
         self.max_memories = max_memories_per_user
         self.max_responses = max_responses_per_user
@@ -1774,13 +1775,13 @@ class JSONFileStore:
     # -- paths, caches and errors --------------------------------------------------------------
 
     def _conversation(self, conversation_id: str, suffix: str) -> Path:
-        return self.root / "conversations" / (validate_id(conversation_id, "conversation id") + suffix)
+        return self._conversations / (validate_id(conversation_id, "conversation id") + suffix)
 
     def _memories(self, user_id: str) -> Path:
         return self.root / "memories" / (validate_id(user_id, "user id") + ".json")
 
     def _listing(self, user_id: str) -> Path:
-        return self.root / "users" / (validate_id(user_id, "user id") + ".jsonl")
+        return self._users / (validate_id(user_id, "user id") + ".jsonl")
 
     def _update(self, conversation_id: str, fields: dict) -> None:
         def update(meta: Any) -> Any:
@@ -2022,13 +2023,18 @@ def _locked(path: Path):
 
     A deleted conversation removes its lock files while holding them, so a waiter that
     wakes up holding a removed file's lock tries again on the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         yield
         return
-    lock_path = _lock_path(path)
+    lock_path = os.fspath(path) + ".lock"  # a string: pathlib was a tenth of a stored turn's CPU
     while True:
-        with open(lock_path, "a") as lock:
+        try:
+            lock = open(lock_path, "a")
+        except FileNotFoundError:  # the file's folder first (once: not a mkdir per lock)
+            os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+            lock = open(lock_path, "a")
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if _same_file(lock, lock_path):
@@ -2038,9 +2044,9 @@ def _locked(path: Path):
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _same_file(handle: Any, path: Path) -> bool:
+def _same_file(handle: Any, path: str) -> bool:
     try:
-        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
     except FileNotFoundError:
         return False
 
@@ -2109,8 +2115,12 @@ def _append_lines(path: Path, records: list[dict], sync: bool = True) -> int:
     write is cut off again, so a full disk leaves no half-written line behind.  With
     ``sync=False`` the caller makes them durable later (``JSONFileStore._synced``)."""
     data = _jsonl(records)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab+") as fh:
+    try:
+        appending = open(path, "ab+")
+    except FileNotFoundError:  # its folder first (once: not a mkdir per append)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        appending = open(path, "ab+")
+    with appending as fh:
         size = fh.tell()
         if size > 0:  # a torn last line (crash mid-write) must not swallow the next record
             fh.seek(-1, os.SEEK_END)
