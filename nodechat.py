@@ -2017,6 +2017,16 @@ def _lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def _open_in_folder(path: str | Path, mode: str) -> Any:
+    """``open`` that makes the file's folder when it is missing: once, not a mkdir per call
+    (a lock and an append per message each made one)."""
+    try:
+        return open(path, mode)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, mode)
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     """Hold an exclusive lock on ``path`` (through ``path.lock``) across threads and processes.
@@ -2029,12 +2039,7 @@ def _locked(path: Path):
         return
     lock_path = os.fspath(path) + ".lock"  # a string: pathlib was a tenth of a stored turn's CPU
     while True:
-        try:
-            lock = open(lock_path, "a")
-        except FileNotFoundError:  # the file's folder first (once: not a mkdir per lock)
-            os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-            lock = open(lock_path, "a")
-        with lock:
+        with _open_in_folder(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if _same_file(lock, lock_path):
@@ -2115,12 +2120,7 @@ def _append_lines(path: Path, records: list[dict], sync: bool = True) -> int:
     write is cut off again, so a full disk leaves no half-written line behind.  With
     ``sync=False`` the caller makes them durable later (``JSONFileStore._synced``)."""
     data = _jsonl(records)
-    try:
-        appending = open(path, "ab+")
-    except FileNotFoundError:  # its folder first (once: not a mkdir per append)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        appending = open(path, "ab+")
-    with appending as fh:
+    with _open_in_folder(path, "ab+") as fh:
         size = fh.tell()
         if size > 0:  # a torn last line (crash mid-write) must not swallow the next record
             fh.seek(-1, os.SEEK_END)
@@ -6664,7 +6664,7 @@ class Turns:
         self.settings = settings
         self.ledger = ledger  # the rate limits and budgets a turn passes first
         self.held_in = held_in if fcntl is not None else None
-        self._held: dict[tuple[str, str], int] = {}  # (user, conversation) -> its locked file
+        self._held: dict[tuple[str, str], Any] = {}  # (user, conversation) -> its locked file
         self.tasks: set[asyncio.Task] = set()  # turns that outlive their connection
         self._turns: dict[str, int] = {}  # user -> capped turns running now
         # (user, conversation) -> its turn's stream, or None (a turn without one); per user:
@@ -6694,24 +6694,20 @@ class Turns:
             self._busy[user, cid] = stream
         return Admitted(user, cid, capped, stream)
 
-    def _hold(self, user: str, cid: str) -> int | None:
+    def _hold(self, user: str, cid: str) -> Any:
         """Lock ``turns/<user>/<conversation>.lock`` for the turn, without waiting (another
         process's turn there: 409).  The kernel lets it go when the descriptor closes or the
         process dies, kill -9 included, so a dead worker never leaves a conversation busy.
         A directory it cannot write to is left to the store to report."""
         path = os.path.join(self.held_in, user_folder(user), validate_id(cid, "conversation id") + ".lock")
         try:
-            try:
-                held = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except FileNotFoundError:  # the user's first turn here: their folder first
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                held = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            held = _open_in_folder(path, "a")
         except OSError:
             return None
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            os.close(held)
+            held.close()
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise self._busy_conversation() from None
             return None
@@ -6740,7 +6736,7 @@ class Turns:
             self._busy.pop((user, admitted.conversation_id), None)
             held = self._held.pop((user, admitted.conversation_id), None)
             if held is not None:
-                os.close(held)
+                held.close()
 
     async def stream(self, user: str, conversation_id: str) -> TurnStream | None:
         """The stream of the user's turn running on that conversation, if a reader may
