@@ -1563,7 +1563,10 @@ class JSONFileStore:
 
         await self._in_thread(delete)
 
-    async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]:
+    async def append_messages(self, conversation_id: str, messages: list[dict],
+                              durable: bool = True) -> list[dict]:
+        """``durable=False``: return once written, and leave the fsync to the next flush (a
+        turn's question: its answer's append flushes the same file)."""
         path = self._conversation(conversation_id, ".jsonl")
         stamped = [{"id": new_id("msg"), "created_at": "", **m} for m in messages]
 
@@ -1589,8 +1592,10 @@ class JSONFileStore:
                 return fresh, listing
 
         fresh, listing = await self._in_thread(append)
-        if listing is not None:
+        if listing is not None and durable:
             await self._synced(path, listing)
+        elif listing is not None:
+            self._unsynced.update(dict.fromkeys((path, listing)))
         return fresh
 
     async def load_messages(self, conversation_id: str) -> list[dict]:
@@ -1878,6 +1883,11 @@ class JSONFileStore:
         if self._flushing is None:
             self._flushing = asyncio.ensure_future(self._flush())
         await asyncio.shield(flushed)
+
+    async def aclose(self) -> None:
+        """Flush what was written with ``durable=False`` and not flushed since."""
+        if self._unsynced:
+            await self._synced()
 
     async def _flush(self) -> None:
         try:
@@ -2391,19 +2401,23 @@ class PostgresStore:
         async with self._connection() as db:
             await db.execute("DELETE FROM conversations WHERE id = $1", cid)  # messages cascade
 
-    async def append_messages(self, conversation_id: str, messages: list[dict]) -> list[dict]:
+    async def append_messages(self, conversation_id: str, messages: list[dict],
+                              durable: bool = True) -> list[dict]:
         """Store ``messages`` after the others and return those stored, each with a new
         ``id`` and ``created_at``: a message whose ``ui_id`` the conversation already holds
         is skipped (a client resending its history).  ``updated_at`` moves if any was stored.
+        ``durable=False`` commits without waiting for the WAL flush (``synchronous_commit``
+        off for this transaction only), as the JSON store leaves its fsync to the next flush.
 
         NotFound when the conversation is gone (deleted while a turn ran): never recreated.
         """
         cid = validate_id(conversation_id, "conversation id")
         bodies = [{k: v for k, v in m.items() if k not in ("id", "created_at")} for m in messages]
         ids = [new_id("msg") for _ in bodies]
+        commit = "true" if durable else "set_config('synchronous_commit', 'off', true) IS NOT NULL"
         async with self._transaction() as db:
             # the row lock orders concurrent appends and waits out a concurrent delete
-            if not await db.fetchval("SELECT true FROM conversations WHERE id = $1 FOR UPDATE", cid):
+            if not await db.fetchval(f"SELECT {commit} FROM conversations WHERE id = $1 FOR UPDATE", cid):
                 raise NotFound("conversation not found", code="conversation_not_found")
             created_at, added = await db.fetchrow(
                 f"WITH added AS ({INSERT_MESSAGES}), bumped AS (UPDATE conversations "
@@ -5673,6 +5687,9 @@ class Agent:
         self.circuits = Circuits(settings.circuit_failures, settings.circuit_seconds)
         self.attachments = DataURLs(ATTACHMENT_CACHE_BYTES)  # stored images as the model reads them
         self.background: set[asyncio.Task] = set()  # titles being made; cancelled on close
+        # a store that can append without waiting for the disk (ours: see open_conversation)
+        takes_durable = "durable" in inspect.signature(store.append_messages).parameters
+        self._question_commit = {"durable": False} if takes_durable else {}
 
     async def run(self, turn: Turn) -> AsyncIterator[Event]:
         candidates = self.providers.candidates(turn.model)
@@ -5742,7 +5759,8 @@ class Agent:
                            code="already_answered")
         try:
             kept = await self._keep_attachments(unstored_messages(stored, turn.messages), turn.user_id)
-            saved = await self.store.append_messages(cid, kept)
+            # the question is durable with its answer (the same file's, the same WAL's flush)
+            saved = await self.store.append_messages(cid, kept, **self._question_commit)
         except NodeChatError:
             if created:  # refused, or the store failed, before its first message: no empty conversation
                 with contextlib.suppress(NodeChatError):
@@ -6120,12 +6138,11 @@ class Agent:
         if turn.remember:
             query = _first_user_text(history)
             limit = self.settings.memory_context_limit
-            found = await self.store.search_memories(turn.user_id, query, limit)
+            remembered = await self.store.list_memories(turn.user_id)  # one call for a user with none
+            found = await self.store.search_memories(turn.user_id, query, limit) if remembered else []
             if len(found) < limit:  # top up with the newest memories
                 known = {m["id"] for m in found}
-                newest = [m for m in reversed(await self.store.list_memories(turn.user_id))
-                          if m["id"] not in known]
-                found += newest[:limit - len(found)]
+                found += [m for m in reversed(remembered) if m["id"] not in known][:limit - len(found)]
             if found:
                 lines = "\n".join(f"- {m['content']} (memory id {m['id']})" for m in found)
                 system = f"{system or ''}\n\nWhat you remember about this user:\n{lines}".strip()
@@ -10684,7 +10701,7 @@ class NodeChat:
         await asyncio.gather(*self.agent.background, return_exceptions=True)
         await self.ledger.aclose()  # after the turns: their last entries are written
         await self.mcp.aclose()
-        if isinstance(self.store, PostgresStore):  # a host's own store is the host's
+        if isinstance(self.store, (JSONFileStore, PostgresStore)):  # a host's own kind is the host's
             await self.store.aclose()
         self._started = None
         await self.clients.aclose()

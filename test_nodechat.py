@@ -924,6 +924,22 @@ async def test_concurrent_appends_of_one_ui_id_store_it_once(any_store):
 
 
 @pytest.mark.anyio
+async def test_an_append_not_waiting_for_the_disk_is_read_at_once_by_every_reader(any_store):
+    """``durable=False`` (a turn's question) returns once written: any store on the same data
+    reads it at once, and a durable append after it is stored after it."""
+    store, other = any_store(), any_store()
+    await store.create_conversation("c1", "alice")
+    saved = await store.append_messages("c1", [{"role": "user", "content": "question", "ui_id": "u1"}],
+                                        durable=False)
+    assert [(m["content"], m["ui_id"]) for m in saved] == [("question", "u1")] and saved[0]["id"]
+    assert [m["content"] for m in await other.load_messages("c1")] == ["question"]
+    assert await store.append_messages("c1", [{"role": "user", "content": "again", "ui_id": "u1"}],
+                                       durable=False) == []
+    await store.append_messages("c1", [{"role": "assistant", "content": "answer"}])
+    assert [m["content"] for m in await other.load_messages("c1")] == ["question", "answer"]
+
+
+@pytest.mark.anyio
 async def test_append_to_a_deleted_conversation_is_refused_and_it_stays_deleted(any_store):
     store = any_store()
     await store.create_conversation("c1", "alice")
@@ -1580,6 +1596,50 @@ def test_kill_9_during_writes_leaves_every_file_whole(tmp_path):
     store = nodechat.JSONFileStore(data)
     assert len(asyncio.run(store.load_messages("shared"))) >= len(lines) - 1
     assert not list(data.rglob("*.corrupt-*"))
+
+
+def test_kill_9_during_an_answer_keeps_the_question(upstream, tmp_path):
+    """The question is written before the answer starts (made durable with the answer's
+    append): a server killed with -9 mid-answer keeps it, and the conversation goes on."""
+    port, data = free_port(), tmp_path / "data"
+    env = {**os.environ, "OPENAI_BASE_URL": upstream.url, "NODECHAT_MODEL": "fake-1",
+           "NODECHAT_TOKENS": "tok-1:alice"}
+    command = [sys.executable, str(Path(nodechat.__file__)), "--port", str(port), "--data-dir", str(data),
+               "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(url + "/healthz").status_code == 200
+        return False
+
+    upstream.script(stall(text("half an ans")[:2]), text("whole"))
+    server = subprocess.Popen(command, env=env, cwd=tmp_path)
+    try:
+        eventually(up, timeout=30)
+        body = {"messages": [user("keep me")], "conversationId": "k1"}
+        with httpx.stream("POST", url + "/api/chat", json=body, headers={"Authorization": "Bearer tok-1"},
+                          timeout=TIMEOUT) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:") and "half an ans" in line:
+                    break
+            server.kill()
+            server.wait(15)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            server.kill()
+    stored = asyncio.run(nodechat.JSONFileStore(data).load_messages("k1"))
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "keep me")]
+    server = subprocess.Popen(command, env=env, cwd=tmp_path)
+    try:
+        eventually(up, timeout=30)
+        response, events = api_chat(url, {"messages": [user("again")], "conversationId": "k1"}, token="tok-1")
+        assert response.status_code == 200 and events[-1]["type"] == "finish", events
+        stored = httpx.get(url + "/api/conversations/k1", headers={"Authorization": "Bearer tok-1"}).json()
+        assert [m["content"] for m in stored["messages"]] == ["keep me", "again", "whole"]
+    finally:
+        server.terminate()
+        server.wait(15)
 
 
 def test_a_torn_last_line_is_ignored_with_a_warning(tmp_path, caplog):
