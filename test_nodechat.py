@@ -827,6 +827,81 @@ async def within(seconds: float, awaitable):
     return await asyncio.wait_for(awaitable, seconds)
 
 
+class DictStore:
+    """A host's own store, as the README describes one: the protocol's methods and nothing
+    more (no ``load_conversation``, no ``durable=``, no attachments)."""
+
+    def __init__(self):
+        self.metas, self.messages, self.memories = {}, {}, {}
+
+    async def get_conversation(self, conversation_id):
+        return dict(self.metas[conversation_id]) if conversation_id in self.metas else None
+
+    async def create_conversation(self, conversation_id, user_id, title=""):
+        now = nodechat.now_iso()
+        return dict(self.metas.setdefault(conversation_id, {
+            "id": conversation_id, "user_id": user_id, "title": title, "created_at": now, "updated_at": now}))
+
+    async def update_conversation(self, conversation_id, **fields):
+        self.metas[conversation_id].update(fields, updated_at=nodechat.now_iso())
+
+    async def list_conversations(self, user_id, limit=100, before=None):
+        mine = [dict(m) for m in self.metas.values() if m["user_id"] == user_id]
+        return sorted(mine, key=lambda m: m["updated_at"], reverse=True)[:limit]
+
+    async def delete_conversation(self, conversation_id):
+        self.metas.pop(conversation_id, None)
+        self.messages.pop(conversation_id, None)
+
+    async def append_messages(self, conversation_id, messages):
+        if conversation_id not in self.metas:
+            raise NotFound("conversation not found", code="conversation_not_found")
+        stored = self.messages.setdefault(conversation_id, [])
+        fresh = [{"id": nodechat.new_id("msg"), "created_at": nodechat.now_iso(), **m} for m in messages]
+        stored += fresh
+        return fresh
+
+    async def load_messages(self, conversation_id):
+        return list(self.messages.get(conversation_id, []))
+
+    async def truncate_messages(self, conversation_id, after_id):
+        stored = self.messages[conversation_id]
+        del stored[next(i for i, m in enumerate(stored) if m["id"] == after_id) + 1:]
+
+    async def add_memory(self, user_id, content):
+        memory = {"id": nodechat.new_id("mem"), "content": content, "created_at": nodechat.now_iso()}
+        self.memories.setdefault(user_id, []).append(memory)
+        return memory
+
+    async def list_memories(self, user_id):
+        return list(self.memories.get(user_id, []))
+
+    async def delete_memory(self, user_id, memory_id):
+        return False
+
+    async def search_memories(self, user_id, query, limit=10):
+        return nodechat.rank_memories(self.memories.get(user_id, []), query, limit)
+
+
+def test_a_hosts_own_store_keeps_conversations_and_memories(live, upstream):
+    """``NodeChat(store=...)`` with an object that has only the protocol's methods: turns on
+    a stored conversation load, append and list through it, and its memories reach the model."""
+    store = DictStore()
+    chat, url = live(store=store)
+    asyncio.run(store.add_memory("alice", "likes green tea"))
+    upstream.script(text("hello"), text("again"))
+    for words in ("first", "second"):
+        response, events = api_chat(url, {"messages": [user(words)], "conversationId": "h1"})
+        assert response.status_code == 200 and events[-1]["type"] == "finish", events
+    assert [m["content"] for m in store.messages["h1"]] == ["first", "hello", "second", "again"]
+    second = next(r for r in upstream.requests if r["messages"][-1].get("content") == "second")
+    assert "likes green tea" in second["messages"][0]["content"]
+    shown = httpx.get(url + "/api/conversations/h1", headers=AUTH).json()
+    assert [m["content"] for m in shown["messages"]] == ["first", "hello", "second", "again"]
+    response, _ = api_chat(url, {"messages": [user("mine?")], "conversationId": "h1"}, token="tok-bob")
+    assert response.status_code == 404
+
+
 # -- Both stores: conversations and messages --
 
 
