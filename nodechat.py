@@ -5742,7 +5742,7 @@ class Agent:
             messages += [model_message(m) for m in history]
             if turn.conversation_id:
                 messages = await self._show_attachments(messages, turn.user_id)
-            if turn.capped and not any(fnmatch.fnmatchcase(candidates[0][2], p) for p in self.settings.vision_models):
+            if self._blind(turn.capped, candidates[0][2]):
                 messages, turn.notice = without_images(messages, candidates[0][2])
             async with contextlib.aclosing(self._steps(turn, candidates, messages)) as steps:
                 async for event in steps:  # closed with run(): a partial answer is saved then
@@ -5928,8 +5928,12 @@ class Agent:
             answer = ""
         return fallback_title(answer) if answer.strip() else fallback_title(text)
 
-    async def _open(self, call: Call, candidates: list[tuple[Provider, str, str]], body: dict
-                    ) -> tuple[AsyncIterator[Event], list[Event]]:
+    def _blind(self, capped: bool, model: str) -> bool:
+        """An end user's turn (``capped``) on a model that ``vision_models`` says sees no images."""
+        return capped and not any(fnmatch.fnmatchcase(model, p) for p in self.settings.vision_models)
+
+    async def _open(self, call: Call, candidates: list[tuple[Provider, str, str]], body: dict,
+                    capped: bool = False) -> tuple[AsyncIterator[Event], list[Event]]:
         """Start one model call: the model asked for, else its fallbacks in order, until one
         answers; its stream, and the events it began with (a Fallback first, when it fell back).
 
@@ -5942,7 +5946,8 @@ class Agent:
         which provider answered, for the ledger.
 
         It hands the provider's own stream on rather than yielding from it: a generator in
-        between cost every event a hop (0.2 µs of the 7 a /v1 event costs)."""
+        between cost every event a hop (0.2 µs of the 7 a /v1 event costs).  A fallback that sees
+        no images where the model asked for does (``vision_models``) reads that one was there."""
         failure: NodeChatError | None = None
         for index, (provider, name, full) in enumerate(candidates):
             if not self.circuits.allows(provider.name):
@@ -5956,8 +5961,11 @@ class Agent:
             if index:
                 call.provider, call.url, call.model = (provider.name, getattr(provider, "base_url", provider.name),
                                                        model_label(name))
+            request = {**body, "model": name}
+            if index and self._blind(capped, full):
+                request["messages"] = without_images(body["messages"], full)[0]
             for attempt in (0, 1):
-                stream = provider.stream({**body, "model": name}, self.upstream())
+                stream = provider.stream(request, self.upstream())
                 try:
                     first = [await anext(stream)]
                 except StopAsyncIteration:
@@ -6020,7 +6028,7 @@ class Agent:
                 calls, finish, reasoning = [], StepFinished("stop"), 0
                 thought, signed, reasoned = [], [], []  # reasoning pieces: since the last signature, signed, all
                 try:
-                    stream, pending = await self._open(call, candidates, body)  # its failures: counted there
+                    stream, pending = await self._open(call, candidates, body, turn.capped)  # its failures: counted there
                 except BaseException:
                     await asyncio.shield(self.ledger.record(call, Usage()))
                     raise

@@ -4662,6 +4662,23 @@ def test_a_text_only_model_reads_that_an_image_was_there_and_the_user_is_told(li
     assert finish["messageMetadata"]["notice"] == "fake-1 cannot see images: 1 image was left out of what it read"
 
 
+def test_a_fallback_that_sees_no_images_reads_that_one_was_there(live, upstream, tmp_path):
+    """The model asked for sees images and fails; its fallback (not in ``vision_models``)
+    gets the turn with each image replaced by a line, never the image it would refuse."""
+    _, url = live(**with_fallbacks(upstream, tmp_path, vision_models="*fake-1"))
+    upstream.script(failing(500, {"error": {"message": "down"}}), failing(500, {"error": {"message": "down"}}),
+                    text("A blind answer."))
+    picture = {"type": "file", "mediaType": "image/png", "url": "data:image/png;base64," + base64.b64encode(
+        PNG_3X2).decode()}
+    response, events = api_chat(url, {"id": "c-fallback-blind", "trigger": "submit-message", "messages": [
+        {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "what is this?"}, picture]}]})
+    assert response.status_code == 200 and events[-1] == "[DONE]", events
+    assert [r["model"] for r in upstream.requests[:3]] == ["fake-1", "fake-1", "fake-2"]
+    assert upstream.requests[0]["messages"][-1]["content"][1]["type"] == "image_url"  # the model that sees
+    assert upstream.requests[2]["messages"][-1]["content"] == [
+        {"type": "text", "text": "what is this?"}, {"type": "text", "text": "[an image the model cannot see]"}]
+
+
 def test_reasoning_in_each_spelling_reaches_v1_and_is_stored_with_the_answer(live, upstream):
     _, url = live()
     spellings = ({"reasoning_content": "One."}, {"reasoning": "Two."},
