@@ -5933,7 +5933,7 @@ class Agent:
         return capped and not any(fnmatch.fnmatchcase(model, p) for p in self.settings.vision_models)
 
     async def _open(self, call: Call, candidates: list[tuple[Provider, str, str]], body: dict,
-                    capped: bool = False) -> tuple[AsyncIterator[Event], list[Event]]:
+                    turn: Turn | None = None) -> tuple[AsyncIterator[Event], list[Event]]:
         """Start one model call: the model asked for, else its fallbacks in order, until one
         answers; its stream, and the events it began with (a Fallback first, when it fell back).
 
@@ -5947,7 +5947,8 @@ class Agent:
 
         It hands the provider's own stream on rather than yielding from it: a generator in
         between cost every event a hop (0.2 µs of the 7 a /v1 event costs).  A fallback that sees
-        no images where the model asked for does (``vision_models``) reads that one was there."""
+        no images where the model asked for does (``vision_models``) reads that one was there,
+        and ``turn`` gets the notice that says so."""
         failure: NodeChatError | None = None
         for index, (provider, name, full) in enumerate(candidates):
             if not self.circuits.allows(provider.name):
@@ -5962,8 +5963,9 @@ class Agent:
                 call.provider, call.url, call.model = (provider.name, getattr(provider, "base_url", provider.name),
                                                        model_label(name))
             request = {**body, "model": name}
-            if index and self._blind(capped, full):
-                request["messages"] = without_images(body["messages"], full)[0]
+            if index and turn is not None and self._blind(turn.capped, full):
+                request["messages"], notice = without_images(body["messages"], full)
+                turn.notice = turn.notice or notice
             for attempt in (0, 1):
                 stream = provider.stream(request, self.upstream())
                 try:
@@ -6028,7 +6030,7 @@ class Agent:
                 calls, finish, reasoning = [], StepFinished("stop"), 0
                 thought, signed, reasoned = [], [], []  # reasoning pieces: since the last signature, signed, all
                 try:
-                    stream, pending = await self._open(call, candidates, body, turn.capped)  # its failures: counted there
+                    stream, pending = await self._open(call, candidates, body, turn)  # its failures: counted there
                 except BaseException:
                     await asyncio.shield(self.ledger.record(call, Usage()))
                     raise

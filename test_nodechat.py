@@ -4677,6 +4677,8 @@ def test_a_fallback_that_sees_no_images_reads_that_one_was_there(live, upstream,
     assert upstream.requests[0]["messages"][-1]["content"][1]["type"] == "image_url"  # the model that sees
     assert upstream.requests[2]["messages"][-1]["content"] == [
         {"type": "text", "text": "what is this?"}, {"type": "text", "text": "[an image the model cannot see]"}]
+    finish = next(e for e in events if isinstance(e, dict) and e.get("type") == "finish")
+    assert finish["messageMetadata"]["notice"] == "fake/fake-2 cannot see images: 1 image was left out of what it read"
 
 
 def test_reasoning_in_each_spelling_reaches_v1_and_is_stored_with_the_answer(live, upstream):
