@@ -5678,7 +5678,8 @@ def file_part(url: str, filename: str) -> dict:
     return {"type": "file", "file": {"filename": filename[:200], "file_data": url}}
 
 
-INLINE_ATTACHMENT = re.compile(r'(?:"data:[\w.+/-]*;base64,|"data":")([A-Za-z0-9+/=]*)"')  # a data: URL, Anthropic's base64
+# a data: URL (a JSON value: after a colon, where text's own quotes, escaped, never are), Anthropic's base64
+INLINE_ATTACHMENT = re.compile(r'(?:(?<=:)"data:[\w.+/-]*;base64,|"data":")([A-Za-z0-9+/=]*)"')
 
 
 def check_messages(messages: list, settings: Settings) -> None:

@@ -4609,6 +4609,9 @@ def test_an_image_is_stored_once_beside_the_conversation_and_sent_again_unchange
     response, error = api_chat(url, {"messages": [{"role": "user", "parts": [
         {"type": "file", "mediaType": "image/png", "url": f"data:image/png;base64,{too_big}"}]}]})
     assert response.status_code == 413 and "attachment" in error["error"]
+    dressed = '"data:image/png;base64,' + "A" * 20_000  # text that reads like one is text: its limit holds
+    response, error = api_chat(url, {"messages": [{"role": "user", "parts": [{"type": "text", "text": dressed}]}]})
+    assert response.status_code == 413 and "characters" in error["error"]
     forged = {"type": "file", "mediaType": "image/png", "url": "nodechat-blob:image/png;sha256," + "0" * 64}
     response, error = api_chat(url, {"id": "c-img2", "trigger": "submit-message", "messages": [
         {"id": "u3", "role": "user", "parts": [{"type": "text", "text": "x"}, forged]}]})
