@@ -1372,7 +1372,9 @@ class Store(typing.Protocol):
     ``append_messages`` stores a message whose ``ui_id`` the conversation already holds at
     most once, and refuses (NotFound) a conversation that no longer exists, so a deleted
     one stays deleted; messages without an owner are never served.  Plug another backend
-    by passing ``NodeChat(store=...)`` an object with these methods.
+    by passing ``NodeChat(store=...)`` an object with these methods.  One whose
+    ``append_messages`` also takes ``durable=False`` gets it for a turn's question: return once
+    written, durable with the answer's append that follows (as the two built-in stores do).
     """
 
     async def get_conversation(self, conversation_id: str) -> dict | None: ...
