@@ -4721,8 +4721,10 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
     """A chat-completions body as a Messages request (and its ``anthropic-beta`` header):
     system messages as ``system``, tool calls as ``tool_use`` blocks, tool messages as
     ``tool_result`` blocks in the user's turn, images as image blocks; consecutive messages
-    of one role as one.  ``body["anthropic"]`` holds what only this API takes (``thinking``,
-    ``top_k``, ``metadata``, the betas), from the Messages door."""
+    of one role as one; a ``response_format`` JSON schema as ``output_config.format`` (a
+    ``json_object`` has no equivalent: left out).  ``body["anthropic"]`` holds what only this
+    API takes (``thinking``, ``top_k``, ``metadata``, ``output_config``'s other keys, the
+    betas), from the Messages door."""
     native = body.get("anthropic") if isinstance(body.get("anthropic"), dict) else {}
     system = [b for b in native.get("system") or () if isinstance(b, dict) and b.get("type") == "text"]  # Claude's only
     messages: list[dict] = []
@@ -4783,6 +4785,13 @@ def messages_request(body: dict) -> tuple[dict, dict[str, str]]:
         value = native.get(key, body.get(key) if key != "metadata" else None)  # /v1 callers: LiteLLM's spelling
         if value is not None:
             request[key] = value
+    output = dict(native.get("output_config") or {})  # Claude's own (``effort``), from the Messages door
+    form = body.get("response_format")
+    spec = form.get("json_schema") if isinstance(form, dict) and form.get("type") == "json_schema" else None
+    if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):  # Claude's structured outputs
+        output["format"] = {"type": "json_schema", "schema": spec["schema"]}
+    if output:
+        request["output_config"] = output
     beta = native.get("beta", "")
     return request, {"anthropic-beta": beta} if isinstance(beta, str) and BETA_PATTERN.fullmatch(beta) else {}
 
@@ -8007,7 +8016,7 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
     ``tool_result`` in OpenAI's shape; the client's tools passed through.  Thinking blocks,
     ``cache_control``, ``thinking``, ``top_k``, ``metadata`` and the ``anthropic-beta`` header
     are kept for an Anthropic upstream (an OpenAI-compatible one never sees them:
-    ``openai_request``)."""
+    ``openai_request``); ``output_config.format``, a JSON schema, becomes ``response_format``."""
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
         raise BadRequest("messages: a non-empty array is required", code="invalid_messages")
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -8053,6 +8062,18 @@ def anthropic_turn(body: Any, user_id: str, settings: Settings, server_tools: li
         if choice.get("disable_parallel_tool_use") is True:
             params["parallel_tool_calls"] = False
     native = {key: body[key] for key in ("thinking", "top_k", "metadata") if body.get(key) is not None}
+    output = body.get("output_config") if body.get("output_config") is not None else (
+        {"format": body["output_format"]} if body.get("output_format") is not None else None)  # the beta's spelling
+    if output is not None:
+        form = output.get("format") if isinstance(output, dict) else None
+        if not isinstance(output, dict) or (form is not None and not (
+                isinstance(form, dict) and form.get("type") == "json_schema" and isinstance(form.get("schema"), dict))):
+            raise BadRequest('output_config: {"format": {"type": "json_schema", "schema": {...}}}',
+                             code="invalid_output_config")
+        if form is not None:  # a schema any upstream can take: OpenAI's response_format, Claude's again
+            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": form["schema"]}}
+        if rest := {k: v for k, v in output.items() if k != "format"}:
+            native["output_config"] = rest
     if beta:
         native["beta"] = beta
     if attribution:

@@ -3359,6 +3359,28 @@ def test_a_messages_system_prompt_counts_against_max_message_chars(live, upstrea
     assert upstream.requests == []
 
 
+def test_a_messages_output_config_schema_reaches_an_openai_model_as_response_format(live, upstream):
+    """Claude's structured outputs through the Messages door (``output_config.format``, or
+    the beta's ``output_format``) reach an OpenAI-compatible model as ``response_format``; a
+    malformed one is the Messages API's 400, and nothing is sent."""
+    _, url = live()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    upstream.script(text('{"city": "Oslo"}'), text('{"city": "Rome"}'))
+    for form in ({"output_config": {"format": {"type": "json_schema", "schema": schema}}},
+                 {"output_format": {"type": "json_schema", "schema": schema}}):
+        reply = claude(url).messages.create(model="m", max_tokens=50, messages=[{"role": "user", "content": "where?"}],
+                                            extra_body=form)
+        assert json.loads(reply.content[0].text)["city"] in ("Oslo", "Rome")
+        assert upstream.requests[-1]["response_format"] == {
+            "type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    sent = len(upstream.requests)
+    with pytest.raises(anthropic.BadRequestError, match="output_config") as refused:
+        claude(url).messages.create(model="m", max_tokens=50, messages=[{"role": "user", "content": "where?"}],
+                                    extra_body={"output_config": {"format": {"type": "yaml"}}})
+    assert refused.value.body["error"]["type"] == "invalid_request_error" and len(upstream.requests) == sent
+
+
 def test_anthropic_stream_is_kept_alive_with_its_own_ping(live, upstream):
     _, url = live(keepalive_seconds=0.05)
     upstream.script(drip(text("Slow", " answer"), 0.2), drip(text("Slow", " answer"), 0.2))
@@ -4020,6 +4042,28 @@ def test_anthropic_upstream_error_event_and_cut_stream_reach_the_client_as_error
         with pytest.raises(openai.APIError, match=expected):
             for _ in client(url).chat.completions.create(model="claude-up", stream=True, messages=[user("hi")]):
                 pass
+
+
+def test_a_response_format_schema_reaches_claude_as_its_structured_outputs(live, claude_upstream):
+    """``response_format`` with a JSON schema (an OpenAI client's, the agent doors') is
+    Claude's ``output_config.format``; from the Messages door, with its other keys kept."""
+    _, url = live(**on_claude(claude_upstream, "sk-ant-x"))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    claude_upstream.script(claude_turn(("text", '{"city": "Oslo"}')), claude_turn(("text", '{"city": "Rome"}')),
+                           claude_turn(("text", "plain")))
+    reply = client(url).chat.completions.create(model="claude-up", messages=[user("where?")], response_format={
+        "type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    assert json.loads(reply.choices[0].message.content) == {"city": "Oslo"}
+    assert claude_upstream.requests[-1]["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    claude(url).messages.create(model="claude-up", max_tokens=50, messages=[{"role": "user", "content": "where?"}],
+                                extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema},
+                                                              "effort": "low"}})
+    assert claude_upstream.requests[-1]["output_config"] == {
+        "effort": "low", "format": {"type": "json_schema", "schema": schema}}
+    client(url).chat.completions.create(model="claude-up", messages=[user("where?")],
+                                        response_format={"type": "json_object"})
+    assert "output_config" not in claude_upstream.requests[-1]  # Claude has no schema-less JSON mode
 
 
 def test_claudes_redacted_and_signed_thinking_round_trip_and_unsigned_thinking_stays_home(live, claude_upstream):
