@@ -1471,7 +1471,8 @@ class JSONFileStore:
     one began, once, while later writers gather for the next (PostgreSQL's WAL flush works
     so).  Sixteen turns of one user appending to their listing share one fsync of it instead of
     queueing on its lock for one each.  A message append no longer rewrites the owner file
-    either: a conversation's ``updated_at`` is its newest listing line.
+    either: a conversation's ``updated_at`` is its newest listing line.  A turn's question is
+    appended with ``durable=False``: written, and flushed with its answer's append.
     """
 
     def __init__(self, root: str | os.PathLike, *, max_conversations_per_user: int = 0,
@@ -1593,10 +1594,11 @@ class JSONFileStore:
                 return fresh, listing
 
         fresh, listing = await self._in_thread(append)
-        if listing is not None and durable:
-            await self._synced(path, listing)
-        elif listing is not None:
-            self._unsynced.update(dict.fromkeys((path, listing)))
+        if listing is not None:
+            if durable:
+                await self._synced(path, listing)
+            else:
+                self._unsynced.update(dict.fromkeys((path, listing)))
         return fresh
 
     async def load_messages(self, conversation_id: str) -> list[dict]:
