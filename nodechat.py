@@ -5746,7 +5746,10 @@ class Agent:
         self.attachments = DataURLs(ATTACHMENT_CACHE_BYTES)  # stored images as the model reads them
         self.background: set[asyncio.Task] = set()  # titles being made; cancelled on close
         # a store that can append without waiting for the disk (ours: see open_conversation)
-        takes_durable = "durable" in inspect.signature(store.append_messages).parameters
+        try:
+            takes_durable = "durable" in inspect.signature(store.append_messages).parameters
+        except (TypeError, ValueError):  # a host's store whose method has no signature to read
+            takes_durable = False
         self._question_commit = {"durable": False} if takes_durable else {}
 
     async def run(self, turn: Turn) -> AsyncIterator[Event]:
