@@ -909,8 +909,7 @@ def _json_default(value: Any) -> Any:
 
 
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default).encode
-_encode_json_string = json.encoder.encode_basestring  # a str as _encode_json writes it (C; non-ASCII kept)
-_json_string = json.encoder.encode_basestring  # a str as a JSON string literal (C-accelerated)
+_json_string = json.encoder.encode_basestring  # a str as _encode_json writes it (C; non-ASCII kept)
 
 
 def parse_json(raw: bytes | str) -> Any:
@@ -1562,7 +1561,8 @@ class JSONFileStore:
                     with _locked(self._listing(meta["user_id"])):
                         _append_lines(self._listing(meta["user_id"]), [{"id": conversation_id, "deleted": True}])
                 for held in (messages, path):  # a waiter finds its lock file gone and retries
-                    _lock_path(held).unlink(missing_ok=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(_lock_path(held))
 
         await self._in_thread(delete)
 
@@ -2027,8 +2027,10 @@ def _file_key(path: Path) -> tuple | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
+def _lock_path(path: str | Path) -> str:
+    """The file ``_locked`` locks for ``path`` (a string: pathlib was a tenth of a stored
+    turn's CPU)."""
+    return os.fspath(path) + ".lock"
 
 
 def _open_in_folder(path: str | Path, flags: int) -> int:
@@ -2080,7 +2082,7 @@ def _locked(path: Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         yield
         return
-    lock_path = os.fspath(path) + ".lock"  # a string: pathlib was a tenth of a stored turn's CPU
+    lock_path = _lock_path(path)
     while True:
         lock = _open_in_folder(lock_path, os.O_RDWR)
         try:
@@ -2147,11 +2149,7 @@ def _write_bytes(path: Path, data: bytes, replaces_appends: bool = False) -> Non
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         if replaces_appends:
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            _fsync_files([path.parent])
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -2188,7 +2186,8 @@ def _append_lines(path: Path, records: list[dict], sync: bool = True) -> int:
 
 
 def _fsync_files(paths: list[Path]) -> None:
-    """fsync each file (any descriptor of a file flushes what every writer wrote to it)."""
+    """fsync each file or folder (any descriptor of a file flushes what every writer wrote
+    to it)."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -9535,7 +9534,7 @@ class WSEncoder:
     def text_json(self, text: str) -> str:
         """A text delta's chunk as JSON, from fixed pieces: what ``encode`` and the JSON
         encoder make of it, in 0.14 µs against 2.3 (it is the message sent per token)."""
-        return '{"type":"chunk","content_type":"text","content":' + _encode_json_string(text) + self._text_tail
+        return '{"type":"chunk","content_type":"text","content":' + _json_string(text) + self._text_tail
 
     def start(self) -> list[dict]:
         return []
@@ -11026,9 +11025,10 @@ def serve_workers(config: Any, workers: int) -> None:
     shared until written.  A worker that dies is started again (after a second, if it died
     within one), unless the app would not start in it: then all stop, with uvicorn's status
     3.  SIGINT or SIGTERM stops them all, each finishing its requests as uvicorn does, and a
-    worker ends with its parent, even one killed with -9.  What the workers share is the data directory (the JSON store's file locks) or
-    the database (and, with JSON files, one turn per conversation: ``Turns._hold``); the rest
-    of what turns in flight hold, rate limits and metrics are per worker."""
+    worker ends with its parent, even one killed with -9.  What the workers share is the data
+    directory (the JSON store's file locks) or the database (and, with JSON files, one turn
+    per conversation: ``Turns._hold``); the rest of what turns in flight hold, rate limits and
+    metrics are per worker."""
     import signal
 
     import uvicorn
