@@ -780,11 +780,10 @@ class Bench:
                     self.warm(node.port, "sse-conversation")
                 self._alternate(mine, theirs, (("openai", "/v1"), ("sse", "/api/chat"),
                                                ("sse-conversation", "/api/chat stored tmpfs")))
-            disk = {**env, "NODECHAT_DATA_DIR": os.path.join(self.work, "against-disk")}
-            with self.server("nodechat ab disk", self.nodechat, {**disk, "NODECHAT_DATA_DIR": disk[
-                    "NODECHAT_DATA_DIR"] + "-this"}) as mine, \
-                    self.server("nodechat ab disk against", against, {**disk, "NODECHAT_DATA_DIR": disk[
-                        "NODECHAT_DATA_DIR"] + "-against"}) as theirs:  # the stores' fsyncs in the figures
+            disk = os.path.join(self.work, "against-disk")  # the stores' fsyncs in the figures
+            with self.server("nodechat ab disk", self.nodechat, {**env, "NODECHAT_DATA_DIR": disk + "-this"}) as mine, \
+                    self.server("nodechat ab disk against", against,
+                                {**env, "NODECHAT_DATA_DIR": disk + "-against"}) as theirs:
                 for node in (mine, theirs):
                     self.warm(node.port, "sse-conversation")
                 self._alternate(mine, theirs, (("sse-conversation", "/api/chat stored disk"), ("ws", "/chat disk")))
