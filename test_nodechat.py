@@ -829,7 +829,7 @@ async def within(seconds: float, awaitable):
 
 class DictStore:
     """A host's own store, as the README describes one: the protocol's methods and nothing
-    more (no ``load_conversation``, no ``durable=``, no attachments)."""
+    more (no ``durable=``, no attachments)."""
 
     def __init__(self):
         self.metas, self.messages, self.memories = {}, {}, {}
@@ -1306,6 +1306,13 @@ def test_copy_store_command_moves_a_data_dir_into_postgresql(tmp_path, database_
     assert [m["content"] for m in messages] == ["hi"] and memories[0]["content"] == "likes oolong"
 
 
+def healthy(url: str) -> bool:
+    """A server answers ``/healthz`` at ``url`` (not yet listening: False)."""
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    return False
+
+
 @contextlib.contextmanager
 def nodechat_processes(count: int, env: dict, tmp_path: Path):
     """``count`` ``python nodechat.py`` processes on free ports; yields their URLs."""
@@ -1315,15 +1322,9 @@ def nodechat_processes(count: int, env: dict, tmp_path: Path):
                                   env={**os.environ, **env}, cwd=tmp_path,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-
-    def up(url: str) -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(url + "/healthz", timeout=2).status_code == 200
-        return False
-
     try:
         for process, url in zip(processes, urls):
-            eventually(lambda: process.poll() is None and up(url), timeout=30)
+            eventually(lambda: process.poll() is None and healthy(url), timeout=30)
         yield urls, processes
     finally:
         for process in processes:
@@ -1353,12 +1354,7 @@ def test_workers_share_the_port_and_the_data_dir_and_come_back(upstream, tmp_pat
                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        def up() -> bool:
-            with contextlib.suppress(httpx.HTTPError):
-                return len(child_pids(server.pid)) == 2 and httpx.get(url + "/healthz").status_code == 200
-            return False
-
-        eventually(up, timeout=30)
+        eventually(lambda: len(child_pids(server.pid)) == 2 and healthy(url), timeout=30)
         workers = child_pids(server.pid)
 
         def conversation(n: int) -> None:  # a new connection per turn: the kernel picks the worker
@@ -1682,16 +1678,10 @@ def test_kill_9_during_an_answer_keeps_the_question(upstream, tmp_path):
     command = [sys.executable, str(Path(nodechat.__file__)), "--port", str(port), "--data-dir", str(data),
                "--log-level", "warning"]
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(url + "/healthz").status_code == 200
-        return False
-
     upstream.script(stall(text("half an ans")[:2]), text("whole"))
     server = subprocess.Popen(command, env=env, cwd=tmp_path)
     try:
-        eventually(up, timeout=30)
+        eventually(lambda: healthy(url), timeout=30)
         body = {"messages": [user("keep me")], "conversationId": "k1"}
         with httpx.stream("POST", url + "/api/chat", json=body, headers={"Authorization": "Bearer tok-1"},
                           timeout=TIMEOUT) as response:
@@ -1707,7 +1697,7 @@ def test_kill_9_during_an_answer_keeps_the_question(upstream, tmp_path):
     assert [(m["role"], m["content"]) for m in stored] == [("user", "keep me")]
     server = subprocess.Popen(command, env=env, cwd=tmp_path)
     try:
-        eventually(up, timeout=30)
+        eventually(lambda: healthy(url), timeout=30)
         response, events = api_chat(url, {"messages": [user("again")], "conversationId": "k1"}, token="tok-1")
         assert response.status_code == 200 and events[-1]["type"] == "finish", events
         stored = httpx.get(url + "/api/conversations/k1", headers={"Authorization": "Bearer tok-1"}).json()
@@ -7490,9 +7480,7 @@ def test_factory_mode_logs_nodechat_like_uvicorn(tmp_path):
         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     def up() -> bool:
         assert process.poll() is None, "the server exited"
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-        return False
+        return healthy(f"http://127.0.0.1:{port}")
 
     try:
         eventually(up, timeout=20)
